@@ -1,0 +1,97 @@
+"""Sampler: next tokens from the last-position logits of a batch, with vLLM's sampling semantics.
+
+Greedy rows take the argmax. Other rows apply temperature, then top-k, top-p and min-p, and draw
+with the exponential race (argmax of p / q with q ~ Exp(1)), which needs one random draw per
+vocabulary entry from the row's own generator. Each request owns its generator, seeded by its
+`seed` (or by the job seed and its id), so a request's tokens do not depend on which other
+requests shared its batches, nor on preemptions: the generator advances once per sampled token.
+
+Logprobs are those of the model's distribution before any sampling transform, as in vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvrelay.router.request import SamplingParams, TokenLogprob
+
+
+@dataclass
+class SampleRow:
+    params: SamplingParams
+    generator: torch.Generator | None  # None for greedy rows
+    banned: list[int]  # token ids that may not be sampled now (stop tokens before min_tokens)
+
+
+def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits: [N, vocab] float32 on the model's device; one row per sampling sequence."""
+    assert logits.dim() == 2 and logits.shape[0] == len(rows)
+    want_logprobs = [r.params.logprobs for r in rows]
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(n is not None for n in want_logprobs) else None
+
+    for i, r in enumerate(rows):
+        if r.banned:
+            logits[i, r.banned] = float("-inf")
+
+    tokens = logits.argmax(dim=-1)
+    random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if random_rows:
+        idx = torch.tensor(random_rows, device=logits.device)
+        probs = _filtered_probs(logits[idx], [rows[i].params for i in random_rows])
+        q = torch.empty_like(probs)
+        for j, i in enumerate(random_rows):
+            q[j].exponential_(generator=rows[i].generator)
+        tokens[idx] = (probs / q).argmax(dim=-1)
+    token_list = tokens.tolist()
+
+    out_logprobs: list[TokenLogprob | None] = [None] * len(rows)
+    if raw_logprobs is not None:
+        for i, n in enumerate(want_logprobs):
+            if n is None:
+                continue
+            tok = token_list[i]
+            top = []
+            if n > 0:
+                vals, ids = raw_logprobs[i].topk(n)
+                top = list(zip(ids.tolist(), vals.tolist()))
+            out_logprobs[i] = TokenLogprob(tok, float(raw_logprobs[i, tok]), top)
+    return token_list, out_logprobs
+
+
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """[n, vocab] float32 logits -> probabilities after temperature, top-k, top-p, min-p."""
+    device = logits.device
+    temps = torch.tensor([p.temperature for p in params], device=device, dtype=logits.dtype)
+    logits = logits / temps.unsqueeze(1)
+    vocab = logits.shape[1]
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    top_p = [p.top_p for p in params]
+    if any(top_k) or any(p < 1.0 for p in top_p):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+        if any(top_k):
+            k = torch.tensor([k or vocab for k in top_k], device=device)
+            drop |= torch.arange(vocab, device=device).unsqueeze(0) >= k.unsqueeze(1)
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        if any(p < 1.0 for p in top_p):
+            p = torch.tensor(top_p, device=device, dtype=logits.dtype)
+            sorted_probs = sorted_logits.softmax(dim=-1)
+            # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass
+            # before it already does. The first token is always kept.
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            drop |= mass_before >= p.unsqueeze(1)
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    min_p = [p.min_p for p in params]
+    if any(min_p):
+        m = torch.tensor(min_p, device=device, dtype=probs.dtype).unsqueeze(1)
+        probs = probs.masked_fill(probs < m * probs.max(dim=-1, keepdim=True).values, 0.0)
+    return probs
+
+
+def request_generator(seed: int, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+    return g

@@ -1,0 +1,68 @@
+"""Sequence: one request's state inside a worker's engine (plain ints and lists, no tensors)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from kvrelay.router.request import Request, RequestResult, SamplingParams, TokenLogprob
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    token_ids: list[int]  # prompt, then every sampled token
+    num_prompt_tokens: int
+    sampling: SamplingParams
+    max_total_tokens: int  # prompt + output may not pass the context length
+    status: SeqStatus = SeqStatus.WAITING
+    # Tokens whose KV is in the cache. Tokens in [num_computed_tokens, len(token_ids)) run next.
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    # Chained hashes of the full blocks of token_ids, extended as blocks fill.
+    block_hashes: list[int] = field(default_factory=list)
+    num_cached_tokens: int = -1  # prompt tokens served from the prefix cache at first admission
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    @classmethod
+    def from_request(cls, req: Request, max_model_len: int) -> Sequence:
+        return cls(
+            request_id=req.request_id,
+            token_ids=list(req.prompt_token_ids),
+            num_prompt_tokens=len(req.prompt_token_ids),
+            sampling=req.sampling,
+            max_total_tokens=min(max_model_len, len(req.prompt_token_ids) + req.sampling.max_tokens),
+            logprobs=[] if req.sampling.logprobs is not None else None,
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    def result(self) -> RequestResult:
+        assert self.finish_reason is not None
+        return RequestResult(
+            request_id=self.request_id,
+            output_token_ids=self.output_token_ids,
+            finish_reason=self.finish_reason,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_cached_tokens=max(self.num_cached_tokens, 0),
+            stop_reason=self.stop_reason,
+            logprobs=self.logprobs,
+        )

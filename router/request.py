@@ -1,0 +1,83 @@
+"""The typed records that travel from the router to a worker and back.
+
+A request is validated and tokenized on the router; a worker receives only what it needs to run
+it (token ids and sampling parameters) and returns token ids, logprobs and a finish reason. The
+router turns the result into the OpenAI output line. Both records are plain dataclasses with one
+dict form (`to_wire` / `from_wire`) so that a rank boundary can carry them with msgpack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """vLLM's names and meanings. Validated on the router (see router/batch_input.py)."""
+
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 (or -1 on input) means no top-k
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # number of top alternatives per sampled token; None = off
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Request:
+    """One prompt to run: what a worker needs and nothing more."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+
+    def to_wire(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, d: dict) -> Request:
+        return cls(d["request_id"], list(d["prompt_token_ids"]), SamplingParams(**d["sampling"]))
+
+
+@dataclass
+class TokenLogprob:
+    """Logprob of one sampled token and its top alternatives (token id -> logprob)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class RequestResult:
+    """What a worker returns when a request finishes."""
+
+    request_id: str
+    output_token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    logprobs: list[TokenLogprob] | None = None
+
+    def to_wire(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, d: dict) -> RequestResult:
+        d = dict(d)
+        if d.get("logprobs") is not None:
+            d["logprobs"] = [
+                TokenLogprob(lp["token_id"], lp["logprob"], [tuple(t) for t in lp["top"]])
+                for lp in d["logprobs"]
+            ]
+        return cls(**d)

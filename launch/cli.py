@@ -16,11 +16,11 @@ from pathlib import Path
 
 from kvrelay.configs.schema import ConfigError, JobConfig, load_config
 from kvrelay.ranks.engine.spec import ModelConfigError
-from kvrelay.router.batch_output import OutputFileError
+from kvrelay.router.batch_output import CorruptOutputError
 from kvrelay.router.frontend import InputError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-USER_ERRORS = (ConfigError, ModelConfigError, InputError, OutputFileError)
+USER_ERRORS = (ConfigError, ModelConfigError, InputError, CorruptOutputError)
 
 
 def _config(args: argparse.Namespace) -> JobConfig:
@@ -57,7 +57,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from kvrelay.ranks.engine.checkpoint import make_model
 
     work = Path(args.workdir)
-    model = work / "model"
+    model = work / "tiny-llama"
     if not (model / "config.json").is_file():
         make_model(model, arch="llama", size="tiny", seed=0)
     out = work / f"out-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"

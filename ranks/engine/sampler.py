@@ -25,6 +25,7 @@ class SampleRow:
     banned: list[int]  # token ids that may not be sampled now (stop tokens before min_tokens)
 
 
+@torch.inference_mode()
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits: [N, vocab] float32 on the model's device; one row per sampling sequence."""
     assert logits.dim() == 2 and logits.shape[0] == len(rows)

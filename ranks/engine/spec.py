@@ -7,7 +7,9 @@ Llama 2/3/3.1, Mistral, Qwen2/2.5 and Qwen3 (including the transformers-5 `rope_
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -19,6 +21,19 @@ SUPPORTED_ARCHITECTURES = {
 
 class ModelConfigError(ValueError):
     """A checkpoint that kvrelay cannot run; the message says what is wrong and what to do."""
+
+
+def read_json(path: Path) -> dict:
+    """One JSON object file of a checkpoint (config.json, tokenizer_config.json, ...)."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelConfigError(f"{path} is not valid JSON ({e}); restore it from the original checkpoint") from None
+    if not isinstance(obj, dict):
+        raise ModelConfigError(
+            f"{path} holds a JSON {type(obj).__name__}, not an object; restore it from the original checkpoint"
+        )
+    return obj
 
 
 @dataclass(frozen=True)
@@ -84,7 +99,7 @@ class ModelSpec:
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope=_rope(cfg),
                 qkv_bias=arch == "qwen2" or bool(cfg.get("attention_bias", False)),
-                o_bias=arch in ("llama",) and bool(cfg.get("attention_bias", False)),
+                o_bias=arch in ("llama", "qwen3") and bool(cfg.get("attention_bias", False)),
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
                 qk_norm=arch == "qwen3",
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -131,9 +146,14 @@ def _sliding_window(cfg: dict, arch: str) -> int | None:
     window = cfg.get("sliding_window")
     if not window:
         return None
-    # Qwen2 configs carry a window that applies only when use_sliding_window is true.
-    if arch == "qwen2" or arch == "qwen3":
-        return int(window) if cfg.get("use_sliding_window") else None
+    # Qwen configs carry a window that applies only when use_sliding_window is true, and then
+    # only to the layers from max_window_layers on: a per-layer window that kvrelay lacks.
+    if arch in ("qwen2", "qwen3"):
+        if cfg.get("use_sliding_window"):
+            raise ModelConfigError(
+                f"{arch} with use_sliding_window=true (a window on some layers only) is not supported"
+            )
+        return None
     return int(window)
 
 

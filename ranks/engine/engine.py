@@ -1,0 +1,191 @@
+"""Engine: one worker's inference loop. `step()` reads top to bottom: schedule -> run -> postprocess.
+
+    engine = Engine.from_config(cfg)
+    engine.add_request(Request("r1", [1, 2, 3], SamplingParams(max_tokens=8, temperature=0)))
+    while engine.has_work():
+        for result in engine.step(): ...
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import xxhash
+
+from kvrelay.configs.schema import JobConfig
+from kvrelay.ranks.engine.block_pool import BlockPool
+from kvrelay.ranks.engine.loader import check_dtype, read_model_dir
+from kvrelay.ranks.engine.model_runner import ModelRunner
+from kvrelay.ranks.engine.sampler import SampleRow, request_generator, sample
+from kvrelay.ranks.engine.scheduler import Scheduler
+from kvrelay.ranks.engine.sequence import Sequence
+from kvrelay.ranks.engine.spec import ModelConfigError, ModelSpec
+from kvrelay.ranks.engine.tokenizer import Tokenizer
+from kvrelay.router.block_hash import hash_seed
+from kvrelay.router.request import Request, RequestResult
+
+
+@dataclass
+class EngineStats:
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    output_tokens: int = 0
+    steps: int = 0
+    preemptions: int = 0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelConfigError("job.device is cuda but no CUDA device is visible; set job.device=cpu or auto")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def model_name(cfg: JobConfig) -> str:
+    assert cfg.model.path is not None
+    return cfg.model.name or Path(cfg.model.path).resolve().name
+
+
+def resolve_max_model_len(cfg: JobConfig, spec: ModelSpec) -> int:
+    if cfg.model.max_model_len is None:
+        return spec.max_position_embeddings
+    if cfg.model.max_model_len > spec.max_position_embeddings:
+        raise ModelConfigError(
+            f"model.max_model_len ({cfg.model.max_model_len}) exceeds the model's "
+            f"max_position_embeddings ({spec.max_position_embeddings}); lower it"
+        )
+    return cfg.model.max_model_len
+
+
+class Engine:
+    def __init__(
+        self,
+        cfg: JobConfig,
+        spec: ModelSpec,
+        runner: ModelRunner,
+        tokenizer: Tokenizer,
+        num_blocks: int,
+        max_model_len: int,
+    ) -> None:
+        self.cfg = cfg
+        self.spec = spec
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.eos_token_ids = set(spec.eos_token_ids)
+        if tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(tokenizer.eos_token_id)
+        self.pool = BlockPool(num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.pool,
+            hash_seed(model_name(cfg), cfg.cache.block_size, cfg.cache.salt),
+            cfg.scheduler.max_batch_tokens,
+            cfg.scheduler.max_seqs,
+            cfg.scheduler.chunked_prefill,
+        )
+        self.generators: dict[str, torch.Generator] = {}
+        self.stats = EngineStats()
+
+    @classmethod
+    def from_config(cls, cfg: JobConfig, device: torch.device | None = None) -> Engine:
+        if cfg.model.path is None:
+            raise ModelConfigError("no model: set model.path in the config or pass --model DIR")
+        spec, files = read_model_dir(cfg.model.path)
+        device = device or pick_device(cfg.job.device)
+        dtype = check_dtype(cfg.model.dtype, device, spec)
+        max_model_len = resolve_max_model_len(cfg, spec)
+        tokenizer = Tokenizer.from_dir(cfg.model.path)
+        runner = ModelRunner(spec, files, dtype, device, cfg.cache.block_size)
+        # Activations of one step: a few hidden-sized and FFN-sized rows per token, in float32.
+        sched = cfg.scheduler
+        reserve = 4 * sched.max_batch_tokens * (4 * spec.hidden_size + 2 * spec.intermediate_size)
+        reserve += 4 * sched.max_seqs * spec.vocab_size
+        num_blocks = runner.size_kv_cache(
+            cfg.cache.num_blocks, cfg.cache.gpu_memory_fraction, cfg.cache.cpu_kv_gib, reserve
+        )
+        need = -(-max_model_len // cfg.cache.block_size)
+        if num_blocks < need:
+            raise ModelConfigError(
+                f"the KV cache holds {num_blocks} blocks of {cfg.cache.block_size} tokens, fewer than one "
+                f"sequence of model.max_model_len={max_model_len} needs ({need}); lower model.max_model_len "
+                "or give the cache more memory"
+            )
+        runner.allocate(num_blocks)
+        return cls(cfg, spec, runner, tokenizer, num_blocks, max_model_len)
+
+    def add_request(self, req: Request) -> None:
+        assert 0 < len(req.prompt_token_ids) < self.max_model_len, "the router checks prompt lengths"
+        seq = Sequence.from_request(req, self.max_model_len)
+        if not req.sampling.greedy:
+            seed = req.sampling.seed
+            if seed is None:
+                seed = xxhash.xxh3_64_intdigest(req.request_id.encode(), seed=self.cfg.job.seed)
+            self.generators[req.request_id] = request_generator(seed, self.runner.device)
+        self.scheduler.add(seq)
+        self.stats.requests += 1
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestResult]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        sampling = [item.seq for item in batch if item.samples]
+        logits = self.runner.execute(batch)
+        for item in batch:
+            self.scheduler.on_computed(item)
+        rows = [SampleRow(s.sampling, self.generators.get(s.request_id), self._banned(s)) for s in sampling]
+        tokens, logprobs = sample(logits, rows)
+        finished = []
+        for seq, token, lp in zip(sampling, tokens, logprobs):
+            seq.token_ids.append(token)
+            if seq.logprobs is not None:
+                seq.logprobs.append(lp)
+            if self._check_stop(seq):
+                self.scheduler.finish(seq)
+                self.generators.pop(seq.request_id, None)
+                self.stats.prompt_tokens += seq.num_prompt_tokens
+                self.stats.cached_prompt_tokens += seq.num_cached_tokens
+                self.stats.output_tokens += seq.num_output_tokens
+                finished.append(seq.result())
+        self.stats.steps += 1
+        self.stats.preemptions = self.scheduler.num_preemptions
+        return finished
+
+    def _banned(self, seq: Sequence) -> list[int]:
+        if seq.num_output_tokens >= seq.sampling.min_tokens:
+            return []
+        banned = set(seq.sampling.stop_token_ids)
+        if not seq.sampling.ignore_eos:
+            banned |= self.eos_token_ids
+        return sorted(banned)
+
+    def _check_stop(self, seq: Sequence) -> bool:
+        """vLLM's order: length first, then (past min_tokens) EOS, stop token ids, stop strings."""
+        sp = seq.sampling
+        if seq.num_tokens >= seq.max_total_tokens:
+            seq.finish_reason = "length"
+            return True
+        if seq.num_output_tokens < sp.min_tokens:
+            return False
+        token = seq.token_ids[-1]
+        if not sp.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason = "stop"
+            return True
+        if token in sp.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+            return True
+        if sp.stop:
+            # NOTE: decodes the whole output each step (quadratic in its length); stop strings
+            # are rare and outputs short in batch jobs, and a suffix decode can split a character.
+            text = self.tokenizer.decode(seq.output_token_ids)
+            hit = min(((text.find(s), s) for s in sp.stop if s in text), default=None)
+            if hit is not None:
+                seq.finish_reason, seq.stop_reason = "stop", hit[1]
+                return True
+        return False

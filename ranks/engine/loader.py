@@ -1,0 +1,100 @@
+"""Open a Hugging Face model directory: check it, read its ModelSpec, and stream its weights.
+
+Every problem a user can have with a checkpoint path (wrong path, missing or broken files, a dtype the
+device cannot run) is found here, before any GPU memory is touched, and raised as a ModelConfigError
+that says what to fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from kvrelay.ranks.engine.spec import ModelConfigError, ModelSpec, read_json
+from kvrelay.ranks.engine.tokenizer import tokenizer_file
+
+INDEX_FILE = "model.safetensors.index.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_model_dir(path: str | Path) -> tuple[ModelSpec, list[Path]]:
+    """The spec of the model in `path` and its safetensors files, in the order to load them."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelConfigError(f"model path {path} does not exist; give the path of a Hugging Face model directory")
+    if not path.is_dir():
+        raise ModelConfigError(
+            f"model path {path} is not a directory; give the directory that holds config.json"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelConfigError(f"{path} has no config.json; is it a Hugging Face model directory?")
+    config = read_json(path / "config.json")
+    generation = read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else None
+    spec = ModelSpec.from_hf_config(config, generation)
+    files = _weight_files(path)
+    tokenizer_file(path)
+    return spec, files
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelConfigError(f"{index} has no weight_map; restore it from the original checkpoint")
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelConfigError(
+                f"{index} names shard(s) {', '.join(missing)} that are missing from {path}; "
+                "the download is incomplete, fetch the missing files"
+            )
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelConfigError(
+            f"{path} has no *.safetensors weights; kvrelay reads only safetensors "
+            "(convert .bin or .pth weights with transformers' save_pretrained(safe_serialization=True))"
+        )
+    return files
+
+
+def iter_weights(
+    files: list[Path], dtype: torch.dtype, device: torch.device | str
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor on `device`) for every weight, one at a time, so host memory holds one tensor.
+
+    Floating-point tensors come converted to `dtype`; others (rare integer buffers) keep theirs.
+    """
+    for file in files:
+        # Opening on the target device reads straight into it, without a host copy of the whole file.
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                yield name, t.to(dtype) if t.is_floating_point() else t
+
+
+def check_dtype(dtype_name: str, device: torch.device | str, spec: ModelSpec) -> torch.dtype:
+    """The torch dtype to run in. "auto" is the checkpoint's own dtype on CUDA and float32 on CPU."""
+    device = torch.device(device)
+    name = dtype_name
+    if name == "auto":
+        name = spec.torch_dtype.removeprefix("torch.") if device.type == "cuda" else "float32"
+        if name not in DTYPES:
+            raise ModelConfigError(
+                f"config.json's torch_dtype {spec.torch_dtype!r} is not one kvrelay runs; "
+                f"set dtype to one of {', '.join(DTYPES)}"
+            )
+    if name not in DTYPES:
+        raise ModelConfigError(f"unknown dtype {dtype_name!r}; use one of auto, {', '.join(DTYPES)}")
+    # Emulated bfloat16 (pre-Ampere cards) runs, but far slower than float16, so it counts as missing.
+    if name == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ModelConfigError(
+            f"{torch.cuda.get_device_name(device)} does not support bfloat16; set dtype to float16 or float32"
+        )
+    if name == "float16" and device.type == "cpu":
+        raise ModelConfigError("float16 is too slow and imprecise on CPU; set dtype to float32 or bfloat16")
+    return DTYPES[name]

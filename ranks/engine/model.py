@@ -1,0 +1,300 @@
+"""The Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2/2.5, Qwen3) over a paged KV cache.
+
+One module serves every architecture that `ModelSpec` describes; the differences are flags on the
+spec (qkv bias, q/k RMSNorm, tied embeddings, rope scaling, sliding window). The forward takes the
+flat packed tokens of a whole batch (prefill chunks and decode tokens mixed) and an
+`AttentionMetadata` that says which rows belong to which sequence and where their KV lives.
+
+Numerics follow Hugging Face transformers op by op (RMSNorm in float32 then cast, rotate-half RoPE
+from a float32 table, residual adds in the same places) so that float32 greedy outputs match
+`transformers` on the same checkpoint. q/k/v and gate/up are fused into one matmul each;
+`load_weights` maps the Hugging Face tensor names onto row ranges of the fused weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvrelay.kernels.attention import paged_attention, write_kv
+from kvrelay.ranks.engine.spec import ModelConfigError, ModelSpec, RopeSpec
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v: [num_blocks, block_size, kv_heads, head_dim]
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each packed token of one forward belongs; shared by all layers.
+
+    Sequence i owns token rows query_start_loc[i]:query_start_loc[i + 1]; they are the last
+    q_len tokens of its seq_lens[i] tokens of context. The per-sequence counts are python lists
+    because the attention loops over them on the host; the tensors live on the model's device.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot (block_id * block_size + offset) of each token, < 0 = padding
+    query_start_loc: list[int]  # [B + 1] row offsets into the packed tokens, starts at 0
+    seq_lens: list[int]  # [B] context length of each sequence after this step (cached + new tokens)
+    block_tables: torch.Tensor  # [B, max_blocks] int32: block ids of each sequence, in token order
+
+
+def allocate_kv_cache(
+    spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str
+) -> list[KVCache]:
+    """One (k, v) pair per layer, each [num_blocks, block_size, kv_heads, head_dim]."""
+    shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+    # Zeros, not empty: a kernel that loads a whole block and masks the tail multiplies the unused
+    # slots' V by a zero weight, and NaN garbage there would survive as NaN.
+    return [
+        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(spec.num_layers)
+    ]
+
+
+def rope_inv_freq(rope: RopeSpec, head_dim: int) -> torch.Tensor:  # [head_dim // 2] f32 cpu
+    """Inverse frequencies exactly as transformers' ROPE_INIT_FUNCTIONS compute them (on the CPU, in f32)."""
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.kind == "linear":
+        return inv_freq / rope.factor
+    if rope.kind == "llama3":
+        # transformers' _compute_llama3_parameters, expression for expression.
+        old_context_len = rope.original_max_position_embeddings
+        low_freq_wavelen = old_context_len / rope.low_freq_factor
+        high_freq_wavelen = old_context_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth_factor = (old_context_len / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth_factor) * inv_freq_llama / rope.factor + smooth_factor * inv_freq_llama
+        is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium_freq, smoothed, inv_freq_llama)
+    assert rope.kind == "default", rope.kind
+    return inv_freq
+
+
+def apply_rope(
+    x: torch.Tensor,  # [T, heads, head_dim]
+    cos: torch.Tensor,  # [T, 1, head_dim // 2], dtype of x
+    sin: torch.Tensor,  # [T, 1, head_dim // 2], dtype of x
+) -> torch.Tensor:  # [T, heads, head_dim]
+    """Hugging Face's `x * cos + rotate_half(x) * sin` on half-width tables.
+
+    Both halves of HF's cos/sin are the same, and x1*c + (-x2)*s equals x1*c - x2*s bit for bit,
+    so this is the same arithmetic with half the table.
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))  # [dim]
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., dim], dtype of x
+        # HF's order: normalize in f32, cast back to the input dtype, then scale by the weight.
+        input_dtype = x.dtype
+        x = x.to(torch.float32)
+        variance = x.pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        return self.weight * x.to(input_dtype)
+
+
+def _linear(n_in: int, n_out: int, bias: bool, dtype: torch.dtype, device: torch.device) -> nn.Linear:
+    # Every weight comes from the checkpoint, so skip the random init (minutes for an 8B model on CPU).
+    return nn.utils.skip_init(nn.Linear, n_in, n_out, bias=bias, dtype=dtype, device=device)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.q_size = spec.num_heads * spec.head_dim
+        self.kv_size = spec.num_kv_heads * spec.head_dim
+        self.qkv_proj = _linear(spec.hidden_size, self.q_size + 2 * self.kv_size, spec.qkv_bias, dtype, device)
+        self.o_proj = _linear(self.q_size, spec.hidden_size, spec.o_bias, dtype, device)
+        self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, device) if spec.qk_norm else None
+        self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, device) if spec.qk_norm else None
+        self.scale = spec.head_dim**-0.5
+        self.sliding_window = spec.sliding_window
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos: torch.Tensor,  # [T, 1, head_dim // 2]
+        sin: torch.Tensor,  # [T, 1, head_dim // 2]
+        meta: AttentionMetadata,
+        kv_cache: KVCache,
+    ) -> torch.Tensor:  # [T, hidden]
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            # Qwen3 normalizes each head before RoPE.
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_cache, v_cache = kv_cache
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        o = paged_attention(
+            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, self.scale, self.sliding_window
+        )  # [T, heads, head_dim]
+        return self.o_proj(o.view(T, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.gate_up_proj = _linear(spec.hidden_size, 2 * spec.intermediate_size, spec.mlp_bias, dtype, device)
+        self.down_proj = _linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.self_attn = Attention(spec, dtype, device)
+        self.mlp = MLP(spec, dtype, device)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
+
+    def forward(
+        self,
+        h: torch.Tensor,  # [T, hidden]
+        cos: torch.Tensor,  # [T, 1, head_dim // 2]
+        sin: torch.Tensor,  # [T, 1, head_dim // 2]
+        meta: AttentionMetadata,
+        kv_cache: KVCache,
+    ) -> torch.Tensor:  # [T, hidden]
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.embed_tokens = nn.utils.skip_init(
+            nn.Embedding, spec.vocab_size, spec.hidden_size, dtype=dtype, device=device
+        )
+        self.layers = nn.ModuleList(DecoderLayer(spec, dtype, device) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama-family causal LM; parameter paths follow Hugging Face's (`model.layers.0.self_attn...`).
+
+    The weights are uninitialized until `load_weights`. The RoPE table is a float32 buffer, computed
+    on `device` like transformers computes cos/sin on the input's device.
+    """
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        # None means the current default device, so `with torch.device("cuda"):` places the model.
+        device = torch.get_default_device() if device is None else torch.device(device)
+        if spec.head_dim % 2:
+            raise ModelConfigError(f"head_dim must be even for rotary embeddings, got {spec.head_dim}")
+        self.spec = spec
+        self.model = LlamaModel(spec, dtype, device)
+        if spec.tie_word_embeddings:
+            # Built on meta only to be handed the embedding's weight: no second vocab x hidden matrix.
+            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, device="meta")
+            self.lm_head.weight = self.model.embed_tokens.weight
+        else:
+            self.lm_head = _linear(spec.hidden_size, spec.vocab_size, False, dtype, device)
+        inv_freq = rope_inv_freq(spec.rope, spec.head_dim).to(device)
+        freqs = torch.arange(spec.max_position_embeddings, device=device).float()[:, None] * inv_freq
+        self.register_buffer("rope_cos", freqs.cos(), persistent=False)  # [max_pos, head_dim // 2] f32
+        self.register_buffer("rope_sin", freqs.sin(), persistent=False)  # [max_pos, head_dim // 2] f32
+        self.requires_grad_(False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int64
+        positions: torch.Tensor,  # [T] int64, < max_position_embeddings
+        meta: AttentionMetadata,
+        kv_caches: list[KVCache],  # one per layer
+    ) -> torch.Tensor:  # [T, hidden], after the final norm
+        h = self.model.embed_tokens(input_ids)
+        # HF computes cos/sin in f32 and casts them to the activation dtype before the rotation.
+        cos = self.rope_cos[positions].to(h.dtype)[:, None, :]  # [T, 1, head_dim // 2]
+        sin = self.rope_sin[positions].to(h.dtype)[:, None, :]
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            h = layer(h, cos, sin, meta, kv_cache)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] f32
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face named tensors into the parameters; every parameter must be covered.
+
+        Raises ModelConfigError listing missing tensors, unexpected tensors and shape mismatches.
+        Like transformers, a tied model ignores a checkpoint's lm_head.weight, and the stale
+        `rotary_emb.inv_freq` buffers of old Llama checkpoints are skipped.
+        """
+        targets = self._checkpoint_targets()
+        missing = set(targets)
+        unexpected, wrong_shape = [], []
+        for name, tensor in weights:
+            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.spec.tie_word_embeddings):
+                continue
+            if name not in targets:
+                unexpected.append(name)
+                continue
+            param, start, rows = targets[name]
+            expected = (rows, *param.shape[1:])
+            if tuple(tensor.shape) != expected:
+                wrong_shape.append(f"{name} {tuple(tensor.shape)} (expected {expected})")
+                continue
+            param.data[start : start + rows].copy_(tensor)
+            missing.discard(name)
+        problems = [
+            f"{what}: {_some(names)}"
+            for what, names in (("missing", sorted(missing)), ("unexpected", unexpected), ("wrong shape", wrong_shape))
+            if names
+        ]
+        if problems:
+            raise ModelConfigError(
+                f"the checkpoint's tensors do not fit the {self.spec.arch} model that config.json describes; "
+                + "; ".join(problems)
+                + ". Check that config.json and the *.safetensors files belong to the same model."
+            )
+
+    def _fused_shards(self) -> dict[str, list[tuple[str, int]]]:
+        """Fused module -> the Hugging Face modules whose weights it stacks along dim 0, in row order."""
+        spec = self.spec
+        q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        return {
+            "qkv_proj": [("q_proj", q), ("k_proj", kv), ("v_proj", kv)],
+            "gate_up_proj": [("gate_proj", spec.intermediate_size), ("up_proj", spec.intermediate_size)],
+        }
+
+    def _checkpoint_targets(self) -> dict[str, tuple[nn.Parameter, int, int]]:
+        """Hugging Face tensor name -> (our parameter, first row, number of rows)."""
+        fused = self._fused_shards()
+        targets = {}
+        # named_parameters lists a tied lm_head once, under model.embed_tokens.
+        for name, param in self.named_parameters():
+            module_path, leaf = name.rsplit(".", 1)
+            parent, dot, module = module_path.rpartition(".")
+            start = 0
+            for hf_module, rows in fused.get(module, [(module, param.shape[0])]):
+                targets[f"{parent}{dot}{hf_module}.{leaf}"] = (param, start, rows)
+                start += rows
+            assert start == param.shape[0], name
+        return targets
+
+
+def _some(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

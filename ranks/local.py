@@ -1,0 +1,33 @@
+"""LocalBackend: one aggregated worker in the router's own process (no launcher, no peers)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from kvrelay.ranks.engine.engine import Engine
+from kvrelay.router.request import Request, RequestResult
+
+
+class LocalBackend:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def submit(self, request: Request) -> None:
+        self.engine.add_request(request)
+
+    def poll(self) -> list[RequestResult]:
+        return self.engine.step() if self.engine.has_work() else []
+
+    def stats(self) -> dict:
+        e = self.engine
+        return {
+            "workers": [
+                {
+                    "role": "aggregated",
+                    "device": str(e.runner.device),
+                    "kv_blocks": e.pool.num_blocks,
+                    "block_size": e.pool.block_size,
+                    **asdict(e.stats),
+                }
+            ]
+        }

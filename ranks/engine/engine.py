@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from kvrelay.ranks.engine.sequence import Sequence
 from kvrelay.ranks.engine.spec import ModelConfigError, ModelSpec
 from kvrelay.ranks.engine.tokenizer import Tokenizer
 from kvrelay.router.block_hash import hash_seed
-from kvrelay.router.request import Request, RequestResult
+from kvrelay.router.request import Request, RequestResult, TokenLogprob
 
 
 @dataclass
@@ -48,6 +48,11 @@ def pick_device(name: str) -> torch.device:
 def model_name(cfg: JobConfig) -> str:
     assert cfg.model.path is not None
     return cfg.model.name or Path(cfg.model.path).resolve().name
+
+
+def job_hash_seed(cfg: JobConfig) -> int:
+    """The block-hash seed that the router and every worker of the job share."""
+    return hash_seed(model_name(cfg), cfg.cache.block_size, cfg.cache.salt)
 
 
 def resolve_max_model_len(cfg: JobConfig, spec: ModelSpec) -> int:
@@ -82,12 +87,14 @@ class Engine:
         self.pool = BlockPool(num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.pool,
-            hash_seed(model_name(cfg), cfg.cache.block_size, cfg.cache.salt),
+            job_hash_seed(cfg),
             cfg.scheduler.max_batch_tokens,
             cfg.scheduler.max_seqs,
             cfg.scheduler.chunked_prefill,
         )
         self.generators: dict[str, torch.Generator] = {}
+        # Prefill worker: sequences that sampled their first token and wait to hand off their KV.
+        self.handoffs: list[Sequence] = []
         self.stats = EngineStats()
 
     @classmethod
@@ -117,16 +124,57 @@ class Engine:
         runner.allocate(num_blocks)
         return cls(cfg, spec, runner, tokenizer, num_blocks, max_model_len)
 
-    def add_request(self, req: Request) -> None:
+    def add_request(self, req: Request, handoff: bool = False) -> None:
+        """Queue a request. With `handoff`, it stops after its first token and waits in
+        `self.handoffs`, holding its blocks, until `release` (a prefill worker's requests)."""
         assert 0 < len(req.prompt_token_ids) < self.max_model_len, "the router checks prompt lengths"
-        seq = Sequence.from_request(req, self.max_model_len)
-        if not req.sampling.greedy:
-            seed = req.sampling.seed
-            if seed is None:
-                seed = xxhash.xxh3_64_intdigest(req.request_id.encode(), seed=self.cfg.job.seed)
-            self.generators[req.request_id] = request_generator(seed, self.runner.device)
-        self.scheduler.add(seq)
+        self._make_generator(req)
+        self.scheduler.add(Sequence.from_request(req, self.max_model_len, handoff))
         self.stats.requests += 1
+
+    def reserve(self, num_tokens: int) -> list[int] | None:
+        """Blocks for the KV of `num_tokens` tokens that a prefill worker will send; None if they
+        are not free now (the caller asks again later)."""
+        need = -(-num_tokens // self.pool.block_size)
+        return self.pool.allocate(need) if need <= self.pool.num_free else None
+
+    def add_prefilled(self, req: Request, seq_state: dict, generator_state: bytes | None, block_ids: list[int]) -> None:
+        """Decode a request whose prompt KV is in `block_ids` already (it came from a prefill worker)."""
+        seq = Sequence.from_request(req, self.max_model_len)
+        seq.token_ids = list(seq_state["token_ids"])
+        seq.num_computed_tokens = seq.num_tokens - 1
+        seq.num_cached_tokens = seq_state["num_cached_tokens"]
+        if seq.logprobs is not None:
+            seq.logprobs = [TokenLogprob(lp["token_id"], lp["logprob"], [tuple(t) for t in lp["top"]]) for lp in seq_state["logprobs"]]
+        seq.block_ids = block_ids
+        gen = self._make_generator(req)
+        if gen is not None and generator_state is not None:
+            gen.set_state(torch.frombuffer(bytearray(generator_state), dtype=torch.uint8))
+        self.scheduler.add_prefilled(seq)
+        self.stats.requests += 1
+
+    def handoff_state(self, seq: Sequence) -> tuple[dict, bytes | None]:
+        """What a decode worker needs, besides the KV, to go on where this engine stopped."""
+        gen = self.generators.pop(seq.request_id, None)
+        state = {
+            "token_ids": seq.token_ids,
+            "num_cached_tokens": max(seq.num_cached_tokens, 0),
+            "logprobs": [asdict(lp) for lp in seq.logprobs] if seq.logprobs is not None else None,
+        }
+        return state, (gen.get_state().numpy().tobytes() if gen is not None else None)
+
+    def release(self, seq: Sequence) -> None:
+        """A handed-off sequence's KV has been sent: free its blocks."""
+        self.scheduler.release(seq)
+
+    def _make_generator(self, req: Request) -> torch.Generator | None:
+        if req.sampling.greedy:
+            return None
+        seed = req.sampling.seed
+        if seed is None:
+            seed = xxhash.xxh3_64_intdigest(req.request_id.encode(), seed=self.cfg.job.seed)
+        gen = self.generators[req.request_id] = request_generator(seed, self.runner.device)
+        return gen
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -143,16 +191,20 @@ class Engine:
         tokens, logprobs = sample(logits, rows)
         finished = []
         for seq, token, lp in zip(sampling, tokens, logprobs):
+            if seq.num_output_tokens == 0:  # this engine computed the prompt
+                self.stats.prompt_tokens += seq.num_prompt_tokens
+                self.stats.cached_prompt_tokens += seq.num_cached_tokens
             seq.token_ids.append(token)
             if seq.logprobs is not None:
                 seq.logprobs.append(lp)
             if self._check_stop(seq):
                 self.scheduler.finish(seq)
                 self.generators.pop(seq.request_id, None)
-                self.stats.prompt_tokens += seq.num_prompt_tokens
-                self.stats.cached_prompt_tokens += seq.num_cached_tokens
                 self.stats.output_tokens += seq.num_output_tokens
                 finished.append(seq.result())
+            elif seq.handoff:
+                self.scheduler.detach(seq)
+                self.handoffs.append(seq)
         self.stats.steps += 1
         self.stats.preemptions = self.scheduler.num_preemptions
         return finished

@@ -48,14 +48,30 @@ class Scheduler:
         self.max_seqs = max_seqs
         self.chunked_prefill = chunked_prefill
         self.waiting: deque[Sequence] = deque()
+        # Sequences whose prompt KV arrived from a prefill worker: they hold their blocks and
+        # join the running batch, ahead of waiting ones, as soon as there is room.
+        self.prefilled: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def add_prefilled(self, seq: Sequence) -> None:
+        """A sequence whose first num_computed_tokens tokens are in its own blocks already."""
+        assert seq.block_ids and seq.num_computed_tokens == seq.num_tokens - 1
+        hashes = self._extend_hashes(seq)
+        for i in range(seq.num_computed_tokens // self.block_size):
+            self.pool.register(seq.block_ids[i], hashes[i])
+        self.prefilled.append(seq)
+
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.prefilled)
+
+    @property
+    def num_queued_prefill_tokens(self) -> int:
+        waiting = sum(s.num_tokens - s.num_computed_tokens for s in self.waiting)
+        return waiting + sum(max(0, s.num_prompt_tokens - s.num_computed_tokens) for s in self.running)
 
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_batch_tokens
@@ -76,6 +92,16 @@ class Scheduler:
             if seq.status is SeqStatus.RUNNING:
                 batch.append(ScheduledSeq(seq, n))
                 budget -= n
+        while self.prefilled and len(self.running) < self.max_seqs and budget > 0:
+            seq = self.prefilled.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            if self._grow(seq, seq.num_tokens):
+                batch.append(ScheduledSeq(seq, 1))
+                budget -= 1
+            else:
+                self._preempt(seq)
+                preempted = True
         # NOTE: admitting new work in a step that had to preempt would only thrash the cache.
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs and not preempted:
             seq = self.waiting[0]
@@ -131,11 +157,12 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def _extend_hashes(self, seq: Sequence) -> None:
+    def _extend_hashes(self, seq: Sequence) -> list[int]:
         have = len(seq.block_hashes)
         if (seq.num_tokens // self.block_size) > have:
             parent = seq.block_hashes[-1] if have else None
             seq.block_hashes += block_hashes(seq.token_ids, self.block_size, self.hash_seed, have, parent)
+        return seq.block_hashes
 
     def on_computed(self, item: ScheduledSeq) -> None:
         """After the forward pass: the step's tokens are in the cache; publish newly full blocks."""
@@ -149,7 +176,14 @@ class Scheduler:
             self.pool.register(seq.block_ids[i], seq.block_hashes[i])
 
     def finish(self, seq: Sequence) -> None:
+        self.detach(seq)
+        self.release(seq)
+
+    def detach(self, seq: Sequence) -> None:
+        """Take a sequence out of the batch; it keeps its blocks (a handoff reads them later)."""
         self.running.remove(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def release(self, seq: Sequence) -> None:
         self.pool.release(seq.block_ids[::-1])
         seq.block_ids = []
-        seq.status = SeqStatus.FINISHED

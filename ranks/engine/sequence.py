@@ -29,12 +29,14 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)
     num_cached_tokens: int = -1  # prompt tokens served from the prefix cache at first admission
     logprobs: list[TokenLogprob] | None = None
+    handoff: bool = False  # on a prefill worker: leave the batch after the first token, keep the KV
     finish_reason: str | None = None
     stop_reason: str | int | None = None
 
     @classmethod
-    def from_request(cls, req: Request, max_model_len: int) -> Sequence:
+    def from_request(cls, req: Request, max_model_len: int, handoff: bool = False) -> Sequence:
         return cls(
+            handoff=handoff,
             request_id=req.request_id,
             token_ids=list(req.prompt_token_ids),
             num_prompt_tokens=len(req.prompt_token_ids),

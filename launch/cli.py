@@ -1,7 +1,7 @@
 """The `kvrelay` command.
 
     kvrelay run [CONFIG.yaml] -i IN.jsonl -o OUT.jsonl [--model DIR] [--set KEY=VALUE ...] [--fail-on-error]
-    kvrelay make-model --arch llama [--size tiny] [--seed 0] [--shards 1] DIR
+    kvrelay make-model --arch llama [--size tiny|8b-shape] [--seed 0] [--shards N] [--dtype D] DIR
     kvrelay demo [--workdir runs/demo]
 """
 
@@ -68,7 +68,7 @@ def _without_local(argv: list[str]) -> list[str]:
 def cmd_make_model(args: argparse.Namespace) -> int:
     from kvrelay.ranks.engine.checkpoint import make_model
 
-    out = make_model(args.dir, arch=args.arch, size=args.size, seed=args.seed, shards=args.shards)
+    out = make_model(args.dir, arch=args.arch, size=args.size, seed=args.seed, shards=args.shards, dtype=args.dtype)
     print(out)
     return 0
 
@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--arch", required=True, choices=["llama", "mistral", "qwen2", "qwen3"])
     m.add_argument("--size", default="tiny", choices=["tiny", "8b-shape"])
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--shards", type=int, default=1)
+    m.add_argument("--shards", type=int, default=None, help="default: 1 for tiny, 5 for 8b-shape")
+    m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 for tiny, bfloat16 for 8b-shape")
     m.add_argument("dir")
     m.set_defaults(func=cmd_make_model)
 

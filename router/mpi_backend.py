@@ -1,0 +1,150 @@
+"""MPIBackend: the router's view of the worker ranks. Places each request, sends it, and collects
+results; the frontend (router/frontend.py) drives it exactly as it drives an in-process engine.
+
+Placement reads every worker's window (load header, and the cached-block table through
+`prefix_match`) with passive one-sided gets, and adds the router's own books of what it sent
+and has not heard back about, which are current where the windows lag.
+"""
+
+from __future__ import annotations
+
+import time
+
+from mpi4py import MPI
+
+from kvrelay.configs.schema import JobConfig
+from kvrelay.launch.environment import Layout
+from kvrelay.ranks.messages import Assign, Outbox, Tag, poll
+from kvrelay.ranks.window import WindowReader
+from kvrelay.router.block_hash import block_hashes
+from kvrelay.router.placement import WorkerState, make_decode_policy, make_policy
+from kvrelay.router.request import Request, RequestResult
+
+IDLE_SLEEP_S = 0.0002
+STATS_TIMEOUT_S = 60.0
+
+
+class MPIBackend:
+    def __init__(self, cfg: JobConfig, world: MPI.Comm, layout: Layout, hash_seed: int) -> None:
+        self.world = world
+        self.layout = layout
+        self.block_size = cfg.cache.block_size
+        self.hash_seed = hash_seed
+        # Collective over the world: each worker creates its window at the same point.
+        self.reader = WindowReader.create(world, layout.workers)
+        self.outbox = Outbox(world)
+        self.policy = make_policy(cfg.router, self.block_size)
+        self.decode_policy = make_decode_policy(cfg.router)
+        self.states = {
+            r: WorkerState(rank=r, role=layout.role(r), total_blocks=0, free_blocks=0, queued_prefill_tokens=0,
+                           running_seqs=0, active_decode_blocks=0)
+            for r in layout.workers
+        }
+        # Requests that prefill: aggregated workers, else prefill workers.
+        self.entry = layout.ranks("prefill") + layout.ranks("aggregated")
+        self.decoders = layout.ranks("decode")
+        self.placed: dict[str, tuple[int, int | None, int, int]] = {}  # id -> (rank, decode rank, tokens, blocks)
+        self.status = MPI.Status()
+        self.decision_s: list[float] = []
+
+    def submit(self, request: Request) -> None:
+        t0 = time.perf_counter()
+        ids = request.prompt_token_ids
+        nblocks = -(-len(ids) // self.block_size)
+        hashes = block_hashes(ids, self.block_size, self.hash_seed)
+        self._refresh_loads()
+        cached: dict[int, int] = {}
+
+        def cached_blocks(r: int) -> int:
+            if r not in cached:
+                cached[r] = self.reader.prefix_match(r, hashes)
+            return cached[r]
+
+        rank = self.policy.choose([self.states[r] for r in self.entry], nblocks, cached_blocks)
+        # The worker's queue grows by what it must compute, not by what it has cached.
+        tokens = len(ids) - min(cached_blocks(rank) * self.block_size, len(ids) - 1)
+        decode = None
+        if self.layout.role(rank) == "prefill":
+            decode = self.decode_policy.choose([self.states[r] for r in self.decoders], nblocks, lambda r: 0)
+        self.decision_s.append(time.perf_counter() - t0)
+        self.outbox.send(Assign(request.to_wire(), decode), rank, Tag.REQUEST)
+        self._book(rank, decode, tokens, nblocks, +1)
+        self.placed[request.request_id] = (rank, decode, tokens, nblocks)
+
+    def poll(self) -> list[RequestResult]:
+        self.outbox.progress()
+        results = []
+        while (msg := poll(self.world, self.status)) is not None:
+            tag, src, payload = msg
+            if tag is Tag.RESULT:
+                result = RequestResult.from_wire(payload)
+                rank, decode, tokens, nblocks = self.placed.pop(result.request_id)
+                if decode is None:
+                    self._book(rank, None, tokens, nblocks, -1)
+                else:
+                    self._book(None, decode, 0, nblocks, -1)
+                    if src == rank:  # finished on the prefill side (first token ended it)
+                        self._book(rank, None, tokens, 0, -1)
+                results.append(result)
+            elif tag is Tag.PREFILLED:
+                rank, decode, tokens, nblocks = self.placed[payload["request_id"]]
+                self._book(rank, None, tokens, 0, -1)
+            else:
+                raise RuntimeError(f"router got an unexpected {tag.name} message from rank {src}")
+        if not results:
+            time.sleep(IDLE_SLEEP_S)
+        return results
+
+    def _book(self, rank: int | None, decode: int | None, tokens: int, nblocks: int, sign: int) -> None:
+        if rank is not None:
+            s = self.states[rank]
+            s.inflight_requests += sign
+            s.inflight_prefill_tokens += sign * tokens
+            if decode is None:
+                s.inflight_decode_blocks += sign * nblocks
+        if decode is not None:
+            d = self.states[decode]
+            d.inflight_requests += sign
+            d.inflight_decode_blocks += sign * nblocks
+
+    def _refresh_loads(self) -> None:
+        for rank, load in self.reader.loads().items():
+            s = self.states[rank]
+            s.total_blocks, s.free_blocks = load.total_blocks, load.free_blocks
+            s.queued_prefill_tokens, s.running_seqs = load.queued_prefill_tokens, load.running_seqs
+            s.active_decode_blocks = load.active_decode_blocks
+
+    def stats(self) -> dict:
+        """End of the job: stop every worker and gather its counters."""
+        for r in self.layout.workers:
+            self.outbox.send({}, r, Tag.SHUTDOWN)
+        workers = {}
+        deadline = time.monotonic() + STATS_TIMEOUT_S
+        while len(workers) < len(self.layout.workers):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"workers {sorted(set(self.layout.workers) - set(workers))} did not report")
+            msg = poll(self.world, self.status)
+            if msg is None:
+                self.outbox.progress()
+                time.sleep(IDLE_SLEEP_S)
+                continue
+            tag, src, payload = msg
+            if tag is not Tag.STATS:
+                raise RuntimeError(f"router got {tag.name} from rank {src} after the last result")
+            workers[src] = payload
+        self.outbox.flush()
+        sent = sum(w["handoff_bytes"] for w in workers.values())
+        secs = sum(w["handoff_seconds"] for w in workers.values())
+        d = sorted(self.decision_s) or [0.0]
+        return {
+            "layout": self.layout.describe(),
+            "policy": type(self.policy).__name__,
+            "workers": [workers[r] for r in sorted(workers)],
+            "handoff_bytes": sent,
+            "handoff_gb_per_s": sent / secs / 1e9 if secs else None,
+            "decision_us_p50": d[len(d) // 2] * 1e6,
+            "decision_us_p99": d[min(len(d) - 1, int(len(d) * 0.99))] * 1e6,
+        }
+
+    def close(self) -> None:
+        self.reader.close()

@@ -1,0 +1,197 @@
+"""Placement: which worker runs a request. The router's policies, on plain ints and lists.
+
+The caller (router/mpi_backend.py) reads every worker's window header into a `WorkerState`, adds
+its own books of what it sent and has not heard back about, and calls `choose` once for the
+prefill (or aggregated) candidates with `make_policy`, and once more for the decode candidates
+with `make_decode_policy`. `cached_blocks(rank)` is a window read of one worker's cached-block
+table; policies call it only when the answer can change the choice.
+
+Ties never go by rank order (that piles work on the first worker): they go to the less loaded
+worker, then to a seeded random choice, so a rerun with the same seed places the same way.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from kvrelay.configs.schema import RouterSection
+
+
+@dataclass
+class WorkerState:
+    rank: int
+    role: str  # "aggregated" | "prefill" | "decode"
+    total_blocks: int
+    free_blocks: int  # from the worker's window header (may lag)
+    queued_prefill_tokens: int  # from the window (may lag)
+    running_seqs: int
+    active_decode_blocks: int
+    # The router's own up-to-date books (what it sent and has not heard back about):
+    inflight_requests: int = 0
+    inflight_prefill_tokens: int = 0  # uncached prompt tokens sent here whose prefill is not confirmed
+    inflight_decode_blocks: int = 0  # blocks of requests decoding here (router's estimate)
+
+    # NOTE: each load below is the max of the window's view and the router's books, never the sum.
+    # Both count the same work: a request enters the worker's queue only after the router sent it,
+    # and leaves the router's books only after its PREFILLED or RESULT message arrives, which is
+    # after it left the queue. So the books are the fresher superset (the window lags, and a burst
+    # placed between two refreshes is only in the books); a sum would count that work twice. The
+    # max keeps the window as a floor for work the books could miss.
+
+    def queued_prefill_blocks(self, block_size: int) -> int:
+        return -(-max(self.queued_prefill_tokens, self.inflight_prefill_tokens) // block_size)
+
+    @property
+    def decode_blocks(self) -> int:
+        return max(self.active_decode_blocks, self.inflight_decode_blocks)
+
+    @property
+    def load(self) -> int:
+        """Requests on this worker: the first tie break."""
+        return max(self.inflight_requests, self.running_seqs)
+
+
+class Policy(Protocol):
+    def choose(self, workers: list[WorkerState], num_prompt_blocks: int, cached_blocks: Callable[[int], int]) -> int:
+        """The rank to run a request of `num_prompt_blocks` blocks; `cached_blocks(rank)` is the
+        number of its leading blocks cached on that worker (a window read, a few us each)."""
+        ...
+
+
+def _argmin(scored: list[tuple[tuple, WorkerState]], rng: random.Random) -> int:
+    """Rank of the lowest key; equal keys go to a seeded random choice, never to rank order."""
+    best = min(key for key, _ in scored)
+    ties = [w.rank for key, w in scored if key == best]
+    return ties[0] if len(ties) == 1 else rng.choice(ties)
+
+
+class KvAware:
+    """Dynamo's cost, lower is better, with the cache credit bounded by the request's own work:
+
+        cost(w) = prefill_load_scale * (queued_prefill_blocks(w) + max(0, new - overlap_credit * cached(w)))
+                  + decode_blocks(w)
+
+    then the lower load, then seeded random.
+    """
+
+    # NOTE: DESIGN.md's form, scale * max(0, queued + new - credit * cached), lets the credit eat
+    # the queue. The two forms agree while credit * cached <= new (always, for overlap_credit <= 1),
+    # but with overlap_credit > 1 and a long hit, up to credit * cached - new queued blocks cost
+    # nothing: the worker holding a shared system prompt looks idle while its queue grows, and
+    # once several such workers sit at the max(0, ...) floor their queues no longer rank them at
+    # all. Here the credit only discounts the request's own new blocks, so a worker's queue always
+    # counts in full and a hit is worth at most `new` blocks. A cached worker c beats a worker o
+    # only while scale * (queued_c - queued_o) + (decode_c - decode_o) <= scale * new, and each
+    # request adds its work to the chosen worker's books, so a cached worker runs ahead of the
+    # others by at most one request's blocks whatever the credit: the cache decides among workers
+    # that are about as busy, and never outweighs a real queue.
+
+    def __init__(self, prefill_load_scale: float, overlap_credit: float, block_size: int, seed: int) -> None:
+        assert prefill_load_scale >= 0 and overlap_credit >= 0 and block_size > 0
+        self.scale = prefill_load_scale
+        self.credit = overlap_credit
+        self.block_size = block_size
+        self.rng = random.Random(seed)
+
+    def choose(self, workers: list[WorkerState], num_prompt_blocks: int, cached_blocks: Callable[[int], int]) -> int:
+        assert workers, "no candidate workers"
+        use_cache = self.scale > 0 and self.credit > 0 and num_prompt_blocks > 0
+        # Lowest cost a worker could reach with a full hit; visit workers by it and read the
+        # cache table only of those that could still win or tie.
+        floors = sorted(
+            ((self.scale * w.queued_prefill_blocks(self.block_size) + w.decode_blocks, i) for i, w in enumerate(workers)),
+        )
+        best = float("inf")
+        scored = []
+        for floor, i in floors:
+            if floor > best:
+                break
+            w = workers[i]
+            cached = min(cached_blocks(w.rank), num_prompt_blocks) if use_cache else 0
+            cost = floor + self.scale * max(0.0, num_prompt_blocks - self.credit * cached)
+            best = min(best, cost)
+            scored.append(((cost, w.load), w))
+        return _argmin(scored, self.rng)
+
+
+class LeastLoaded:
+    """Fewest requests (inflight or running), ties random."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def choose(self, workers: list[WorkerState], num_prompt_blocks: int, cached_blocks: Callable[[int], int]) -> int:
+        assert workers, "no candidate workers"
+        return _argmin([((w.load,), w) for w in workers], self.rng)
+
+
+class DecodeLeastLoaded:
+    """Fewest decode blocks, then fewest requests, ties random: the decode side of kv_aware and
+    least_loaded. Decode workers hold no prefix to reuse, so their prefill cost ties everywhere and
+    only decode load separates them."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def choose(self, workers: list[WorkerState], num_prompt_blocks: int, cached_blocks: Callable[[int], int]) -> int:
+        assert workers, "no candidate workers"
+        return _argmin([((w.decode_blocks, w.load), w) for w in workers], self.rng)
+
+
+class RoundRobin:
+    """The next rank after the last one chosen, in rank order, wrapping; robust to a candidate
+    list that changes between calls."""
+
+    def __init__(self) -> None:
+        self.last: int | None = None
+
+    def choose(self, workers: list[WorkerState], num_prompt_blocks: int, cached_blocks: Callable[[int], int]) -> int:
+        assert workers, "no candidate workers"
+        ranks = sorted(w.rank for w in workers)
+        self.last = next((r for r in ranks if self.last is None or r > self.last), ranks[0])
+        return self.last
+
+
+class RandomChoice:
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def choose(self, workers: list[WorkerState], num_prompt_blocks: int, cached_blocks: Callable[[int], int]) -> int:
+        assert workers, "no candidate workers"
+        return self.rng.choice(workers).rank
+
+
+_POLICIES: dict[str, Callable[[RouterSection, int], Policy]] = {
+    "kv_aware": lambda cfg, bs: KvAware(cfg.prefill_load_scale, cfg.overlap_credit, bs, cfg.seed),
+    "least_loaded": lambda cfg, bs: LeastLoaded(cfg.seed),
+    "round_robin": lambda cfg, bs: RoundRobin(),
+    "random": lambda cfg, bs: RandomChoice(cfg.seed),
+}
+
+_DECODE_POLICIES: dict[str, Callable[[RouterSection], Policy]] = {
+    "kv_aware": lambda cfg: DecodeLeastLoaded(cfg.seed),
+    "least_loaded": lambda cfg: DecodeLeastLoaded(cfg.seed),
+    "round_robin": lambda cfg: RoundRobin(),
+    "random": lambda cfg: RandomChoice(cfg.seed),
+}
+
+
+def _unknown(name: str) -> ValueError:
+    return ValueError(f"router.policy {name!r} is not a placement policy; allowed: {', '.join(_POLICIES)}")
+
+
+def make_policy(cfg: RouterSection, block_size: int) -> Policy:
+    """The policy for requests that start with a prefill (prefill or aggregated workers)."""
+    if cfg.policy not in _POLICIES:
+        raise _unknown(cfg.policy)
+    return _POLICIES[cfg.policy](cfg, block_size)
+
+
+def make_decode_policy(cfg: RouterSection) -> Policy:
+    """The policy for decode workers: by decode load for kv_aware and least_loaded."""
+    if cfg.policy not in _DECODE_POLICIES:
+        raise _unknown(cfg.policy)
+    return _DECODE_POLICIES[cfg.policy](cfg)

@@ -1,0 +1,192 @@
+"""Cache windows on real ranks: rank 0 reads while ranks 1-3 churn real BlockPools.
+
+    mpiexec -n 4 python tests/mpi/window_check.py
+
+Each owner runs a BlockPool with its window's listeners through random allocate / register /
+release sequences (thousands of evictions) and calls into MPI every step, as a worker does. Rank 0
+meanwhile reads loads and prefix matches in a loop and checks what must hold even on torn reads:
+versions never go back, a chain never inserted never matches. After a barrier the reader's view of
+each table must equal the owner's, the owner's table must be a subset of its pool's cached hashes,
+and equal to it on rank 3, whose table is sized so that no bucket overflows. Prints the median
+latency of `load()` and of `prefix_match` per hash, then "window_check OK".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import sys
+import time
+import traceback
+
+from mpi4py import MPI
+
+from kvrelay.ranks.engine.block_pool import BlockPool
+from kvrelay.ranks.window import CacheWindow, WindowReader, table_key
+
+NUM_BLOCKS = 64
+FAMILIES, DEPTH = 16, 24  # prompt families, each a chain of DEPTH block hashes
+STEPS = 20000
+ROLES = {1: "prefill", 2: "decode", 3: "aggregated"}
+ROOMY = 3  # this owner's table has 64x the buckets: no bucket overflows, table == pool cache
+
+
+def _h(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+CHAINS = [[_h(f"{f}/{d}") for d in range(DEPTH)] for f in range(FAMILIES)]
+CHAINS[0][0] = 0  # the empty-slot mark as a real hash
+NEVER = [_h(f"never/{d}") for d in range(DEPTH)]
+
+
+def longest_prefix(keys: set[int], chain: list[int]) -> int:
+    n = 0
+    while n < len(chain) and table_key(chain[n]) in keys:
+        n += 1
+    return n
+
+
+def us(xs: list[float]) -> str:
+    xs = sorted(xs)
+    return f"median {xs[len(xs) // 2] * 1e6:.1f} us (p99 {xs[int(len(xs) * 0.99)] * 1e6:.1f}, n={len(xs)})"
+
+
+def owner(comm: MPI.Comm) -> None:
+    rank = comm.rank
+    window = CacheWindow.create(comm, NUM_BLOCKS, ROLES[rank], n_buckets=None if rank != ROOMY else 1024)
+    evictions = 0
+
+    def on_evict(h: int) -> None:
+        nonlocal evictions
+        evictions += 1
+        window.on_evict(h)
+
+    pool = BlockPool(NUM_BLOCKS, block_size=4, on_cache=window.on_cache, on_evict=on_evict)
+    rng = random.Random(rank)
+    running: list[list[int]] = []
+    for step in range(1, STEPS + 1):
+        hashes = CHAINS[rng.randrange(FAMILIES)][: rng.randint(1, DEPTH)]
+        hits = pool.match_prefix(hashes)
+        need = len(hashes) - len(hits)
+        while pool.num_free_after_touch(hits) < need:
+            pool.release(running.pop(0)[::-1])
+        pool.touch(hits)
+        new = pool.allocate(need)
+        for b, h in zip(new, hashes[len(hits):]):
+            pool.register(b, h)
+        running.append(hits + new)
+        if len(running) > 3 or rng.random() < 0.3:
+            pool.release(running.pop(rng.randrange(len(running)))[::-1])
+        load = dict(free_blocks=pool.num_free, total_blocks=NUM_BLOCKS, queued_prefill_tokens=rng.randrange(4096),
+                    running_seqs=len(running), active_decode_blocks=NUM_BLOCKS - pool.num_free, step=step)
+        window.publish(**load)
+        comm.Iprobe()  # a worker loop enters MPI every step
+    comm.Ibarrier().Wait()  # quiescence: the reader stops its concurrent loop
+    comm.send(dict(table=window.table_hashes(), cached=pool.cached_hashes(), drops=window.table.drops,
+                   evictions=evictions, load=load, version=window.version), dest=0)
+    idle = comm.Ibarrier()  # the reader times reads of idle windows; idle like a worker: asleep
+    while not idle.Test():
+        time.sleep(0.001)
+    window.close()
+
+
+def reader(comm: MPI.Comm) -> None:
+    owners = list(range(1, comm.size))
+    reader = WindowReader.create(comm, owners)
+    rng = random.Random(0)
+    load_s: list[float] = []
+    hash_s: list[float] = []
+
+    def timed_match(r: int, chain: list[int]) -> int:
+        t = time.perf_counter()
+        m = reader.prefix_match(r, chain)
+        hash_s.append((time.perf_counter() - t) / min(m + 1, len(chain)))  # one Get per hash read
+        return m
+
+    # Concurrent phase: owners churn while we read.
+    versions = dict.fromkeys(owners, 0)
+    done = comm.Ibarrier()
+    rounds = 0
+    t0 = time.perf_counter()
+    while not done.Test():
+        rounds += 1
+        for r in owners:
+            t = time.perf_counter()
+            ld = reader.load(r)
+            load_s.append(time.perf_counter() - t)
+            assert ld.role == ROLES[r] and ld.version >= versions[r], (r, ld, versions[r])
+            versions[r] = ld.version
+            if ld.version:
+                assert ld.total_blocks == NUM_BLOCKS and 0 <= ld.free_blocks <= NUM_BLOCKS, ld
+            assert 0 <= timed_match(r, CHAINS[rng.randrange(FAMILIES)]) <= DEPTH
+            assert reader.prefix_match(r, NEVER) == 0, f"rank {r}: a hash never cached matched"
+        assert all(ld.version >= versions[r] for r, ld in reader.loads().items())
+    churn_s = time.perf_counter() - t0
+    churn = f"load() {us(load_s)}, prefix_match per hash {us(hash_s)}"
+
+    # Quiescent: the reader's view must be exactly the owners' tables.
+    drops = {}
+    for r in owners:
+        got = comm.recv(source=r)
+        table = reader.table(r)
+        cached = {table_key(h) for h in got["cached"]}
+        assert table == got["table"], f"rank {r}: reader sees {len(table)} keys, owner holds {len(got['table'])}"
+        assert table <= cached, f"rank {r}: table holds {len(table - cached)} hashes the pool does not cache"
+        assert len(cached - table) <= got["drops"], (r, len(cached - table), got["drops"])
+        if r == ROOMY:
+            assert got["drops"] == 0 and table == cached, f"rank {r}: {got['drops']} drops"
+        assert got["evictions"] > 1000, f"rank {r}: only {got['evictions']} evictions"
+        ld = reader.load(r)
+        assert (ld.version, ld.step) == (got["version"], STEPS) and vars(ld).items() >= got["load"].items(), ld
+        for chain in CHAINS:
+            assert reader.prefix_match(r, chain) == longest_prefix(table, chain)
+            if r == ROOMY:
+                assert reader.prefix_match(r, chain) == longest_prefix(cached, chain)
+        drops[r] = got["drops"]
+        print(f"rank {r} ({ROLES[r]}): {got['evictions']} evictions, {len(table)} keys in the table, "
+              f"{len(cached)} cached, {got['drops']} bucket drops", flush=True)
+    assert sum(drops[r] for r in owners if r != ROOMY) > 0, "no bucket overflowed: the FIFO drop went untested"
+
+    load_s.clear()
+    hash_s.clear()
+    full = [c for c in CHAINS if any(reader.prefix_match(r, c) == DEPTH for r in owners)] or CHAINS
+    # Time-bounded: with an async progress thread per rank on 2 cores a read can wait a time slice.
+    stop = time.perf_counter() + 1.0
+    while len(load_s) < 1500 and time.perf_counter() < stop:
+        for r in owners:
+            t = time.perf_counter()
+            reader.load(r)
+            load_s.append(time.perf_counter() - t)
+            timed_match(r, rng.choice(full))
+    loads_s = []
+    stop = time.perf_counter() + 1.0
+    while len(loads_s) < 500 and time.perf_counter() < stop:
+        t = time.perf_counter()
+        reader.loads()
+        loads_s.append(time.perf_counter() - t)
+    print(f"while owners churn ({rounds} reader rounds in {churn_s:.2f} s): {churn}", flush=True)
+    print(f"idle owners: load() {us(load_s)}, prefix_match per hash {us(hash_s)}, "
+          f"loads() of {len(owners)} workers {us(loads_s)}", flush=True)
+    comm.Ibarrier().Wait()
+    reader.close()
+
+
+def main() -> None:
+    comm = MPI.COMM_WORLD
+    if comm.size != 4:
+        raise SystemExit(f"run with 4 ranks (mpiexec -n 4), not {comm.size}")
+    if comm.rank == 0:
+        reader(comm)
+        print("window_check OK", flush=True)
+    else:
+        owner(comm)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BaseException:  # noqa: BLE001 - any failure must end the whole job, not hang it
+        sys.stderr.write(f"window_check: rank {MPI.COMM_WORLD.rank} failed:\n{traceback.format_exc()}")
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(1)

@@ -1,0 +1,133 @@
+"""The MPI job on real ranks (CPU): disaggregated and aggregated layouts give the single-rank
+outputs line for line; bad launches and failing ranks end the job with a clear message."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvrelay.launch.run import find_mpiexec
+
+CLI = [sys.executable, "-m", "kvrelay.launch.cli"]
+HERE = Path(__file__).resolve().parent
+SETTINGS = [
+    "--set", "job.device=cpu", "--set", "job.progress=false", "--set", "model.max_model_len=256",
+    "--set", "cache.block_size=8", "--set", "cache.num_blocks=160", "--set", "scheduler.max_batch_tokens=96",
+    "--set", "defaults.temperature=0", "--set", "defaults.max_tokens=6", "--set", "defaults.ignore_eos=true",
+]
+
+try:
+    MPIEXEC, OPEN_MPI = find_mpiexec()
+except Exception as e:  # noqa: BLE001 - any failure to find MPI means: skip
+    pytest.skip(f"no MPI launcher here: {e}", allow_module_level=True)
+
+
+def env() -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1")
+    e.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return e
+
+
+def run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env())
+
+
+@pytest.fixture(scope="module")
+def shared_prefix_input(tmp_path_factory) -> Path:
+    """208 requests: 8 system prompts (each several blocks) x 26 questions."""
+    path = tmp_path_factory.mktemp("mpi") / "in.jsonl"
+    systems = [f"System prompt {s}: you answer questions about cluster {s} in a careful and short way, "
+               f"citing the handbook of site {s} where it applies." for s in range(8)]
+    with path.open("w") as f:
+        for q in range(26):
+            for s, system in enumerate(systems):
+                f.write(json.dumps({"custom_id": f"s{s}-q{q}", "prompt": f"{system} Question {q}: how do I run job {q * 7 + s}?"}) + "\n")
+    return path
+
+
+def outputs(path: Path) -> dict[str, dict]:
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    res = {d["custom_id"]: d for d in lines}
+    assert len(res) == len(lines)
+    return {k: {"choices": d["response"]["body"]["choices"], "completion_tokens": d["response"]["body"]["usage"]["completion_tokens"]}
+            for k, d in res.items()}
+
+
+@pytest.fixture(scope="module")
+def single_rank(tiny_models, shared_prefix_input, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("single") / "out.jsonl"
+    proc = run([*CLI, "run", "-i", str(shared_prefix_input), "-o", str(out), "--model", str(tiny_models["llama"]), *SETTINGS])
+    assert proc.returncode == 0, proc.stderr
+    return outputs(out)
+
+
+@pytest.mark.parametrize(
+    "roles,n",
+    [
+        (["--set", "roles.aggregated=0", "--set", "roles.prefill=2", "--set", "roles.decode=3"], 6),
+        (["--set", "roles.aggregated=3"], 4),
+    ],
+    ids=["2-prefill-3-decode", "3-aggregated"],
+)
+def test_mpi_job_matches_the_single_rank_run(roles, n, tiny_models, shared_prefix_input, single_rank, tmp_path):
+    out = tmp_path / "out.jsonl"
+    proc = run([*CLI, "run", "--local", str(n), "-i", str(shared_prefix_input), "-o", str(out),
+                "--model", str(tiny_models["llama"]), *SETTINGS, *roles])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = outputs(out)
+    assert got.keys() == single_rank.keys()
+    assert [k for k in got if got[k] != single_rank[k]] == []
+    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    workers = summary["backend"]["workers"]
+    assert len(workers) == n - 1
+    assert summary["prefix_hit_ratio"] > 0.3
+    if "roles.prefill=2" in roles:
+        assert summary["backend"]["handoff_bytes"] > 0
+        assert sum(w["handoffs_received"] for w in workers if w["role"] == "decode") == len(got)
+        assert all(w["handoffs_received"] > 0 for w in workers if w["role"] == "decode")
+    else:
+        assert all(w["requests"] > 0 for w in workers)
+
+
+def test_kv_aware_keeps_prefix_hits_that_round_robin_loses(tiny_models, tmp_path):
+    # 7 long system prompts over 4 workers whose caches hold about two each: round robin
+    # scatters every prompt over every worker and thrashes the caches.
+    inp = tmp_path / "in.jsonl"
+    with inp.open("w") as f:
+        for q in range(24):
+            for s in range(7):
+                system = f"System prompt {s}: " + " ".join(f"rule {s}.{i} of site {s}" for i in range(16))
+                f.write(json.dumps({"custom_id": f"s{s}-q{q}", "prompt": f"{system} Question {q}?"}) + "\n")
+    ratios = {}
+    for policy in ("kv_aware", "round_robin"):
+        out = tmp_path / f"{policy}.jsonl"
+        proc = run([*CLI, "run", "--local", "5", "-i", str(inp), "-o", str(out),
+                    "--model", str(tiny_models["llama"]), *SETTINGS, "--set", "roles.aggregated=4",
+                    "--set", f"router.policy={policy}", "--set", "router.max_inflight=8", "--set", "cache.num_blocks=40"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ratios[policy] = json.loads((tmp_path / f"{policy}.summary.json").read_text())["prefix_hit_ratio"]
+    assert ratios["kv_aware"] > ratios["round_robin"], ratios
+
+
+def test_world_size_mismatch_is_a_clear_error(tiny_models, shared_prefix_input, tmp_path):
+    cmd = [MPIEXEC, "-n", "3", *(["--oversubscribe"] if OPEN_MPI else []), *CLI, "run",
+           "-i", str(shared_prefix_input), "-o", str(tmp_path / "o.jsonl"), "--model", str(tiny_models["llama"]),
+           *SETTINGS, "--set", "roles.aggregated=0", "--set", "roles.prefill=2", "--set", "roles.decode=3"]
+    proc = run(cmd, timeout=60)
+    assert proc.returncode != 0
+    assert "started with 3 ranks but the config asks for 1 router + 2 prefill + 3 decode" in proc.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_rank_that_raises_ends_the_job_with_its_rank_and_host(tiny_models, shared_prefix_input, tmp_path):
+    cmd = [MPIEXEC, "-n", "4", *(["--oversubscribe"] if OPEN_MPI else []), sys.executable, str(HERE / "mpi" / "raise_on_rank.py"),
+           "2", "run", "-i", str(shared_prefix_input), "-o", str(tmp_path / "o.jsonl"),
+           "--model", str(tiny_models["llama"]), *SETTINGS, "--set", "roles.aggregated=3"]
+    proc = run(cmd, timeout=60)
+    assert proc.returncode != 0
+    assert "rank 2 (aggregated) on" in proc.stderr and "injected failure" in proc.stderr

@@ -113,3 +113,4 @@ def _worker(cfg: JobConfig, world, workers, role: str) -> None:
     worker = Worker(cfg, world, workers, role, device)
     worker.run()
     worker.window.close()
+    worker.transport.close()

@@ -22,7 +22,6 @@ class Tag(enum.IntEnum):
     READY = 5  # decode -> prefill: blocks reserved, receive posted: send the KV now
     SHUTDOWN = 6  # router -> worker: no more requests; finish and report
     STATS = 7  # worker -> router: final counters, the reply to SHUTDOWN
-    FAILED = 8  # any rank -> router: an exception, with rank and host, before the job aborts
 
 
 @dataclass

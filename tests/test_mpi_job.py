@@ -131,3 +131,25 @@ def test_a_rank_that_raises_ends_the_job_with_its_rank_and_host(tiny_models, sha
     proc = run(cmd, timeout=60)
     assert proc.returncode != 0
     assert "rank 2 (aggregated) on" in proc.stderr and "injected failure" in proc.stderr
+
+
+def test_sigterm_ends_the_job_and_a_rerun_completes_it(tiny_models, shared_prefix_input, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out.jsonl"
+    args = [*CLI, "run", "--local", "3", "-i", str(shared_prefix_input), "-o", str(out), "--model", str(tiny_models["llama"]),
+            *SETTINGS, "--set", "roles.aggregated=2", "--set", "router.max_inflight=2", "--set", "defaults.max_tokens=24"]
+    proc = subprocess.Popen(args, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 10):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    done = out.read_text().count("\n")
+    assert 10 <= done < 208
+    rerun = run(args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert len(outputs(out)) == 208

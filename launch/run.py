@@ -44,8 +44,9 @@ def run_local(cfg: JobConfig) -> Summary:
             f"the config asks for {layout.describe()}: start it with mpiexec -n {layout.world_size}, "
             f"srun, or `kvrelay run --local {layout.world_size}`"
         )
-    frontend, _ = frontend_for(cfg)
     engine = Engine.from_config(cfg)
+    # The engine has read the model dir and the tokenizer already: the frontend shares them.
+    frontend = Frontend(cfg, engine.tokenizer, engine.max_model_len, engine.spec.vocab_size, model_name(cfg))
     log.info(
         "model %s on %s: %d KV blocks of %d tokens, context %d",
         model_name(cfg), engine.runner.device, engine.pool.num_blocks, cfg.cache.block_size, engine.max_model_len,

@@ -75,6 +75,9 @@ class RouterSection(_Section):
     prefill_load_scale: float = Field(1.0, ge=0.0)
     overlap_credit: float = Field(1.0, ge=0.0)
     seed: int = Field(0, description="seeds the random policy and random tie breaks")
+    # Conditional disaggregation (Dynamo's rule): a request whose uncached prompt part on its decode
+    # worker is this short is prefilled there, with no handoff. 0 = every request prefills remotely.
+    local_prefill_max_tokens: int = Field(0, ge=0, description="prefill on the decode worker at or under this many uncached tokens")
 
 
 class DefaultsSection(_Section):

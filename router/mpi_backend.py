@@ -35,6 +35,11 @@ class MPIBackend:
         self.outbox = Outbox(world)
         self.policy = make_policy(cfg.router, self.block_size)
         self.decode_policy = make_decode_policy(cfg.router)
+        # Conditional disaggregation: the decode worker that would prefill a request locally is
+        # chosen as an aggregated worker would be (cached prefix against prefill and decode load).
+        self.local_prefill_max_tokens = cfg.router.local_prefill_max_tokens
+        self.local_policy = make_policy(cfg.router, self.block_size)
+        self.local_prefills = 0
         self.states = {
             r: WorkerState(rank=r, role=layout.role(r), total_blocks=0, free_blocks=0, queued_prefill_tokens=0,
                            running_seqs=0, active_decode_blocks=0)
@@ -60,12 +65,21 @@ class MPIBackend:
                 cached[r] = self.reader.prefix_match(r, hashes)
             return cached[r]
 
-        rank = self.policy.choose([self.states[r] for r in self.entry], nblocks, cached_blocks)
+        def uncached_tokens(r: int) -> int:  # what worker r must compute: at least the last token
+            return len(ids) - min(cached_blocks(r) * self.block_size, len(ids) - 1)
+
+        rank = decode = None
+        if self.decoders and self.local_prefill_max_tokens > 0:
+            local = self.local_policy.choose([self.states[r] for r in self.decoders], nblocks, cached_blocks)
+            if uncached_tokens(local) <= self.local_prefill_max_tokens:
+                rank = local
+                self.local_prefills += 1
+        if rank is None:
+            rank = self.policy.choose([self.states[r] for r in self.entry], nblocks, cached_blocks)
+            if self.layout.role(rank) == "prefill":
+                decode = self.decode_policy.choose([self.states[r] for r in self.decoders], nblocks, lambda r: 0)
         # The worker's queue grows by what it must compute, not by what it has cached.
-        tokens = len(ids) - min(cached_blocks(rank) * self.block_size, len(ids) - 1)
-        decode = None
-        if self.layout.role(rank) == "prefill":
-            decode = self.decode_policy.choose([self.states[r] for r in self.decoders], nblocks, lambda r: 0)
+        tokens = uncached_tokens(rank)
         self.decision_s.append(time.perf_counter() - t0)
         self.outbox.send(Assign(request.to_wire(), decode), rank, Tag.REQUEST)
         self._book(rank, decode, tokens, nblocks, +1)
@@ -141,6 +155,7 @@ class MPIBackend:
             "policy": type(self.policy).__name__,
             "workers": [workers[r] for r in sorted(workers)],
             "handoff_bytes": sent,
+            "local_prefills": self.local_prefills,
             "handoff_gb_per_s": sent / secs / 1e9 if secs else None,
             "decision_us_p50": d[len(d) // 2] * 1e6,
             "decision_us_p99": d[min(len(d) - 1, int(len(d) * 0.99))] * 1e6,

@@ -78,6 +78,7 @@ class RouterSection(_Section):
     # Conditional disaggregation (Dynamo's rule): a request whose uncached prompt part on its decode
     # worker is this short is prefilled there, with no handoff. 0 = every request prefills remotely.
     local_prefill_max_tokens: int = Field(0, ge=0, description="prefill on the decode worker at or under this many uncached tokens")
+    window_max_age_ms: float = Field(5.0, ge=0.0, description="re-read the workers' cache tables when the copy is older (wall ms)")
 
 
 class DefaultsSection(_Section):
@@ -93,13 +94,28 @@ class DefaultsSection(_Section):
     ignore_eos: bool = False
 
 
+InputFormat = Literal["jsonl", "trace"]
+
+
 class InputSection(_Section):
     path: str | None = None
+    format: InputFormat = Field("jsonl", description="jsonl: batch lines; trace: Mooncake-style timed trace replayed at its timestamps (router/trace.py)")
+    time_scale: float = Field(1.0, gt=0.0, description="trace: timestamps are divided by it (2 = twice the arrival rate)")
+    limit: int | None = Field(None, ge=1, description="read at most this many lines")
 
 
 class OutputSection(_Section):
     path: str | None = None
     fail_on_error: bool = Field(False, description="exit non-zero if any line was an error")
+
+
+class SimSection(_Section):
+    """Simulated workers: the real scheduler, cache, windows and handoffs, the model forward
+    replaced by a timing model (ranks/engine/sim_runner.py). No model files are read."""
+
+    enabled: bool = False
+    timing: str | None = Field(None, description="timing model YAML; default: configs/sim/h100-llama8b.yaml")
+    speed: float = Field(1.0, gt=0.0, description="modeled seconds per wall second; latencies are reported in modeled time")
 
 
 class JobSection(_Section):
@@ -118,6 +134,7 @@ class JobConfig(_Section):
     defaults: DefaultsSection = DefaultsSection()
     input: InputSection = InputSection()
     output: OutputSection = OutputSection()
+    sim: SimSection = SimSection()
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **direct: Any) -> JobConfig:

@@ -84,7 +84,7 @@ def _router(cfg: JobConfig, world, layout: Layout) -> tuple[int, Summary]:
     log.info("%s; placement %s", layout.describe(), cfg.router.policy)
     summary = frontend.run(backend)
     assert cfg.output.path is not None
-    log.info("summary written to %s", write_summary(summary, cfg.output.path))
+    log.info("summary written to %s", write_summary(summary, cfg.output.path, frontend.timings if cfg.input.format == "trace" else None))
     backend.close()
     return exit_code(cfg, summary), summary
 
@@ -97,7 +97,8 @@ def _worker(cfg: JobConfig, world, workers, role: str) -> None:
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     local = workers.Split_type(MPI.COMM_TYPE_SHARED)
-    device = pick_device(cfg.job.device)
+    # A simulated worker needs no device: its KV handoffs are small MPI messages.
+    device = torch.device("cpu") if cfg.sim.enabled else pick_device(cfg.job.device)
     if device.type == "cuda":
         n = torch.cuda.device_count()
         if local.rank >= n:

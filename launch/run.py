@@ -19,6 +19,7 @@ from kvrelay.configs.schema import JobConfig
 from kvrelay.launch.environment import LaunchError, Layout
 from kvrelay.ranks.engine.engine import Engine, job_hash_seed, model_name, resolve_max_model_len
 from kvrelay.ranks.engine.loader import read_model_dir
+from kvrelay.ranks.engine.sim_runner import SimTokenizer, load_timing, sim_max_model_len
 from kvrelay.ranks.engine.spec import ModelConfigError
 from kvrelay.ranks.engine.tokenizer import Tokenizer
 from kvrelay.ranks.local import LocalBackend
@@ -29,6 +30,9 @@ log = logging.getLogger("kvrelay")
 
 def frontend_for(cfg: JobConfig) -> tuple[Frontend, int]:
     """The router's frontend (tokenizer and limits, no weights) and the job's block-hash seed."""
+    if cfg.sim.enabled:
+        timing = load_timing(cfg)
+        return Frontend(cfg, SimTokenizer(), sim_max_model_len(cfg, timing), timing.model.vocab_size, model_name(cfg)), job_hash_seed(cfg)
     if cfg.model.path is None:
         raise ModelConfigError("no model: set model.path in the config or pass --model DIR")
     spec, _ = read_model_dir(cfg.model.path)
@@ -46,14 +50,14 @@ def run_local(cfg: JobConfig) -> Summary:
         )
     engine = Engine.from_config(cfg)
     # The engine has read the model dir and the tokenizer already: the frontend shares them.
-    frontend = Frontend(cfg, engine.tokenizer, engine.max_model_len, engine.spec.vocab_size, model_name(cfg))
+    frontend = Frontend(cfg, engine.tokenizer, engine.max_model_len, engine.vocab_size, model_name(cfg))
     log.info(
         "model %s on %s: %d KV blocks of %d tokens, context %d",
         model_name(cfg), engine.runner.device, engine.pool.num_blocks, cfg.cache.block_size, engine.max_model_len,
     )
     summary = frontend.run(LocalBackend(engine))
     assert cfg.output.path is not None
-    log.info("summary written to %s", write_summary(summary, cfg.output.path))
+    log.info("summary written to %s", write_summary(summary, cfg.output.path, frontend.timings if cfg.input.format == "trace" else None))
     return summary
 
 

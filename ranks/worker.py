@@ -24,7 +24,6 @@ import torch
 from mpi4py import MPI
 
 from kvrelay.configs.schema import JobConfig
-from kvrelay.kernels.kv_pack import pack_blocks, packed_shape, unpack_blocks
 from kvrelay.ranks.engine.engine import Engine
 from kvrelay.ranks.engine.sequence import Sequence
 from kvrelay.ranks.messages import Assign, Handoff, Outbox, Ready, Tag, poll
@@ -36,7 +35,12 @@ log = logging.getLogger("kvrelay")
 
 ROUTER = 0
 MAX_RECEIVING = 8  # KV receives in flight per decode worker: bounds its staging memory
-IDLE_SLEEP_S = 0.0005
+# NOTE: an idle worker sleeps, doubling the nap up to IDLE_SLEEP_MAX_S, instead of spinning on
+# Iprobe: many simulated workers share few cores, and a spinning idle rank takes CPU from busy
+# ones. The router's window reads need nothing from the worker (shared memory), so only a new
+# message waits, by at most IDLE_SLEEP_MAX_S.
+IDLE_SLEEP_S = 0.0002
+IDLE_SLEEP_MAX_S = 0.002
 
 
 @dataclass
@@ -45,6 +49,7 @@ class WorkerStats:
     handoffs_received: int = 0
     handoff_bytes: int = 0
     handoff_seconds: float = 0.0  # send posted -> send seen complete, summed
+    step_wall_s: float = 0.0  # wall time inside engine steps
 
 
 @dataclass
@@ -54,6 +59,7 @@ class _Outgoing:
     pending: Pending | None = None
     buf: torch.Tensor | None = None
     started: float = 0.0
+    not_before: float = 0.0  # perf_counter time before which a simulated transfer is not done
 
 
 @dataclass
@@ -63,6 +69,7 @@ class _Incoming:
     blocks: list[int] = field(default_factory=list)
     pending: Pending | None = None
     buf: torch.Tensor | None = None
+    not_before: float = 0.0
 
 
 class Worker:
@@ -88,6 +95,7 @@ class Worker:
 
     def run(self) -> None:
         status = MPI.Status()
+        nap = IDLE_SLEEP_S
         while True:
             busy = False
             while (msg := poll(self.world, status)) is not None:
@@ -96,18 +104,25 @@ class Worker:
             self.outbox.progress()
             busy |= self._move_transfers()
             if self.engine.has_work():
+                t0 = time.perf_counter()
                 for result in self.engine.step():
                     self.outbox.send(result.to_wire(), ROUTER, Tag.RESULT)
+                self.stats.step_wall_s += time.perf_counter() - t0
                 self._announce_handoffs()
                 busy = True
             self._publish()
             if self.shutdown and not self._has_work():
                 break
-            if not busy:
-                time.sleep(IDLE_SLEEP_S)
+            if busy:
+                nap = IDLE_SLEEP_S
+            else:
+                time.sleep(nap)
+                nap = min(2 * nap, IDLE_SLEEP_MAX_S)
         e = self.engine
         stats = {"rank": self.world.rank, "role": self.role, "device": str(e.runner.device),
                  "kv_blocks": e.pool.num_blocks, **vars(e.stats), **vars(self.stats)}
+        if e.runner.simulated:
+            stats["sim"] = vars(e.runner.stats)
         self.outbox.send(stats, ROUTER, Tag.STATS)
         self.outbox.flush()
 
@@ -146,15 +161,17 @@ class Worker:
         self.engine.handoffs.clear()
 
     def _send_kv(self, out: _Outgoing) -> None:
-        n = -(-(out.seq.num_tokens - 1) // self.engine.pool.block_size)
-        out.buf = pack_blocks(self.engine.runner.kv_caches, out.seq.block_ids[:n])
+        num_tokens = out.seq.num_tokens - 1
+        n = -(-num_tokens // self.engine.pool.block_size)
+        out.buf = self.engine.runner.pack_kv(out.seq.block_ids[:n])
         out.started = time.perf_counter()
+        out.not_before = out.started + self.engine.runner.transfer_s(num_tokens)
         out.pending = self.transport.send(out.buf, self._peer(out.dest), self._kv_tag(out.dest))
 
     def _move_transfers(self) -> bool:
         moved = False
         for key, out in list(self.outgoing.items()):
-            if out.pending is not None and out.pending.done():
+            if out.pending is not None and out.pending.done() and time.perf_counter() >= out.not_before:
                 self.stats.handoffs_sent += 1
                 self.stats.handoff_bytes += out.buf.numel() * out.buf.element_size()
                 self.stats.handoff_seconds += time.perf_counter() - out.started
@@ -168,15 +185,16 @@ class Worker:
                 break
             self.announced.popleft()
             inc.blocks = blocks
-            inc.buf = torch.empty(packed_shape(self.engine.runner.kv_caches, len(blocks)),
-                                  dtype=self.engine.runner.dtype, device=self.engine.runner.device)
+            inc.buf = self.engine.runner.kv_buffer(len(blocks))
+            inc.not_before = time.perf_counter() + self.engine.runner.transfer_s(inc.handoff.num_tokens)
             inc.pending = self.transport.recv(inc.buf, self._peer(inc.src), self._kv_tag(self.world.rank))
             self.outbox.send(Ready(inc.handoff.xfer), inc.src, Tag.READY)
             self.incoming.append(inc)
             moved = True
-        for inc in [i for i in self.incoming if i.pending.done()]:
+        now = time.perf_counter()
+        for inc in [i for i in self.incoming if i.pending.done() and now >= i.not_before]:
             self.incoming.remove(inc)
-            unpack_blocks(inc.buf, self.engine.runner.kv_caches, inc.blocks)
+            self.engine.runner.unpack_kv(inc.buf, inc.blocks)
             h = inc.handoff
             self.engine.add_prefilled(Request.from_wire(h.request), h.seq_state, h.generator_state, inc.blocks)
             self.stats.handoffs_received += 1

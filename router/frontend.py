@@ -22,7 +22,8 @@ from kvrelay.configs.schema import ConfigError, JobConfig
 from kvrelay.ranks.engine.tokenizer import Tokenizer
 from kvrelay.router.batch_input import LineError, ParsedLine, check_defaults, check_prompt, parse_line, resolve_sampling
 from kvrelay.router.batch_output import DUPLICATE, OutputWriter, error_line, success_line
-from kvrelay.router.request import Request, RequestResult
+from kvrelay.router.request import Request, RequestResult, SamplingParams
+from kvrelay.router.trace import TraceEntry, TraceError, prompt_tokens, read_trace
 
 
 class Backend(Protocol):
@@ -49,6 +50,10 @@ class Summary:
     cached_prompt_tokens: int = 0
     output_tokens: int = 0
     wall_s: float = 0.0
+    # Modeled seconds per wall second (sim.speed); 1 for a real job. Throughputs and latencies
+    # below are in modeled time.
+    time_scale: float = 1.0
+    latency: dict = field(default_factory=dict)
     error_codes: dict[str, int] = field(default_factory=dict)
     backend: dict = field(default_factory=dict)
 
@@ -58,8 +63,9 @@ class Summary:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        wall = max(self.wall_s, 1e-9)
+        wall = max(self.wall_s * self.time_scale, 1e-9)
         d.update(
+            elapsed_s=self.wall_s * self.time_scale,
             requests=self.succeeded + self.errors,
             total_tokens=self.prompt_tokens + self.output_tokens,
             total_tokens_per_s=(self.prompt_tokens + self.output_tokens) / wall,
@@ -69,15 +75,24 @@ class Summary:
         return d
 
 
-def read_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw bytes) of each non-blank line, streamed."""
+def read_lines(path: str, limit: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) of each non-blank line, streamed; at most `limit` lines."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"input file {path!r} does not exist")
+    count = 0
     with p.open("rb") as f:
         for n, raw in enumerate(f, start=1):
             if raw.strip():
+                if limit is not None and count >= limit:
+                    return
+                count += 1
                 yield n, raw
+
+
+def percentiles(values: list[float], qs: tuple[int, ...] = (50, 90, 99)) -> dict[str, float | None]:
+    v = sorted(values)
+    return {f"p{q}": (v[min(len(v) - 1, len(v) * q // 100)] if v else None) for q in qs}
 
 
 class Progress:
@@ -117,6 +132,9 @@ class Frontend:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.inflight: dict[str, ParsedLine] = {}
+        self.due: dict[str, float] = {}  # request id -> wall time it arrived (its trace time, or submission)
+        self.time_scale = cfg.sim.speed if cfg.sim.enabled else 1.0
+        self.timings: list[dict] = []
 
     def run(self, backend: Backend) -> Summary:
         cfg = self.cfg
@@ -124,32 +142,72 @@ class Frontend:
             raise InputError("set the input and output files: -i IN.jsonl -o OUT.jsonl (or input.path, output.path)")
         if Path(cfg.input.path).resolve() == Path(cfg.output.path).resolve():
             raise InputError("the output file must not be the input file")
-        summary = Summary(input=cfg.input.path, output=cfg.output.path)
-        lines = read_lines(cfg.input.path)
+        summary = Summary(input=cfg.input.path, output=cfg.output.path, time_scale=self.time_scale)
+        source = self._source()
         progress = Progress(cfg.job.progress)
-        start = time.monotonic()
+        self.start = time.time()
+        # Wall seconds per second of trace time: a trace replays at its timestamps, scaled.
+        wall_per_trace_s = 1.0 / (cfg.input.time_scale * self.time_scale)
         with OutputWriter(cfg.output.path) as writer:
             exhausted = False
+            nxt = None
             while True:
                 while not exhausted and len(self.inflight) < cfg.router.max_inflight:
-                    nxt = next(lines, None)
+                    nxt = nxt or next(source, None)
                     if nxt is None:
                         exhausted = True
                         break
-                    self._admit(nxt[0], nxt[1], backend, writer, summary)
+                    line_no, item, arrival = nxt
+                    due = time.time() if arrival is None else self.start + arrival * wall_per_trace_s
+                    if due > time.time():
+                        break  # not arrived yet
+                    nxt = None
+                    self._admit(line_no, item, backend, writer, summary, due)
                 if exhausted and not self.inflight:
                     break
                 for result in backend.poll():
                     self._finish(result, writer, summary)
                 progress.update(summary, len(self.inflight))
-        summary.wall_s = time.monotonic() - start
+        summary.wall_s = time.time() - self.start
+        summary.latency = self._latency_summary()
         summary.backend = backend.stats()
         progress.update(summary, 0, force=True)
         return summary
 
-    def _admit(self, line_no: int, raw: bytes, backend: Backend, writer: OutputWriter, s: Summary) -> None:
+    def _source(self) -> Iterator[tuple[int, bytes | TraceEntry, float | None]]:
+        """(line number, raw line or trace entry, arrival in trace seconds or None) per request."""
+        cfg = self.cfg
+        assert cfg.input.path is not None
+        if cfg.input.format == "trace":
+            try:
+                for entry in read_trace(cfg.input.path, cfg.input.limit):
+                    yield entry.line_no, entry, entry.arrival_s
+            except TraceError as e:
+                raise InputError(str(e)) from None
+        else:
+            for line_no, raw in read_lines(cfg.input.path, cfg.input.limit):
+                yield line_no, raw, None
+
+    def _trace_line(self, entry: TraceEntry) -> ParsedLine:
+        """A trace entry as the input line it stands for: its tokens, exactly output_length tokens out."""
+        sampling = SamplingParams(max_tokens=entry.output_length, temperature=0.0, ignore_eos=True)
+        return ParsedLine(entry.line_no, f"trace-{entry.line_no}", "completion", None, None,
+                          prompt_tokens(entry, self.vocab_size), sampling, entry.output_length)
+
+    def _latency_summary(self) -> dict:
+        """TTFT (arrival to first token), inter-token latency and end-to-end time, in modeled seconds."""
+        t = self.timings
+        return {
+            "requests": len(t),
+            "ttft_s": percentiles([x["ttft_s"] for x in t]),
+            "itl_s": percentiles([x["itl_s"] for x in t if x["itl_s"] is not None]),
+            "e2e_s": percentiles([x["e2e_s"] for x in t]),
+        }
+
+    def _admit(self, line_no: int, item: bytes | TraceEntry, backend: Backend, writer: OutputWriter, s: Summary,
+               due: float) -> None:
         s.lines += 1
-        parsed = parse_line(raw, line_no, self.defaults)
+        parsed = self._trace_line(item) if isinstance(item, TraceEntry) else parse_line(item, line_no, self.defaults)
         written = writer.lines_written
         if not writer.should_run(parsed.custom_id, line_no):
             if writer.lines_written > written:  # the writer wrote a duplicate_custom_id line
@@ -176,6 +234,7 @@ class Frontend:
         request_id = f"kvrelay-{xxhash.xxh3_64_hexdigest(parsed.custom_id.encode('utf-8', 'surrogatepass'))}"
         parsed.prompt_token_ids = ids
         self.inflight[request_id] = parsed
+        self.due[request_id] = due
         backend.submit(Request(request_id, ids, sampling))
 
     def _tokenize(self, parsed: ParsedLine) -> list[int]:
@@ -198,10 +257,28 @@ class Frontend:
             parsed, result, text, self._token_texts, int(time.time()), self.model_name
         )
         writer.write(line)
+        self._record_timing(parsed, result)
         s.succeeded += 1
         s.prompt_tokens += result.num_prompt_tokens
         s.cached_prompt_tokens += result.num_cached_tokens
         s.output_tokens += len(result.output_token_ids)
+
+    def _record_timing(self, parsed: ParsedLine, result: RequestResult) -> None:
+        due = self.due.pop(result.request_id)
+        if result.first_token_time is None or result.finish_time is None:
+            return
+        k = self.time_scale
+        n = len(result.output_token_ids)
+        self.timings.append({
+            "custom_id": parsed.custom_id,
+            "arrival_s": (due - self.start) * k,
+            "ttft_s": (result.first_token_time - due) * k,
+            "itl_s": (result.finish_time - result.first_token_time) * k / (n - 1) if n > 1 else None,
+            "e2e_s": (result.finish_time - due) * k,
+            "prompt_tokens": result.num_prompt_tokens,
+            "cached_tokens": result.num_cached_tokens,
+            "output_tokens": n,
+        })
 
     def _token_texts(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
@@ -212,8 +289,14 @@ class Frontend:
         s.error_codes[code] = s.error_codes.get(code, 0) + 1
 
 
-def write_summary(summary: Summary, output_path: str) -> Path:
+def write_summary(summary: Summary, output_path: str, timings: list[dict] | None = None) -> Path:
+    """OUT.summary.json beside the output; with `timings`, also OUT.timings.jsonl (one line per
+    request: arrival, TTFT, ITL, end-to-end in modeled seconds, tokens)."""
     path = Path(output_path)
-    dest = path.with_name(path.name.removesuffix(".jsonl") + ".summary.json")
+    stem = path.name.removesuffix(".jsonl")
+    dest = path.with_name(stem + ".summary.json")
     dest.write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+    if timings is not None:
+        with path.with_name(stem + ".timings.jsonl").open("w") as f:
+            f.writelines(json.dumps(t) + "\n" for t in timings)
     return dest

@@ -1,22 +1,26 @@
 """MPIBackend: the router's view of the worker ranks. Places each request, sends it, and collects
 results; the frontend (router/frontend.py) drives it exactly as it drives an in-process engine.
 
-Placement reads every worker's window (load header, and the cached-block table through
-`prefix_match`) with passive one-sided gets, and adds the router's own books of what it sent
-and has not heard back about, which are current where the windows lag.
+Placement reads every worker's window with passive one-sided gets: the load headers before
+every decision, and a copy of the cached-block tables (`TableSnapshot`) when the last copy is
+older than router.window_max_age_ms. It adds the router's own books of what it sent and has not
+heard back about, which are current where the windows lag. Times are kept apart: hashing the
+prompt's blocks, reading windows, and the decision itself (probing the copy, the policy).
 """
 
 from __future__ import annotations
 
 import time
 
+import numpy as np
 from mpi4py import MPI
 
 from kvrelay.configs.schema import JobConfig
 from kvrelay.launch.environment import Layout
 from kvrelay.ranks.messages import Assign, Outbox, Tag, poll
-from kvrelay.ranks.window import WindowReader
+from kvrelay.ranks.window import TableSnapshot, WindowReader
 from kvrelay.router.block_hash import block_hashes
+from kvrelay.router.frontend import percentiles
 from kvrelay.router.placement import WorkerState, make_decode_policy, make_policy
 from kvrelay.router.request import Request, RequestResult
 
@@ -50,19 +54,32 @@ class MPIBackend:
         self.decoders = layout.ranks("decode")
         self.placed: dict[str, tuple[int, int | None, int, int]] = {}  # id -> (rank, decode rank, tokens, blocks)
         self.status = MPI.Status()
+        self.max_age_s = cfg.router.window_max_age_ms / 1e3
+        self.snapshot: TableSnapshot | None = None
+        self.snapshot_time = 0.0
+        self.hash_s: list[float] = []
+        self.read_s: list[float] = []  # load headers, and the tables when refreshed, per decision
+        self.table_read_s: list[float] = []  # each table refresh alone
         self.decision_s: list[float] = []
 
     def submit(self, request: Request) -> None:
         t0 = time.perf_counter()
         ids = request.prompt_token_ids
         nblocks = -(-len(ids) // self.block_size)
-        hashes = block_hashes(ids, self.block_size, self.hash_seed)
+        hashes = np.array(block_hashes(ids, self.block_size, self.hash_seed), dtype=np.uint64)
+        t1 = time.perf_counter()
         self._refresh_loads()
+        if self.snapshot is None or t1 - self.snapshot_time > self.max_age_s:
+            t = time.perf_counter()
+            self.snapshot = self.reader.snapshot()
+            self.snapshot_time = time.perf_counter()
+            self.table_read_s.append(self.snapshot_time - t)
+        t2 = time.perf_counter()
         cached: dict[int, int] = {}
 
         def cached_blocks(r: int) -> int:
-            if r not in cached:
-                cached[r] = self.reader.prefix_match(r, hashes)
+            if not cached:
+                cached.update(self.snapshot.prefix_lengths(hashes))
             return cached[r]
 
         def uncached_tokens(r: int) -> int:  # what worker r must compute: at least the last token
@@ -80,7 +97,9 @@ class MPIBackend:
                 decode = self.decode_policy.choose([self.states[r] for r in self.decoders], nblocks, lambda r: 0)
         # The worker's queue grows by what it must compute, not by what it has cached.
         tokens = uncached_tokens(rank)
-        self.decision_s.append(time.perf_counter() - t0)
+        self.hash_s.append(t1 - t0)
+        self.read_s.append(t2 - t1)
+        self.decision_s.append(time.perf_counter() - t2)
         self.outbox.send(Assign(request.to_wire(), decode), rank, Tag.REQUEST)
         self._book(rank, decode, tokens, nblocks, +1)
         self.placed[request.request_id] = (rank, decode, tokens, nblocks)
@@ -149,7 +168,9 @@ class MPIBackend:
         self.outbox.flush()
         sent = sum(w["handoff_bytes"] for w in workers.values())
         secs = sum(w["handoff_seconds"] for w in workers.values())
-        d = sorted(self.decision_s) or [0.0]
+        def us(values: list[float]) -> dict:
+            return {k: (v * 1e6 if v is not None else None) for k, v in percentiles(values, (50, 99)).items()}
+
         return {
             "layout": self.layout.describe(),
             "policy": type(self.policy).__name__,
@@ -157,8 +178,11 @@ class MPIBackend:
             "handoff_bytes": sent,
             "local_prefills": self.local_prefills,
             "handoff_gb_per_s": sent / secs / 1e9 if secs else None,
-            "decision_us_p50": d[len(d) // 2] * 1e6,
-            "decision_us_p99": d[min(len(d) - 1, int(len(d) * 0.99))] * 1e6,
+            "decision_us": us(self.decision_s),
+            "hash_us": us(self.hash_s),
+            "window_read_us": us(self.read_s),
+            "table_read_us": us(self.table_read_s),
+            "table_reads": len(self.table_read_s),
         }
 
     def close(self) -> None:

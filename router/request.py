@@ -68,6 +68,10 @@ class RequestResult:
     num_cached_tokens: int  # prompt tokens served from the prefix cache
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     logprobs: list[TokenLogprob] | None = None
+    # Wall clock (time.time()) when the first output token was sampled and when the request
+    # finished, on the worker that did it: TTFT and inter-token latency for benchmarks.
+    first_token_time: float | None = None
+    finish_time: float | None = None
 
     def to_wire(self) -> dict:
         return asdict(self)

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from kvrelay.ranks.engine.model_runner import ModelRunner
 from kvrelay.ranks.engine.sampler import SampleRow, request_generator, sample
 from kvrelay.ranks.engine.scheduler import Scheduler
 from kvrelay.ranks.engine.sequence import Sequence
+from kvrelay.ranks.engine.sim_runner import SimRunner, SimTokenizer, load_timing, sim_max_model_len
 from kvrelay.ranks.engine.spec import ModelConfigError, ModelSpec
 from kvrelay.ranks.engine.tokenizer import Tokenizer
 from kvrelay.router.block_hash import hash_seed
@@ -46,6 +48,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def model_name(cfg: JobConfig) -> str:
+    if cfg.sim.enabled and cfg.model.path is None:
+        return cfg.model.name or load_timing(cfg).model.name
     assert cfg.model.path is not None
     return cfg.model.name or Path(cfg.model.path).resolve().name
 
@@ -70,18 +74,19 @@ class Engine:
     def __init__(
         self,
         cfg: JobConfig,
-        spec: ModelSpec,
-        runner: ModelRunner,
-        tokenizer: Tokenizer,
+        runner: ModelRunner | SimRunner,
+        tokenizer: Tokenizer | SimTokenizer,
         num_blocks: int,
         max_model_len: int,
+        vocab_size: int,
+        eos_token_ids: list[int],
     ) -> None:
         self.cfg = cfg
-        self.spec = spec
         self.runner = runner
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
-        self.eos_token_ids = set(spec.eos_token_ids)
+        self.vocab_size = vocab_size
+        self.eos_token_ids = set(eos_token_ids)
         if tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
         self.pool = BlockPool(num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
@@ -99,6 +104,8 @@ class Engine:
 
     @classmethod
     def from_config(cls, cfg: JobConfig, device: torch.device | None = None) -> Engine:
+        if cfg.sim.enabled:
+            return cls.simulated(cfg)
         if cfg.model.path is None:
             raise ModelConfigError("no model: set model.path in the config or pass --model DIR")
         spec, files = read_model_dir(cfg.model.path)
@@ -122,7 +129,17 @@ class Engine:
                 "or give the cache more memory"
             )
         runner.allocate(num_blocks)
-        return cls(cfg, spec, runner, tokenizer, num_blocks, max_model_len)
+        return cls(cfg, runner, tokenizer, num_blocks, max_model_len, spec.vocab_size, spec.eos_token_ids)
+
+    @classmethod
+    def simulated(cls, cfg: JobConfig) -> Engine:
+        """An engine whose forward is the timing model of `sim.timing` (no model files)."""
+        timing = load_timing(cfg)
+        runner = SimRunner(timing, cfg.cache.block_size, cfg.sim.speed)
+        max_model_len = sim_max_model_len(cfg, timing)
+        num_blocks = runner.size_kv_cache(cfg.cache.num_blocks)
+        runner.allocate(num_blocks)
+        return cls(cfg, runner, SimTokenizer(), num_blocks, max_model_len, timing.model.vocab_size, [])
 
     def add_request(self, req: Request, handoff: bool = False) -> None:
         """Queue a request. With `handoff`, it stops after its first token and waits in
@@ -144,6 +161,7 @@ class Engine:
         seq.token_ids = list(seq_state["token_ids"])
         seq.num_computed_tokens = seq.num_tokens - 1
         seq.num_cached_tokens = seq_state["num_cached_tokens"]
+        seq.first_token_time = seq_state["first_token_time"]
         if seq.logprobs is not None:
             seq.logprobs = [TokenLogprob(lp["token_id"], lp["logprob"], [tuple(t) for t in lp["top"]]) for lp in seq_state["logprobs"]]
         seq.block_ids = block_ids
@@ -160,6 +178,7 @@ class Engine:
             "token_ids": seq.token_ids,
             "num_cached_tokens": max(seq.num_cached_tokens, 0),
             "logprobs": [asdict(lp) for lp in seq.logprobs] if seq.logprobs is not None else None,
+            "first_token_time": seq.first_token_time,
         }
         return state, (gen.get_state().numpy().tobytes() if gen is not None else None)
 
@@ -187,13 +206,18 @@ class Engine:
         logits = self.runner.execute(batch)
         for item in batch:
             self.scheduler.on_computed(item)
-        rows = [SampleRow(s.sampling, self.generators.get(s.request_id), self._banned(s)) for s in sampling]
-        tokens, logprobs = sample(logits, rows)
+        if self.runner.simulated:
+            tokens, logprobs = self.runner.sample(len(sampling)), [None] * len(sampling)
+        else:
+            rows = [SampleRow(s.sampling, self.generators.get(s.request_id), self._banned(s)) for s in sampling]
+            tokens, logprobs = sample(logits, rows)
         finished = []
+        now = time.time()
         for seq, token, lp in zip(sampling, tokens, logprobs):
             if seq.num_output_tokens == 0:  # this engine computed the prompt
                 self.stats.prompt_tokens += seq.num_prompt_tokens
                 self.stats.cached_prompt_tokens += seq.num_cached_tokens
+                seq.first_token_time = now
             seq.token_ids.append(token)
             if seq.logprobs is not None:
                 seq.logprobs.append(lp)

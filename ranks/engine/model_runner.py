@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from kvrelay.kernels.kv_pack import pack_blocks, packed_shape, unpack_blocks
 from kvrelay.ranks.engine.loader import iter_weights
 from kvrelay.ranks.engine.model import AttentionMetadata, LlamaForCausalLM, allocate_kv_cache
 from kvrelay.ranks.engine.scheduler import ScheduledSeq
@@ -19,6 +20,8 @@ _GIB = 1 << 30
 
 
 class ModelRunner:
+    simulated = False
+
     def __init__(
         self,
         spec: ModelSpec,
@@ -62,6 +65,21 @@ class ModelRunner:
     def allocate(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_cache(self.spec, num_blocks, self.block_size, self.dtype, self.device)
+
+    def pack_kv(self, block_ids: list[int]) -> torch.Tensor:
+        """The KV of `block_ids` in one contiguous buffer, to hand off."""
+        return pack_blocks(self.kv_caches, block_ids)
+
+    def kv_buffer(self, num_blocks: int) -> torch.Tensor:
+        """An empty buffer for the packed KV of `num_blocks` blocks, to receive into."""
+        return torch.empty(packed_shape(self.kv_caches, num_blocks), dtype=self.dtype, device=self.device)
+
+    def unpack_kv(self, buf: torch.Tensor, block_ids: list[int]) -> None:
+        unpack_blocks(buf, self.kv_caches, block_ids)
+
+    def transfer_s(self, num_tokens: int) -> float:
+        """Extra wall time a handoff is held for: none on a real device (simulated runners model it)."""
+        return 0.0
 
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:

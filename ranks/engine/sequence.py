@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 from kvrelay.router.request import Request, RequestResult, SamplingParams, TokenLogprob
@@ -32,6 +33,7 @@ class Sequence:
     handoff: bool = False  # on a prefill worker: leave the batch after the first token, keep the KV
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    first_token_time: float | None = None  # time.time() when the first output token was sampled
 
     @classmethod
     def from_request(cls, req: Request, max_model_len: int, handoff: bool = False) -> Sequence:
@@ -67,4 +69,6 @@ class Sequence:
             num_cached_tokens=max(self.num_cached_tokens, 0),
             stop_reason=self.stop_reason,
             logprobs=self.logprobs,
+            first_token_time=self.first_token_time,
+            finish_time=time.time(),
         )

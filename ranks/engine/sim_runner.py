@@ -1,0 +1,204 @@
+"""SimRunner: the model forward replaced by a timing model, for simulated workers (`sim.enabled`).
+
+Everything else of a worker stays real: the scheduler, the block pool and its prefix cache, the
+window it publishes, the handoff messages. Only `execute` differs: instead of running the model
+it sleeps for the step's modeled time divided by `sim.speed`, and sampling returns a fixed token
+(simulated requests run to `max_tokens`). Reported latencies are wall times times the speed.
+
+Timing model (coefficients in a YAML, e.g. configs/sim/h100-llama8b.yaml; `bench/calibrate.py`
+fits them on a real engine):
+
+    prefill(new, cached) = b * new + c * new * (new / 2 + cached)   (per sequence chunk)
+    decode(batch, kv)    = e * batch + f * kv                        (kv = context tokens read)
+    step                 = max(a if the step prefills, d if it decodes) + the terms above
+    handoff(tokens)      = tokens * kv_bytes_per_token / bandwidth + latency
+
+NOTE: one step may mix prefill chunks and decodes (chunked prefill); its fixed part is the larger
+of the two base costs (both mostly read the weights once), not their sum.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kvrelay.ranks.engine.scheduler import ScheduledSeq
+from kvrelay.ranks.engine.spec import ModelConfigError
+
+SIM_TOKEN = 1  # every simulated sampled token; 0 < id < any vocab
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PrefillCoefficients(_Strict):
+    base_s: float = Field(ge=0.0, description="a: fixed cost of a step that prefills")
+    per_token_s: float = Field(ge=0.0, description="b: per new token (the matmuls)")
+    per_attn_pair_s: float = Field(ge=0.0, description="c: per (query, key) pair of attention")
+
+
+class DecodeCoefficients(_Strict):
+    base_s: float = Field(ge=0.0, description="d: fixed cost of a step that decodes (reading the weights)")
+    per_seq_s: float = Field(ge=0.0, description="e: per decoding sequence")
+    per_kv_token_s: float = Field(ge=0.0, description="f: per context token whose KV is read")
+
+
+class HandoffCoefficients(_Strict):
+    bandwidth_gb_s: float = Field(gt=0.0, description="KV bytes per second, prefill -> decode worker, in GB/s")
+    latency_s: float = Field(ge=0.0)
+
+
+class SimModel(_Strict):
+    name: str
+    vocab_size: int = Field(gt=1)
+    max_model_len: int = Field(gt=1)
+    kv_bytes_per_token: int = Field(gt=0)
+
+
+class TimingModel(_Strict):
+    """One YAML file: what it was derived or fitted from, the model shape, the coefficients."""
+
+    source: str = Field(description="how the numbers were obtained: 'derived: ...' or 'calibrated: ...'")
+    model: SimModel
+    kv_cache_gib: float = Field(gt=0.0, description="KV memory per worker, unless cache.num_blocks is set")
+    prefill: PrefillCoefficients
+    decode: DecodeCoefficients
+    handoff: HandoffCoefficients
+
+    @classmethod
+    def load(cls, path: str | Path) -> TimingModel:
+        p = Path(path)
+        if not p.is_file():
+            raise ModelConfigError(f"sim.timing: timing model file {str(p)!r} does not exist")
+        try:
+            return cls.model_validate(yaml.safe_load(p.read_text()))
+        except (ValidationError, yaml.YAMLError) as e:
+            raise ModelConfigError(f"sim.timing: {str(p)!r} is not a valid timing model: {e}") from None
+
+    def prefill_s(self, new: int, cached: int) -> float:
+        p = self.prefill
+        return p.per_token_s * new + p.per_attn_pair_s * new * (new / 2 + cached)
+
+    def decode_s(self, batch: int, kv_tokens: int) -> float:
+        return self.decode.per_seq_s * batch + self.decode.per_kv_token_s * kv_tokens
+
+    def step_s(self, chunks: list[tuple[int, int]], decodes: list[int]) -> float:
+        """Modeled time of one step: prefill `chunks` of (new, cached) tokens and decodes reading
+        `decodes[i]` context tokens each."""
+        base = max(self.prefill.base_s if chunks else 0.0, self.decode.base_s if decodes else 0.0)
+        return base + sum(self.prefill_s(n, c) for n, c in chunks) + self.decode_s(len(decodes), sum(decodes))
+
+    def handoff_s(self, num_tokens: int) -> float:
+        h = self.handoff
+        return num_tokens * self.model.kv_bytes_per_token / (h.bandwidth_gb_s * 1e9) + h.latency_s
+
+
+@dataclass
+class SimStats:
+    modeled_s: float = 0.0  # sum of modeled step times
+    slept_s: float = 0.0  # wall time spent sleeping for them
+    overruns: int = 0  # steps whose host work took longer than the modeled time / speed (the clock slipped)
+
+
+class SimRunner:
+    """Stands where a ModelRunner stands in the engine; holds no weights and no KV tensors."""
+
+    simulated = True
+
+    def __init__(self, timing: TimingModel, block_size: int, speed: float) -> None:
+        assert speed > 0
+        self.timing = timing
+        self.block_size = block_size
+        self.speed = speed
+        self.device = torch.device("cpu")
+        self.dtype = torch.int64
+        self.num_blocks = 0
+        self.stats = SimStats()
+        self._last_end = 0.0
+
+    def block_bytes(self) -> int:
+        return self.timing.model.kv_bytes_per_token * self.block_size
+
+    def size_kv_cache(self, num_blocks: int | None) -> int:
+        return num_blocks or int(self.timing.kv_cache_gib * (1 << 30)) // self.block_bytes()
+
+    def allocate(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+
+    def execute(self, batch: list[ScheduledSeq]) -> int:
+        """Sleep for the step's modeled time / speed; returns how many sequences sample."""
+        chunks, decodes = [], []
+        for item in batch:
+            seq = item.seq
+            if seq.num_computed_tokens >= seq.num_prompt_tokens:
+                decodes.append(seq.num_computed_tokens + item.num_new_tokens)
+            else:
+                chunks.append((item.num_new_tokens, seq.num_computed_tokens))
+        modeled = self.timing.step_s(chunks, decodes)
+        self.stats.modeled_s += modeled
+        wall = modeled / self.speed
+        now = time.perf_counter()
+        # NOTE: back to back, this step started when the previous one ended, so the host work in
+        # between (scheduling, messages, the window) counts as part of its modeled time instead of
+        # adding to it; only host work beyond the step's budget slips the clock (an overrun).
+        start = self._last_end if now - self._last_end < wall else now
+        end = start + wall
+        if end > now:
+            time.sleep(end - now)
+            self.stats.slept_s += end - now
+        else:
+            self.stats.overruns += 1
+        self._last_end = max(end, now)
+        return sum(1 for item in batch if item.samples)
+
+    def sample(self, num_rows: int) -> list[int]:
+        return [SIM_TOKEN] * num_rows
+
+    # The KV handoff: a small payload stands for the KV (its block count), and the transfer takes
+    # `transfer_s` of modeled time on both sides.
+    def pack_kv(self, block_ids: list[int]) -> torch.Tensor:  # [1] int64 cpu
+        return torch.tensor([len(block_ids)], dtype=torch.int64)
+
+    def kv_buffer(self, num_blocks: int) -> torch.Tensor:  # [1] int64 cpu
+        return torch.empty(1, dtype=torch.int64)
+
+    def unpack_kv(self, buf: torch.Tensor, block_ids: list[int]) -> None:
+        assert int(buf[0]) == len(block_ids), "the simulated KV payload is the block count"
+
+    def transfer_s(self, num_tokens: int) -> float:
+        """Wall seconds that a handoff of `num_tokens` tokens' KV takes."""
+        return self.timing.handoff_s(num_tokens) / self.speed
+
+
+DEFAULT_TIMING = Path(__file__).resolve().parents[2] / "configs" / "sim" / "h100-llama8b.yaml"
+
+
+def load_timing(cfg) -> TimingModel:
+    """The timing model of a job config's `sim.timing` (the shipped H100 / 8B file by default)."""
+    return TimingModel.load(cfg.sim.timing or DEFAULT_TIMING)
+
+
+def sim_max_model_len(cfg, timing: TimingModel) -> int:
+    return min(cfg.model.max_model_len or timing.model.max_model_len, timing.model.max_model_len)
+
+
+class SimTokenizer:
+    """A simulated job has token ids only (trace replay, `prompt_token_ids` lines): text prompts
+    are refused, and outputs decode to no text (their token ids are in the output when asked)."""
+
+    eos_token_id = None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise ValueError("a simulated job (sim.enabled) has no tokenizer: give prompt_token_ids, or replay a trace")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        raise ValueError("a simulated job (sim.enabled) has no tokenizer: give prompt_token_ids, or replay a trace")
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return ""

@@ -3,6 +3,7 @@
     kvrelay run [CONFIG.yaml] -i IN.jsonl -o OUT.jsonl [--model DIR] [--set KEY=VALUE ...] [--fail-on-error]
     kvrelay make-model --arch llama [--size tiny|8b-shape] [--seed 0] [--shards N] [--dtype D] DIR
     kvrelay demo [--workdir runs/demo]
+    kvrelay plan [CONFIG] --gpus G --input-len I --output-len O [--cached F] [--ttft-ms T] [--itl-ms L]
 """
 
 from __future__ import annotations
@@ -107,6 +108,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return rc
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from kvrelay.ranks.engine.sim_runner import load_timing
+    from kvrelay.router.planner import Limits, Workload, plan
+
+    cfg = load_config(args.config, args.set, **{"sim.timing": args.timing})
+    timing = load_timing(cfg)
+    if args.summary:
+        s = json.loads(Path(args.summary).read_text())
+        if not s.get("succeeded"):
+            raise ConfigError(f"{args.summary}: the run answered no request, so it measured no lengths")
+        work = Workload(s["prompt_tokens"] / s["succeeded"], s["output_tokens"] / s["succeeded"], s["prefix_hit_ratio"])
+    elif args.input_len and args.output_len:
+        work = Workload(args.input_len, args.output_len, args.cached)
+    else:
+        raise ConfigError("give the workload: --input-len and --output-len (and --cached), or --summary OUT.summary.json")
+    kv_tokens = (cfg.cache.num_blocks * cfg.cache.block_size if cfg.cache.num_blocks
+                 else int(timing.kv_cache_gib * (1 << 30)) // timing.model.kv_bytes_per_token)
+    limits = Limits(cfg.scheduler.max_batch_tokens, cfg.scheduler.max_seqs, kv_tokens)
+    gpus = args.gpus or cfg.roles.num_workers
+    ms = lambda v: None if v is None else v / 1e3  # noqa: E731
+    best, options = plan(timing, work, limits, gpus, ms(args.ttft_ms), ms(args.itl_ms))
+    if args.json:
+        print(json.dumps({"workload": vars(work), "gpus": gpus, "timing": timing.source,
+                          "advice": best.to_json(), "layouts": [e.to_json() for e in options]}, indent=2))
+        return 0
+    print(f"workload: {work.input_tokens:.0f} in / {work.output_tokens:.0f} out tokens, "
+          f"{work.cached_fraction:.0%} cached; {gpus} GPUs; timing model: {timing.source}")
+    print(f"{'layout':<22}{'req/s':>9}{'req/s/GPU':>11}{'out tok/s':>11}{'TTFT ms':>9}{'ITL ms':>8}  bound")
+    for e in options:
+        mark = "" if e.meets_targets else "  (misses a target)"
+        print(f"{e.layout:<22}{e.requests_per_s:>9.2f}{e.requests_per_s_per_gpu:>11.2f}{e.output_tokens_per_s:>11.0f}"
+              f"{e.ttft_s * 1e3:>9.0f}{e.itl_s * 1e3:>8.1f}  {e.bound}{mark}")
+    print(f"advice: {best.layout}: --set roles.prefill={best.prefill} --set roles.decode={best.decode} "
+          f"--set roles.aggregated={best.aggregated}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvrelay", description="LLM batch inference for HPC clusters")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -130,6 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 for tiny, bfloat16 for 8b-shape")
     m.add_argument("dir")
     m.set_defaults(func=cmd_make_model)
+
+    pl = sub.add_parser("plan", help="advise a prefill:decode split or aggregated workers for a workload")
+    pl.add_argument("config", nargs="?", help="job config YAML (its scheduler, cache and roles; default: built-in)")
+    pl.add_argument("--gpus", type=int, help="GPUs (one worker each); default: the config's worker count")
+    pl.add_argument("--input-len", type=float, help="mean prompt tokens")
+    pl.add_argument("--output-len", type=float, help="mean output tokens")
+    pl.add_argument("--cached", type=float, default=0.0, help="expected prefix-hit fraction of the prompt (0-1)")
+    pl.add_argument("--summary", help="take the lengths and hit ratio from a run's OUT.summary.json")
+    pl.add_argument("--timing", help="timing model YAML (sim.timing; default: the shipped H100 / 8B model)")
+    pl.add_argument("--ttft-ms", type=float, help="time-to-first-token target")
+    pl.add_argument("--itl-ms", type=float, help="inter-token latency target")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    pl.add_argument("--json", action="store_true", help="print JSON")
+    pl.set_defaults(func=cmd_plan)
 
     d = sub.add_parser("demo", help="the demo job: a tiny generated model, the shipped example prompts, 4 CPU ranks")
     d.add_argument("--workdir", default="runs/demo")

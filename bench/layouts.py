@@ -1,0 +1,193 @@
+"""Layouts side by side on real workers: disaggregated (P prefill + D decode) against aggregated,
+per placement policy, on one timed trace replayed by the MPI job (workloads B3, and the 4-GPU run).
+
+    # B3 on two GPUs: 3,000 in / 150 out and a long-output mix, at rising request rates
+    python3 bench/layouts.py --model DIR --layouts 1p1d,2agg --mix 3000:150 --mix 3000:1000 \\
+        --rates 2,4,8 --requests 48 --ttft-ms 2000 --itl-ms 50 --json b3.json
+    # a prefix-heavy trace (Mooncake format) on four GPUs, kv_aware against round_robin
+    python3 bench/layouts.py --model DIR --layouts 2p2d,4agg --policies kv_aware,round_robin \\
+        --trace conversation_trace.jsonl --limit 400 --time-scale 4 --json four.json
+
+With `--mix`/`--rates` it writes one trace of segments, one per (mix, rate), each a Poisson stream
+of `--requests` requests with fresh (unshared) prompt blocks, separated by a pause long enough for
+the previous segment to drain, so that one job (one model load) serves every rate and metrics are
+taken per segment by arrival time. Each (layout, policy) is one `kvrelay run` under `--mpiexec`.
+
+Per segment: requests/s and output tokens/s (whole layout and per GPU), TTFT and ITL p50/p90 (from
+OUT.timings.jsonl), goodput (requests/s meeting both targets), prefix-hit ratio and KV handoff GB/s
+(from OUT.summary.json). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LAYOUT = re.compile(r"^(?:(\d+)p(\d+)d|(\d+)agg)$")
+
+
+def parse_layout(name: str) -> dict[str, int]:
+    m = LAYOUT.match(name)
+    if m is None:
+        raise SystemExit(f"layout {name!r}: write NpMd (N prefill + M decode) or Nagg (N aggregated), e.g. 1p1d, 2agg")
+    if m.group(3):
+        return {"prefill": 0, "decode": 0, "aggregated": int(m.group(3))}
+    return {"prefill": int(m.group(1)), "decode": int(m.group(2)), "aggregated": 0}
+
+
+def synthetic_trace(path: Path, mixes: list[tuple[int, int]], rates: list[float], requests: int, gap_s: float,
+                    seed: int) -> list[dict]:
+    """Write the segmented trace; returns the segments (mix, rate, first and last trace line)."""
+    rng = random.Random(seed)
+    next_id, t, line, segments = 0, 0.0, 0, []
+    with path.open("w") as f:
+        for inp, out in mixes:
+            for rate in rates:
+                segments.append({"mix": f"{inp}:{out}", "rate": rate, "lines": [line + 1, line + requests]})
+                line += requests
+                for _ in range(requests):
+                    nblocks = -(-inp // 512)
+                    ids = list(range(next_id, next_id + nblocks))
+                    next_id += nblocks
+                    f.write(json.dumps({"timestamp": round(t * 1000), "input_length": inp, "output_length": out, "hash_ids": ids}) + "\n")
+                    t += rng.expovariate(rate)
+                t += gap_s
+    return segments
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, int(q * len(v)))]
+
+
+def segment_metrics(rows: list[dict], seg: dict, gpus: int, ttft_s: float, itl_s: float) -> dict:
+    lo, hi = seg["lines"]
+    mine = [r for r in rows if lo <= int(r["custom_id"].removeprefix("trace-")) <= hi]
+    if not mine:
+        return {"requests": 0}
+    first = min(r["arrival_s"] for r in mine)
+    last = max(r["arrival_s"] + r["e2e_s"] for r in mine)
+    span = max(last - first, 1e-9)
+    good = [r for r in mine if r["ttft_s"] <= ttft_s and (r["itl_s"] is None or r["itl_s"] <= itl_s)]
+    ttft = [r["ttft_s"] for r in mine]
+    itl = [r["itl_s"] for r in mine if r["itl_s"] is not None]
+    out_tokens = sum(r["output_tokens"] for r in mine)
+    return {
+        "requests": len(mine),
+        "requests_per_s": len(mine) / span,
+        "output_tokens_per_s": out_tokens / span,
+        "output_tokens_per_s_per_gpu": out_tokens / span / gpus,
+        "ttft_p50_s": pct(ttft, 0.5), "ttft_p90_s": pct(ttft, 0.9),
+        "itl_p50_s": pct(itl, 0.5), "itl_p90_s": pct(itl, 0.9),
+        "goodput_requests_per_s": len(good) / span,
+        "goodput_fraction": len(good) / len(mine),
+        "prefix_hit_ratio": sum(r["cached_tokens"] for r in mine) / max(1, sum(r["prompt_tokens"] for r in mine)),
+    }
+
+
+def run_layout(args, trace: Path, name: str, policy: str, workdir: Path) -> tuple[dict, list[dict]]:
+    roles = parse_layout(name)
+    ranks = 1 + sum(roles.values())
+    out = workdir / f"{name}-{policy}.jsonl"
+    for p in workdir.glob(f"{name}-{policy}.*"):
+        p.unlink()
+    cmd = [*shlex.split(args.mpiexec), "-n", str(ranks), sys.executable, "-m", "kvrelay.launch.cli", "run",
+           "-i", str(trace), "-o", str(out), "--model", args.model,
+           "--set", "input.format=trace", "--set", f"input.time_scale={args.time_scale}",
+           "--set", "job.progress=false", "--set", f"job.device={args.device}", "--set", f"router.policy={policy}",
+           *[x for k, v in roles.items() for x in ("--set", f"roles.{k}={v}")],
+           *([] if args.limit is None else ["--set", f"input.limit={args.limit}"]),
+           *[x for s in args.set for x in ("--set", s)]]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    wall = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{name}/{policy} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    summary = json.loads(out.with_name(out.stem + ".summary.json").read_text())
+    rows = [json.loads(x) for x in out.with_name(out.stem + ".timings.jsonl").read_text().splitlines()]
+    backend = summary.get("backend", {})
+    info = {
+        "layout": name, "policy": policy, "gpus": sum(roles.values()), "wall_s": wall,
+        "succeeded": summary["succeeded"], "errors": summary["errors"],
+        "prefix_hit_ratio": summary["prefix_hit_ratio"],
+        "handoff_bytes": backend.get("handoff_bytes"), "handoff_gb_per_s": backend.get("handoff_gb_per_s"),
+        "local_prefills": backend.get("local_prefills"),
+        "workers": [{k: w.get(k) for k in ("rank", "role", "requests", "prompt_tokens", "cached_prompt_tokens",
+                                              "output_tokens", "handoffs_sent", "handoffs_received", "handoff_bytes",
+                                              "handoff_seconds", "kv_blocks")} for w in backend.get("workers", [])],
+    }
+    return info, rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint directory (kvrelay make-model --size 8b-shape DIR)")
+    ap.add_argument("--layouts", default="1p1d,2agg", help="comma list of NpMd / Nagg")
+    ap.add_argument("--policies", default="kv_aware", help="comma list of router policies")
+    ap.add_argument("--trace", help="replay this Mooncake-format trace instead of --mix/--rates")
+    ap.add_argument("--limit", type=int, help="with --trace: its first N lines")
+    ap.add_argument("--time-scale", type=float, default=1.0, help="divide trace timestamps by this")
+    ap.add_argument("--mix", action="append", default=[], metavar="IN:OUT", help="input:output tokens (repeatable)")
+    ap.add_argument("--rates", default="2,4,8", help="requests/s per segment")
+    ap.add_argument("--requests", type=int, default=48, help="requests per segment")
+    ap.add_argument("--gap-s", type=float, default=8.0, help="pause between segments (they must drain)")
+    ap.add_argument("--ttft-ms", type=float, default=2000.0, help="goodput: time-to-first-token target")
+    ap.add_argument("--itl-ms", type=float, default=50.0, help="goodput: inter-token latency target")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--mpiexec", default=os.environ.get("KVRELAY_MPIEXEC", "mpiexec"),
+                    help="launcher command before -n (e.g. 'mpirun --allow-run-as-root')")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every run")
+    ap.add_argument("--workdir", default="runs/layouts")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    layouts = args.layouts.split(",")
+    for name in layouts:
+        parse_layout(name)
+    if args.trace:
+        trace = Path(args.trace)
+        segments = [{"mix": "trace", "rate": None, "lines": [1, 1 << 62]}]
+    else:
+        mixes = [tuple(int(x) for x in m.split(":")) for m in (args.mix or ["3000:150"])]
+        trace = workdir / "trace.jsonl"
+        segments = synthetic_trace(trace, mixes, [float(r) for r in args.rates.split(",")], args.requests, args.gap_s, args.seed)
+        args.time_scale = 1.0
+    results = []
+    for name in layouts:
+        for policy in args.policies.split(","):
+            info, rows = run_layout(args, trace, name, policy, workdir)
+            for seg in segments:
+                m = segment_metrics(rows, seg, info["gpus"], args.ttft_ms / 1e3, args.itl_ms / 1e3)
+                results.append({**{k: info[k] for k in ("layout", "policy", "gpus")}, "mix": seg["mix"], "rate": seg["rate"], **m})
+            results.append({"run": info})
+            print(json.dumps({"run": {k: info[k] for k in ("layout", "policy", "wall_s", "succeeded", "prefix_hit_ratio", "handoff_gb_per_s", "local_prefills")}}), flush=True)
+
+    print(f"\n{'layout':<7}{'policy':<12}{'mix':<10}{'rate':>5}{'req/s':>7}{'tok/s/GPU':>10}{'TTFT p50/p90 s':>16}"
+          f"{'ITL p50/p90 ms':>16}{'goodput':>8}{'hit':>6}")
+    for r in results:
+        if "run" in r or not r.get("requests"):
+            continue
+        print(f"{r['layout']:<7}{r['policy']:<12}{r['mix']:<10}{r['rate'] or '-':>5}{r['requests_per_s']:>7.2f}"
+              f"{r['output_tokens_per_s_per_gpu']:>10.0f}{r['ttft_p50_s']:>8.2f}/{r['ttft_p90_s']:<7.2f}"
+              f"{(r['itl_p50_s'] or 0) * 1e3:>8.1f}/{(r['itl_p90_s'] or 0) * 1e3:<7.1f}{r['goodput_requests_per_s']:>8.2f}"
+              f"{r['prefix_hit_ratio']:>6.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"argv": sys.argv, "date": time.strftime("%Y-%m-%d"), "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

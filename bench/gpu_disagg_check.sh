@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check (2 GPUs): greedy outputs of a 1 prefill + 1 decode job on two GPUs equal those of one
-# aggregated worker on one GPU and on the CPU, line for line, on a tiny float32 model.
+# GPU check (2 or 4 GPUs): greedy outputs of a 1 prefill + 1 decode job on two GPUs, and with four
+# GPUs of 2 prefill + 2 decode and of 4 aggregated workers, equal those of one aggregated worker on
+# one GPU and on the CPU, line for line, on a tiny float32 model.
 #   bash bench/gpu_disagg_check.sh OUTDIR
 set -euo pipefail
 out=${1:-runs/gpu-check}
@@ -9,7 +10,7 @@ export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 model=$out/tiny-llama
 [ -f "$model/config.json" ] || python3 -m kvrelay.launch.cli make-model --arch llama "$model" >/dev/null
 python3 - "$out/in.jsonl" <<'PY'
-import json, sys
+import json, os, sys
 with open(sys.argv[1], "w") as f:
     for q in range(40):
         for s in range(6):
@@ -19,21 +20,31 @@ PY
 common=(-i "$out/in.jsonl" --model "$model" --set model.dtype=float32 --set model.max_model_len=512
         --set cache.num_blocks=2048 --set defaults.temperature=0 --set defaults.max_tokens=24
         --set defaults.ignore_eos=true --set job.progress=false)
-rm -f "$out"/{cpu,one,two}*.json*
+rm -f "$out"/{cpu,one,two,four}*.json*
+mpi=${KVRELAY_MPIEXEC:-mpirun --allow-run-as-root}
+ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 python3 -m kvrelay.launch.cli run "${common[@]}" -o "$out/cpu.jsonl" --set job.device=cpu
 python3 -m kvrelay.launch.cli run "${common[@]}" -o "$out/one.jsonl" --set job.device=cuda
-mpirun --allow-run-as-root -n 3 python3 -m kvrelay.launch.cli run "${common[@]}" -o "$out/two.jsonl" \
+$mpi -n 3 python3 -m kvrelay.launch.cli run "${common[@]}" -o "$out/two.jsonl" \
   --set job.device=cuda --set roles.aggregated=0 --set roles.prefill=1 --set roles.decode=1
+if [ "$ngpu" -ge 4 ]; then
+  $mpi -n 5 python3 -m kvrelay.launch.cli run "${common[@]}" -o "$out/four.jsonl" \
+    --set job.device=cuda --set roles.aggregated=0 --set roles.prefill=2 --set roles.decode=2
+  $mpi -n 5 python3 -m kvrelay.launch.cli run "${common[@]}" -o "$out/four-agg.jsonl" \
+    --set job.device=cuda --set roles.aggregated=4
+fi
 python3 - "$out" <<'PY'
-import json, sys
+import json, os, sys
 def load(name):
     rows = [json.loads(x) for x in open(f"{sys.argv[1]}/{name}.jsonl")]
     return {d["custom_id"]: d["response"]["body"]["choices"][0]["text"] for d in rows}
-cpu, one, two = load("cpu"), load("one"), load("two")
-print(f"lines: cpu {len(cpu)}, 1 GPU {len(one)}, 2 GPUs {len(two)}")
-print(f"2 GPUs (1P+1D) == 1 GPU: {sum(two[k] == one[k] for k in one)}/{len(one)}")
+cpu, one = load("cpu"), load("one")
 print(f"1 GPU == CPU: {sum(one[k] == cpu[k] for k in cpu)}/{len(cpu)}")
+for name, what in (("two", "2 GPUs (1P+1D)"), ("four", "4 GPUs (2P+2D)"), ("four-agg", "4 GPUs (4 aggregated)")):
+    if os.path.exists(f"{sys.argv[1]}/{name}.jsonl"):
+        got = load(name)
+        print(f"{what} == 1 GPU: {sum(got.get(k) == one[k] for k in one)}/{len(one)} ({len(got)} lines)")
 s = json.load(open(f"{sys.argv[1]}/two.summary.json"))
 print("2-GPU summary:", json.dumps({k: s[k] for k in ("succeeded", "prefix_hit_ratio", "output_tokens_per_s")}),
-      json.dumps({k: s["backend"][k] for k in ("handoff_bytes", "handoff_gb_per_s", "decision_us_p50", "decision_us_p99")}))
+      json.dumps({k: s["backend"].get(k) for k in ("handoff_bytes", "handoff_gb_per_s", "decision_us")}))
 PY

@@ -3,6 +3,7 @@
     kvrelay run [CONFIG.yaml] -i IN.jsonl -o OUT.jsonl [--model DIR] [--set KEY=VALUE ...] [--fail-on-error]
     kvrelay make-model --arch llama [--size tiny|8b-shape] [--seed 0] [--shards N] [--dtype D] DIR
     kvrelay demo [--workdir runs/demo]
+    kvrelay bench route --trace TRACE.jsonl [--workers 4,8,16] [--policy P,...] [--json PATH] [--plot PNG]
 """
 
 from __future__ import annotations
@@ -107,6 +108,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return rc
 
 
+def cmd_bench_route(args: argparse.Namespace) -> int:
+    from kvrelay.bench.route import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvrelay", description="LLM batch inference for HPC clusters")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -134,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the demo job: a tiny generated model, the shipped example prompts, 4 CPU ranks")
     d.add_argument("--workdir", default="runs/demo")
     d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="benchmarks (results as JSON)")
+    bench = b.add_subparsers(dest="bench", required=True)
+    from kvrelay.bench.route import add_arguments as route_arguments
+
+    br = bench.add_parser("route", help="B2: placement policies on a timed trace, simulated workers over MPI")
+    route_arguments(br)
+    br.set_defaults(func=cmd_bench_route)
     return p
 
 

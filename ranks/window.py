@@ -295,19 +295,16 @@ class TableSnapshot:
         for r, nb in n_buckets.items():
             self.groups.setdefault(nb, []).append(r)
         self.slots = {nb: np.zeros((len(rs), nb * WAYS), np.uint64) for nb, rs in self.groups.items()}
-        self._ways = np.arange(WAYS, dtype=np.uint64)
+        assert WAYS == 8, "prefix_lengths reads a bucket's WAYS match flags as one 8-byte word"
 
     def prefix_lengths(self, hashes: np.ndarray) -> dict[int, int]:
         """Leading `hashes` ([n] uint64 block hashes) present in each worker's table."""
         keys = np.where(hashes == 0, np.uint64(1), hashes)
-        n = keys.size
         out: dict[int, int] = {}
         for nb, ranks in self.groups.items():
-            if n == 0:
-                out.update(dict.fromkeys(ranks, 0))
-                continue
-            idx = (keys % np.uint64(nb) * np.uint64(WAYS))[:, None] + self._ways  # [n, WAYS]
-            hit = (self.slots[nb][:, idx] == keys[None, :, None]).any(axis=2)  # [workers, n]
-            first_miss = np.where(hit.all(axis=1), n, (~hit).argmax(axis=1))
-            out.update(zip(ranks, first_miss.tolist()))
+            buckets = (keys % np.uint64(nb)).astype(np.intp)
+            ways = np.take(self.slots[nb].reshape(len(ranks), nb, WAYS), buckets, axis=1)  # [workers, n, WAYS]
+            # NOTE: the WAYS booleans of one bucket are 8 bytes: read as one word, nonzero = found.
+            found = (ways == keys[None, :, None]).view(np.uint64)[..., 0] != 0  # [workers, n]
+            out.update(zip(ranks, found.cumprod(axis=1).sum(axis=1).tolist()))
         return out

@@ -135,19 +135,19 @@ def test_oracle_with_blocks_across_hash_ids_hashes_real_tokens(tmp_path):
 
 def test_snapshot_probe_matches_the_tables():
     rng = np.random.default_rng(1)
-    snap = TableSnapshot({1: 64, 2: 64, 3: 32})
+    snap = TableSnapshot({1: 64, 2: 64, 3: 32, 4: 64})
     hashes = rng.integers(0, 2**63, 40, dtype=np.uint64)
     hashes[0] = 0  # stored as 1
-    held = {1: 40, 2: 7, 3: 0}
+    held = {1: 40, 2: 7, 3: 0, 4: 25}  # all, within the first probe stage, none, past it
     for r, n in held.items():
-        nb = 64 if r < 3 else 32
+        nb = 32 if r == 3 else 64
         table = BucketTable(np.zeros(nb * WAYS, np.uint64))
         for h in rng.integers(1, 2**63, 50, dtype=np.uint64).tolist() + hashes[:n].tolist():
             table.insert(int(h))
         ranks = snap.groups[nb]
         snap.slots[nb][ranks.index(r)] = table.slots
     assert snap.prefix_lengths(hashes) == held
-    assert snap.prefix_lengths(hashes[:0]) == {1: 0, 2: 0, 3: 0}
+    assert snap.prefix_lengths(hashes[:0]) == {1: 0, 2: 0, 3: 0, 4: 0}
 
 
 # --- MPI jobs of simulated workers ------------------------------------------------------------------

@@ -4,6 +4,7 @@
     kvrelay make-model --arch llama [--size tiny|8b-shape] [--seed 0] [--shards N] [--dtype D] DIR
     kvrelay demo [--workdir runs/demo]
     kvrelay plan [CONFIG] --gpus G --input-len I --output-len O [--cached F] [--ttft-ms T] [--itl-ms L]
+    kvrelay bench route --trace TRACE.jsonl [--workers 4,8,16] [--policy P,...] [--json PATH] [--plot PNG]
 """
 
 from __future__ import annotations
@@ -145,6 +146,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_route(args: argparse.Namespace) -> int:
+    from kvrelay.bench.route import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvrelay", description="LLM batch inference for HPC clusters")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -186,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the demo job: a tiny generated model, the shipped example prompts, 4 CPU ranks")
     d.add_argument("--workdir", default="runs/demo")
     d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="benchmarks (results as JSON)")
+    bench = b.add_subparsers(dest="bench", required=True)
+    from kvrelay.bench.route import add_arguments as route_arguments
+
+    br = bench.add_parser("route", help="B2: placement policies on a timed trace, simulated workers over MPI")
+    route_arguments(br)
+    br.set_defaults(func=cmd_bench_route)
     return p
 
 

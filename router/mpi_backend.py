@@ -59,6 +59,7 @@ class MPIBackend:
         self.snapshot_time = 0.0
         self.hash_s: list[float] = []
         self.read_s: list[float] = []  # load headers, and the tables when refreshed, per decision
+        self.header_read_s: list[float] = []  # the load headers alone
         self.table_read_s: list[float] = []  # each table refresh alone
         self.decision_s: list[float] = []
 
@@ -69,6 +70,7 @@ class MPIBackend:
         hashes = np.array(block_hashes(ids, self.block_size, self.hash_seed), dtype=np.uint64)
         t1 = time.perf_counter()
         self._refresh_loads()
+        self.header_read_s.append(time.perf_counter() - t1)
         if self.snapshot is None or t1 - self.snapshot_time > self.max_age_s:
             t = time.perf_counter()
             self.snapshot = self.reader.snapshot()
@@ -181,6 +183,7 @@ class MPIBackend:
             "decision_us": us(self.decision_s),
             "hash_us": us(self.hash_s),
             "window_read_us": us(self.read_s),
+            "header_read_us": us(self.header_read_s),
             "table_read_us": us(self.table_read_s),
             "table_reads": len(self.table_read_s),
         }

@@ -48,10 +48,12 @@ def pick_device(name: str) -> torch.device:
 
 
 def model_name(cfg: JobConfig) -> str:
+    if cfg.model.name is not None:
+        return cfg.model.name
     if cfg.sim.enabled and cfg.model.path is None:
-        return cfg.model.name or load_timing(cfg).model.name
+        return load_timing(cfg).model.name
     assert cfg.model.path is not None
-    return cfg.model.name or Path(cfg.model.path).resolve().name
+    return Path(cfg.model.path).resolve().name
 
 
 def job_hash_seed(cfg: JobConfig) -> int:

@@ -25,7 +25,7 @@ class ModelRunner:
     def __init__(
         self,
         spec: ModelSpec,
-        weight_files: list[Path],
+        weight_files: list[Path] | None,
         dtype: torch.dtype,
         device: torch.device,
         block_size: int,
@@ -36,7 +36,16 @@ class ModelRunner:
         self.block_size = block_size
         with torch.device(device):
             self.model = LlamaForCausalLM(spec, dtype=dtype)
-        self.model.load_weights(iter_weights(weight_files, dtype, device))
+        if weight_files is None:
+            # Random weights made on the device (timing runs: bench/calibrate.py), no checkpoint to
+            # write and read; norms keep their ones.
+            gen = torch.Generator(device=device).manual_seed(0)
+            with torch.no_grad():
+                for w in self.model.parameters():
+                    if w.dim() >= 2:
+                        w.normal_(0.0, 0.02, generator=gen)
+        else:
+            self.model.load_weights(iter_weights(weight_files, dtype, device))
         self.model.eval()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0

@@ -1,0 +1,106 @@
+"""Oracle bounds for the prefix-hit ratio of a trace: what any placement could reach.
+
+One LRU pool holding the blocks of all workers together, fed every request in arrival order,
+with the engine's accounting: a request's leading cached blocks count as hit tokens, at most
+`(input_length - 1) // block_size` blocks (the last token always runs), and then every full
+block of its prompt becomes the most recently used. No placement over W separate caches of the
+same total size beats it by much (only an LRU's blind spots), so `kv_aware`'s hit ratio over
+the oracle's says how much cache a policy leaves unused. With `capacity_blocks=None` it is the
+unbounded cache: the trace's own ceiling.
+
+    python -m kvrelay.router.oracle TRACE.jsonl --block-size 64 --capacity-blocks 49152
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from kvrelay.router.block_hash import block_hashes
+from kvrelay.router.trace import TRACE_BLOCK_TOKENS, TraceEntry, prompt_tokens, read_trace
+
+
+@dataclass
+class OracleResult:
+    block_size: int
+    capacity_blocks: int | None
+    requests: int
+    prompt_tokens: int
+    hit_tokens: int
+    hash_blocks: int  # the trace's 512-token blocks, all requests
+    hash_block_hits: int  # of them, the leading ones seen before (unbounded cache)
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    def to_json(self) -> dict:
+        return {**vars(self), "hit_ratio": self.hit_ratio,
+                "hash_block_hit_ratio": self.hash_block_hits / self.hash_blocks if self.hash_blocks else 0.0}
+
+
+def block_keys(entry: TraceEntry, block_size: int) -> Iterator[object]:
+    """A key per full `block_size` block of the prompt, equal exactly when the engine's chained
+    block hashes are: a block is fixed by the hash ids up to its own (chained) and its offset."""
+    if TRACE_BLOCK_TOKENS % block_size:
+        # Blocks straddle hash ids: hash the real tokens (slower, same answer).
+        yield from block_hashes(prompt_tokens(entry, 2**31 - 1), block_size, 0)
+        return
+    per = TRACE_BLOCK_TOKENS // block_size
+    full = entry.input_length // block_size
+    chain = None
+    for j, hid in enumerate(entry.hash_ids):
+        chain = hash((chain, hid))
+        for s in range(per):
+            if j * per + s >= full:
+                return
+            yield (chain, s)
+
+
+def oracle(entries: Iterable[TraceEntry], block_size: int, capacity_blocks: int | None) -> OracleResult:
+    lru: OrderedDict[object, None] = OrderedDict()
+    seen_ids: set[int] = set()
+    res = OracleResult(block_size, capacity_blocks, 0, 0, 0, 0, 0)
+    for e in entries:
+        res.requests += 1
+        res.prompt_tokens += e.input_length
+        keys = list(block_keys(e, block_size))
+        max_hit = (e.input_length - 1) // block_size
+        hits = 0
+        while hits < min(max_hit, len(keys)) and keys[hits] in lru:
+            hits += 1
+        res.hit_tokens += hits * block_size
+        for k in keys:
+            lru[k] = None
+            lru.move_to_end(k)
+        if capacity_blocks is not None:
+            while len(lru) > capacity_blocks:
+                lru.popitem(last=False)
+        # The trace's own unit: leading 512-token blocks seen before (chained ids).
+        chain, lead = None, True
+        for hid in e.hash_ids:
+            chain = hash((chain, hid))
+            lead = lead and chain in seen_ids
+            res.hash_block_hits += lead
+            seen_ids.add(chain)
+        res.hash_blocks += len(e.hash_ids)
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("trace")
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--capacity-blocks", type=int, default=None, help="default: unbounded")
+    p.add_argument("--limit", type=int, default=None, help="first N requests")
+    args = p.parse_args(argv)
+    res = oracle(read_trace(args.trace, args.limit), args.block_size, args.capacity_blocks)
+    print(json.dumps(res.to_json(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,217 @@
+"""Simulated workers and trace replay: the trace reader, the timing model and its calibration, the
+oracle, the router's table snapshot, and real MPI jobs of simulated workers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from kvrelay.ranks.engine.sim_runner import DEFAULT_TIMING, TimingModel
+from kvrelay.ranks.engine.spec import ModelConfigError
+from kvrelay.ranks.window import WAYS, BucketTable, TableSnapshot
+from kvrelay.router.oracle import oracle
+from kvrelay.router.trace import TraceError, block_tokens, parse_entry, prompt_tokens, read_trace
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_trace(path: Path, entries: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    return path
+
+
+def entry(ts: int, ids: list[int], n_in: int | None = None, n_out: int = 4) -> dict:
+    return {"timestamp": ts, "input_length": n_in or 512 * len(ids), "output_length": n_out, "hash_ids": ids}
+
+
+# --- trace reader ---------------------------------------------------------------------------------
+
+def test_equal_hash_ids_give_equal_tokens_and_truncate_to_input_length(tmp_path):
+    path = write_trace(tmp_path / "t.jsonl", [entry(0, [7, 8, 9], n_in=1100), entry(5, [7, 8, 3])])
+    a, b = read_trace(path)
+    ta, tb = prompt_tokens(a, 1000), prompt_tokens(b, 1000)
+    assert len(ta) == 1100 and len(tb) == 1536
+    assert ta[:1024] == tb[:1024] and ta[1024:] != tb[1024:1100]
+    assert ta == prompt_tokens(a, 1000)  # deterministic
+    assert all(1 <= t < 1000 for t in ta)
+    assert a.arrival_s == 0.0 and b.arrival_s == 0.005
+    # A block's tokens depend on its id alone, and ids do not collide on small vocabularies.
+    assert block_tokens([8], 1000).tolist() == ta[512:1024]
+    assert len(set(map(tuple, block_tokens([1, 2, 3], 50).reshape(3, -1).tolist()))) == 3
+
+
+@pytest.mark.parametrize("line,why", [
+    ("not json", "not JSON"),
+    ('{"timestamp": 0, "input_length": 5, "hash_ids": [1]}', "missing output_length"),
+    ('{"timestamp": -1, "input_length": 5, "output_length": 1, "hash_ids": [1]}', "timestamp must be"),
+    ('{"timestamp": 0, "input_length": 0, "output_length": 1, "hash_ids": [1]}', "input_length must be"),
+    ('{"timestamp": 0, "input_length": 600, "output_length": 1, "hash_ids": [1]}', "needs 2 hash_ids"),
+    ('{"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": ["a"]}', "hash_ids must be"),
+])
+def test_a_bad_trace_line_names_the_line_and_the_fix(line, why):
+    with pytest.raises(TraceError, match=f"trace line 3: .*{why}"):
+        parse_entry(line, 3)
+
+
+def test_a_trace_must_not_go_back_in_time_and_limit_stops_early(tmp_path):
+    path = write_trace(tmp_path / "t.jsonl", [entry(10, [1]), entry(5, [2])])
+    assert [e.line_no for e in read_trace(path, limit=1)] == [1]
+    with pytest.raises(TraceError, match="line 2: timestamp 5 ms is before"):
+        list(read_trace(path))
+
+
+# --- timing model and calibration -----------------------------------------------------------------
+
+def test_timing_model_terms():
+    t = TimingModel.load(DEFAULT_TIMING)
+    p, d = t.prefill, t.decode
+    assert t.step_s([(100, 50)], []) == pytest.approx(p.base_s + 100 * p.per_token_s + 100 * (50 + 50) * p.per_attn_pair_s)
+    assert t.step_s([], [10, 30]) == pytest.approx(d.base_s + 2 * d.per_seq_s + 40 * d.per_kv_token_s)
+    # A mixed step pays the larger fixed cost once.
+    assert t.step_s([(1, 0)], [1]) == pytest.approx(max(p.base_s, d.base_s) + p.per_token_s + p.per_attn_pair_s / 2
+                                                     + d.per_seq_s + d.per_kv_token_s)
+    assert t.handoff_s(1000) == pytest.approx(1000 * 131072 / 240e9 + 1e-3)
+    # The shipped H100 / 8B model: a 12k-token prompt prefills in about half a second.
+    assert 0.3 < t.step_s([(12000, 0)], []) < 0.8
+
+
+def test_a_bad_timing_file_is_a_clear_error(tmp_path):
+    data = yaml.safe_load(DEFAULT_TIMING.read_text())
+    data["decode"]["per_sequence_s"] = 1.0
+    bad = tmp_path / "t.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(ModelConfigError, match="per_sequence_s"):
+        TimingModel.load(bad)
+
+
+def test_calibrate_fits_the_real_engine_on_a_tiny_model(tmp_path):
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import calibrate
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    grid = {"prefill": [(16, 0), (96, 0), (48, 64), (96, 128)], "decode": [(1, 32), (8, 32), (8, 128)], "repeats": 2}
+    model, quality = calibrate.calibrate("tiny", torch.device("cpu"), torch.float32, 0.05, DEFAULT_TIMING, grid)
+    t = TimingModel.model_validate(model)
+    assert model["source"].startswith("calibrated:")
+    assert t.prefill.per_token_s > 0 and t.decode.base_s + t.decode.per_seq_s > 0
+    # Bigger prefills and bigger batches take longer, in the model as on the engine.
+    assert t.step_s([(96, 0)], []) > t.step_s([(16, 0)], []) and t.step_s([], [32] * 8) > t.step_s([], [32])
+    assert quality["prefill_r2"] > 0.5 and quality["decode_r2"] > 0.5, quality
+
+
+# --- oracle -----------------------------------------------------------------------------------------
+
+def test_oracle_counts_leading_blocks_seen_before(tmp_path):
+    path = write_trace(tmp_path / "t.jsonl", [
+        entry(0, [1, 2]),          # 1024 tokens, nothing cached
+        entry(1, [1, 2, 3]),       # 1024 of 1536 cached
+        entry(2, [1, 2], n_in=1024),  # all but the last token's block: 1024 - 64 cached
+        entry(3, [9, 2]),          # 2 after 9 is another block (chained): nothing
+    ])
+    res = oracle(read_trace(path), 64, None)
+    assert res.prompt_tokens == 1024 + 1536 + 1024 + 1024
+    assert res.hit_tokens == 1024 + 960
+    assert (res.hash_block_hits, res.hash_blocks) == (4, 9)
+    # A pool of 8 blocks holds only the tail of the last prompt seen: no leading block.
+    small = oracle(read_trace(path), 64, 8)
+    assert small.hit_tokens == 0
+
+
+def test_oracle_with_blocks_across_hash_ids_hashes_real_tokens(tmp_path):
+    path = write_trace(tmp_path / "t.jsonl", [entry(0, [1, 2]), entry(1, [1, 2, 3])])
+    assert oracle(read_trace(path), 48, None).hit_tokens == (1024 // 48) * 48
+
+
+# --- table snapshot ---------------------------------------------------------------------------------
+
+def test_snapshot_probe_matches_the_tables():
+    rng = np.random.default_rng(1)
+    snap = TableSnapshot({1: 64, 2: 64, 3: 32, 4: 64})
+    hashes = rng.integers(0, 2**63, 40, dtype=np.uint64)
+    hashes[0] = 0  # stored as 1
+    held = {1: 40, 2: 7, 3: 0, 4: 25}  # all, within the first probe stage, none, past it
+    for r, n in held.items():
+        nb = 32 if r == 3 else 64
+        table = BucketTable(np.zeros(nb * WAYS, np.uint64))
+        for h in rng.integers(1, 2**63, 50, dtype=np.uint64).tolist() + hashes[:n].tolist():
+            table.insert(int(h))
+        ranks = snap.groups[nb]
+        snap.slots[nb][ranks.index(r)] = table.slots
+    assert snap.prefix_lengths(hashes) == held
+    assert snap.prefix_lengths(hashes[:0]) == {1: 0, 2: 0, 3: 0, 4: 0}
+
+
+# --- MPI jobs of simulated workers ------------------------------------------------------------------
+
+try:
+    from kvrelay.launch.run import find_mpiexec
+
+    find_mpiexec()
+    HAVE_MPI = True
+except Exception:  # noqa: BLE001 - no launcher: skip the MPI tests
+    HAVE_MPI = False
+
+
+def conversations(n_conv: int, turns: int, gap_ms: int) -> list[dict]:
+    """Multi-turn chats: each turn resends the whole conversation so far (1-2 new blocks a turn)."""
+    out = []
+    for t in range(turns):
+        for c in range(n_conv):
+            ids = [1000 * c + i for i in range(3 + 2 * t)]
+            out.append(entry(gap_ms * (t * n_conv + c), ids, n_in=512 * len(ids) - 100, n_out=8))
+    return out
+
+
+def sim_job(trace: Path, out: Path, n: int, *sets: str) -> dict:
+    from kvrelay.launch.run import find_mpiexec
+
+    mpiexec, open_mpi = find_mpiexec()
+    cmd = [mpiexec, "-n", str(n), *(["--oversubscribe"] if open_mpi else []), sys.executable, "-m", "kvrelay.launch.cli",
+           "run", "-i", str(trace), "-o", str(out)]
+    for s in ("sim.enabled=true", "sim.speed=50", "input.format=trace", "job.progress=false", "cache.block_size=64", *sets):
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    ids = [d["custom_id"] for d in lines]
+    assert len(ids) == len(set(ids))
+    summary = json.loads(out.with_name(out.stem + ".summary.json").read_text())
+    summary["ids"] = set(ids)
+    summary["lines"] = lines
+    return summary
+
+
+@pytest.mark.skipif(not HAVE_MPI, reason="no MPI launcher")
+def test_simulated_workers_answer_a_trace_once_and_kv_aware_hits_more(tmp_path):
+    trace = write_trace(tmp_path / "t.jsonl", conversations(10, 5, 400))
+    hits = {}
+    for policy in ("kv_aware", "round_robin"):
+        s = sim_job(trace, tmp_path / f"{policy}.jsonl", 5, "roles.aggregated=4", f"router.policy={policy}")
+        assert s["ids"] == {f"trace-{i}" for i in range(1, 51)} and s["errors"] == 0
+        assert all(d["response"]["body"]["usage"]["completion_tokens"] == 8 for d in s["lines"])
+        assert s["latency"]["requests"] == 50 and s["latency"]["ttft_s"]["p50"] > 0
+        timings = [json.loads(x) for x in (tmp_path / f"{policy}.timings.jsonl").read_text().splitlines()]
+        assert len(timings) == 50 and all(t["ttft_s"] > 0 and t["itl_s"] > 0 for t in timings)
+        assert all(w["sim"]["modeled_s"] > 0 for w in s["backend"]["workers"])
+        hits[policy] = s["prefix_hit_ratio"]
+    # Every turn after the first finds its conversation on one worker under kv_aware.
+    assert hits["kv_aware"] > 0.5 > hits["round_robin"], hits
+
+
+@pytest.mark.skipif(not HAVE_MPI, reason="no MPI launcher")
+def test_simulated_handoffs_keep_all_five_decode_workers_busy(tmp_path):
+    trace = write_trace(tmp_path / "t.jsonl", conversations(10, 3, 50))
+    s = sim_job(trace, tmp_path / "o.jsonl", 7, "roles.aggregated=0", "roles.prefill=1", "roles.decode=5")
+    assert len(s["ids"]) == 30 and s["errors"] == 0
+    decode = [w for w in s["backend"]["workers"] if w["role"] == "decode"]
+    assert sum(w["handoffs_received"] for w in decode) == 30
+    assert all(w["handoffs_received"] >= 3 for w in decode), [w["handoffs_received"] for w in decode]

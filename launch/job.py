@@ -5,8 +5,12 @@
 
 Rank 0 routes (reads the JSONL, places, writes the output); the others are workers. An exception
 on any rank is printed with its rank and host and aborts the whole job at once, so a dead rank
-never leaves the others hanging. SIGTERM makes the router close the output (every answered
-line is already written) and end the job; a rerun resumes.
+never leaves the others hanging.
+
+SIGTERM and SIGUSR2 (Slurm's notice before the time limit or a preemption, see slurm/) make the
+router close the output (every answered line is already written), leave a stop marker beside it
+(`stop_marker`: the job script requeues when it finds one), and end the job; a rerun resumes.
+Workers ignore SIGUSR2 so that the router, not the signal, decides when the job ends.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -25,19 +31,32 @@ from kvrelay.router.frontend import Summary
 
 log = logging.getLogger("kvrelay")
 
-EXIT_SIGTERM = 143
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
 
-class Terminated(BaseException):
-    """SIGTERM: unwinds the router's loop so the output file is closed on the way out."""
+class Stopped(BaseException):
+    """A stop signal: unwinds the router's loop so the output file is closed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
+def _on_stop(signum, frame):
+    raise Stopped(signum)
 
 
-def run_mpi(cfg: JobConfig) -> tuple[int, Summary | None]:
-    """This rank's part of the job; returns (exit code, the summary on the router)."""
+def stop_marker(output_path: str | os.PathLike) -> Path:
+    """The file the router leaves beside OUT.jsonl when a signal stopped it: OUT.stopped."""
+    path = Path(output_path)
+    return path.with_name(path.name.removesuffix(".jsonl") + ".stopped")
+
+
+def run_mpi(cfg: JobConfig, after_stop: Callable[[int], None] | None = None) -> tuple[int, Summary | None]:
+    """This rank's part of the job; returns (exit code, the summary on the router).
+
+    `after_stop(signum)` runs on the router once a stop signal has closed the output and before
+    the job ends (submitit's checkpoint-and-requeue, slurm/submitit_job.py)."""
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
@@ -63,9 +82,17 @@ def run_mpi(cfg: JobConfig) -> tuple[int, Summary | None]:
             return _router(cfg, world, layout)
         _worker(cfg, world, workers, role)
         return 0, None
-    except Terminated:
-        log.warning("rank %d: SIGTERM: the output file holds every answer so far; rerun to resume", rank)
-        world.Abort(EXIT_SIGTERM)
+    except Stopped as stop:
+        name = signal.Signals(stop.signum).name
+        if cfg.output.path is not None:
+            stop_marker(cfg.output.path).write_text(f"{name}\n")
+        log.warning("rank %d: %s: the output file holds every answer so far; rerun to resume", rank, name)
+        if after_stop is not None:
+            try:
+                after_stop(stop.signum)
+            except SystemExit:  # submitit's handler exits after requeueing; the Abort below ends every rank
+                pass
+        world.Abort(128 + stop.signum)
     except BaseException:
         sys.stderr.write(f"kvrelay: rank {rank} ({role}) on {hostname()} failed:\n{traceback.format_exc()}")
         sys.stderr.flush()
@@ -78,7 +105,10 @@ def _router(cfg: JobConfig, world, layout: Layout) -> tuple[int, Summary]:
     from kvrelay.router.frontend import write_summary
     from kvrelay.router.mpi_backend import MPIBackend
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _on_stop)
+    if cfg.output.path is not None:
+        stop_marker(cfg.output.path).unlink(missing_ok=True)
     frontend, hash_seed = frontend_for(cfg)
     backend = MPIBackend(cfg, world, layout, hash_seed)
     log.info("%s; placement %s", layout.describe(), cfg.router.policy)
@@ -96,6 +126,7 @@ def _worker(cfg: JobConfig, world, workers, role: str) -> None:
     from kvrelay.ranks.worker import Worker
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     local = workers.Split_type(MPI.COMM_TYPE_SHARED)
     device = pick_device(cfg.job.device)
     if device.type == "cuda":

@@ -69,14 +69,23 @@ class Summary:
         return d
 
 
-def read_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw bytes) of each non-blank line, streamed."""
+def read_lines(path: str, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) of each non-blank line, streamed; with shard (K, N), only
+    those of the K-th of N contiguous slices of the file's lines."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"input file {path!r} does not exist")
+    k, n_shards = shard
+    first, end = 1, None
+    if n_shards > 1:
+        with p.open("rb") as f:
+            total = sum(1 for _ in f)
+        first, end = 1 + k * total // n_shards, 1 + (k + 1) * total // n_shards
     with p.open("rb") as f:
         for n, raw in enumerate(f, start=1):
-            if raw.strip():
+            if end is not None and n >= end:
+                break
+            if n >= first and raw.strip():
                 yield n, raw
 
 
@@ -125,7 +134,7 @@ class Frontend:
         if Path(cfg.input.path).resolve() == Path(cfg.output.path).resolve():
             raise InputError("the output file must not be the input file")
         summary = Summary(input=cfg.input.path, output=cfg.output.path)
-        lines = read_lines(cfg.input.path)
+        lines = read_lines(cfg.input.path, cfg.input.shard_index)
         progress = Progress(cfg.job.progress)
         start = time.monotonic()
         with OutputWriter(cfg.output.path) as writer:

@@ -131,7 +131,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     print(f"submitted job {job.job_id}; submitit logs in {job.paths.folder}")
     if not args.wait:
         return 0
-    summary = job.result()
+    summary = job.results()[0]  # task 0 is the router
     print(f"job {job.job_id} done: {summary['succeeded']} answered, {summary['errors']} error lines; {summary['output']}")
     return 0
 

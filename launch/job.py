@@ -10,7 +10,8 @@ never leaves the others hanging.
 SIGTERM and SIGUSR2 (Slurm's notice before the time limit or a preemption, see slurm/) make the
 router close the output (every answered line is already written), leave a stop marker beside it
 (`stop_marker`: the job script requeues when it finds one), and end the job; a rerun resumes.
-Workers ignore SIGUSR2 so that the router, not the signal, decides when the job ends.
+Workers only let go of their node's shared memory on SIGUSR2, so that the router, not the signal,
+decides when the job ends.
 """
 
 from __future__ import annotations
@@ -43,7 +44,37 @@ class Stopped(BaseException):
 
 
 def _on_stop(signum, frame):
+    # One stop is enough: a second signal (Slurm may send one to the job script and one to each
+    # task) must not break into the router while it closes the output.
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
     raise Stopped(signum)
+
+
+def _on_stop_worker(signum, frame):
+    """Workers leave ending the job to the router (it Aborts every rank once the output is
+    closed); SIGTERM still ends a worker at once, as before."""
+    release_node_segments()
+    if signum == signal.SIGTERM:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def release_node_segments() -> None:
+    """Unlink the MPICH shared-memory segments this process maps; the mapping lives on until exit.
+
+    NOTE: MPICH names the segment that bootstraps a node after the PMI job name, which Slurm's pmi2
+    makes from JOBID.STEP: a requeued job's first step gets the same name again, and a segment
+    left by the stopped run (its ranks are killed and never finalize) makes the rerun's MPI_Init
+    wait forever. Every rank does this on a stop signal, so every node is clean for the rerun."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/dev/shm/mpich_shm_") and not fields[5].endswith("(deleted)"):
+            Path(fields[5]).unlink(missing_ok=True)
 
 
 def stop_marker(output_path: str | os.PathLike) -> Path:
@@ -83,6 +114,7 @@ def run_mpi(cfg: JobConfig, after_stop: Callable[[int], None] | None = None) -> 
         _worker(cfg, world, workers, role)
         return 0, None
     except Stopped as stop:
+        release_node_segments()
         name = signal.Signals(stop.signum).name
         if cfg.output.path is not None:
             stop_marker(cfg.output.path).write_text(f"{name}\n")
@@ -125,8 +157,8 @@ def _worker(cfg: JobConfig, world, workers, role: str) -> None:
     from kvrelay.ranks.engine.engine import pick_device
     from kvrelay.ranks.worker import Worker
 
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _on_stop_worker)
     local = workers.Split_type(MPI.COMM_TYPE_SHARED)
     device = pick_device(cfg.job.device)
     if device.type == "cuda":

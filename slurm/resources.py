@@ -3,8 +3,9 @@ partition against the cluster's.
 
 A kvrelay job is 1 router rank + the workers of `roles`. NOTE: the router runs on the first node
 beside that node's workers and takes no GPU (it tokenizes, places and writes the output), so a
-GPU job needs `workers <= nodes * gpus_per_node`, not one GPU more; workers are spread over the
-nodes as evenly as possible, the first nodes taking one more where they do not divide.
+GPU job needs `workers <= nodes * gpus_per_node`, not one GPU more. The ranks are spread over the
+nodes as evenly as possible, the first nodes taking one more where they do not divide; so the
+first node, which holds the router, never holds more workers than the others hold GPUs.
 """
 
 from __future__ import annotations
@@ -58,10 +59,8 @@ def placement(cfg: JobConfig) -> Placement:
             f"gives {s.nodes * s.gpus_per_node}; set slurm.nodes={need_nodes}, or fewer workers in roles "
             "(the router needs no GPU)"
         )
-    base, extra = divmod(workers, s.nodes)
-    per_node = [base + (1 if i < extra else 0) for i in range(s.nodes)]
-    per_node[0] += 1  # the router
-    return Placement(per_node)
+    base, extra = divmod(1 + workers, s.nodes)
+    return Placement([base + (1 if i < extra else 0) for i in range(s.nodes)])
 
 
 @dataclass(frozen=True)

@@ -75,26 +75,28 @@ def render(cfg: JobConfig, config_path: str | None, overrides: list[str], array:
         sbatch.append(f"--array=0-{array - 1}")
     sbatch += s.sbatch_options
 
-    run = [s.python or sys.executable, "-m", "kvrelay.launch.cli", "run"]
+    # One group of words per line of the script, joined with backslash-newlines.
+    run = [[s.python or sys.executable, "-m", "kvrelay.launch.cli", "run"]]
     if config_path is not None:
-        run.append(str(Path(config_path).absolute()))
-    run += ["-i", str(inp), "--model", str(model)]
-    for item in overrides:
-        run += ["--set", item]
+        run[0].append(str(Path(config_path).absolute()))
+    run += [["-i", str(inp)], ["--model", str(model)]]
+    # The ranks need no slurm.* key: those shaped the allocation they run in.
+    run += [["--set", item] for item in overrides if not item.startswith("slurm.")]
     if s.launcher == "srun":
         launcher = ["srun", f"--mpi={s.srun_mpi}", f"--ntasks={place.ntasks}", "--kill-on-bad-exit=1"]
         if place.nodes > 1:
             launcher.append("--distribution=arbitrary")
     else:
         launcher = [*shlex.split(s.mpirun), "-np", str(place.ntasks)]
-    launch = shlex.join(launcher + run) + ' -o "$OUT"'
+    lines = [shlex.join(launcher)] + [shlex.join(words) for words in run] + ['-o "$OUT"']
     if place.nodes > 1 and s.launcher == "mpirun":
-        launch = launch.replace(" -np ", ' --hostfile "$hostfile" -np ', 1)
+        lines[0] += ' --hostfile "$hostfile"'
     if array:
-        launch += f' --set "input.shard=${{SLURM_ARRAY_TASK_ID}}/{array}"'
+        lines.append(f'--set "input.shard=${{SLURM_ARRAY_TASK_ID}}/{array}"')
         out_shell = '"' + shard_path(out, "${SLURM_ARRAY_TASK_ID}") + '"'
     else:
         out_shell = shlex.quote(str(out))
+    launch = " \\\n  ".join(lines)
 
     template = _ENV.get_template("one_node.sbatch" if place.nodes == 1 else "multi_node.sbatch")
     return template.render(

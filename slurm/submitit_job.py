@@ -4,7 +4,7 @@
 
     from kvrelay.launch import submit
     job = submit("configs/demo.yaml", input="prompts.jsonl", output="out.jsonl", model="DIR")
-    summary = job.result()          # the router's summary (OUT.summary.json's content)
+    summary = job.results()[0]      # task 0, the router: OUT.summary.json's content
 
 submitit starts one task per rank under `srun --mpi=<slurm.srun_mpi>`; each runs `run_mpi`.
 Before the time limit or on preemption submitit sends USR2 to every task: the router closes the

@@ -6,6 +6,7 @@ forward() { echo "kvrelay: SIG$1 in the job script: stopping the ranks"; kill -"
 trap 'forward USR2' USR2
 trap 'forward TERM' TERM
 
+rm -f "$STOPPED"
 echo "kvrelay: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: {{ layout }}"
 {{ launch }} &
 step=$!

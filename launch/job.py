@@ -125,6 +125,9 @@ def run_mpi(cfg: JobConfig, after_stop: Callable[[int], None] | None = None) -> 
             except SystemExit:  # submitit's handler exits after requeueing; the Abort below ends every rank
                 pass
         world.Abort(128 + stop.signum)
+        # Abort returns when Slurm is already tearing the step down (a requeue): leave at once, so
+        # that nothing (submitit's result file) records this run as finished.
+        os._exit(128 + stop.signum)
     except BaseException:
         sys.stderr.write(f"kvrelay: rank {rank} ({role}) on {hostname()} failed:\n{traceback.format_exc()}")
         sys.stderr.flush()

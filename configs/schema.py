@@ -102,6 +102,25 @@ class InputSection(_Section):
     format: InputFormat = Field("jsonl", description="jsonl: batch lines; trace: Mooncake-style timed trace replayed at its timestamps (router/trace.py)")
     time_scale: float = Field(1.0, gt=0.0, description="trace: timestamps are divided by it (2 = twice the arrival rate)")
     limit: int | None = Field(None, ge=1, description="read at most this many lines")
+    shard: str | None = Field(
+        None, pattern=r"^\d+/\d+$", description="K/N: run only the K-th of N contiguous slices of the input (0-based)"
+    )
+
+    @model_validator(mode="after")
+    def _shard_in_range(self) -> InputSection:
+        if self.shard is not None:
+            k, n = self.shard_index
+            if not 0 <= k < n:
+                raise ValueError(f"input.shard must be K/N with 0 <= K < N, got {self.shard}")
+        return self
+
+    @property
+    def shard_index(self) -> tuple[int, int]:
+        """(K, N) of input.shard; (0, 1) when the whole input runs."""
+        if self.shard is None:
+            return 0, 1
+        k, n = self.shard.split("/")
+        return int(k), int(n)
 
 
 class OutputSection(_Section):
@@ -124,6 +143,46 @@ class JobSection(_Section):
     progress: bool = True
 
 
+Launcher = Literal["srun", "mpirun"]
+SrunMpi = Literal["pmix", "pmi2", "none"]
+
+
+class SlurmSection(_Section):
+    """How `kvrelay sbatch` and `kvrelay submit` ask Slurm for the job (slurm/README in README.md)."""
+
+    partition: str | None = Field(None, description="default: the cluster's default partition")
+    account: str | None = None
+    qos: str | None = None
+    time: str = Field("01:00:00", pattern=r"^(\d+-)?\d+(:\d{1,2}){0,2}$", description="time limit, [D-]HH:MM:SS")
+    nodes: int = Field(1, ge=1)
+    gpus_per_node: int = Field(0, ge=0, description="0 for CPU jobs; workers take cuda:<local rank>")
+    cpus_per_task: int = Field(1, ge=1)
+    mem: str | None = Field(None, pattern=r"^\d+[KMGT]?$", description="memory per node, e.g. 64G")
+    constraint: str | None = None
+    job_name: str = "kvrelay"
+    sbatch_options: list[str] = Field(default_factory=list, description="more sbatch options, e.g. --exclusive")
+    setup: list[str] = Field(default_factory=list, description="shell lines run before the job: module load, source")
+    python: str | None = Field(None, description="Python that runs kvrelay on the nodes; default: the submitting one")
+    launcher: Launcher = "srun"
+    srun_mpi: SrunMpi = Field("pmix", description="srun --mpi plugin: pmix (Open MPI 5), pmi2 (MPICH)")
+    mpirun: str = Field("mpirun", description="the command for launcher=mpirun, with any site options")
+    requeue: bool = Field(True, description="on USR2 (time limit near, preemption) stop, requeue, resume")
+    signal_lead_s: int = Field(90, ge=10, description="USR2 comes this many seconds before the time limit")
+
+    @property
+    def time_limit_min(self) -> int:
+        """The time limit in whole minutes (submitit's unit), rounded up."""
+        days, _, hms = self.time.rpartition("-")
+        parts = [int(x) for x in hms.split(":")]
+        # Slurm reads M, M:S and H:M:S; after a day part, H, H:M and H:M:S.
+        if days or len(parts) == 3:
+            h, m, sec = parts + [0] * (3 - len(parts))
+        else:
+            h, (m, sec) = 0, (parts + [0])[:2]
+        seconds = int(days or 0) * 86400 + h * 3600 + m * 60 + sec
+        return max(1, -(-seconds // 60))
+
+
 class JobConfig(_Section):
     job: JobSection = JobSection()
     model: ModelSection = ModelSection()
@@ -135,6 +194,7 @@ class JobConfig(_Section):
     input: InputSection = InputSection()
     output: OutputSection = OutputSection()
     sim: SimSection = SimSection()
+    slurm: SlurmSection = SlurmSection()
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **direct: Any) -> JobConfig:

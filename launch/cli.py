@@ -5,6 +5,9 @@
     kvrelay demo [--workdir runs/demo]
     kvrelay plan [CONFIG] --gpus G --input-len I --output-len O [--cached F] [--ttft-ms T] [--itl-ms L]
     kvrelay bench route --trace TRACE.jsonl [--workers 4,8,16] [--policy P,...] [--json PATH] [--plot PNG]
+    kvrelay sbatch CONFIG -i IN.jsonl -o OUT.jsonl --model DIR [--set KEY=VALUE ...] [--array N] [--dry-run]
+    kvrelay submit CONFIG -i IN.jsonl -o OUT.jsonl --model DIR [--set KEY=VALUE ...] [--wait]
+    kvrelay shard missing|merge -i IN.jsonl -o OUT.jsonl --shards N
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from kvrelay.launch.environment import LaunchError, Layout
 from kvrelay.ranks.engine.spec import ModelConfigError
 from kvrelay.router.batch_output import CorruptOutputError
 from kvrelay.router.frontend import InputError
+from kvrelay.slurm.resources import SlurmError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-USER_ERRORS = (ConfigError, ModelConfigError, InputError, CorruptOutputError, LaunchError)
+USER_ERRORS = (ConfigError, ModelConfigError, InputError, CorruptOutputError, LaunchError, SlurmError)
 
 
 def _config(args: argparse.Namespace) -> JobConfig:
@@ -152,6 +156,62 @@ def cmd_bench_route(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_sbatch(args: argparse.Namespace) -> int:
+    from kvrelay.slurm.sbatch import render, submit
+
+    cfg = _config(args)
+    if args.dry_run:
+        sys.stdout.write(render(cfg, args.config, args.set, args.array))
+        return 0
+    job_id, script = submit(cfg, args.config, args.set, args.array)
+    print(f"submitted job {job_id}: script {script}; log {script.with_suffix('')}.slurm-{job_id}.log"
+          if not args.array else f"submitted array job {job_id} (tasks 0-{args.array - 1}): script {script}")
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from kvrelay.slurm.submitit_job import submit
+
+    job = submit(args.config, input=args.input, output=args.output, model=args.model, overrides=args.set)
+    print(f"submitted job {job.job_id}; submitit logs in {job.paths.folder}")
+    if not args.wait:
+        return 0
+    summary = job.results()[0]  # task 0 is the router
+    print(f"job {job.job_id} done: {summary['succeeded']} answered, {summary['errors']} error lines; {summary['output']}")
+    return 0
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    from kvrelay.slurm.shard import merge, status
+
+    try:
+        if args.action == "merge":
+            path, n = merge(args.input, args.output, args.shards)
+            print(f"merged {args.shards} shards into {path}: {n} lines")
+            return 0
+    except ValueError as e:
+        print(f"kvrelay: {e}", file=sys.stderr)
+        return 1
+    todo = [s for s in status(args.input, args.output, args.shards) if not s.complete]
+    for s in todo:
+        head = ", ".join(s.missing[:5]) + (", ..." if len(s.missing) > 5 else "")
+        print(f"shard {s.shard}: {s.answered}/{s.expected} answered in {s.path}; missing {head}")
+    if todo:
+        print(f"rerun with: sbatch --array={','.join(str(s.shard) for s in todo)} {args.output.removesuffix('.jsonl')}.sbatch")
+        return 1
+    print(f"all {args.shards} shards complete")
+    return 0
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="job config YAML (its slurm section: partition, time, nodes, ...)")
+    p.add_argument("-i", "--input", help="input JSONL (input.path)")
+    p.add_argument("-o", "--output", help="output JSONL (output.path); a requeued or repeated job resumes it")
+    p.add_argument("--model", help="model checkpoint directory (model.path)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. slurm.partition=gpu")
+    p.add_argument("--fail-on-error", action="store_true", help="exit non-zero if any line was an error")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvrelay", description="LLM batch inference for HPC clusters")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -201,6 +261,24 @@ def build_parser() -> argparse.ArgumentParser:
     br = bench.add_parser("route", help="B2: placement policies on a timed trace, simulated workers over MPI")
     route_arguments(br)
     br.set_defaults(func=cmd_bench_route)
+
+    b = sub.add_parser("sbatch", help="render the job's sbatch script from the config and submit it")
+    _job_args(b)
+    b.add_argument("--array", type=int, metavar="N", help="a job array of N tasks, task K running the K-th slice of the input")
+    b.add_argument("--dry-run", action="store_true", help="print the script instead of submitting it")
+    b.set_defaults(func=cmd_sbatch)
+
+    s = sub.add_parser("submit", help="submit the job through submitit (one multi-task Slurm job)")
+    _job_args(s)
+    s.add_argument("--wait", action="store_true", help="wait for the job and print its summary")
+    s.set_defaults(func=cmd_submit)
+
+    h = sub.add_parser("shard", help="the shards of a job array: list what is missing, or merge them")
+    h.add_argument("action", choices=["missing", "merge"])
+    h.add_argument("-i", "--input", required=True, help="the input JSONL the array ran on")
+    h.add_argument("-o", "--output", required=True, help="the output JSONL given to sbatch (shards are OUT.shard-K.jsonl)")
+    h.add_argument("--shards", type=int, required=True, metavar="N")
+    h.set_defaults(func=cmd_shard)
     return p
 
 

@@ -5,8 +5,13 @@
 
 Rank 0 routes (reads the JSONL, places, writes the output); the others are workers. An exception
 on any rank is printed with its rank and host and aborts the whole job at once, so a dead rank
-never leaves the others hanging. SIGTERM makes the router close the output (every answered
-line is already written) and end the job; a rerun resumes.
+never leaves the others hanging.
+
+SIGTERM and SIGUSR2 (Slurm's notice before the time limit or a preemption, see slurm/) make the
+router close the output (every answered line is already written), leave a stop marker beside it
+(`stop_marker`: the job script requeues when it finds one), and end the job; a rerun resumes.
+Workers only let go of their node's shared memory on SIGUSR2, so that the router, not the signal,
+decides when the job ends.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -25,19 +32,62 @@ from kvrelay.router.frontend import Summary
 
 log = logging.getLogger("kvrelay")
 
-EXIT_SIGTERM = 143
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
 
-class Terminated(BaseException):
-    """SIGTERM: unwinds the router's loop so the output file is closed on the way out."""
+class Stopped(BaseException):
+    """A stop signal: unwinds the router's loop so the output file is closed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
+def _on_stop(signum, frame):
+    # One stop is enough: a second signal (Slurm may send one to the job script and one to each
+    # task) must not break into the router while it closes the output.
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    raise Stopped(signum)
 
 
-def run_mpi(cfg: JobConfig) -> tuple[int, Summary | None]:
-    """This rank's part of the job; returns (exit code, the summary on the router)."""
+def _on_stop_worker(signum, frame):
+    """Workers leave ending the job to the router (it Aborts every rank once the output is
+    closed); SIGTERM still ends a worker at once, as before."""
+    release_node_segments()
+    if signum == signal.SIGTERM:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
+def release_node_segments() -> None:
+    """Unlink the MPICH shared-memory segments this process maps; the mapping lives on until exit.
+
+    NOTE: MPICH names the segment that bootstraps a node after the PMI job name, which Slurm's pmi2
+    makes from JOBID.STEP: a requeued job's first step gets the same name again, and a segment
+    left by the stopped run (its ranks are killed and never finalize) makes the rerun's MPI_Init
+    wait forever. Every rank does this on a stop signal, so every node is clean for the rerun."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/dev/shm/mpich_shm_") and not fields[5].endswith("(deleted)"):
+            Path(fields[5]).unlink(missing_ok=True)
+
+
+def stop_marker(output_path: str | os.PathLike) -> Path:
+    """The file the router leaves beside OUT.jsonl when a signal stopped it: OUT.stopped."""
+    path = Path(output_path)
+    return path.with_name(path.name.removesuffix(".jsonl") + ".stopped")
+
+
+def run_mpi(cfg: JobConfig, after_stop: Callable[[int], None] | None = None) -> tuple[int, Summary | None]:
+    """This rank's part of the job; returns (exit code, the summary on the router).
+
+    `after_stop(signum)` runs on the router once a stop signal has closed the output and before
+    the job ends (submitit's checkpoint-and-requeue, slurm/submitit_job.py)."""
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
@@ -63,9 +113,21 @@ def run_mpi(cfg: JobConfig) -> tuple[int, Summary | None]:
             return _router(cfg, world, layout)
         _worker(cfg, world, workers, role)
         return 0, None
-    except Terminated:
-        log.warning("rank %d: SIGTERM: the output file holds every answer so far; rerun to resume", rank)
-        world.Abort(EXIT_SIGTERM)
+    except Stopped as stop:
+        release_node_segments()
+        name = signal.Signals(stop.signum).name
+        if cfg.output.path is not None:
+            stop_marker(cfg.output.path).write_text(f"{name}\n")
+        log.warning("rank %d: %s: the output file holds every answer so far; rerun to resume", rank, name)
+        if after_stop is not None:
+            try:
+                after_stop(stop.signum)
+            except SystemExit:  # submitit's handler exits after requeueing; the Abort below ends every rank
+                pass
+        world.Abort(128 + stop.signum)
+        # Abort returns when Slurm is already tearing the step down (a requeue): leave at once, so
+        # that nothing (submitit's result file) records this run as finished.
+        os._exit(128 + stop.signum)
     except BaseException:
         sys.stderr.write(f"kvrelay: rank {rank} ({role}) on {hostname()} failed:\n{traceback.format_exc()}")
         sys.stderr.flush()
@@ -78,7 +140,10 @@ def _router(cfg: JobConfig, world, layout: Layout) -> tuple[int, Summary]:
     from kvrelay.router.frontend import write_summary
     from kvrelay.router.mpi_backend import MPIBackend
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _on_stop)
+    if cfg.output.path is not None:
+        stop_marker(cfg.output.path).unlink(missing_ok=True)
     frontend, hash_seed = frontend_for(cfg)
     backend = MPIBackend(cfg, world, layout, hash_seed)
     log.info("%s; placement %s", layout.describe(), cfg.router.policy)
@@ -95,7 +160,8 @@ def _worker(cfg: JobConfig, world, workers, role: str) -> None:
     from kvrelay.ranks.engine.engine import pick_device
     from kvrelay.ranks.worker import Worker
 
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _on_stop_worker)
     local = workers.Split_type(MPI.COMM_TYPE_SHARED)
     # A simulated worker needs no device: its KV handoffs are small MPI messages.
     device = torch.device("cpu") if cfg.sim.enabled else pick_device(cfg.job.device)

@@ -75,15 +75,24 @@ class Summary:
         return d
 
 
-def read_lines(path: str, limit: int | None = None) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw bytes) of each non-blank line, streamed; at most `limit` lines."""
+def read_lines(path: str, limit: int | None = None, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) of each non-blank line, streamed; with shard (K, N), only
+    those of the K-th of N contiguous slices of the file's lines; at most `limit` lines."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"input file {path!r} does not exist")
+    k, n_shards = shard
+    first, end = 1, None
+    if n_shards > 1:
+        with p.open("rb") as f:
+            total = sum(1 for _ in f)
+        first, end = 1 + k * total // n_shards, 1 + (k + 1) * total // n_shards
     count = 0
     with p.open("rb") as f:
         for n, raw in enumerate(f, start=1):
-            if raw.strip():
+            if end is not None and n >= end:
+                break
+            if n >= first and raw.strip():
                 if limit is not None and count >= limit:
                     return
                 count += 1
@@ -185,7 +194,7 @@ class Frontend:
             except TraceError as e:
                 raise InputError(str(e)) from None
         else:
-            for line_no, raw in read_lines(cfg.input.path, cfg.input.limit):
+            for line_no, raw in read_lines(cfg.input.path, cfg.input.limit, cfg.input.shard_index):
                 yield line_no, raw, None
 
     def _trace_line(self, entry: TraceEntry) -> ParsedLine:

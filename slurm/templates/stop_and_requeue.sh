@@ -1,0 +1,26 @@
+STOPPED="${OUT%.jsonl}.stopped"
+
+# USR2 (Slurm's notice {{ signal_lead_s }} s before the time limit, or a preemption notice) and TERM
+# go on to the ranks: the router closes the output and leaves $STOPPED{% if requeue %}, and the job requeues{% endif %}.
+forward() { echo "kvrelay: SIG$1 in the job script: stopping the ranks"; kill -"$1" "$step" 2>/dev/null; }
+trap 'forward USR2' USR2
+trap 'forward TERM' TERM
+
+rm -f "$STOPPED"
+echo "kvrelay: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: {{ layout }}"
+{{ launch }} &
+step=$!
+wait "$step"
+rc=$?
+# A trapped signal ends `wait` early: wait on until the ranks have ended.
+while kill -0 "$step" 2>/dev/null; do
+  wait "$step"
+  rc=$?
+done
+{% if requeue %}
+if [ "$rc" -ne 0 ] && [ -f "$STOPPED" ]; then
+  echo "kvrelay: stopped by $(cat "$STOPPED"); requeueing job ${SLURM_JOB_ID}, its rerun resumes $OUT"
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+{% endif %}
+exit "$rc"

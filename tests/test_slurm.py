@@ -1,0 +1,209 @@
+"""The Slurm path on a real cluster: the demo job through `kvrelay sbatch`, `kvrelay submit` and a job
+array gives the local run's output; signalled jobs stop, requeue and resume exactly once.
+
+Needs a running Slurm whose default partition has an idle node (CI starts one with
+`bash slurm/ci_cluster.sh start`); skipped otherwise. Jobs run the real tiny demo model with
+`kvrelay run` on 4 ranks under `srun --mpi=pmi2` (the MPICH wheel), with this Python.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = str(REPO / "configs" / "demo.yaml")
+DEMO_INPUT = str(REPO / "configs" / "examples" / "demo.jsonl")
+CLI = [sys.executable, "-m", "kvrelay.launch.cli"]
+QUIET = ["--set", "job.progress=false"]
+DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def _cluster() -> str | None:
+    """Why the Slurm tests cannot run here, or None when they can."""
+    if shutil.which("sinfo") is None:
+        return "sinfo is not on PATH (start one with: bash slurm/ci_cluster.sh install && bash slurm/ci_cluster.sh start)"
+    proc = subprocess.run(["sinfo", "-h", "-o", "%P %T"], capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        return f"sinfo does not answer: {proc.stderr.strip()[:200]}"
+    states = [line.split() for line in proc.stdout.splitlines() if line.strip()]
+    if not any(p.endswith("*") and s in ("idle", "mixed") for p, s in states):
+        return f"no idle node in a default partition (sinfo: {states})"
+    return None
+
+
+_WHY = _cluster()
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"no Slurm cluster: {_WHY}")
+
+
+def env() -> dict:
+    # sbatch hands this environment to the job (--export=ALL): PYTHONPATH and the thread count too.
+    return dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def kvrelay(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def job_field(job_id: str, name: str) -> str:
+    text = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    m = re.search(rf"\b{name}=(\S+)", text)
+    return m.group(1) if m else ""
+
+
+def wait_job(job_id: str, timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = job_field(job_id, "JobState")
+        if state in DONE:
+            return state
+        time.sleep(1)
+    subprocess.run(["scancel", job_id])
+    raise AssertionError(f"job {job_id} not done after {timeout} s (state {job_field(job_id, 'JobState')})")
+
+
+def wait_lines(path: Path, n: int, timeout: float = 180) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and (have := path.read_bytes().count(b"\n")) >= n:
+            return have
+        time.sleep(0.1)
+    raise AssertionError(f"{path} did not reach {n} lines in {timeout} s")
+
+
+def comparable(path: Path) -> dict[str, dict]:
+    """custom_id -> output line, less what differs between runs of one job: the time a line was
+    written, the id of an error line (random) and how many prompt tokens the cache had."""
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    out = {}
+    for d in lines:
+        if d["response"] is not None:
+            body = d["response"]["body"]
+            body.pop("created")
+            body["usage"].pop("prompt_tokens_details")
+        else:
+            d.pop("id")
+        out[d["custom_id"]] = d
+    assert len(out) == len(lines), "a custom_id has two output lines"
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models) -> str:
+    return str(tiny_models["llama"])
+
+
+@pytest.fixture(scope="module")
+def demo_reference(model, tmp_path_factory) -> dict[str, dict]:
+    """The demo job run on this machine without Slurm (`kvrelay run --local 4`)."""
+    out = tmp_path_factory.mktemp("local") / "out.jsonl"
+    kvrelay("run", "--local", "4", DEMO, "-i", DEMO_INPUT, "-o", str(out), "--model", model, *QUIET, timeout=300)
+    ref = comparable(out)
+    assert len(ref) == 20 and sum(d["error"] is None for d in ref.values()) == 19
+    return ref
+
+
+def test_sbatch_demo_job_completes_with_the_local_output(model, demo_reference, tmp_path):
+    out = tmp_path / "out.jsonl"
+    proc = kvrelay("sbatch", DEMO, "-i", DEMO_INPUT, "-o", str(out), "--model", model, *QUIET)
+    job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    assert wait_job(job_id) == "COMPLETED", (tmp_path / f"out.slurm-{job_id}.log").read_text()[-3000:]
+    assert comparable(out) == demo_reference
+    assert "4 ranks" in (tmp_path / f"out.slurm-{job_id}.log").read_text()
+
+
+def test_submit_demo_job_completes_with_the_local_output(model, demo_reference, tmp_path):
+    out = tmp_path / "out.jsonl"
+    proc = kvrelay("submit", DEMO, "-i", DEMO_INPUT, "-o", str(out), "--model", model, *QUIET, "--wait", timeout=300)
+    assert "19 answered, 1 error lines" in proc.stdout, proc.stdout
+    assert comparable(out) == demo_reference
+
+
+def test_job_array_shards_merge_into_the_local_output(model, demo_reference, tmp_path):
+    out = tmp_path / "out.jsonl"
+    proc = kvrelay("sbatch", DEMO, "-i", DEMO_INPUT, "-o", str(out), "--model", model, *QUIET, "--array", "2")
+    job_id = re.search(r"submitted array job (\d+)", proc.stdout).group(1)
+    for task in (f"{job_id}_0", f"{job_id}_1"):
+        assert wait_job(task) == "COMPLETED"
+    assert [len(comparable(tmp_path / f"out.shard-{k}.jsonl")) for k in (0, 1)] == [10, 10]
+    assert "all 2 shards complete" in kvrelay("shard", "missing", "-i", DEMO_INPUT, "-o", str(out), "--shards", "2").stdout
+    kvrelay("shard", "merge", "-i", DEMO_INPUT, "-o", str(out), "--shards", "2")
+    assert comparable(out) == demo_reference
+
+
+@pytest.fixture(scope="module")
+def long_input(tmp_path_factory) -> Path:
+    """60 prompts over 5 shared system prompts; each answer is 24 tokens."""
+    path = tmp_path_factory.mktemp("long") / "in.jsonl"
+    with path.open("w") as f:
+        for q in range(60):
+            s = q % 5
+            f.write(json.dumps({"custom_id": f"s{s}-q{q}", "prompt": f"System prompt {s}: answer about cluster {s} "
+                                f"carefully. Question {q}: how do I run job {q * 7 + s}?"}) + "\n")
+    return path
+
+
+SLOW = [*QUIET, "--set", "router.max_inflight=2", "--set", "defaults.max_tokens=24", "--set", "defaults.ignore_eos=true",
+        "--set", "defaults.temperature=0"]
+
+
+def test_usr2_to_the_job_script_stops_the_ranks_and_leaves_the_output_closed(model, long_input, tmp_path):
+    out = tmp_path / "out.jsonl"
+    proc = kvrelay("sbatch", DEMO, "-i", str(long_input), "-o", str(out), "--model", model, *SLOW,
+                   "--set", "slurm.requeue=false")
+    job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    wait_lines(out, 5)
+    subprocess.run(["scancel", "--signal=USR2", "--batch", job_id], check=True)
+    assert wait_job(job_id) == "FAILED"
+    log = (tmp_path / f"out.slurm-{job_id}.log").read_text()
+    assert "SIGUSR2 in the job script: stopping the ranks" in log and "rank 0: SIGUSR2" in log, log[-3000:]
+    assert (tmp_path / "out.stopped").read_text() == "SIGUSR2\n"
+    assert 5 <= len(comparable(out)) < 60
+
+
+def test_signalled_jobs_requeue_and_resume_exactly_once(model, long_input, tmp_path):
+    """An sbatch job and a submitit job each get USR2 mid-run (`scancel --signal=USR2`, as Slurm
+    sends before the time limit): each requeues, resumes, and ends with one line per input line,
+    equal to an uninterrupted run. Slurm holds a requeued job ~2 minutes; both wait together."""
+    from kvrelay.launch import submit
+
+    sb_out, st_out, ref_out = tmp_path / "sbatch.jsonl", tmp_path / "submitit.jsonl", tmp_path / "ref.jsonl"
+    proc = kvrelay("sbatch", DEMO, "-i", str(long_input), "-o", str(sb_out), "--model", model, *SLOW)
+    sb_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    st_job = submit(DEMO, input=str(long_input), output=str(st_out), model=model,
+                    overrides=[s for s in SLOW if s != "--set"])
+    stopped_at = {}
+    for job_id, out in ((sb_id, sb_out), (st_job.job_id, st_out)):
+        wait_lines(out, 8)
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        deadline = time.monotonic() + 60
+        while job_field(job_id, "Restarts") != "1" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert job_field(job_id, "Restarts") == "1", f"job {job_id} was not requeued"
+        stopped_at[job_id] = len(comparable(out))
+        assert 8 <= stopped_at[job_id] < 60, stopped_at
+    # The uninterrupted run, while Slurm holds the requeued jobs.
+    kvrelay("run", "--local", "4", DEMO, "-i", str(long_input), "-o", str(ref_out), "--model", model, *SLOW, timeout=300)
+    reference = comparable(ref_out)
+    assert len(reference) == 60
+
+    assert wait_job(sb_id, timeout=420) == "COMPLETED"
+    log = (tmp_path / f"sbatch.slurm-{sb_id}.log").read_text()
+    assert "requeueing job" in log and "(restart 1)" in log, log[-3000:]
+    assert comparable(sb_out) == reference
+    summary = json.loads((tmp_path / "sbatch.summary.json").read_text())
+    assert summary["skipped_answered"] == stopped_at[sb_id]
+
+    result = st_job.results()[0]
+    assert result["skipped_answered"] == stopped_at[st_job.job_id], result
+    assert comparable(st_out) == reference

@@ -107,7 +107,8 @@ class Worker:
                 time.sleep(IDLE_SLEEP_S)
         e = self.engine
         stats = {"rank": self.world.rank, "role": self.role, "device": str(e.runner.device),
-                 "kv_blocks": e.pool.num_blocks, **vars(e.stats), **vars(self.stats)}
+                 "kv_blocks": e.pool.num_blocks, **vars(e.stats), **vars(self.stats),
+                 "memory": e.runner.memory_report()}
         self.outbox.send(stats, ROUTER, Tag.STATS)
         self.outbox.flush()
 

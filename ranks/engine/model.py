@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvrelay.kernels.attention import paged_attention, write_kv
+from kvrelay.ranks.engine.attention_backend import attend
 from kvrelay.ranks.engine.spec import ModelConfigError, ModelSpec, RopeSpec
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v: [num_blocks, block_size, kv_heads, head_dim]
@@ -32,14 +32,19 @@ class AttentionMetadata:
     """Where each packed token of one forward belongs; shared by all layers.
 
     Sequence i owns token rows query_start_loc[i]:query_start_loc[i + 1]; they are the last
-    q_len tokens of its seq_lens[i] tokens of context. The per-sequence counts are python lists
-    because the attention loops over them on the host; the tensors live on the model's device.
+    q_len tokens of its seq_lens[i] tokens of context. The python lists feed the reference
+    attention, which loops over sequences on the host; the `*_dev` tensors feed the GPU kernels,
+    which read everything from device memory so that a decode step can be replayed as a CUDA graph.
     """
 
     slot_mapping: torch.Tensor  # [T] int64: cache slot (block_id * block_size + offset) of each token, < 0 = padding
     query_start_loc: list[int]  # [B + 1] row offsets into the packed tokens, starts at 0
     seq_lens: list[int]  # [B] context length of each sequence after this step (cached + new tokens)
     block_tables: torch.Tensor  # [B, max_blocks] int32: block ids of each sequence, in token order
+    query_start_loc_dev: torch.Tensor | None = None  # [B + 1] int32, device copy of query_start_loc
+    seq_lens_dev: torch.Tensor | None = None  # [B] int32, device copy of seq_lens; 0 = padding row
+    max_query_len: int = 0
+    decode_only: bool = False  # every sequence runs exactly one token (rows = sequences)
 
 
 def allocate_kv_cache(
@@ -141,11 +146,7 @@ class Attention(nn.Module):
             # Qwen3 normalizes each head before RoPE.
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_cache, v_cache = kv_cache
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        o = paged_attention(
-            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, self.scale, self.sliding_window
-        )  # [T, heads, head_dim]
+        o = attend(q, k, v, kv_cache, meta, self.scale, self.sliding_window)  # [T, heads, head_dim]
         return self.o_proj(o.view(T, self.q_size))
 
 

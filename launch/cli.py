@@ -3,6 +3,7 @@
     kvrelay run [CONFIG.yaml] -i IN.jsonl -o OUT.jsonl [--model DIR] [--set KEY=VALUE ...] [--fail-on-error]
     kvrelay make-model --arch llama [--size tiny|8b-shape] [--seed 0] [--shards N] [--dtype D] DIR
     kvrelay demo [--workdir runs/demo]
+    kvrelay bench throughput [--size tiny|8b-shape] [--peer none|defaults|tuned|both] [--json OUT] ...
 """
 
 from __future__ import annotations
@@ -107,6 +108,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return rc
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kvrelay.bench import throughput
+
+    return throughput.main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvrelay", description="LLM batch inference for HPC clusters")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -134,12 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the demo job: a tiny generated model, the shipped example prompts, 4 CPU ranks")
     d.add_argument("--workdir", default="runs/demo")
     d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="benchmarks: `kvrelay bench throughput --help`")
+    bench = b.add_subparsers(dest="bench", required=True)
+    # The benchmark parses its own flags (it also runs as `python -m kvrelay.bench.throughput`).
+    t = bench.add_parser("throughput", help="B1: offline throughput vs transformers and the floor", add_help=False)
+    t.set_defaults(func=cmd_bench)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.bench_args = rest
     args.argv = argv
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="kvrelay: %(message)s", stream=sys.stderr

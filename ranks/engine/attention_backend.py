@@ -5,7 +5,8 @@ of kernels/attention.py, which the tests compare with transformers. On CUDA the 
 tensors: decode-only steps go to the Triton decode kernel (one query row per sequence, GQA, block
 tables), other steps to the Triton varlen prefill kernel over the cached prefix. Where those kernels
 are not importable, a decode falls back to a gather in torch (still free of host syncs, so it can be
-captured in a CUDA graph) and a prefill to the reference loop.
+captured in a CUDA graph) and a mixed step to that gather for its one-token rows and the reference
+loop for its prompt chunks.
 
 The GPU path writes the cache with one unconditional `index_copy_`: the model runner points padding
 rows at a scratch block that no sequence owns, so the write needs no mask (a boolean mask would
@@ -61,9 +62,35 @@ def attend(
             q, k_cache, v_cache, meta.query_start_loc_dev, meta.seq_lens_dev, meta.block_tables,
             meta.max_query_len, scale, sliding_window,
         )
-    return paged_attention(
-        q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale, sliding_window
+    return mixed_attention_torch(q, k_cache, v_cache, meta, scale, sliding_window)
+
+
+def mixed_attention_torch(
+    q: torch.Tensor,  # [T, heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:  # [T, heads, head_dim]
+    """A mixed step without the Triton kernels: the one-token rows in one batched decode call, the
+    prompt chunks (few per step) one by one through the reference."""
+    qsl, lens = meta.query_start_loc, meta.seq_lens
+    single = [i for i in range(len(lens)) if qsl[i + 1] - qsl[i] == 1]
+    if len(single) < 2:
+        return paged_attention(q, k_cache, v_cache, qsl, lens, meta.block_tables, scale, sliding_window)
+    out = torch.empty_like(q)
+    idx = torch.tensor(single, device=q.device)
+    rows = torch.tensor([qsl[i] for i in single], device=q.device)
+    out[rows] = decode_attention_torch(
+        q[rows], k_cache, v_cache, meta.seq_lens_dev[idx], meta.block_tables[idx], scale, sliding_window
     )
+    for i in sorted(set(range(len(lens))) - set(single)):
+        start, end = qsl[i], qsl[i + 1]
+        out[start:end] = paged_attention(
+            q[start:end], k_cache, v_cache, [0, end - start], [lens[i]], meta.block_tables[i : i + 1], scale, sliding_window
+        )
+    return out
 
 
 def decode_attention_torch(

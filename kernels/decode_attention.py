@@ -29,7 +29,7 @@ except ImportError:  # CPU-only installs use kernels.attention.paged_attention i
     triton = None
 
 BLOCK_N = 64  # keys per tile: a 64 x 128 bf16 K tile is 16 KiB, four warps stream it
-_LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634
 
 
 def decode_attention(
@@ -50,7 +50,7 @@ def decode_attention(
     """
     B, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
-    _check(q, k_cache, v_cache, block_tables, heads, kv_heads, head_dim)
+    check_inputs(q, k_cache, v_cache, block_tables, heads, kv_heads, head_dim)
     assert seq_lens.shape == (B,) and seq_lens.dtype == torch.int32, (seq_lens.shape, seq_lens.dtype)
     assert block_tables.shape[0] == B, (block_tables.shape, B)
     if out is None:
@@ -85,14 +85,14 @@ def decode_attention(
     if num_splits == 1:
         split_kernel[(B, kv_heads, 1)](
             q, k_cache, v_cache, seq_lens, block_tables, out, out, out,
-            scale * _LOG2E, window, partition, *strides, out.stride(0), out.stride(1), SPLIT=False, **common,
+            scale * LOG2E, window, partition, *strides, out.stride(0), out.stride(1), SPLIT=False, **common,
         )  # fmt: skip
         return out
     part_acc = torch.empty((B, heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
     part_ml = torch.empty((B, heads, num_splits, 2), dtype=torch.float32, device=q.device)  # running max, sum
     split_kernel[(B, kv_heads, num_splits)](
         q, k_cache, v_cache, seq_lens, block_tables, out, part_acc, part_ml,
-        scale * _LOG2E, window, partition, *strides, out.stride(0), out.stride(1), SPLIT=True, **common,
+        scale * LOG2E, window, partition, *strides, out.stride(0), out.stride(1), SPLIT=True, **common,
     )  # fmt: skip
     merge_kernel[(B, heads)](
         part_acc, part_ml, seq_lens, out, window, partition, num_splits, out.stride(0), out.stride(1),
@@ -101,7 +101,7 @@ def decode_attention(
     return out
 
 
-def _check(q, k_cache, v_cache, block_tables, heads, kv_heads, head_dim) -> None:
+def check_inputs(q, k_cache, v_cache, block_tables, heads, kv_heads, head_dim) -> None:
     """Shape/dtype contract shared by the decode and prefill kernels."""
     if triton is None:
         raise RuntimeError("the Triton attention kernels need the triton package: pip install triton")

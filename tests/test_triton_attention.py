@@ -102,3 +102,48 @@ def test_decode_matches_reference_on_gpu(batch, ctx, dtype):
         seq_lens[-1] = 0  # a CUDA-graph padding row
     _check_decode(seq_lens, 32, 8, 128, 16, dtype, device="cuda")
     _check_decode(seq_lens, 32, 8, 128, 16, dtype, window=300, device="cuda")
+
+
+def _check_prefill(seq_lens, q_lens, heads, kv_heads, head_dim, block_size, dtype, window=None, device="cpu"):
+    from kvrelay.kernels.prefill_attention import prefill_attention
+
+    q, k_cache, v_cache, tables, qsl = _paged_case(seq_lens, q_lens, heads, kv_heads, head_dim, block_size, dtype, device)
+    scale = head_dim**-0.5
+    got = prefill_attention(
+        q,
+        k_cache,
+        v_cache,
+        torch.tensor(qsl, dtype=torch.int32, device=device),
+        torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        tables,
+        max(q_lens),
+        scale,
+        window,
+    )
+    ref = paged_attention(q, k_cache, v_cache, qsl, seq_lens, tables, scale, window)
+    torch.testing.assert_close(got.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize(
+    "seq_lens, q_lens, heads, kv_heads, head_dim, block_size, dtype, window",
+    [
+        ([37, 50], [37, 50], 8, 2, 64, 16, torch.float32, None),  # whole prompts, several query tiles
+        ([70, 45, 9], [23, 1, 9], 8, 2, 64, 16, torch.float32, None),  # a chunk over a prefix, a decode row, a prompt
+        ([70, 45, 0], [23, 1, 0], 4, 4, 64, 32, torch.bfloat16, None),  # MHA, bf16, an empty sequence
+        ([66, 30], [40, 30], 8, 1, 128, 16, torch.bfloat16, None),  # MQA, head_dim 128
+        ([90, 33, 12], [50, 1, 12], 6, 2, 64, 16, torch.float32, 20),  # group of 3 (padded), sliding window
+    ],
+)
+def test_prefill_matches_reference(interpret, seq_lens, q_lens, heads, kv_heads, head_dim, block_size, dtype, window):
+    _check_prefill(seq_lens, q_lens, heads, kv_heads, head_dim, block_size, dtype, window)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prefill_matches_reference_on_gpu(dtype):
+    # Whole prompts, chunks continuing a cached prefix (one past 4k), decode rows, lengths off the block size.
+    seq_lens = [512, 517, 4100, 700, 33, 1, 2000]
+    q_lens = [512, 517, 1000, 1, 33, 1, 300]
+    _check_prefill(seq_lens, q_lens, 32, 8, 128, 16, dtype, device="cuda")
+    _check_prefill(seq_lens, q_lens, 32, 8, 128, 16, dtype, window=256, device="cuda")

@@ -17,8 +17,11 @@ JSON line as it ends (so a run cut short keeps what it measured):
             (matmul weight bytes / copy rate per token); its first-step logits of a few prompts;
   peer      transformers' `generate_batch` (continuous batching, paged attention) on the same
             weights: with its defaults and/or tuned (CUDA graphs, larger max_batch_tokens, a lower
-            max_memory_percent so that the graphs fit), output ids compared with ours, and the
-            logits of ours checked against its forward on the same tokens.
+            max_memory_percent so that the graphs fit), output ids compared with ours; our logits
+            of the first steps against its forward on the same tokens, in the run's dtype and,
+            beside its own bf16 logits, against its float32 forward (a deep random model amplifies
+            rounding, so bf16 vs bf16 shows bf16's own error: the float32 reference tells whether
+            ours is within it).
 Then a table: wall s, total and output tok/s, x peer (its wall / ours), x floor (wall / floor).
 """
 
@@ -210,21 +213,28 @@ def hf_model(model_dir: Path, cfg: dict, dtype: torch.dtype, device: torch.devic
     return model.eval()
 
 
-def compare_logits(model, prompts, ours_logits: tuple[dict, dict], device) -> dict:
-    """Our logits of the first steps vs transformers' forward on the same tokens (prompt + our ids)."""
+def hf_logits(model, prompts, ours_logits: tuple[dict, dict], device) -> list[torch.Tensor]:
+    """transformers' float32 logits [vocab] (CPU) at each step we recorded, on the same tokens
+    (the prompt and our sampled ids), in the model's current dtype."""
     logits, outputs = ours_logits
-    errors, agree, total = [], 0, 0
+    out = []
     for i, prompt in enumerate(prompts[:LOGIT_PROMPTS]):
-        mine = logits[f"logits{i}"]
-        ids = prompt + outputs[f"logits{i}"][: len(mine) - 1]
+        steps = len(logits[f"logits{i}"])
+        ids = prompt + outputs[f"logits{i}"][: steps - 1]
         with torch.no_grad():
             ref = model(torch.tensor([ids], device=device)).logits[0, len(prompt) - 1 :].float().cpu()
-        for step, got in enumerate(mine):
-            want = ref[step]
-            errors.append(float((got - want).norm() / want.norm()))
-            agree += int(got.argmax() == want.argmax())
-            total += 1
-    return {"max_rel_err": max(errors), "mean_rel_err": statistics.fmean(errors), "argmax_agree": agree, "compared": total}
+        out += list(ref[:steps])
+    return out
+
+
+def agreement(got: list[torch.Tensor], want: list[torch.Tensor]) -> dict:
+    errors = [float((g - w).norm() / w.norm()) for g, w in zip(got, want, strict=True)]
+    agree = sum(int(g.argmax() == w.argmax()) for g, w in zip(got, want))
+    return {"max_rel_err": max(errors), "mean_rel_err": statistics.fmean(errors), "argmax_agree": agree, "compared": len(errors)}
+
+
+def our_logit_list(ours_logits: tuple[dict, dict]) -> list[torch.Tensor]:
+    return [t for i in range(LOGIT_PROMPTS) for t in ours_logits[0].get(f"logits{i}", [])]
 
 
 def peer(model, prompts, args, tuned: bool, ours_out: dict) -> dict:
@@ -327,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
 
         runs = {"defaults": [False], "tuned": [True], "both": [False, True], "none": []}[args.peer]
         model = hf_model(model_dir, cfg, dtype, device, args.seed)
-        emit("logits_vs_transformers", compare_logits(model, prompts, our_logits, device))
+        mine = our_logit_list(our_logits)
+        theirs = hf_logits(model, prompts, our_logits, device)
+        emit("logits_vs_transformers", {"dtype": args.dtype, **agreement(mine, theirs)})
         for tuned in runs:
             name = "peer_tuned" if tuned else "peer_defaults"
             try:
@@ -337,6 +349,13 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             if gpu:
                 torch.cuda.empty_cache()
+        if dtype != torch.float32:
+            # A deep random model amplifies rounding: two bf16 implementations differ by what bf16
+            # itself costs. So both are also measured against transformers in float32.
+            model.float()
+            exact = hf_logits(model, prompts, our_logits, device)
+            emit("logits_vs_transformers_float32", {
+                "kvrelay": agreement(mine, exact), f"transformers_{args.dtype}": agreement(theirs, exact)})
     print_table(report, args)
     return 0
 

@@ -128,19 +128,17 @@ class ModelRunner:
         sequence sampling) and, with graphs, of a max_seqs decode step; 0 on the CPU."""
         if not self.is_cuda:
             return 0
-        T, n = self.max_batch_tokens, min(self.max_seqs, self.max_batch_tokens)
-        per_seq = min(self.max_model_len - 1, -(-T // n))
-        lens = [per_seq] * (T // per_seq) + ([T % per_seq] if T % per_seq else [])
-        lens = lens[: self.max_seqs]
-        blocks_per = -(-max(max(lens), 2) // self.block_size)
-        self.allocate(blocks_per * max(len(lens), self.graph_rows or 1))
-
-        def items(num_new: list[int], start: int) -> list[tuple]:
-            return [([0] * (start + q), start, q, list(range(i * blocks_per, (i + 1) * blocks_per)), True)
-                    for i, q in enumerate(num_new)]
-
+        # Prompts as long as the context allows, and decode rows whose block tables are as wide as
+        # the graphs' (the torch decode fallback's gather grows with the width). Every sequence
+        # reads and writes the same blocks: the values do not matter, only the shapes.
+        T, L = self.max_batch_tokens, self.max_model_len
+        lens = [min(L - 1, T - i) for i in range(0, T, L - 1)][: self.max_seqs]
+        self.allocate(self.max_blocks)
+        blocks = list(range(self.max_blocks))
+        prefill = [([0] * q, 0, q, blocks, True) for q in lens]
+        decode = [([0] * L, L - 1, 1, blocks, True)] * self.graph_rows
         peaks = []
-        for batch in [items(lens, 0)] + ([items([1] * self.graph_rows, 1)] if self.use_graphs else []):
+        for batch in [prefill] + ([decode] if self.use_graphs else []):
             torch.cuda.synchronize(self.device)
             base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -212,6 +210,7 @@ class ModelRunner:
                 forward()
             self.graphs[bs] = graph
         torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # the eager warm-ups' blocks: what stays reserved is the graphs' pool
         self.memory.cuda_graphs = len(self.graphs)
         self.memory.capture_s = time.perf_counter() - t0
         self.memory.graph_pool_gib = (torch.cuda.memory_reserved(self.device) - before) / _GIB

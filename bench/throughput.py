@@ -116,17 +116,26 @@ def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]
     return torch.randint(0, vocab, (n, length), generator=g).tolist()
 
 
-def run_engine(engine: Engine, prompts: list[list[int]], output_len: int, tag: str) -> tuple[dict[str, list[int]], float]:
+def run_engine(
+    engine: Engine, prompts: list[list[int]], output_len: int, tag: str, phases: dict | None = None
+) -> tuple[dict[str, list[int]], float]:
+    """Greedy outputs by request id and the wall seconds; `phases` gets the seconds of the steps
+    where every sequence ran one token ("decode_s") and of the others ("prefill_mixed_s")."""
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(Request(f"{tag}{i}", p, params))
     out = {}
+    split = {"decode_s": 0.0, "prefill_mixed_s": 0.0}
     sync(engine.runner.device)
     t0 = time.perf_counter()
     while engine.has_work():
+        decode_steps, t = engine.stats.decode_steps, time.perf_counter()
         for r in engine.step():
             out[r.request_id] = r.output_token_ids
+        split["decode_s" if engine.stats.decode_steps > decode_steps else "prefill_mixed_s"] += time.perf_counter() - t
     sync(engine.runner.device)
+    if phases is not None:
+        phases.update(split)
     return out, time.perf_counter() - t0
 
 
@@ -176,28 +185,29 @@ def ours(args, model_dir: Path, cfg: dict, dtype: torch.dtype, device: torch.dev
     vocab = cfg["vocab_size"]
     run_engine(engine, random_prompts(min(8, len(prompts)), args.input_len, vocab, args.seed + 1), 4, "warm")
     engine.stats = type(engine.stats)()
-    outputs, wall = run_engine(engine, prompts, args.output_len, "")
+    phases: dict = {}
+    outputs, wall = run_engine(engine, prompts, args.output_len, "", phases)
     s = copy.copy(engine.stats)  # the B1 run's alone: the runs below add to the engine's
     n_out = sum(len(v) for v in outputs.values())
     assert len(outputs) == len(prompts) and n_out == len(prompts) * args.output_len, "every request runs to output_len"
     b1_step = batch1_decode(engine, prompts[0], args.batch1_tokens)
     logits = first_step_logits(engine, prompts[:LOGIT_PROMPTS], LOGIT_STEPS)
     result = {
-        "wall_s": wall, "build_s": build_s, "steps": s.steps, "decode_steps": s.decode_steps,
+        "wall_s": wall, **phases, "build_s": build_s, "steps": s.steps, "decode_steps": s.decode_steps,
         "graph_steps": s.graph_steps, "preemptions": s.preemptions, "cached_prompt_tokens": s.cached_prompt_tokens,
         "host_ms_per_step": 1e3 * s.host_s / max(s.steps, 1),
         "host_ms_per_decode_step": 1e3 * s.decode_host_s / max(s.decode_steps, 1),
         "batch1_decode_ms": 1e3 * b1_step, "batch1_decode_tok_s": 1 / b1_step,
         "memory": engine.runner.memory_report(),
-        "attention": "triton" if _triton_attention() and device.type == "cuda" else "torch",
+        "attention": "triton" if _triton_attention(cfg["head_dim"]) and device.type == "cuda" else "torch",
     }
     return result, {i: outputs[str(i)] for i in range(len(prompts))}, logits
 
 
-def _triton_attention() -> bool:
+def _triton_attention(head_dim: int) -> bool:
     from kvrelay.ranks.engine.attention_backend import triton_available
 
-    return triton_available()
+    return triton_available(head_dim)
 
 
 def hf_model(model_dir: Path, cfg: dict, dtype: torch.dtype, device: torch.device, seed: int):
@@ -340,6 +350,16 @@ def main(argv: list[str] | None = None) -> int:
         mine = our_logit_list(our_logits)
         theirs = hf_logits(model, prompts, our_logits, device)
         emit("logits_vs_transformers", {"dtype": args.dtype, **agreement(mine, theirs)})
+        if dtype != torch.float32:
+            # A deep random model amplifies rounding: two bf16 implementations differ by what bf16
+            # itself costs. So both are also measured against transformers in float32 (the
+            # upcast is exact, and so is the cast back for the peer runs).
+            model.float()
+            exact = hf_logits(model, prompts, our_logits, device)
+            emit("logits_vs_transformers_float32", {
+                "kvrelay": agreement(mine, exact), f"transformers_{args.dtype}": agreement(theirs, exact)})
+            for param in model.parameters():  # not model.to(dtype): that would also cast the f32 RoPE buffers
+                param.data = param.data.to(dtype)
         for tuned in runs:
             name = "peer_tuned" if tuned else "peer_defaults"
             try:
@@ -349,13 +369,6 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             if gpu:
                 torch.cuda.empty_cache()
-        if dtype != torch.float32:
-            # A deep random model amplifies rounding: two bf16 implementations differ by what bf16
-            # itself costs. So both are also measured against transformers in float32.
-            model.float()
-            exact = hf_logits(model, prompts, our_logits, device)
-            emit("logits_vs_transformers_float32", {
-                "kvrelay": agreement(mine, exact), f"transformers_{args.dtype}": agreement(theirs, exact)})
     print_table(report, args)
     return 0
 

@@ -4,7 +4,7 @@ On the CPU (and whenever the metadata carries no device tensors) this is the pla
 of kernels/attention.py, which the tests compare with transformers. On CUDA the metadata is all
 tensors: decode-only steps go to the Triton decode kernel (one query row per sequence, GQA, block
 tables), other steps to the Triton varlen prefill kernel over the cached prefix. Where those kernels
-are not importable, a decode falls back to a gather in torch (still free of host syncs, so it can be
+are not importable or not built for the head size, a decode falls back to a gather in torch (still free of host syncs, so it can be
 captured in a CUDA graph) and a mixed step to that gather for its one-token rows and the reference
 loop for its prompt chunks.
 
@@ -31,8 +31,11 @@ except ImportError:  # the kernels or Triton are missing: the torch paths below 
     decode_attention = prefill_attention = None
 
 
-def triton_available() -> bool:
-    return decode_attention is not None
+TRITON_HEAD_DIMS = (64, 128, 256)  # what the kernels are built for; other sizes take the torch paths
+
+
+def triton_available(head_dim: int = 128) -> bool:
+    return decode_attention is not None and head_dim in TRITON_HEAD_DIMS
 
 
 def attend(
@@ -53,11 +56,12 @@ def attend(
     kv_heads, head_dim = k_cache.shape[2:]
     k_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+    triton = triton_available(head_dim)
     if meta.decode_only:
-        if decode_attention is not None:
+        if triton:
             return decode_attention(q, k_cache, v_cache, meta.seq_lens_dev, meta.block_tables, scale, sliding_window)
         return decode_attention_torch(q, k_cache, v_cache, meta.seq_lens_dev, meta.block_tables, scale, sliding_window)
-    if prefill_attention is not None:
+    if triton:
         return prefill_attention(
             q, k_cache, v_cache, meta.query_start_loc_dev, meta.seq_lens_dev, meta.block_tables,
             meta.max_query_len, scale, sliding_window,

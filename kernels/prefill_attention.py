@@ -62,10 +62,14 @@ def prefill_attention(
     group = heads // kv_heads
     group_pad = triton.next_power_of_2(group)
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    block_m = max(BLOCK_M, group_pad) if not interpret else max(16, 2 * group_pad)  # small tiles: quick CPU tests
+    # head_dim 256: half the rows and twice the warps keep the f32 accumulator at 64 registers a thread.
+    wide = head_dim > 128
+    block_m = max(BLOCK_M // 2 if wide else BLOCK_M, group_pad)
+    options = dict(num_warps=NUM_WARPS * 2 if wide else NUM_WARPS, num_stages=NUM_STAGES)
+    if interpret:  # small tiles keep the CPU tests quick
+        block_m, options = max(16, 2 * group_pad), {}
     block_q = block_m // group_pad
     grid = (triton.cdiv(max_query_len, block_q), B, kv_heads)
-    options = {} if interpret else dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     _kernel(interpret)[grid](
         q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, out,
         scale * LOG2E, sliding_window or 0,

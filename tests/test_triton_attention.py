@@ -147,3 +147,13 @@ def test_prefill_matches_reference_on_gpu(dtype):
     q_lens = [512, 517, 1000, 1, 33, 1, 300]
     _check_prefill(seq_lens, q_lens, 32, 8, 128, 16, dtype, device="cuda")
     _check_prefill(seq_lens, q_lens, 32, 8, 128, 16, dtype, window=256, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [(16, 16, 64, 32), (14, 2, 64, 16), (8, 4, 256, 16)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_other_head_shapes_on_gpu(heads, kv_heads, head_dim, block_size, dtype):
+    # MHA at head_dim 64, a group of 7 (Qwen2.5-7B: 28 / 4), head_dim 256 (its own tile shape).
+    _check_decode([700, 1, 0, 1500], heads, kv_heads, head_dim, block_size, dtype, device="cuda")
+    _check_prefill([700, 1, 1500, 90], [300, 1, 1500, 1], heads, kv_heads, head_dim, block_size, dtype, device="cuda")

@@ -18,22 +18,6 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}  # bf16: probabilities enter the P @ V dot as bf16
 
 
-@pytest.fixture
-def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when the kernels are first made; CUDA runs never set it
-    # Triton 3.6's interpreter turns a scalar (a 1-element array) into a loop bound with int(array),
-    # which numpy >= 2.3 refuses; give it the element instead. Compiled kernels never take this path.
-    from triton.runtime import interpreter
-
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patch_tensor_with_index(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patch_tensor_with_index)
-
-
 def _paged_case(seq_lens, q_lens, heads, kv_heads, head_dim, block_size, dtype, device="cpu", seed=0, spare_cols=1):
     """Random q and caches; each sequence's blocks are a random, non-contiguous set of cache blocks."""
     g = torch.Generator().manual_seed(seed)
@@ -86,7 +70,7 @@ def _check_decode(seq_lens, heads, kv_heads, head_dim, block_size, dtype, window
         ([150, 20], 6, 2, 64, 32, torch.bfloat16, 70, 1),  # sliding window, one pass
     ],
 )
-def test_decode_matches_reference(interpret, seq_lens, heads, kv_heads, head_dim, block_size, dtype, window, num_splits):
+def test_decode_matches_reference(triton_interpreter, seq_lens, heads, kv_heads, head_dim, block_size, dtype, window, num_splits):
     _check_decode(seq_lens, heads, kv_heads, head_dim, block_size, dtype, window, num_splits)
 
 
@@ -134,7 +118,7 @@ def _check_prefill(seq_lens, q_lens, heads, kv_heads, head_dim, block_size, dtyp
         ([90, 33, 12], [50, 1, 12], 6, 2, 64, 16, torch.float32, 20),  # group of 3 (padded), sliding window
     ],
 )
-def test_prefill_matches_reference(interpret, seq_lens, q_lens, heads, kv_heads, head_dim, block_size, dtype, window):
+def test_prefill_matches_reference(triton_interpreter, seq_lens, q_lens, heads, kv_heads, head_dim, block_size, dtype, window):
     _check_prefill(seq_lens, q_lens, heads, kv_heads, head_dim, block_size, dtype, window)
 
 

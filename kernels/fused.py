@@ -1,4 +1,4 @@
-"""Fused elementwise ops of the decoder layer as Triton kernels: RMSNorm (with the residual add), RoPE, SiLU-mul.
+"""Fused elementwise ops of the decoder layer as Triton kernels: RMSNorm (with the residual add), RoPE, SiLU-mul, KV write.
 
 In eager torch each of these is a chain of small kernels (HF's RMSNorm alone is seven launches; the
 rotate-half RoPE on q and k, fourteen), and at decode batch sizes those launches, not the bytes,
@@ -11,12 +11,14 @@ the input dtype, then multiplies by the weight in that dtype; the residual sum i
 activation dtype first; RoPE rounds each product and sum to the activation dtype, as bf16 torch ops
 do, so it matches the reference bit for bit; SiLU rounds to the dtype before the product with up.
 Only the RMSNorm's mean can differ from torch in the last bits (a different summation order).
+`write_kv` is kernels/attention.py's `write_kv` (its reference) with k and v in one launch.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from types import SimpleNamespace
 
 import torch
 
@@ -93,6 +95,27 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:  # [T, 2 * I] (gate | up) -
     return out
 
 
+def write_kv(
+    k: torch.Tensor,  # [T, kv_heads, head_dim], last dim contiguous (a view into the qkv output is fine)
+    v: torch.Tensor,  # [T, kv_heads, head_dim], last dim contiguous
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim] contiguous, written in place
+    v_cache: torch.Tensor,  # same shape, dtype and layout as k_cache
+    slot_mapping: torch.Tensor,  # [T] int64 (or int32): block_id * block_size + offset; < 0 = padding, skipped
+) -> None:
+    """Store each token's key and value in its cache slot, cast to the cache dtype; no host sync."""
+    _require_triton()
+    T, kv_heads, head_dim = k.shape
+    assert v.shape == k.shape and k.stride(-1) == v.stride(-1) == 1, (k.shape, v.shape)
+    assert k_cache.shape[2:] == (kv_heads, head_dim) and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert v_cache.shape == k_cache.shape and v_cache.dtype == k_cache.dtype and slot_mapping.shape == (T,)
+    if T:
+        block = triton.next_power_of_2(head_dim)
+        _kernels(_interpret()).write_kv[(T,)](
+            k, v, k_cache, v_cache, slot_mapping, kv_heads, head_dim, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            HEADS=triton.next_power_of_2(kv_heads), BLOCK=block, **_options(kv_heads * block),
+        )  # fmt: skip
+
+
 def _require_triton() -> None:
     if triton is None:
         raise RuntimeError("the fused Triton kernels need the triton package: pip install triton")
@@ -110,12 +133,9 @@ def _options(elements: int) -> dict:
 @functools.cache
 def _kernels(interpret: bool):
     # Jitted on first use: triton.jit reads TRITON_INTERPRET when it wraps the function (see kv_pack).
-    return _Kernels(rms_norm=triton.jit(_rms_norm), rope=triton.jit(_rope), silu_mul=triton.jit(_silu_mul))
-
-
-class _Kernels:
-    def __init__(self, **kernels):
-        self.__dict__.update(kernels)
+    return SimpleNamespace(
+        rms_norm=triton.jit(_rms_norm), rope=triton.jit(_rope), silu_mul=triton.jit(_silu_mul), write_kv=triton.jit(_write_kv)
+    )
 
 
 def _rms_norm(x, residual, weight, out, summed, eps, N, stride_t, stride_h, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
@@ -170,3 +190,19 @@ def _silu_mul(gate_up, out, inter, stride_t, BLOCK: tl.constexpr):
     g32 = g.to(tl.float32)
     act = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype)
     tl.store(out + t * inter + cols, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask)
+
+
+def _write_kv(k, v, k_cache, v_cache, slot_mapping, kv_heads, head_dim, stride_kt, stride_kh, stride_vt, stride_vh,
+              HEADS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """One token: its k and v rows (all kv heads) into cache slot slot_mapping[t], unless that is < 0."""
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping + t).to(tl.int64)
+    if slot >= 0:
+        h = tl.arange(0, HEADS)[:, None]
+        d = tl.arange(0, BLOCK)[None, :]
+        mask = (h < kv_heads) & (d < head_dim)
+        dst = slot * kv_heads * head_dim + h * head_dim + d  # [HEADS, BLOCK]
+        kt = tl.load(k + t * stride_kt + h * stride_kh + d, mask=mask)
+        vt = tl.load(v + t * stride_vt + h * stride_vh + d, mask=mask)
+        tl.store(k_cache + dst, kt.to(k_cache.dtype.element_ty), mask=mask)
+        tl.store(v_cache + dst, vt.to(v_cache.dtype.element_ty), mask=mask)

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kvrelay.kernels.attention import write_kv as write_kv_reference
 from kvrelay.ranks.engine.model import RMSNorm, apply_rope
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="no triton")
@@ -82,6 +83,24 @@ def _check_silu_mul(tokens, inter, dtype, device="cpu"):
     torch.testing.assert_close(silu_mul(gate_up), F.silu(gate) * up, **_tol(dtype, device))
 
 
+def _check_write_kv(tokens, kv_heads, head_dim, block_size, dtype, device="cpu"):
+    from kvrelay.kernels.fused import write_kv
+
+    g = torch.Generator().manual_seed(tokens)
+    num_blocks = 2 + tokens // block_size
+    kv = _randn(tokens, 3 * kv_heads * head_dim, dtype=dtype, device=device)  # k and v: strided views, as in the model
+    k = kv[:, : kv_heads * head_dim].view(tokens, kv_heads, head_dim)
+    v = kv[:, kv_heads * head_dim : 2 * kv_heads * head_dim].view(tokens, kv_heads, head_dim)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:tokens]
+    slots[::3] = -1  # padding rows
+    slots = slots.to(device)
+    caches = [_randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device, seed=s) for s in (5, 6)]
+    want = [c.clone() for c in caches]
+    write_kv_reference(k, v, *want, slots)
+    write_kv(k, v, *caches, slots)
+    assert torch.equal(caches[0], want[0]) and torch.equal(caches[1], want[1])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens, hidden", [(3, 64), (2, 100)])  # 100: a row that is not a power of two
 def test_rms_norm_matches_model(triton_interpreter, tokens, hidden, dtype):
@@ -110,6 +129,12 @@ def test_silu_mul_matches_model(triton_interpreter, dtype):
     _check_silu_mul(3, 40, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_heads, head_dim", [(2, 16), (3, 12)])
+def test_write_kv_matches_reference(triton_interpreter, kv_heads, head_dim, dtype):
+    _check_write_kv(7, kv_heads, head_dim, 4, dtype)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -118,3 +143,4 @@ def test_fused_ops_match_model_on_gpu(tokens, dtype):
     _check_rms_norm(tokens, 4096, dtype, device="cuda")
     _check_rope(tokens, 32, 8, 128, dtype, device="cuda")
     _check_silu_mul(tokens, 14336, dtype, device="cuda")
+    _check_write_kv(tokens, 8, 128, 16, dtype, device="cuda")

@@ -63,7 +63,7 @@ def decode_attention(
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1, (out.shape, out.dtype)
     if B == 0:
         return out
-    max_ctx = block_tables.shape[1] * block_size
+    max_ctx = max(block_tables.shape[1], 1) * block_size  # a table of width 0 holds only empty rows
     if num_splits is None:
         num_splits = _auto_splits(B * kv_heads, max_ctx, q.device)
     # Partitions are whole tiles; recomputing the count drops partitions the rounding left empty.

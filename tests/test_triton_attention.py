@@ -74,6 +74,17 @@ def test_decode_matches_reference(triton_interpreter, seq_lens, heads, kv_heads,
     _check_decode(seq_lens, heads, kv_heads, head_dim, block_size, dtype, window, num_splits)
 
 
+def test_decode_of_padding_rows_only_is_zero(triton_interpreter):
+    # A graph's batch may be all padding, with a block table of width 0: zeros, no read of the cache.
+    from kvrelay.kernels.decode_attention import decode_attention
+
+    cache = torch.full((3, 16, 2, 64), float("nan"))
+    lens, tables = torch.zeros(2, dtype=torch.int32), torch.zeros((2, 0), dtype=torch.int32)
+    for num_splits in (1, 2):
+        out = decode_attention(torch.randn(2, 4, 64), cache, cache, lens, tables, 0.125, num_splits=num_splits)
+        assert torch.equal(out, torch.zeros_like(out))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("batch, ctx", [(1, 4100), (1, 517), (64, 640), (256, 700)])

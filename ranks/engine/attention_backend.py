@@ -8,9 +8,10 @@ are not importable or not built for the head size, a decode falls back to a gath
 captured in a CUDA graph) and a mixed step to that gather for its one-token rows and the reference
 loop for its prompt chunks.
 
-The GPU path writes the cache with one unconditional `index_copy_`: the model runner points padding
-rows at a scratch block that no sequence owns, so the write needs no mask (a boolean mask would
-sync with the host and could not be captured).
+The GPU path writes the cache with the Triton `write_kv` (kernels/fused.py), or without Triton one
+unconditional `index_copy_`: the model runner points padding rows at a scratch block that no
+sequence owns, so the write needs no mask (a boolean mask would sync with the host and could not
+be captured).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvrelay.kernels import fused
 from kvrelay.kernels.attention import paged_attention, write_kv
 
 if TYPE_CHECKING:
@@ -54,8 +56,11 @@ def attend(
             q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale, sliding_window
         )
     kv_heads, head_dim = k_cache.shape[2:]
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+    if fused.triton is not None:
+        fused.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    else:
+        k_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
     triton = triton_available(head_dim)
     if meta.decode_only:
         if triton:

@@ -7,7 +7,9 @@ flat packed tokens of a whole batch (prefill chunks and decode tokens mixed) and
 
 Numerics follow Hugging Face transformers op by op (RMSNorm in float32 then cast, rotate-half RoPE
 from a float32 table, residual adds in the same places) so that float32 greedy outputs match
-`transformers` on the same checkpoint. q/k/v and gate/up are fused into one matmul each;
+`transformers` on the same checkpoint; on CUDA the norms (with the residual add), RoPE and SiLU-mul
+run as the fused Triton kernels of kernels/fused.py, which round the same way. q/k/v and gate/up
+are fused into one matmul each;
 `load_weights` maps the Hugging Face tensor names onto row ranges of the fused weights.
 """
 
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvrelay.kernels import fused
 from kvrelay.ranks.engine.attention_backend import attend
 from kvrelay.ranks.engine.spec import ModelConfigError, ModelSpec, RopeSpec
 
@@ -96,6 +99,11 @@ def apply_rope(
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def use_fused(x: torch.Tensor) -> bool:
+    """The fused Triton kernels (kernels/fused.py) serve CUDA tensors; the torch ops are their reference."""
+    return x.is_cuda and fused.triton is not None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -103,12 +111,25 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., dim], dtype of x
+        if use_fused(x):
+            return fused.rms_norm(x, self.weight, self.eps)
         # HF's order: normalize in f32, cast back to the input dtype, then scale by the weight.
         input_dtype = x.dtype
         x = x.to(torch.float32)
         variance = x.pow(2).mean(-1, keepdim=True)
         x = x * torch.rsqrt(variance + self.eps)
         return self.weight * x.to(input_dtype)
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # [T, dim], [T, dim] -> normed, sum; dtype of x
+        """The residual stream's add and this norm: (norm(residual + x), residual + x)."""
+        if residual is None:
+            return self(x), x
+        if use_fused(x):
+            return fused.rms_norm(x, self.weight, self.eps, residual)
+        summed = residual + x
+        return self(summed), summed
 
 
 def _linear(n_in: int, n_out: int, bias: bool, dtype: torch.dtype, device: torch.device) -> nn.Linear:
@@ -145,7 +166,10 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             # Qwen3 normalizes each head before RoPE.
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if use_fused(q):
+            fused.apply_rope_(q, k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = attend(q, k, v, kv_cache, meta, self.scale, self.sliding_window)  # [T, heads, head_dim]
         return self.o_proj(o.view(T, self.q_size))
 
@@ -157,7 +181,10 @@ class MLP(nn.Module):
         self.down_proj = _linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if use_fused(gate_up):
+            return self.down_proj(fused.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -171,14 +198,18 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        h: torch.Tensor,  # [T, hidden]
+        h: torch.Tensor,  # [T, hidden]: the last layer's MLP output (the embedding for layer 0)
+        residual: torch.Tensor | None,  # [T, hidden]: the residual stream before h is added; None in layer 0
         cos: torch.Tensor,  # [T, 1, head_dim // 2]
         sin: torch.Tensor,  # [T, 1, head_dim // 2]
         meta: AttentionMetadata,
         kv_cache: KVCache,
-    ) -> torch.Tensor:  # [T, hidden]
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # this layer's MLP output, the residual stream before it
+        # The residual adds ride with the next norm (one fused kernel on the GPU); the sums are
+        # HF's `residual + hidden_states`, in the same order, so the arithmetic is unchanged.
+        x, residual = self.input_layernorm.add_forward(h, residual)
+        x, residual = self.post_attention_layernorm.add_forward(self.self_attn(x, cos, sin, meta, kv_cache), residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -229,9 +260,10 @@ class LlamaForCausalLM(nn.Module):
         # HF computes cos/sin in f32 and casts them to the activation dtype before the rotation.
         cos = self.rope_cos[positions].to(h.dtype)[:, None, :]  # [T, 1, head_dim // 2]
         sin = self.rope_sin[positions].to(h.dtype)[:, None, :]
+        residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            h = layer(h, cos, sin, meta, kv_cache)
-        return self.model.norm(h)
+            h, residual = layer(h, residual, cos, sin, meta, kv_cache)
+        return self.model.norm.add_forward(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] f32
         return self.lm_head(hidden).float()

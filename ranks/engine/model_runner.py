@@ -90,6 +90,7 @@ class ModelRunner:
         self.max_batch_tokens = max_batch_tokens
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
+        self.table_width = -(-self.max_blocks // 16) * 16  # widest block table a step uploads
         self.is_cuda = device.type == "cuda"
         self.use_graphs = cuda_graphs and self.is_cuda
         with torch.device(device):
@@ -107,14 +108,14 @@ class ModelRunner:
         # rows, int32 offsets, lengths and block tables, each section 8-byte aligned.
         self.graph_rows = max(graph_batch_sizes(max_seqs)) if self.use_graphs else 0
         self._rows = rows = max(max_batch_tokens, max_seqs, self.graph_rows)
-        nbytes = 8 * (3 * rows + max_seqs) + 4 * (max_seqs * (self.max_blocks + 2) + 1) + 64
+        nbytes = 8 * (3 * rows + max_seqs) + 4 * (max_seqs * (self.table_width + 2) + 1) + 64
         self._host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.is_cuda)
         self._host_np = self._host.numpy()
         self._dev = torch.empty(nbytes, dtype=torch.uint8, device=device) if self.is_cuda else self._host
         self._copied = torch.cuda.Event() if self.is_cuda else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_hidden: torch.Tensor | None = None  # [graph_rows, hidden]: the graphs' output
-        self.graph_tables: torch.Tensor | None = None  # [graph_rows, max_blocks] int32: the graphs' block tables
+        self.graph_tables: torch.Tensor | None = None  # [graph_rows, table_width] int32: the graphs' block tables
         self.last_step_graph = False
 
     def block_bytes(self) -> int:
@@ -191,7 +192,7 @@ class ModelRunner:
         before = torch.cuda.memory_reserved(self.device)
         R = self.graph_rows
         self.graph_hidden = torch.zeros(R, self.spec.hidden_size, dtype=self.dtype, device=self.device)
-        self.graph_tables = torch.zeros(R, self.max_blocks, dtype=torch.int32, device=self.device)
+        self.graph_tables = torch.zeros(R, self.table_width, dtype=torch.int32, device=self.device)
         ids, positions, slots, seq_lens = self._upload_graph(self._pad_arrays(0, R))[:4]
         pool = torch.cuda.graph_pool_handle()
         for bs in sorted(graph_batch_sizes(self.max_seqs), reverse=True):
@@ -238,8 +239,10 @@ class ModelRunner:
         ids = np.fromiter(chain.from_iterable(t[s : s + q] for t, s, q, _, _ in items), np.int64, T)
         rows = np.repeat(np.arange(n), num_new)  # [T] sequence of each token
         positions = np.arange(T) - qsl[rows] + start[rows]
-        width = max(len(it[3]) for it in items)
-        assert width <= self.max_blocks and n <= self.max_seqs and T <= self._rows
+        # A multiple of 16: Triton specializes an int argument on divisibility by 16, and the
+        # tables' row stride is one; a width that changed class would compile the kernel again.
+        width = -(-max(len(it[3]) for it in items) // 16) * 16
+        assert width <= self.table_width and n <= self.max_seqs and T <= self._rows
         tables = np.zeros((n, width), np.int64)
         for i, it in enumerate(items):
             tables[i, : len(it[3])] = it[3]

@@ -26,12 +26,15 @@ import torch
 import yaml
 
 from kvrelay.configs.schema import load_config
-from kvrelay.ranks.engine.checkpoint import build_tokenizer, model_config
+from kvrelay.ranks.engine.checkpoint import build_tokenizer, model_config, random_weights
 from kvrelay.ranks.engine.engine import Engine
 from kvrelay.ranks.engine.model_runner import ModelRunner
 from kvrelay.ranks.engine.sim_runner import DEFAULT_TIMING, SimTokenizer, TimingModel
 from kvrelay.ranks.engine.spec import ModelSpec
 from kvrelay.router.request import Request, SamplingParams
+
+MAX_SEQS = 256
+MAX_CONTEXT = 32768  # longest prefill point (16k cached + 8k new) fits
 
 GRIDS = {
     # (new, cached) prefill points; (batch, context) decode points.
@@ -50,14 +53,19 @@ GRIDS = {
 
 def build_engine(size: str, device: torch.device, dtype: torch.dtype, block_size: int, max_batch_tokens: int,
                  kv_gib: float | None) -> Engine:
-    spec = ModelSpec.from_hf_config(model_config("llama", size, build_tokenizer("llama"), str(dtype).removeprefix("torch.")))
+    hf = model_config("llama", size, build_tokenizer("llama"), str(dtype).removeprefix("torch."))
+    spec = ModelSpec.from_hf_config(hf)
+    max_model_len = min(spec.max_position_embeddings, MAX_CONTEXT)
     cfg = load_config(None, [f"model.name=llama-{size}", f"cache.block_size={block_size}", f"scheduler.max_batch_tokens={max_batch_tokens}",
-                             "scheduler.max_seqs=256"])
-    runner = ModelRunner(spec, None, dtype, device, block_size)
-    reserve = 4 * max_batch_tokens * (4 * spec.hidden_size + 2 * spec.intermediate_size) + 4 * 256 * spec.vocab_size
-    num_blocks = runner.size_kv_cache(None, cfg.cache.gpu_memory_fraction, kv_gib or cfg.cache.cpu_kv_gib, reserve)
+                             f"scheduler.max_seqs={MAX_SEQS}"])
+    # The engine's own set-up (profiling forward, KV sized from free memory, decode CUDA graphs),
+    # on random weights drawn on the device: no checkpoint to write and read.
+    runner = ModelRunner(spec, random_weights(hf, dtype, device), dtype, device, block_size, max_model_len, MAX_SEQS,
+                         max_batch_tokens)
+    num_blocks = runner.size_kv_cache(None, cfg.cache.gpu_memory_fraction, kv_gib or cfg.cache.cpu_kv_gib, runner.profile())
     runner.allocate(num_blocks)
-    return Engine(cfg, runner, SimTokenizer(), num_blocks, spec.max_position_embeddings, spec.vocab_size, [])
+    runner.capture_graphs()
+    return Engine(cfg, runner, SimTokenizer(), num_blocks, max_model_len, spec.vocab_size, [])
 
 
 class Timer:

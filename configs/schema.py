@@ -33,6 +33,7 @@ class ModelSection(_Section):
     dtype: Dtype = "auto"
     max_model_len: int | None = Field(None, ge=2, description="context length; default: the model's")
     name: str | None = Field(None, description="model name written in output lines; default: the directory name")
+    enforce_eager: bool = Field(False, description="run every step eagerly: no CUDA graphs for decode steps")
 
 
 class CacheSection(_Section):

@@ -8,6 +8,7 @@
     kvrelay sbatch CONFIG -i IN.jsonl -o OUT.jsonl --model DIR [--set KEY=VALUE ...] [--array N] [--dry-run]
     kvrelay submit CONFIG -i IN.jsonl -o OUT.jsonl --model DIR [--set KEY=VALUE ...] [--wait]
     kvrelay shard missing|merge -i IN.jsonl -o OUT.jsonl --shards N
+    kvrelay bench throughput [--size tiny|8b-shape] [--peer none|defaults|tuned|both] [--json OUT] ...
 """
 
 from __future__ import annotations
@@ -212,6 +213,12 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fail-on-error", action="store_true", help="exit non-zero if any line was an error")
 
 
+def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from kvrelay.bench import throughput
+
+    return throughput.main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvrelay", description="LLM batch inference for HPC clusters")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -254,13 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", default="runs/demo")
     d.set_defaults(func=cmd_demo)
 
-    b = sub.add_parser("bench", help="benchmarks (results as JSON)")
+    b = sub.add_parser("bench", help="benchmarks (results as JSON): `kvrelay bench route|throughput --help`")
     bench = b.add_subparsers(dest="bench", required=True)
     from kvrelay.bench.route import add_arguments as route_arguments
 
     br = bench.add_parser("route", help="B2: placement policies on a timed trace, simulated workers over MPI")
     route_arguments(br)
     br.set_defaults(func=cmd_bench_route)
+    # The throughput benchmark parses its own flags (it also runs as `python -m kvrelay.bench.throughput`).
+    t = bench.add_parser("throughput", help="B1: offline throughput vs transformers and the floor", add_help=False)
+    t.set_defaults(func=cmd_bench_throughput)
 
     b = sub.add_parser("sbatch", help="render the job's sbatch script from the config and submit it")
     _job_args(b)
@@ -284,7 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and getattr(args, "bench", None) != "throughput":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.bench_args = rest
     args.argv = argv
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="kvrelay: %(message)s", stream=sys.stderr

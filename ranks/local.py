@@ -28,6 +28,7 @@ class LocalBackend:
                     "kv_blocks": e.pool.num_blocks,
                     "block_size": e.pool.block_size,
                     **asdict(e.stats),
+                    "memory": e.runner.memory_report(),
                 }
             ]
         }

@@ -123,6 +123,8 @@ class Worker:
                  "kv_blocks": e.pool.num_blocks, **vars(e.stats), **vars(self.stats)}
         if e.runner.simulated:
             stats["sim"] = vars(e.runner.stats)
+        else:
+            stats["memory"] = e.runner.memory_report()
         self.outbox.send(stats, ROUTER, Tag.STATS)
         self.outbox.flush()
 

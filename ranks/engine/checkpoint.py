@@ -370,11 +370,11 @@ def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """[*shape] float32 cpu. Matrices have std 2/sqrt(fan_in), so that each layer moves the residual stream
+    """[*shape] float32 on the generator's device. Matrices have std 2/sqrt(fan_in), so that each layer moves the residual stream
     more than the embedding does; with the usual 0.02, or 1/sqrt(fan_in), the 2-layer tied llama's greedy
     output repeats one or two tokens, and a model that ignores its context would pass the tests."""
     # In place, so that the 8b-shape embedding (2 GB in float32) is held once.
-    t = torch.randn(shape, generator=gen)
+    t = torch.randn(shape, generator=gen, device=gen.device)
     if name.endswith("norm.weight"):
         # Around 1 like a trained RMSNorm, but not exactly 1, so a norm weight applied wrongly shows.
         return t.mul_(0.1).add_(1.0)
@@ -421,6 +421,43 @@ def _shard_of(shapes: list[tuple[str, tuple[int, ...]]], shards: int) -> list[in
     return out
 
 
+def write_model_files(out: Path, arch: str, size: str, dtype: str) -> dict:
+    """Everything of a checkpoint but its weights (config, generation config, tokenizer); returns config.json's dict."""
+    out.mkdir(parents=True, exist_ok=True)
+    family = _FAMILIES[arch]
+    tok = build_tokenizer(arch)
+    tok.save(str(out / "tokenizer.json"))
+    cfg = model_config(arch, size, tok, dtype)
+    _write_json(out / "config.json", cfg)
+    generation = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": [tok.token_to_id(t) for t in family.stop]}
+    _write_json(out / "generation_config.json", generation)
+    _write_json(
+        out / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": family.bos,
+            "eos_token": family.eos,
+            "add_bos_token": family.add_bos,
+            "add_eos_token": False,
+            "model_max_length": cfg["max_position_embeddings"],
+            "clean_up_tokenization_spaces": False,
+            "chat_template": family.chat_template,
+        },
+    )
+    return cfg
+
+
+def random_weights(
+    cfg: dict, dtype: torch.dtype, device: torch.device | str = "cpu", seed: int = 0
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor of `dtype` on `device`) for every weight of config.json's `cfg`, drawn as
+    make_model draws them but on `device`: a GPU benchmark builds an 8B model in seconds, with no
+    16 GB written or read. The same seed and device give the same tensors."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, shape in tensor_shapes(cfg):
+        yield name, _random_tensor(name, shape, gen).to(dtype)
+
+
 def make_model(
     out_dir: str | Path,
     arch: str,
@@ -450,28 +487,7 @@ def make_model(
     # Files of an earlier model (another shard count) would be read as part of this one.
     if out.exists() and any(out.iterdir()):
         raise ModelConfigError(f"{out} is not empty; give make-model a new directory")
-    out.mkdir(parents=True, exist_ok=True)
-    family = _FAMILIES[arch]
-    tok = build_tokenizer(arch)
-    tok.save(str(out / "tokenizer.json"))
-    cfg = model_config(arch, size, tok, dtype)
-    _write_json(out / "config.json", cfg)
-    generation = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": [tok.token_to_id(t) for t in family.stop]}
-    _write_json(out / "generation_config.json", generation)
-    _write_json(
-        out / "tokenizer_config.json",
-        {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": family.bos,
-            "eos_token": family.eos,
-            "add_bos_token": family.add_bos,
-            "add_eos_token": False,
-            "model_max_length": cfg["max_position_embeddings"],
-            "clean_up_tokenization_spaces": False,
-            "chat_template": family.chat_template,
-        },
-    )
-
+    cfg = write_model_files(out, arch, size, dtype)
     shapes = tensor_shapes(cfg)
     torch_dtype = DTYPES[dtype]
     if shards is None:

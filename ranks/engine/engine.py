@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import xxhash
 
 from kvrelay.configs.schema import JobConfig
 from kvrelay.ranks.engine.block_pool import BlockPool
-from kvrelay.ranks.engine.loader import check_dtype, read_model_dir
+from kvrelay.ranks.engine.loader import check_dtype, iter_weights, read_model_dir
 from kvrelay.ranks.engine.model_runner import ModelRunner
 from kvrelay.ranks.engine.sampler import SampleRow, request_generator, sample
 from kvrelay.ranks.engine.scheduler import Scheduler
@@ -28,6 +30,8 @@ from kvrelay.ranks.engine.tokenizer import Tokenizer
 from kvrelay.router.block_hash import hash_seed
 from kvrelay.router.request import Request, RequestResult, TokenLogprob
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class EngineStats:
@@ -37,6 +41,12 @@ class EngineStats:
     output_tokens: int = 0
     steps: int = 0
     preemptions: int = 0
+    # Host time of the steps (schedule, metadata, launches, postprocess; not the wait for the GPU),
+    # in all and in the steps where every sequence ran one token.
+    host_s: float = 0.0
+    decode_steps: int = 0
+    decode_host_s: float = 0.0
+    graph_steps: int = 0
 
 
 def pick_device(name: str) -> torch.device:
@@ -105,21 +115,31 @@ class Engine:
         self.stats = EngineStats()
 
     @classmethod
-    def from_config(cls, cfg: JobConfig, device: torch.device | None = None) -> Engine:
+    def from_config(
+        cls,
+        cfg: JobConfig,
+        device: torch.device | None = None,
+        weights: Iterable[tuple[str, torch.Tensor]] | None = None,
+    ) -> Engine:
+        """The engine of `cfg.model.path` (or, with `sim.enabled`, of its timing model); `weights`
+        (Hugging Face names) replace the directory's safetensors files, which then need not exist
+        (benchmarks build random weights on the GPU)."""
         if cfg.sim.enabled:
             return cls.simulated(cfg)
         if cfg.model.path is None:
             raise ModelConfigError("no model: set model.path in the config or pass --model DIR")
-        spec, files = read_model_dir(cfg.model.path)
+        spec, files = read_model_dir(cfg.model.path, with_weights=weights is None)
         device = device or pick_device(cfg.job.device)
         dtype = check_dtype(cfg.model.dtype, device, spec)
         max_model_len = resolve_max_model_len(cfg, spec)
         tokenizer = Tokenizer.from_dir(cfg.model.path)
-        runner = ModelRunner(spec, files, dtype, device, cfg.cache.block_size)
-        # Activations of one step: a few hidden-sized and FFN-sized rows per token, in float32.
         sched = cfg.scheduler
-        reserve = 4 * sched.max_batch_tokens * (4 * spec.hidden_size + 2 * spec.intermediate_size)
-        reserve += 4 * sched.max_seqs * spec.vocab_size
+        runner = ModelRunner(
+            spec, iter_weights(files, dtype, device) if weights is None else weights, dtype, device,
+            cfg.cache.block_size, max_model_len, sched.max_seqs, sched.max_batch_tokens,
+            cuda_graphs=not cfg.model.enforce_eager,
+        )
+        reserve = runner.profile()  # activation peaks, measured on the GPU; 0 on the CPU
         num_blocks = runner.size_kv_cache(
             cfg.cache.num_blocks, cfg.cache.gpu_memory_fraction, cfg.cache.cpu_kv_gib, reserve
         )
@@ -131,6 +151,9 @@ class Engine:
                 "or give the cache more memory"
             )
         runner.allocate(num_blocks)
+        runner.capture_graphs()
+        if device.type == "cuda":
+            log.info("device memory: %s", runner.memory_report())
         return cls(cfg, runner, tokenizer, num_blocks, max_model_len, spec.vocab_size, spec.eos_token_ids)
 
     @classmethod
@@ -201,6 +224,7 @@ class Engine:
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestResult]:
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -208,11 +232,13 @@ class Engine:
         logits = self.runner.execute(batch)
         for item in batch:
             self.scheduler.on_computed(item)
+        t1 = time.perf_counter()
         if self.runner.simulated:
             tokens, logprobs = self.runner.sample(len(sampling)), [None] * len(sampling)
         else:
             rows = [SampleRow(s.sampling, self.generators.get(s.request_id), self._banned(s)) for s in sampling]
-            tokens, logprobs = sample(logits, rows)
+            tokens, logprobs = sample(logits, rows)  # the step's one wait for the GPU: the sampled ids
+        t2 = time.perf_counter()
         finished = []
         now = time.time()
         for seq, token, lp in zip(sampling, tokens, logprobs):
@@ -233,6 +259,12 @@ class Engine:
                 self.handoffs.append(seq)
         self.stats.steps += 1
         self.stats.preemptions = self.scheduler.num_preemptions
+        host = t1 - t0 + time.perf_counter() - t2
+        self.stats.host_s += host
+        if all(item.num_new_tokens == 1 for item in batch):
+            self.stats.decode_steps += 1
+            self.stats.decode_host_s += host
+            self.stats.graph_steps += self.runner.last_step_graph
         return finished
 
     def _banned(self, seq: Sequence) -> list[int]:

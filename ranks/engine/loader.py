@@ -20,8 +20,9 @@ INDEX_FILE = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def read_model_dir(path: str | Path) -> tuple[ModelSpec, list[Path]]:
-    """The spec of the model in `path` and its safetensors files, in the order to load them."""
+def read_model_dir(path: str | Path, with_weights: bool = True) -> tuple[ModelSpec, list[Path]]:
+    """The spec of the model in `path` and its safetensors files, in the order to load them
+    (none, and none looked for, without `with_weights`)."""
     path = Path(path)
     if not path.exists():
         raise ModelConfigError(f"model path {path} does not exist; give the path of a Hugging Face model directory")
@@ -34,7 +35,7 @@ def read_model_dir(path: str | Path) -> tuple[ModelSpec, list[Path]]:
     config = read_json(path / "config.json")
     generation = read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else None
     spec = ModelSpec.from_hf_config(config, generation)
-    files = _weight_files(path)
+    files = _weight_files(path) if with_weights else []
     tokenizer_file(path)
     return spec, files
 

@@ -7,7 +7,9 @@ flat packed tokens of a whole batch (prefill chunks and decode tokens mixed) and
 
 Numerics follow Hugging Face transformers op by op (RMSNorm in float32 then cast, rotate-half RoPE
 from a float32 table, residual adds in the same places) so that float32 greedy outputs match
-`transformers` on the same checkpoint. q/k/v and gate/up are fused into one matmul each;
+`transformers` on the same checkpoint; on CUDA the norms (with the residual add), RoPE and SiLU-mul
+run as the fused Triton kernels of kernels/fused.py, which round the same way. q/k/v and gate/up
+are fused into one matmul each;
 `load_weights` maps the Hugging Face tensor names onto row ranges of the fused weights.
 """
 
@@ -21,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvrelay.kernels.attention import paged_attention, write_kv
+from kvrelay.kernels import fused
+from kvrelay.ranks.engine.attention_backend import attend
 from kvrelay.ranks.engine.spec import ModelConfigError, ModelSpec, RopeSpec
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v: [num_blocks, block_size, kv_heads, head_dim]
@@ -32,14 +35,19 @@ class AttentionMetadata:
     """Where each packed token of one forward belongs; shared by all layers.
 
     Sequence i owns token rows query_start_loc[i]:query_start_loc[i + 1]; they are the last
-    q_len tokens of its seq_lens[i] tokens of context. The per-sequence counts are python lists
-    because the attention loops over them on the host; the tensors live on the model's device.
+    q_len tokens of its seq_lens[i] tokens of context. The python lists feed the reference
+    attention, which loops over sequences on the host; the `*_dev` tensors feed the GPU kernels,
+    which read everything from device memory so that a decode step can be replayed as a CUDA graph.
     """
 
     slot_mapping: torch.Tensor  # [T] int64: cache slot (block_id * block_size + offset) of each token, < 0 = padding
     query_start_loc: list[int]  # [B + 1] row offsets into the packed tokens, starts at 0
     seq_lens: list[int]  # [B] context length of each sequence after this step (cached + new tokens)
     block_tables: torch.Tensor  # [B, max_blocks] int32: block ids of each sequence, in token order
+    query_start_loc_dev: torch.Tensor | None = None  # [B + 1] int32, device copy of query_start_loc
+    seq_lens_dev: torch.Tensor | None = None  # [B] int32, device copy of seq_lens; 0 = padding row
+    max_query_len: int = 0
+    decode_only: bool = False  # every sequence runs exactly one token (rows = sequences)
 
 
 def allocate_kv_cache(
@@ -91,6 +99,11 @@ def apply_rope(
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def use_fused(x: torch.Tensor) -> bool:
+    """The fused Triton kernels (kernels/fused.py) serve CUDA tensors; the torch ops are their reference."""
+    return x.is_cuda and fused.triton is not None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -98,12 +111,25 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., dim], dtype of x
+        if use_fused(x):
+            return fused.rms_norm(x, self.weight, self.eps)
         # HF's order: normalize in f32, cast back to the input dtype, then scale by the weight.
         input_dtype = x.dtype
         x = x.to(torch.float32)
         variance = x.pow(2).mean(-1, keepdim=True)
         x = x * torch.rsqrt(variance + self.eps)
         return self.weight * x.to(input_dtype)
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # [T, dim], [T, dim] -> normed, sum; dtype of x
+        """The residual stream's add and this norm: (norm(residual + x), residual + x)."""
+        if residual is None:
+            return self(x), x
+        if use_fused(x):
+            return fused.rms_norm(x, self.weight, self.eps, residual)
+        summed = residual + x
+        return self(summed), summed
 
 
 def _linear(n_in: int, n_out: int, bias: bool, dtype: torch.dtype, device: torch.device) -> nn.Linear:
@@ -140,12 +166,11 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             # Qwen3 normalizes each head before RoPE.
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_cache, v_cache = kv_cache
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        o = paged_attention(
-            q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, self.scale, self.sliding_window
-        )  # [T, heads, head_dim]
+        if use_fused(q):
+            fused.apply_rope_(q, k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = attend(q, k, v, kv_cache, meta, self.scale, self.sliding_window)  # [T, heads, head_dim]
         return self.o_proj(o.view(T, self.q_size))
 
 
@@ -156,7 +181,10 @@ class MLP(nn.Module):
         self.down_proj = _linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if use_fused(gate_up):
+            return self.down_proj(fused.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -170,14 +198,18 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        h: torch.Tensor,  # [T, hidden]
+        h: torch.Tensor,  # [T, hidden]: the last layer's MLP output (the embedding for layer 0)
+        residual: torch.Tensor | None,  # [T, hidden]: the residual stream before h is added; None in layer 0
         cos: torch.Tensor,  # [T, 1, head_dim // 2]
         sin: torch.Tensor,  # [T, 1, head_dim // 2]
         meta: AttentionMetadata,
         kv_cache: KVCache,
-    ) -> torch.Tensor:  # [T, hidden]
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # this layer's MLP output, the residual stream before it
+        # The residual adds ride with the next norm (one fused kernel on the GPU); the sums are
+        # HF's `residual + hidden_states`, in the same order, so the arithmetic is unchanged.
+        x, residual = self.input_layernorm.add_forward(h, residual)
+        x, residual = self.post_attention_layernorm.add_forward(self.self_attn(x, cos, sin, meta, kv_cache), residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -228,9 +260,10 @@ class LlamaForCausalLM(nn.Module):
         # HF computes cos/sin in f32 and casts them to the activation dtype before the rotation.
         cos = self.rope_cos[positions].to(h.dtype)[:, None, :]  # [T, 1, head_dim // 2]
         sin = self.rope_sin[positions].to(h.dtype)[:, None, :]
+        residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            h = layer(h, cos, sin, meta, kv_cache)
-        return self.model.norm(h)
+            h, residual = layer(h, residual, cos, sin, meta, kv_cache)
+        return self.model.norm.add_forward(h, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] f32
         return self.lm_head(hidden).float()

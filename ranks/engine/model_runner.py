@@ -2,21 +2,72 @@
 
 `execute(batch)` packs the scheduled tokens of all sequences into one flat batch, runs the model
 and returns the last-position logits of the sequences that sample this step.
+
+Host work per step is kept small: the step's metadata is computed with numpy from the scheduler's
+ints and written into one pinned host buffer, which goes to the device in a single copy; every
+tensor the model reads is a view of that device buffer. On CUDA, a step in which every sequence
+runs one token replays a CUDA graph captured for the next larger padded batch size (padding rows
+have seq_len 0 and write their KV into a scratch block that no sequence owns); other steps run
+eagerly. The KV cache is sized from free GPU memory after a profiling forward at the largest step
+(vLLM's method), with the graphs' memory set aside too.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from itertools import chain
 
+import numpy as np
 import torch
 
 from kvrelay.kernels.kv_pack import pack_blocks, packed_shape, unpack_blocks
-from kvrelay.ranks.engine.loader import iter_weights
 from kvrelay.ranks.engine.model import AttentionMetadata, LlamaForCausalLM, allocate_kv_cache
 from kvrelay.ranks.engine.scheduler import ScheduledSeq
 from kvrelay.ranks.engine.spec import ModelConfigError, ModelSpec
 
+log = logging.getLogger(__name__)
 _GIB = 1 << 30
+
+
+def graph_batch_sizes(max_seqs: int) -> list[int]:
+    """Padded decode batch sizes that get a CUDA graph: 1, 2, 4, 8, then every 8 to 32, then every 16."""
+    sizes = [b for b in (1, 2, 4, 8, 16, 24, 32) if b < max_seqs] + list(range(48, max_seqs, 16))
+    return sizes + [max_seqs]
+
+
+@dataclass
+class StepArrays:
+    """One step's metadata as host numpy arrays (int64), before upload."""
+
+    ids: np.ndarray  # [T] token ids, packed by sequence
+    positions: np.ndarray  # [T]
+    slots: np.ndarray  # [T] cache slot of each token
+    query_start_loc: np.ndarray  # [B + 1]
+    seq_lens: np.ndarray  # [B]
+    tables: np.ndarray  # [B, W] block ids, 0 past a sequence's blocks
+    last_rows: np.ndarray  # [S] row of each sampling sequence's last token
+
+    @property
+    def decode_only(self) -> bool:
+        return len(self.ids) == len(self.seq_lens)
+
+
+@dataclass
+class MemoryReport:
+    """Where the device memory went; written into run summaries and the benchmark's JSON."""
+
+    total_gib: float = 0.0
+    weights_gib: float = 0.0
+    activation_peak_gib: float = 0.0  # eager forward at scheduler.max_batch_tokens
+    graph_reserve_gib: float = 0.0  # set aside for the decode graphs before sizing the KV cache
+    graph_pool_gib: float = 0.0  # what the captured graphs took
+    kv_blocks: int = 0
+    kv_gib: float = 0.0
+    cuda_graphs: int = 0
+    capture_s: float = 0.0
 
 
 class ModelRunner:
@@ -25,55 +76,150 @@ class ModelRunner:
     def __init__(
         self,
         spec: ModelSpec,
-        weight_files: list[Path] | None,
+        weights: Iterable[tuple[str, torch.Tensor]],
         dtype: torch.dtype,
         device: torch.device,
         block_size: int,
+        max_model_len: int,
+        max_seqs: int,
+        max_batch_tokens: int,
+        cuda_graphs: bool = True,
     ) -> None:
         self.spec = spec
         self.dtype = dtype
         self.device = device
         self.block_size = block_size
+        self.max_seqs = max_seqs
+        self.max_batch_tokens = max_batch_tokens
+        self.max_model_len = max_model_len
+        self.max_blocks = -(-max_model_len // block_size)
+        self.table_width = -(-self.max_blocks // 16) * 16  # widest block table a step uploads
+        self.is_cuda = device.type == "cuda"
+        self.use_graphs = cuda_graphs and self.is_cuda
         with torch.device(device):
             self.model = LlamaForCausalLM(spec, dtype=dtype)
-        if weight_files is None:
-            # Random weights made on the device (timing runs: bench/calibrate.py), no checkpoint to
-            # write and read; norms keep their ones.
-            gen = torch.Generator(device=device).manual_seed(0)
-            with torch.no_grad():
-                for w in self.model.parameters():
-                    if w.dim() >= 2:
-                        w.normal_(0.0, 0.02, generator=gen)
-        else:
-            self.model.load_weights(iter_weights(weight_files, dtype, device))
+        self.model.load_weights(weights)
         self.model.eval()
+        self.memory = MemoryReport()
+        if self.is_cuda:
+            self.memory.total_gib = torch.cuda.mem_get_info(device)[1] / _GIB
+            self.memory.weights_gib = torch.cuda.memory_allocated(device) / _GIB
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
+        self.scratch_slot = 0  # first slot of the scratch block past the pool's blocks
+        # One staging buffer for all of a step's metadata: int64 ids, positions, slots and sampled
+        # rows, int32 offsets, lengths and block tables, each section 8-byte aligned.
+        self.graph_rows = max(graph_batch_sizes(max_seqs)) if self.use_graphs else 0
+        self._rows = rows = max(max_batch_tokens, max_seqs, self.graph_rows)
+        nbytes = 8 * (3 * rows + max_seqs) + 4 * (max_seqs * (self.table_width + 2) + 1) + 64
+        self._host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.is_cuda)
+        self._host_np = self._host.numpy()
+        self._dev = torch.empty(nbytes, dtype=torch.uint8, device=device) if self.is_cuda else self._host
+        self._copied = torch.cuda.Event() if self.is_cuda else None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_hidden: torch.Tensor | None = None  # [graph_rows, hidden]: the graphs' output
+        self.graph_tables: torch.Tensor | None = None  # [graph_rows, table_width] int32: the graphs' block tables
+        self.last_step_graph = False
 
     def block_bytes(self) -> int:
         return self.spec.kv_bytes_per_token * self.block_size * torch.empty((), dtype=self.dtype).element_size()
+
+    # ---- memory ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def profile(self) -> int:
+        """Peak activation bytes of the largest eager step (max_batch_tokens of prompts, every
+        sequence sampling) and, with graphs, of a max_seqs decode step; 0 on the CPU."""
+        if not self.is_cuda:
+            return 0
+        # Prompts as long as the context allows, and decode rows whose block tables are as wide as
+        # the graphs' (the torch decode fallback's gather grows with the width). Every sequence
+        # reads and writes the same blocks: the values do not matter, only the shapes.
+        T, L = self.max_batch_tokens, self.max_model_len
+        lens = [min(L - 1, T - i) for i in range(0, T, L - 1)][: self.max_seqs]
+        self.allocate(self.max_blocks)
+        blocks = list(range(self.max_blocks))
+        prefill = [([0] * q, 0, q, blocks, True) for q in lens]
+        decode = [([0] * L, L - 1, 1, blocks, True)] * self.graph_rows
+        peaks = []
+        for batch in [prefill] + ([decode] if self.use_graphs else []):
+            torch.cuda.synchronize(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._run(self._arrays(batch), graphs=False).argmax(dim=-1)
+            torch.cuda.synchronize(self.device)
+            peaks.append(torch.cuda.max_memory_allocated(self.device) - base)
+        self.kv_caches = []
+        torch.cuda.empty_cache()
+        self.memory.activation_peak_gib = peaks[0] / _GIB
+        # The graphs get a private memory pool: their activations are not the eager step's.
+        self.memory.graph_reserve_gib = (peaks[1] if len(peaks) > 1 else 0) / _GIB
+        return sum(peaks)
 
     def size_kv_cache(self, num_blocks: int | None, gpu_memory_fraction: float, cpu_kv_gib: float, reserve_bytes: int) -> int:
         """Blocks that fit: `num_blocks` if given, else a fraction of GPU memory (after weights and
         `reserve_bytes` of activations), or `cpu_kv_gib` on a CPU worker."""
         if num_blocks is not None:
             return num_blocks
-        if self.device.type == "cuda":
+        if self.is_cuda:
             free, total = torch.cuda.mem_get_info(self.device)
             budget = int(total * gpu_memory_fraction) - (total - free) - reserve_bytes
         else:
             budget = int(cpu_kv_gib * _GIB)
-        blocks = budget // self.block_bytes()
+        blocks = budget // self.block_bytes() - 1  # one scratch block for padding rows
         if blocks < 1:
             raise ModelConfigError(
-                f"no memory left for the KV cache ({budget / _GIB:.2f} GiB after weights); raise "
-                "cache.gpu_memory_fraction (or cache.cpu_kv_gib), or set cache.num_blocks"
+                f"no memory left for the KV cache ({budget / _GIB:.2f} GiB after weights and activations); raise "
+                "cache.gpu_memory_fraction (or cache.cpu_kv_gib), lower scheduler.max_batch_tokens, or set cache.num_blocks"
             )
         return blocks
 
     def allocate(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self.kv_caches = allocate_kv_cache(self.spec, num_blocks, self.block_size, self.dtype, self.device)
+        self.scratch_slot = num_blocks * self.block_size
+        self.kv_caches = allocate_kv_cache(self.spec, num_blocks + 1, self.block_size, self.dtype, self.device)
+        self.memory.kv_blocks = num_blocks
+        self.memory.kv_gib = num_blocks * self.block_bytes() / _GIB
+
+    def memory_report(self) -> dict:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self.memory).items()}
+
+    # ---- CUDA graphs -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def capture_graphs(self) -> None:
+        """Capture one decode graph per padded batch size, largest first, in one shared pool."""
+        if not self.use_graphs:
+            return
+        t0 = time.perf_counter()
+        before = torch.cuda.memory_reserved(self.device)
+        R = self.graph_rows
+        self.graph_hidden = torch.zeros(R, self.spec.hidden_size, dtype=self.dtype, device=self.device)
+        self.graph_tables = torch.zeros(R, self.table_width, dtype=torch.int32, device=self.device)
+        ids, positions, slots, seq_lens = self._upload_graph(self._pad_arrays(0, R))[:4]
+        pool = torch.cuda.graph_pool_handle()
+        for bs in sorted(graph_batch_sizes(self.max_seqs), reverse=True):
+            meta = AttentionMetadata(
+                slot_mapping=slots[:bs], query_start_loc=[], seq_lens=[], block_tables=self.graph_tables[:bs],
+                seq_lens_dev=seq_lens[:bs], max_query_len=1, decode_only=True,
+            )
+
+            def forward(bs=bs, meta=meta) -> None:
+                self.graph_hidden[:bs].copy_(self.model(ids[:bs], positions[:bs], meta, self.kv_caches))
+
+            forward()  # outside the capture: Triton compiles, cuBLAS picks its kernels
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                forward()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # the eager warm-ups' blocks: what stays reserved is the graphs' pool
+        self.memory.cuda_graphs = len(self.graphs)
+        self.memory.capture_s = time.perf_counter() - t0
+        self.memory.graph_pool_gib = (torch.cuda.memory_reserved(self.device) - before) / _GIB
+
+    # ---- one step --------------------------------------------------------------------------------
 
     def pack_kv(self, block_ids: list[int]) -> torch.Tensor:
         """The KV of `block_ids` in one contiguous buffer, to hand off."""
@@ -93,41 +239,103 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """Run one step; returns [num sampling seqs, vocab] float32 logits, in batch order."""
+        items = [
+            (item.seq.token_ids, item.seq.num_computed_tokens, item.num_new_tokens, item.seq.block_ids, item.samples)
+            for item in batch
+        ]
+        return self._run(self._arrays(items), graphs=self.use_graphs)
+
+    def _arrays(self, items: list[tuple[list[int], int, int, list[int], bool]]) -> StepArrays:
+        """(token_ids, num_computed, num_new, block_ids, samples) per sequence -> the step's arrays."""
         B = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
-        last_rows: list[int] = []
-        for item in batch:
-            seq, start = item.seq, item.seq.num_computed_tokens
-            end = start + item.num_new_tokens
-            input_ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            blocks = seq.block_ids
-            slots += [blocks[p // B] * B + p % B for p in range(start, end)]
-            query_start_loc.append(query_start_loc[-1] + item.num_new_tokens)
-            seq_lens.append(end)
-            if item.samples:
-                last_rows.append(query_start_loc[-1] - 1)
-        max_blocks = max(len(item.seq.block_ids) for item in batch)
-        tables = torch.full((len(batch), max_blocks), -1, dtype=torch.int32)
-        for i, item in enumerate(batch):
-            tables[i, : len(item.seq.block_ids)] = torch.tensor(item.seq.block_ids, dtype=torch.int32)
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=query_start_loc,
-            seq_lens=seq_lens,
-            block_tables=tables.to(dev),
+        n = len(items)
+        start = np.fromiter((it[1] for it in items), np.int64, n)
+        num_new = np.fromiter((it[2] for it in items), np.int64, n)
+        qsl = np.zeros(n + 1, np.int64)
+        np.cumsum(num_new, out=qsl[1:])
+        T = int(qsl[-1])
+        ids = np.fromiter(chain.from_iterable(t[s : s + q] for t, s, q, _, _ in items), np.int64, T)
+        rows = np.repeat(np.arange(n), num_new)  # [T] sequence of each token
+        positions = np.arange(T) - qsl[rows] + start[rows]
+        # A multiple of 16: Triton specializes an int argument on divisibility by 16, and the
+        # tables' row stride is one; a width that changed class would compile the kernel again.
+        width = -(-max(len(it[3]) for it in items) // 16) * 16
+        assert width <= self.table_width and n <= self.max_seqs and T <= self._rows
+        tables = np.zeros((n, width), np.int64)
+        for i, it in enumerate(items):
+            tables[i, : len(it[3])] = it[3]
+        slots = tables[rows, positions // B] * B + positions % B
+        samples = np.fromiter((it[4] for it in items), bool, n)
+        return StepArrays(ids, positions, slots, qsl, start + num_new, tables, qsl[1:][samples] - 1)
+
+    def _run(self, a: StepArrays, graphs: bool) -> torch.Tensor:
+        n = len(a.seq_lens)
+        bs = next((b for b in sorted(self.graphs) if b >= n), None) if graphs and a.decode_only else None
+        self.last_step_graph = bs is not None
+        if bs is not None:
+            views = self._upload_graph(self._pad_arrays(n, bs, a))
+            last_rows, tables = views[4], views[5]
+            self.graph_tables[:n, : tables.shape[1]].copy_(tables)
+            self.graphs[bs].replay()
+            hidden = self.graph_hidden[:n]
+        else:
+            hidden, last_rows = self._eager(a)
+        if len(a.last_rows) == 0:
+            return torch.empty(0, self.spec.vocab_size, device=self.device)
+        return self.model.compute_logits(hidden[last_rows])
+
+    def _eager(self, a: StepArrays) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(a.seq_lens)
+        ids, positions, slots, last_rows, qsl, seq_lens, tables = self._upload(
+            [(a.ids, np.int64), (a.positions, np.int64), (a.slots, np.int64), (a.last_rows, np.int64),
+             (a.query_start_loc, np.int32), (a.seq_lens, np.int32), (a.tables, np.int32)]
         )
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.int64, device=dev),  # [T] int64
-            torch.tensor(positions, dtype=torch.int64, device=dev),  # [T] int64
-            meta,
-            self.kv_caches,
-        )  # [T, hidden]
-        if not last_rows:
-            return torch.empty(0, self.spec.vocab_size, device=dev)
-        return self.model.compute_logits(hidden[torch.tensor(last_rows, device=dev)])
+        meta = AttentionMetadata(
+            slot_mapping=slots,
+            query_start_loc=a.query_start_loc.tolist(),
+            seq_lens=a.seq_lens.tolist(),
+            block_tables=tables.view(n, -1),
+            query_start_loc_dev=qsl if self.is_cuda else None,
+            seq_lens_dev=seq_lens if self.is_cuda else None,
+            max_query_len=int((a.query_start_loc[1:] - a.query_start_loc[:-1]).max()),
+            decode_only=a.decode_only,
+        )
+        return self.model(ids, positions, meta, self.kv_caches), last_rows
+
+    def _pad_arrays(self, n: int, bs: int, a: StepArrays | None = None) -> list[tuple[np.ndarray, type, int]]:
+        """The graph layout: ids, positions, slots (int64) and seq_lens (int32) at fixed offsets
+        (room for graph_rows each, so that the captured views stay valid), rows n..bs padding;
+        then the sampled rows and the compact block tables."""
+        R = self.graph_rows
+        ids, positions, seq_lens = np.zeros(bs, np.int64), np.zeros(bs, np.int64), np.zeros(bs, np.int64)
+        slots = np.full(bs, self.scratch_slot, np.int64)
+        last_rows, tables = np.zeros(0, np.int64), np.zeros((max(n, 1), 1), np.int64)
+        if a is not None:
+            ids[:n], positions[:n], slots[:n], seq_lens[:n] = a.ids, a.positions, a.slots, a.seq_lens
+            last_rows, tables = a.last_rows, a.tables
+        return [(ids, np.int64, R), (positions, np.int64, R), (slots, np.int64, R), (seq_lens, np.int32, R),
+                (last_rows, np.int64, len(last_rows)), (tables, np.int32, tables.size)]
+
+    def _upload_graph(self, parts: list[tuple[np.ndarray, type, int]]) -> list[torch.Tensor]:
+        views = self._upload([(arr, dt) for arr, dt, _ in parts], [cap for _, _, cap in parts])
+        views[5] = views[5].view(parts[5][0].shape[0], -1)
+        return views
+
+    def _upload(self, parts: list[tuple[np.ndarray, type]], capacities: list[int] | None = None) -> list[torch.Tensor]:
+        """Write the arrays into the pinned staging buffer, copy it to the device once, and return
+        a device view per array (its dtype: int64 or int32, flat)."""
+        if self._copied is not None:
+            self._copied.synchronize()  # the last step's copy has read the host buffer
+        layout, off = [], 0
+        for i, (arr, dtype) in enumerate(parts):
+            size = np.dtype(dtype).itemsize
+            off = -(-off // 8) * 8
+            self._host_np[off : off + arr.size * size].view(dtype)[:] = arr.ravel()
+            layout.append((off, arr.size, dtype))
+            off += (capacities[i] if capacities else arr.size) * size
+        assert off <= self._host.numel(), "step metadata exceeds the staging buffer"
+        if self._copied is not None:
+            self._dev[:off].copy_(self._host[:off], non_blocking=True)
+            self._copied.record()
+        torch_dtype = {np.int64: torch.int64, np.int32: torch.int32}
+        return [self._dev[o : o + k * np.dtype(dt).itemsize].view(torch_dtype[dt]) for o, k, dt in layout]

@@ -1,0 +1,401 @@
+"""B1: offline throughput on one GPU, kvrelay vs Hugging Face transformers, both vs the floor.
+
+    kvrelay bench throughput --size 8b-shape --peer both --json runs/b1.json          # B1 on a GPU
+    python -m kvrelay.bench.throughput --size 8b-shape --peer none --json runs/b1.json  # ours only
+    kvrelay bench throughput --size tiny --device cpu --num-prompts 6 --input-len 24 --output-len 6 \\
+        --peer defaults --json runs/smoke.json                                          # CPU smoke
+
+A Llama-shaped model with random weights (drawn on the device, nothing written but its config and
+tokenizer) serves `--num-prompts` distinct random prompts of `--input-len` tokens, `--output-len`
+greedy tokens each, EOS ignored. In one run on one device, in this order, each phase printing a
+JSON line as it ends (so a run cut short keeps what it measured):
+  ceilings  a large bf16 matmul (TFLOP/s) and a large device-to-device copy (GB/s, read + written);
+  floor     prefill FLOPs / matmul rate + for each decode step max((weight bytes + KV bytes read) /
+            copy rate, FLOPs / matmul rate), every prompt in one batch;
+  kvrelay   Engine on the prompts (after a short warm-up run): wall, tokens/s, host time per step,
+            CUDA-graph steps, KV blocks; batch-1 decode tok/s vs the weight-streaming bound
+            (matmul weight bytes / copy rate per token); its first-step logits of a few prompts;
+  peer      transformers' `generate_batch` (continuous batching, paged attention) on the same
+            weights: with its defaults and/or tuned (CUDA graphs, larger max_batch_tokens, a lower
+            max_memory_percent so that the graphs fit), output ids compared with ours; our logits
+            of the first steps against its forward on the same tokens, in the run's dtype and,
+            beside its own bf16 logits, against its float32 forward (a deep random model amplifies
+            rounding, so bf16 vs bf16 shows bf16's own error: the float32 reference tells whether
+            ours is within it).
+Then a table: wall s, total and output tok/s, x peer (its wall / ours), x floor (wall / floor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import inspect
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from kvrelay.configs.schema import load_config
+from kvrelay.ranks.engine.checkpoint import random_weights, tensor_shapes, write_model_files
+from kvrelay.ranks.engine.engine import Engine
+from kvrelay.router.request import Request, SamplingParams
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+LOGIT_PROMPTS, LOGIT_STEPS = 4, 4
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device: torch.device, iters: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def ceilings(device: torch.device, dtype: torch.dtype, matmul_n: int, copy_bytes: int) -> dict:
+    """Matmul TFLOP/s on random (never zero) operands and copy GB/s counting bytes read + written."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(matmul_n, matmul_n, generator=g, device=device).to(dtype) for _ in "ab")
+    t_mm = median_seconds(lambda: a @ b, device, iters=20)
+    src = torch.randn(copy_bytes // 4, generator=g, device=device)
+    dst = torch.empty_like(src)
+    t_copy = median_seconds(lambda: dst.copy_(src), device, iters=20)
+    return {"matmul_n": matmul_n, "matmul_tflops": 2 * matmul_n**3 / t_mm / 1e12,
+            "copy_bytes": copy_bytes, "copy_gbps": 2 * copy_bytes / t_copy / 1e9}
+
+
+def model_bytes(cfg: dict, itemsize: int) -> dict:
+    """Parameter counts: matmul weights of the layers, the LM head, the embedding."""
+    shapes = dict(tensor_shapes(cfg))
+    layers = sum(math.prod(s) for n, s in shapes.items() if n.startswith("model.layers.") and n.endswith("proj.weight"))
+    head = cfg["vocab_size"] * cfg["hidden_size"]
+    return {"layer_matmul_params": layers, "lm_head_params": head, "total_params": sum(math.prod(s) for s in shapes.values()),
+            "streamed_weight_bytes": (layers + head) * itemsize}
+
+
+def floor(cfg: dict, itemsize: int, n: int, input_len: int, output_len: int, ceil: dict) -> dict:
+    """Seconds that no engine beats on this device: every prompt in one batch, nothing read twice."""
+    p = model_bytes(cfg, itemsize)
+    layers, hd = cfg["num_hidden_layers"], cfg["head_dim"]
+    q_dim = cfg["num_attention_heads"] * hd
+    kv_token_bytes = 2 * layers * cfg["num_key_value_heads"] * hd * itemsize
+    flops_rate, bytes_rate = ceil["matmul_tflops"] * 1e12, ceil["copy_gbps"] * 1e9
+    # Prefill: every prompt token through the layers, the LM head only on each prompt's last token,
+    # attention QK^T and PV over the causal triangle.
+    attn = 4 * layers * q_dim * n * input_len * (input_len + 1) / 2
+    prefill_flops = 2 * p["layer_matmul_params"] * n * input_len + 2 * p["lm_head_params"] * n + attn
+    prefill_s = prefill_flops / flops_rate
+    decode_s = 0.0
+    for step in range(1, output_len):  # the first output token comes from the prefill
+        ctx = input_len + step
+        mem = p["streamed_weight_bytes"] + n * ctx * kv_token_bytes
+        flops = 2 * (p["layer_matmul_params"] + p["lm_head_params"]) * n + 4 * layers * q_dim * n * ctx
+        decode_s += max(mem / bytes_rate, flops / flops_rate)
+    return {"prefill_s": prefill_s, "decode_s": decode_s, "floor_s": prefill_s + decode_s,
+            "prefill_flops": prefill_flops, "kv_bytes_per_token": kv_token_bytes, **p}
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, length), generator=g).tolist()
+
+
+def run_engine(
+    engine: Engine, prompts: list[list[int]], output_len: int, tag: str, phases: dict | None = None
+) -> tuple[dict[str, list[int]], float]:
+    """Greedy outputs by request id and the wall seconds; `phases` gets the seconds of the steps
+    where every sequence ran one token ("decode_s") and of the others ("prefill_mixed_s")."""
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(Request(f"{tag}{i}", p, params))
+    out = {}
+    split = {"decode_s": 0.0, "prefill_mixed_s": 0.0}
+    sync(engine.runner.device)
+    t0 = time.perf_counter()
+    while engine.has_work():
+        decode_steps, t = engine.stats.decode_steps, time.perf_counter()
+        for r in engine.step():
+            out[r.request_id] = r.output_token_ids
+        split["decode_s" if engine.stats.decode_steps > decode_steps else "prefill_mixed_s"] += time.perf_counter() - t
+    sync(engine.runner.device)
+    if phases is not None:
+        phases.update(split)
+    return out, time.perf_counter() - t0
+
+
+def batch1_decode(engine: Engine, prompt: list[int], tokens: int) -> float:
+    """Seconds per decode step of one sequence alone (the prefill step is left out)."""
+    engine.add_request(Request("b1", prompt, SamplingParams(max_tokens=tokens + 1, temperature=0.0, ignore_eos=True)))
+    engine.step()  # the prompt
+    times = []
+    while engine.has_work():
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def first_step_logits(engine: Engine, prompts: list[list[int]], steps: int) -> tuple[dict, dict]:
+    """Our float32 logits [vocab] (on the CPU) of each of the first `steps` tokens of each prompt,
+    and the ids sampled from them, both by request id."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    execute = engine.runner.execute
+
+    def recording(batch):
+        logits = execute(batch)
+        for row, seq in enumerate(item.seq for item in batch if item.samples):
+            seen.setdefault(seq.request_id, []).append(logits[row].float().cpu())
+        return logits
+
+    engine.runner.execute = recording
+    try:
+        ids, _ = run_engine(engine, prompts, steps, "logits")
+    finally:
+        engine.runner.execute = execute
+    return seen, ids
+
+
+def ours(args, model_dir: Path, cfg: dict, dtype: torch.dtype, device: torch.device, prompts) -> tuple[dict, dict, dict]:
+    settings = {
+        "model.path": str(model_dir), "job.device": device.type, "model.dtype": args.dtype,
+        "model.max_model_len": args.input_len + args.output_len, "model.enforce_eager": args.enforce_eager,
+        "scheduler.max_batch_tokens": args.max_batch_tokens, "scheduler.max_seqs": args.max_seqs,
+        "cache.gpu_memory_fraction": args.gpu_memory_fraction,
+        "cache.cpu_kv_gib": args.cpu_kv_gib, "job.progress": False,
+    }
+    t0 = time.perf_counter()
+    engine = Engine.from_config(load_config(**settings), device, random_weights(cfg, dtype, device, args.seed))
+    build_s = time.perf_counter() - t0
+    vocab = cfg["vocab_size"]
+    run_engine(engine, random_prompts(min(8, len(prompts)), args.input_len, vocab, args.seed + 1), 4, "warm")
+    engine.stats = type(engine.stats)()
+    phases: dict = {}
+    outputs, wall = run_engine(engine, prompts, args.output_len, "", phases)
+    s = copy.copy(engine.stats)  # the B1 run's alone: the runs below add to the engine's
+    n_out = sum(len(v) for v in outputs.values())
+    assert len(outputs) == len(prompts) and n_out == len(prompts) * args.output_len, "every request runs to output_len"
+    b1_step = batch1_decode(engine, prompts[0], args.batch1_tokens)
+    logits = first_step_logits(engine, prompts[:LOGIT_PROMPTS], LOGIT_STEPS)
+    result = {
+        "wall_s": wall, **phases, "build_s": build_s, "steps": s.steps, "decode_steps": s.decode_steps,
+        "graph_steps": s.graph_steps, "preemptions": s.preemptions, "cached_prompt_tokens": s.cached_prompt_tokens,
+        "host_ms_per_step": 1e3 * s.host_s / max(s.steps, 1),
+        "host_ms_per_decode_step": 1e3 * s.decode_host_s / max(s.decode_steps, 1),
+        "batch1_decode_ms": 1e3 * b1_step, "batch1_decode_tok_s": 1 / b1_step,
+        "memory": engine.runner.memory_report(),
+        "attention": "triton" if _triton_attention(cfg["head_dim"]) and device.type == "cuda" else "torch",
+    }
+    return result, {i: outputs[str(i)] for i in range(len(prompts))}, logits
+
+
+def _triton_attention(head_dim: int) -> bool:
+    from kvrelay.ranks.engine.attention_backend import triton_available
+
+    return triton_available(head_dim)
+
+
+def hf_model(model_dir: Path, cfg: dict, dtype: torch.dtype, device: torch.device, seed: int):
+    """transformers' model of the same config with our random weights."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    params = model.state_dict()
+    for name, tensor in random_weights(cfg, dtype, device, seed):
+        params[name].copy_(tensor)
+    return model.eval()
+
+
+def hf_logits(model, prompts, ours_logits: tuple[dict, dict], device) -> list[torch.Tensor]:
+    """transformers' float32 logits [vocab] (CPU) at each step we recorded, on the same tokens
+    (the prompt and our sampled ids), in the model's current dtype."""
+    logits, outputs = ours_logits
+    out = []
+    for i, prompt in enumerate(prompts[:LOGIT_PROMPTS]):
+        steps = len(logits[f"logits{i}"])
+        ids = prompt + outputs[f"logits{i}"][: steps - 1]
+        with torch.no_grad():
+            ref = model(torch.tensor([ids], device=device)).logits[0, len(prompt) - 1 :].float().cpu()
+        out += list(ref[:steps])
+    return out
+
+
+def agreement(got: list[torch.Tensor], want: list[torch.Tensor]) -> dict:
+    errors = [float((g - w).norm() / w.norm()) for g, w in zip(got, want, strict=True)]
+    agree = sum(int(g.argmax() == w.argmax()) for g, w in zip(got, want))
+    return {"max_rel_err": max(errors), "mean_rel_err": statistics.fmean(errors), "argmax_agree": agree, "compared": len(errors)}
+
+
+def our_logit_list(ours_logits: tuple[dict, dict]) -> list[torch.Tensor]:
+    return [t for i in range(LOGIT_PROMPTS) for t in ours_logits[0].get(f"logits{i}", [])]
+
+
+def peer(model, prompts, args, tuned: bool, ours_out: dict) -> dict:
+    """One generate_batch over the prompts; its wall time, tokens, errors, and agreement with ours."""
+    import transformers
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=args.output_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    settings = {}
+    if tuned:
+        settings = {"use_cuda_graph": True, "max_batch_tokens": args.peer_max_batch_tokens,
+                    "max_memory_percent": args.peer_memory_percent}
+    kwargs = {"generation_config": gen, "progress_bar": False}
+    if settings:
+        if "continuous_batching_config" in inspect.signature(model.generate_batch).parameters:
+            cb_cls = transformers.ContinuousBatchingConfig
+            known = set(inspect.signature(cb_cls).parameters)
+            kwargs["continuous_batching_config"] = cb_cls(**{k: v for k, v in settings.items() if k in known})
+        else:  # older transformers read these from the generation config
+            for k, v in settings.items():
+                setattr(gen, k, v)
+    sync_dev = next(model.parameters()).device
+    sync(sync_dev)
+    t0 = time.perf_counter()
+    results = model.generate_batch(inputs=prompts, **kwargs)
+    sync(sync_dev)
+    wall = time.perf_counter() - t0
+    by_prompt = {tuple(p): i for i, p in enumerate(prompts)}
+    errors, n_out, same = 0, 0, 0
+    # generate_batch warms up (and with graphs, captures) inside the call; its requests' lifespans
+    # give the generation alone, which compares with our wall (our build and warm-up are outside it).
+    spans = [r.lifespan for r in results.values() if min(getattr(r, "lifespan", (-1, -1))) >= 0]
+    generation_s = max(e for _, e in spans) - min(s for s, _ in spans) if spans else None
+    for r in results.values():
+        if r.error is not None:
+            errors += 1
+            continue
+        n_out += len(r.generated_tokens)
+        i = by_prompt.get(tuple(r.prompt_ids))
+        same += int(i is not None and list(r.generated_tokens) == ours_out[i])
+    return {"wall_s": wall, "generation_s": generation_s, "settings": settings or "defaults", "transformers": transformers.__version__,
+            "requests": len(results), "errors": errors, "output_tokens": n_out, "same_ids_as_kvrelay": same}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="kvrelay bench throughput", description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2", "qwen3"])
+    ap.add_argument("--size", default="8b-shape", choices=["tiny", "8b-shape"])
+    ap.add_argument("--num-prompts", type=int, default=512)
+    ap.add_argument("--input-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--peer", default="both", choices=["none", "defaults", "tuned", "both"])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
+    ap.add_argument("--max-batch-tokens", type=int, default=8192, help="scheduler.max_batch_tokens")
+    ap.add_argument("--max-seqs", type=int, default=512, help="scheduler.max_seqs")
+    ap.add_argument("--gpu-memory-fraction", type=float, default=0.9)
+    ap.add_argument("--cpu-kv-gib", type=float, default=1.0)
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (model.enforce_eager)")
+    ap.add_argument("--batch1-tokens", type=int, default=32, help="decode steps timed at batch 1")
+    ap.add_argument("--peer-max-batch-tokens", type=int, default=4096)
+    ap.add_argument("--peer-memory-percent", type=float, default=0.6)
+    ap.add_argument("--matmul-n", type=int, default=None, help="default: 8192 on GPU, 512 on CPU")
+    ap.add_argument("--copy-mib", type=int, default=None, help="default: 2048 on GPU, 64 on CPU")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write all results here")
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    gpu = device.type == "cuda"
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    dtype = DTYPES[args.dtype]
+    report: dict = {"workload": vars(args).copy(), "device": torch.cuda.get_device_name(device) if gpu else "cpu",
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__}
+
+    def emit(key: str, value) -> None:
+        report[key] = value
+        print(json.dumps({key: value}), flush=True)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+    with tempfile.TemporaryDirectory(prefix="kvrelay-bench-") as tmp:
+        model_dir = Path(tmp) / f"{args.arch}-{args.size}"
+        cfg = write_model_files(model_dir, args.arch, args.size, args.dtype)
+        prompts = random_prompts(args.num_prompts, args.input_len, cfg["vocab_size"], args.seed)
+        mm_n = args.matmul_n or (8192 if gpu else 512)
+        copy_bytes = (args.copy_mib or (2048 if gpu else 64)) << 20
+        emit("ceilings", ceilings(device, torch.bfloat16 if gpu else torch.float32, mm_n, copy_bytes))
+        emit("floor", floor(cfg, dtype.itemsize, args.num_prompts, args.input_len, args.output_len, report["ceilings"]))
+
+        result, our_out, our_logits = ours(args, model_dir, cfg, dtype, device, prompts)
+        bound = report["ceilings"]["copy_gbps"] * 1e9 / report["floor"]["streamed_weight_bytes"]
+        result["batch1_bound_tok_s"] = bound
+        result["batch1_of_bound"] = result["batch1_decode_tok_s"] / bound
+        emit("kvrelay", result)
+        gc.collect()
+        if gpu:
+            torch.cuda.empty_cache()
+
+        runs = {"defaults": [False], "tuned": [True], "both": [False, True], "none": []}[args.peer]
+        model = hf_model(model_dir, cfg, dtype, device, args.seed)
+        mine = our_logit_list(our_logits)
+        theirs = hf_logits(model, prompts, our_logits, device)
+        emit("logits_vs_transformers", {"dtype": args.dtype, **agreement(mine, theirs)})
+        if dtype != torch.float32:
+            # A deep random model amplifies rounding: two bf16 implementations differ by what bf16
+            # itself costs. So both are also measured against transformers in float32 (the
+            # upcast is exact, and so is the cast back for the peer runs).
+            model.float()
+            exact = hf_logits(model, prompts, our_logits, device)
+            emit("logits_vs_transformers_float32", {
+                "kvrelay": agreement(mine, exact), f"transformers_{args.dtype}": agreement(theirs, exact)})
+            for param in model.parameters():  # not model.to(dtype): that would also cast the f32 RoPE buffers
+                param.data = param.data.to(dtype)
+        for tuned in runs:
+            name = "peer_tuned" if tuned else "peer_defaults"
+            try:
+                emit(name, peer(model, prompts, args, tuned, our_out))
+            except Exception as e:  # a peer that fails (out of memory, say) is reported, not fatal
+                emit(name, {"error": f"{type(e).__name__}: {e}"[:500]})
+            gc.collect()
+            if gpu:
+                torch.cuda.empty_cache()
+    print_table(report, args)
+    return 0
+
+
+def print_table(report: dict, args) -> None:
+    n = args.num_prompts
+    total, out = n * (args.input_len + args.output_len), n * args.output_len
+    floor_s = report["floor"]["floor_s"]
+    ours_s = report["kvrelay"]["wall_s"]
+    rows = [("kvrelay", ours_s)] + [
+        (f"transformers {k.removeprefix('peer_')}", report[k]["wall_s"]) for k in ("peer_defaults", "peer_tuned")
+        if k in report and "wall_s" in report[k]
+    ] + [("floor", floor_s)]
+    print(f"\nB1-shaped run on {report['device']}: {n} prompts x {args.input_len} in, {args.output_len} out, {args.size}")
+    print(f"{'engine':<24}{'wall s':>9}{'total tok/s':>13}{'out tok/s':>11}{'x peer':>9}{'x floor':>9}")
+    for name, wall in rows:
+        x_peer = f"{wall / ours_s:.2f}" if name.startswith("transformers") else ""
+        print(f"{name:<24}{wall:>9.2f}{total / wall:>13.0f}{out / wall:>11.0f}{x_peer:>9}{wall / floor_s:>9.2f}")
+    for key in ("peer_defaults", "peer_tuned"):
+        gen_s = report.get(key, {}).get("generation_s")
+        if gen_s:
+            print(f"transformers {key.removeprefix('peer_')} without its warm-up: {gen_s:.2f} s = {gen_s / ours_s:.2f} x kvrelay")
+    k = report["kvrelay"]
+    print(f"batch-1 decode: {k['batch1_decode_tok_s']:.1f} tok/s = {k['batch1_of_bound']:.2f} of the weight-streaming bound "
+          f"({k['batch1_bound_tok_s']:.1f}); host per step {k['host_ms_per_step']:.2f} ms, per decode step "
+          f"{k['host_ms_per_decode_step']:.2f} ms; {k['graph_steps']}/{k['decode_steps']} decode steps on CUDA graphs")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

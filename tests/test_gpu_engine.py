@@ -1,0 +1,74 @@
+"""GPU checks (run on a CUDA machine; skipped elsewhere): the engine's greedy ids on the GPU, with
+decode CUDA graphs and without, equal the CPU reference path's on small float32 models.
+
+    python -m pytest -q -m gpu tests/test_gpu_engine.py
+
+The models are the tiny ones widened to head_dim 64, a size the Triton kernels are built for, so
+the GPU path runs them (prefill, mixed and decode kernels); the session's tiny models themselves
+(head_dim 16 and 32) check the torch fallbacks.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kvrelay.ranks.engine.attention_backend import triton_available
+from kvrelay.ranks.engine.checkpoint import random_weights, write_model_files
+
+from .test_engine import generate, make_engine, prompts
+
+pytestmark = pytest.mark.gpu
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+VARIANTS = {
+    "llama": {},
+    "qwen3": {},
+    "mistral-window": {"sliding_window": 24},  # shorter than most prompts
+}
+
+
+@pytest.fixture(scope="module")
+def wide_models(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("wide_models")
+    out = {}
+    for name, extra in VARIANTS.items():
+        d = root / name
+        cfg = write_model_files(d, name.split("-")[0], "tiny", "float32")
+        cfg.update(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=64, **extra)
+        (d / "config.json").write_text(json.dumps(cfg))
+        save_file({n: t.contiguous() for n, t in random_weights(cfg, torch.float32)}, str(d / "model.safetensors"))
+        out[name] = d
+    return out
+
+
+def _check(model_dir, label: str) -> None:
+    # 24 prompts (three share a prefix) through a 12-sequence batch: prefill chunks, mixed steps,
+    # decode steps at several padded graph sizes, prefix hits.
+    token_lists = prompts(500, n=24, seed=3)
+    settings = {"scheduler.max_batch_tokens": 64, "scheduler.max_seqs": 12}
+    want = generate(make_engine(model_dir, **settings), token_lists)
+    for eager in (False, True):
+        engine = make_engine(model_dir, **settings, **{"job.device": "cuda", "model.enforce_eager": eager})
+        assert engine.runner.use_graphs == (not eager)
+        got = generate(engine, token_lists)
+        same = sum(got[k] == want[k] for k in want)
+        assert same == len(want), f"{label}, graphs {'off' if eager else 'on'}: {same}/{len(want)} equal"
+        if not eager:
+            assert engine.stats.graph_steps > 0
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_gpu_greedy_equals_cpu_triton(wide_models, name):
+    assert triton_available(64), "the Triton kernels should serve head_dim 64 on CUDA"
+    _check(wide_models[name], f"{name} (Triton kernels)")
+
+
+@requires_cuda
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_gpu_greedy_equals_cpu_torch_fallback(tiny_models, arch):
+    _check(tiny_models[arch], f"{arch} (torch fallback)")

@@ -110,6 +110,7 @@ class SimRunner:
     """Stands where a ModelRunner stands in the engine; holds no weights and no KV tensors."""
 
     simulated = True
+    last_step_graph = False  # engine stats: a simulated step never replays a CUDA graph
 
     def __init__(self, timing: TimingModel, block_size: int, speed: float) -> None:
         assert speed > 0

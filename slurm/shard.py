@@ -59,7 +59,7 @@ def status(input_path: str | os.PathLike, output: str | os.PathLike, shards: int
     for k in range(shards):
         path = Path(shard_path(output, k))
         answered = _answered(path)
-        ids = [parse_line(raw, n, {}).custom_id for n, raw in read_lines(str(input_path), (k, shards))]
+        ids = [parse_line(raw, n, {}).custom_id for n, raw in read_lines(str(input_path), shard=(k, shards))]
         missing = [c for c in dict.fromkeys(ids) if c not in answered]
         result.append(ShardStatus(k, path, len(ids), len(ids) - len(missing), missing))
     return result

@@ -24,7 +24,7 @@ SETTINGS = ["--set", "job.device=cpu", "--set", "job.progress=false", "--set", "
 def test_shards_cover_every_line_once_in_order(tmp_path, total, shards):
     path = tmp_path / "in.jsonl"
     path.write_text("".join(f'{{"prompt": "p{i}"}}\n' for i in range(total)))
-    got = [n for k in range(shards) for n, _ in read_lines(str(path), (k, shards))]
+    got = [n for k in range(shards) for n, _ in read_lines(str(path), shard=(k, shards))]
     assert got == list(range(1, total + 1))
 
 

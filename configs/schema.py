@@ -43,6 +43,9 @@ class CacheSection(_Section):
     num_blocks: int | None = Field(None, ge=1, description="overrides the size computed from memory")
     enable_prefix_caching: bool = True
     salt: str = Field("", description="mixed into block hashes; jobs with different salts share no cache")
+    handoff_buffer_gib: float = Field(
+        4.0, gt=0.0, description="prefill and decode workers: memory kept out of the KV cache for packed KV in transit"
+    )
 
 
 class SchedulerSection(_Section):

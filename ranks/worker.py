@@ -76,7 +76,12 @@ class Worker:
     def __init__(self, cfg: JobConfig, world: MPI.Comm, workers: MPI.Comm, role: str, device: torch.device):
         self.world = world
         self.role = role
-        self.engine = Engine.from_config(cfg, device)
+        # NOTE: packed KV leaves and arrives in staging buffers outside the KV cache. Sized only by
+        # the KV cache's fraction of memory they ran a decode GPU out of memory on long prompts,
+        # so a split worker keeps cache.handoff_buffer_gib out of its cache and never stages more
+        # than that at once (a transfer larger than the whole budget still goes, alone).
+        self.staging_budget = int(cfg.cache.handoff_buffer_gib * (1 << 30)) if role in ("prefill", "decode") else 0
+        self.engine = Engine.from_config(cfg, device, staging_bytes=self.staging_budget)
         pool = self.engine.pool
         # Collective over the world: the router creates its reader at the same point.
         self.window = CacheWindow.create(world, pool.num_blocks, role)
@@ -91,6 +96,8 @@ class Worker:
         self.outgoing: dict[tuple[int, int], _Outgoing] = {}  # (decode rank, xfer) -> handoff
         self.announced: deque[_Incoming] = deque()  # waiting for free blocks
         self.incoming: list[_Incoming] = []  # receives in flight
+        self.ready: deque[_Outgoing] = deque()  # READY received, send waiting for staging room
+        self.staged = 0  # bytes of packed KV held in staging buffers (sends and receives)
         self.shutdown = False
 
     def run(self) -> None:
@@ -129,7 +136,7 @@ class Worker:
         self.outbox.flush()
 
     def _has_work(self) -> bool:
-        return bool(self.engine.has_work() or self.outgoing or self.announced or self.incoming)
+        return bool(self.engine.has_work() or self.outgoing or self.announced or self.incoming or self.ready)
 
     def _dispatch(self, tag: Tag, src: int, payload) -> None:
         if tag is Tag.REQUEST:
@@ -143,7 +150,8 @@ class Worker:
         elif tag is Tag.HANDOFF:
             self.announced.append(_Incoming(src, Handoff(**payload)))
         elif tag is Tag.READY:
-            self._send_kv(self.outgoing[(src, Ready(**payload).xfer)])
+            # Sends start in READY order (a later one never overtakes one waiting for room).
+            self.ready.append(self.outgoing[(src, Ready(**payload).xfer)])
         elif tag is Tag.SHUTDOWN:
             self.shutdown = True
         else:
@@ -162,10 +170,19 @@ class Worker:
             self.outgoing[(dest, xfer)] = _Outgoing(seq, dest)
         self.engine.handoffs.clear()
 
+    def _fits(self, nbytes: int) -> bool:
+        """Room to stage `nbytes` more: within the budget, or nothing staged at all."""
+        return self.staged == 0 or self.staged + nbytes <= self.staging_budget
+
+    def _packed_bytes(self, num_tokens: int) -> int:
+        n = -(-num_tokens // self.engine.pool.block_size)
+        return n * self.engine.runner.block_bytes()
+
     def _send_kv(self, out: _Outgoing) -> None:
         num_tokens = out.seq.num_tokens - 1
         n = -(-num_tokens // self.engine.pool.block_size)
         out.buf = self.engine.runner.pack_kv(out.seq.block_ids[:n])
+        self.staged += out.buf.numel() * out.buf.element_size()
         out.started = time.perf_counter()
         out.not_before = out.started + self.engine.runner.transfer_s(num_tokens)
         out.pending = self.transport.send(out.buf, self._peer(out.dest), self._kv_tag(out.dest))
@@ -177,17 +194,24 @@ class Worker:
                 self.stats.handoffs_sent += 1
                 self.stats.handoff_bytes += out.buf.numel() * out.buf.element_size()
                 self.stats.handoff_seconds += time.perf_counter() - out.started
+                self.staged -= out.buf.numel() * out.buf.element_size()
                 self.engine.release(out.seq)
                 del self.outgoing[key]
                 moved = True
+        while self.ready and self._fits(self._packed_bytes(self.ready[0].seq.num_tokens - 1)):
+            self._send_kv(self.ready.popleft())
+            moved = True
         while self.announced and len(self.incoming) < MAX_RECEIVING:
             inc = self.announced[0]
+            if not self._fits(self._packed_bytes(inc.handoff.num_tokens)):
+                break
             blocks = self.engine.reserve(inc.handoff.num_tokens)
             if blocks is None:
                 break
             self.announced.popleft()
             inc.blocks = blocks
             inc.buf = self.engine.runner.kv_buffer(len(blocks))
+            self.staged += inc.buf.numel() * inc.buf.element_size()
             inc.not_before = time.perf_counter() + self.engine.runner.transfer_s(inc.handoff.num_tokens)
             inc.pending = self.transport.recv(inc.buf, self._peer(inc.src), self._kv_tag(self.world.rank))
             self.outbox.send(Ready(inc.handoff.xfer), inc.src, Tag.READY)
@@ -197,6 +221,7 @@ class Worker:
         for inc in [i for i in self.incoming if i.pending.done() and now >= i.not_before]:
             self.incoming.remove(inc)
             self.engine.runner.unpack_kv(inc.buf, inc.blocks)
+            self.staged -= inc.buf.numel() * inc.buf.element_size()
             h = inc.handoff
             self.engine.add_prefilled(Request.from_wire(h.request), h.seq_state, h.generator_state, inc.blocks)
             self.stats.handoffs_received += 1

@@ -104,6 +104,20 @@ def test_mpi_job_matches_the_single_rank_run(roles, n, tiny_models, shared_prefi
         assert all(w["requests"] > 0 for w in workers)
 
 
+def test_handoffs_wait_for_staging_room_and_change_nothing(tiny_models, shared_prefix_input, single_rank, tmp_path):
+    # A staging budget of one byte: each worker stages one packed KV at a time (sends and
+    # receives queue for room in READY order), and every answer is still the single-rank one.
+    out = tmp_path / "out.jsonl"
+    proc = run([*CLI, "run", "--local", "4", "-i", str(shared_prefix_input), "-o", str(out),
+                "--model", str(tiny_models["llama"]), *SETTINGS, "--set", "roles.aggregated=0", "--set", "roles.prefill=1",
+                "--set", "roles.decode=2", "--set", "cache.handoff_buffer_gib=1e-9"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = outputs(out)
+    assert got == single_rank
+    workers = json.loads((tmp_path / "out.summary.json").read_text())["backend"]["workers"]
+    assert sum(w["handoffs_received"] for w in workers if w["role"] == "decode") == len(got)
+
+
 def test_kv_aware_keeps_prefix_hits_that_round_robin_loses(tiny_models, tmp_path):
     # 7 long system prompts over 4 workers whose caches hold about two each: round robin
     # scatters every prompt over every worker and thrashes the caches.

@@ -120,10 +120,12 @@ class Engine:
         cfg: JobConfig,
         device: torch.device | None = None,
         weights: Iterable[tuple[str, torch.Tensor]] | None = None,
+        staging_bytes: int = 0,
     ) -> Engine:
         """The engine of `cfg.model.path` (or, with `sim.enabled`, of its timing model); `weights`
         (Hugging Face names) replace the directory's safetensors files, which then need not exist
-        (benchmarks build random weights on the GPU)."""
+        (benchmarks build random weights on the GPU). `staging_bytes` of device memory are left
+        out of the KV cache (a disaggregated worker's packed KV in transit)."""
         if cfg.sim.enabled:
             return cls.simulated(cfg)
         if cfg.model.path is None:
@@ -140,6 +142,8 @@ class Engine:
             cuda_graphs=not cfg.model.enforce_eager,
         )
         reserve = runner.profile()  # activation peaks, measured on the GPU; 0 on the CPU
+        if device.type == "cuda":
+            reserve += staging_bytes
         num_blocks = runner.size_kv_cache(
             cfg.cache.num_blocks, cfg.cache.gpu_memory_fraction, cfg.cache.cpu_kv_gib, reserve
         )

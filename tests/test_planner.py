@@ -72,3 +72,11 @@ def test_plan_command_without_a_workload_says_what_to_give():
     proc = _cli("--gpus", "2")
     assert proc.returncode == 2
     assert "--input-len and --output-len" in proc.stderr
+
+
+def test_every_shipped_timing_model_loads_and_says_where_it_came_from():
+    files = sorted(DEFAULT_TIMING.parent.glob("*.yaml"))
+    assert DEFAULT_TIMING in files and len(files) >= 2
+    for f in files:
+        t = TimingModel.load(f)
+        assert t.source.split(":")[0] in ("derived", "calibrated"), f

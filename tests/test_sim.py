@@ -192,19 +192,22 @@ def sim_job(trace: Path, out: Path, n: int, *sets: str) -> dict:
 
 @pytest.mark.skipif(not HAVE_MPI, reason="no MPI launcher")
 def test_simulated_workers_answer_a_trace_once_and_kv_aware_hits_more(tmp_path):
-    trace = write_trace(tmp_path / "t.jsonl", conversations(10, 5, 400))
+    # 7 chats over 4 workers whose caches hold about two chats each (a 6th turn is 6.5k tokens):
+    # round robin sends every chat to every worker in turn and the LRU drops them in between.
+    trace = write_trace(tmp_path / "t.jsonl", conversations(7, 6, 400))
     hits = {}
     for policy in ("kv_aware", "round_robin"):
-        s = sim_job(trace, tmp_path / f"{policy}.jsonl", 5, "roles.aggregated=4", f"router.policy={policy}")
-        assert s["ids"] == {f"trace-{i}" for i in range(1, 51)} and s["errors"] == 0
+        s = sim_job(trace, tmp_path / f"{policy}.jsonl", 5, "roles.aggregated=4", f"router.policy={policy}",
+                    "cache.num_blocks=400")
+        assert s["ids"] == {f"trace-{i}" for i in range(1, 43)} and s["errors"] == 0
         assert all(d["response"]["body"]["usage"]["completion_tokens"] == 8 for d in s["lines"])
-        assert s["latency"]["requests"] == 50 and s["latency"]["ttft_s"]["p50"] > 0
+        assert s["latency"]["requests"] == 42 and s["latency"]["ttft_s"]["p50"] > 0
         timings = [json.loads(x) for x in (tmp_path / f"{policy}.timings.jsonl").read_text().splitlines()]
-        assert len(timings) == 50 and all(t["ttft_s"] > 0 and t["itl_s"] > 0 for t in timings)
+        assert len(timings) == 42 and all(t["ttft_s"] > 0 and t["itl_s"] > 0 for t in timings)
         assert all(w["sim"]["modeled_s"] > 0 for w in s["backend"]["workers"])
         hits[policy] = s["prefix_hit_ratio"]
-    # Every turn after the first finds its conversation on one worker under kv_aware.
-    assert hits["kv_aware"] > 0.5 > hits["round_robin"], hits
+    # Under kv_aware every turn after the first finds its chat's history (at most 0.66 of the tokens).
+    assert hits["kv_aware"] > 0.45 and hits["kv_aware"] > 2 * hits["round_robin"], hits
 
 
 @pytest.mark.skipif(not HAVE_MPI, reason="no MPI launcher")

@@ -72,7 +72,7 @@ class RouterSection(_Section):
     policy: Policy = "kv_aware"
     max_inflight: int = Field(512, ge=1, description="requests sent and not yet answered")
     # kv_aware cost (DESIGN.md): prefill_load_scale * max(0, queued + new - overlap_credit * cached) + decode
-    prefill_load_scale: float = Field(1.0, ge=0.0)
+    prefill_load_scale: float = Field(16.0, ge=0.0)
     overlap_credit: float = Field(1.0, ge=0.0)
     seed: int = Field(0, description="seeds the random policy and random tie breaks")
     window_max_age_ms: float = Field(5.0, ge=0.0, description="re-read the workers' cache tables when the copy is older (wall ms)")

@@ -104,7 +104,7 @@ class TimingModel(_Strict):
 class SimStats:
     modeled_s: float = 0.0  # sum of modeled step times
     slept_s: float = 0.0  # wall time spent sleeping for them
-    late_steps: int = 0  # steps that began after their modeled start (host work ran over; caught up later)
+    late_steps: int = 0  # steps that began more than a step late on the modeled clock (caught up later)
     slip_s: float = 0.0  # wall time the modeled clock lost for good (behind by more than MAX_LAG_S)
 
 
@@ -153,7 +153,7 @@ class SimRunner:
         # over, or the OS ran another rank) is caught up by sleeping less afterwards. Only a lag
         # beyond MAX_LAG_S is given up (slip_s), so the modeled clock never races to catch up.
         start = now if self._idle else self._last_end
-        if now > start:
+        if now - start > wall:
             self.stats.late_steps += 1
             if now - start > MAX_LAG_S:
                 self.stats.slip_s += now - start

@@ -40,10 +40,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default=",".join(POLICIES), help="comma-separated placement policies")
     p.add_argument("--json", help="write all results here")
     p.add_argument("--plot", help="write a PNG comparing the policies here (needs matplotlib: pip install kvrelay[bench])")
-    p.add_argument("--speed", type=float, default=2.0, help="sim.speed: modeled seconds per wall second")
-    p.add_argument("--time-scale-per-worker", type=float, default=0.5,
+    p.add_argument("--speed", type=float, default=3.0, help="sim.speed: modeled seconds per wall second")
+    p.add_argument("--time-scale-per-worker", type=float, default=0.25,
                    help="arrival rate: the trace's timestamps are divided by this x W")
-    p.add_argument("--duration", type=float, default=None, help="replay the requests that arrive in the first SEC modeled seconds")
+    p.add_argument("--duration", type=float, default=150.0,
+                   help="replay the requests that arrive in the first SEC modeled seconds (0: all)")
     p.add_argument("--max-requests", type=int, default=None, help="replay at most the first N requests")
     p.add_argument("--block-size", type=int, default=64, help="cache.block_size")
     p.add_argument("--timing", default=None, help="timing model YAML (default: configs/sim/h100-llama8b.yaml)")
@@ -56,7 +57,7 @@ def slice_size(trace: str, time_scale: float, duration: float | None, max_reques
     """How many leading requests the run replays."""
     n = 0
     for e in read_trace(trace, max_requests):
-        if duration is not None and e.arrival_s / time_scale > duration:
+        if duration and e.arrival_s / time_scale > duration:
             break
         n += 1
     return n

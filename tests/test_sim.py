@@ -218,3 +218,17 @@ def test_simulated_handoffs_keep_all_five_decode_workers_busy(tmp_path):
     decode = [w for w in s["backend"]["workers"] if w["role"] == "decode"]
     assert sum(w["handoffs_received"] for w in decode) == 30
     assert all(w["handoffs_received"] >= 3 for w in decode), [w["handoffs_received"] for w in decode]
+
+
+@pytest.mark.skipif(not HAVE_MPI, reason="no MPI launcher")
+def test_a_shared_system_prompt_spreads_over_eight_simulated_workers(tmp_path):
+    # Every request starts with the same 2k-token system prompt, then its own 4k tokens; they
+    # arrive faster than one worker could prefill them.
+    trace = write_trace(tmp_path / "t.jsonl", [entry(20 * i, [1, 2, 3, 4] + [100 + 8 * i + k for k in range(8)], n_out=8)
+                                               for i in range(64)])
+    s = sim_job(trace, tmp_path / "o.jsonl", 9, "roles.aggregated=8")
+    assert len(s["ids"]) == 64 and s["errors"] == 0
+    per_worker = [w["requests"] for w in s["backend"]["workers"]]
+    assert min(per_worker) >= 4, per_worker
+    # and the prompt is cached where it went: all but the first request on each worker hit it
+    assert s["cached_prompt_tokens"] >= (64 - 8) * 2048, s["cached_prompt_tokens"]

@@ -204,9 +204,9 @@ def test_simulated_workers_answer_a_trace_once_and_kv_aware_hits_more(tmp_path):
         assert s["latency"]["requests"] == 42 and s["latency"]["ttft_s"]["p50"] > 0
         timings = [json.loads(x) for x in (tmp_path / f"{policy}.timings.jsonl").read_text().splitlines()]
         assert len(timings) == 42 and all(t["ttft_s"] > 0 and t["itl_s"] > 0 for t in timings)
-        assert all(w["sim"]["modeled_s"] > 0 for w in s["backend"]["workers"])
+        assert all(w["sim"]["modeled_s"] > 0 for w in s["backend"]["workers"] if w["requests"])
         hits[policy] = s["prefix_hit_ratio"]
-    # Under kv_aware every turn after the first finds its chat's history (at most 0.66 of the tokens).
+    # Under kv_aware every turn after the first finds its chat's history (at most 0.75 of the tokens).
     assert hits["kv_aware"] > 0.45 and hits["kv_aware"] > 2 * hits["round_robin"], hits
 
 

@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvrelay.launch.run import find_mpiexec
 from kvrelay.router.oracle import oracle
 from kvrelay.router.trace import read_trace
 
@@ -67,6 +66,8 @@ def run_one(args, workers: int, policy: str, limit: int, workdir: Path) -> dict:
     out = workdir / f"w{workers}-{policy}.jsonl"
     for stale in workdir.glob(f"w{workers}-{policy}.*"):
         stale.unlink()  # a rerun must replay everything, not resume
+    from kvrelay.launch.run import find_mpiexec  # imports the engine (torch): only when a run starts
+
     mpiexec, open_mpi = find_mpiexec()
     time_scale = args.time_scale_per_worker * workers
     sets = [
@@ -126,7 +127,7 @@ def run_one(args, workers: int, policy: str, limit: int, workdir: Path) -> dict:
 def isolated_decision_us(trace: str, workers: int, block_size: int, kv_blocks: int, n: int = 400) -> dict:
     """The router's decision (probe a table snapshot, kv_aware's choice) timed in one process,
     away from the job's CPU contention: W tables of kv_blocks filled with the hashes of the
-    trace's first requests (spread round robin), then the next requests placed."""
+    trace's first n requests (spread round robin), then the next n placed."""
     import numpy as np
 
     from kvrelay.configs.schema import RouterSection
@@ -142,7 +143,8 @@ def isolated_decision_us(trace: str, workers: int, block_size: int, kv_blocks: i
     tables = [BucketTable(np.zeros(nb * WAYS, np.uint64)) for _ in ranks]
     entries = list(read_trace(trace, 2 * n))
     hashes = [np.array(block_hashes(prompt_tokens(e, 128256), block_size, 0), np.uint64) for e in entries]
-    for i, h in enumerate(hashes[:n]):
+    half = len(hashes) // 2
+    for i, h in enumerate(hashes[:half]):
         for x in h.tolist():
             tables[i % workers].insert(x)
     for i, t in enumerate(tables):
@@ -153,7 +155,7 @@ def isolated_decision_us(trace: str, workers: int, block_size: int, kv_blocks: i
                           queued_prefill_tokens=int(rng.integers(0, 20000)), running_seqs=8,
                           active_decode_blocks=int(rng.integers(500, 2000))) for r in ranks]
     times = []
-    for h in hashes[n:]:
+    for h in hashes[half:]:
         t0 = time.perf_counter()
         cached = snap.prefix_lengths(h)
         policy.choose(states, len(h), cached.__getitem__)

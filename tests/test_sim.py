@@ -232,3 +232,20 @@ def test_a_shared_system_prompt_spreads_over_eight_simulated_workers(tmp_path):
     assert min(per_worker) >= 4, per_worker
     # and the prompt is cached where it went: all but the first request on each worker hit it
     assert s["cached_prompt_tokens"] >= (64 - 8) * 2048, s["cached_prompt_tokens"]
+
+
+@pytest.mark.skipif(not HAVE_MPI, reason="no MPI launcher")
+def test_bench_route_writes_every_metric_and_the_oracle(tmp_path):
+    from kvrelay.launch.cli import main
+
+    trace = write_trace(tmp_path / "t.jsonl", conversations(4, 3, 300))
+    out = tmp_path / "b2.json"
+    assert main(["bench", "route", "--trace", str(trace), "--workers", "2", "--policy", "kv_aware,least_loaded",
+                 "--duration", "0", "--speed", "50", "--json", str(out), "--workdir", str(tmp_path / "runs")]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [(r["workers"], r["policy"]) for r in results] == [(2, "kv_aware"), (2, "least_loaded")]
+    for r in results:
+        assert r["requests"] == 12 and 0 < r["oracle_hit_ratio"] < 1 and r["fraction_of_oracle"] is not None
+        assert r["ttft_p50_s"] > 0 and r["itl_p50_s"] > 0 and r["total_tokens_per_s"] > 0
+        assert r["decision_us"]["p50"] > 0 and r["decision_isolated_us"]["p50"] > 0 and r["window_read_us"]["p50"] > 0
+    assert results[1]["throughput_vs_least_loaded"] == 1.0

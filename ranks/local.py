@@ -16,7 +16,11 @@ class LocalBackend:
         self.engine.add_request(request)
 
     def poll(self) -> list[RequestResult]:
-        return self.engine.step() if self.engine.has_work() else []
+        if not self.engine.has_work():
+            return []
+        results = self.engine.step()
+        self.engine.prefilled.clear()  # no router books to tell in one process
+        return results
 
     def stats(self) -> dict:
         e = self.engine

@@ -114,7 +114,12 @@ class Worker:
                 t0 = time.perf_counter()
                 for result in self.engine.step():
                     self.outbox.send(result.to_wire(), ROUTER, Tag.RESULT)
+                for request_id in self.engine.prefilled:
+                    self.outbox.send({"request_id": request_id}, ROUTER, Tag.PREFILLED)
+                self.engine.prefilled.clear()
                 self.stats.step_wall_s += time.perf_counter() - t0
+                if self.engine.runner.simulated and not self.engine.has_work():
+                    self.engine.runner.idle()
                 self._announce_handoffs()
                 busy = True
             self._publish()

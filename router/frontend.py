@@ -141,7 +141,8 @@ class Frontend:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.inflight: dict[str, ParsedLine] = {}
-        self.due: dict[str, float] = {}  # request id -> wall time it arrived (its trace time, or submission)
+        # request id -> (wall time it was due: its trace time, or when read; when it was submitted)
+        self.due: dict[str, tuple[float, float]] = {}
         self.time_scale = cfg.sim.speed if cfg.sim.enabled else 1.0
         self.timings: list[dict] = []
 
@@ -243,7 +244,7 @@ class Frontend:
         request_id = f"kvrelay-{xxhash.xxh3_64_hexdigest(parsed.custom_id.encode('utf-8', 'surrogatepass'))}"
         parsed.prompt_token_ids = ids
         self.inflight[request_id] = parsed
-        self.due[request_id] = due
+        self.due[request_id] = (due, time.time())
         backend.submit(Request(request_id, ids, sampling))
 
     def _tokenize(self, parsed: ParsedLine) -> list[int]:
@@ -273,7 +274,7 @@ class Frontend:
         s.output_tokens += len(result.output_token_ids)
 
     def _record_timing(self, parsed: ParsedLine, result: RequestResult) -> None:
-        due = self.due.pop(result.request_id)
+        due, submitted = self.due.pop(result.request_id)
         if result.first_token_time is None or result.finish_time is None:
             return
         k = self.time_scale
@@ -281,6 +282,7 @@ class Frontend:
         self.timings.append({
             "custom_id": parsed.custom_id,
             "arrival_s": (due - self.start) * k,
+            "router_lag_s": (submitted - due) * k,  # the router was late by this much
             "ttft_s": (result.first_token_time - due) * k,
             "itl_s": (result.finish_time - result.first_token_time) * k / (n - 1) if n > 1 else None,
             "e2e_s": (result.finish_time - due) * k,

@@ -62,6 +62,9 @@ class MPIBackend:
         self.header_read_s: list[float] = []  # the load headers alone
         self.table_read_s: list[float] = []  # each table refresh alone
         self.decision_s: list[float] = []
+        # Cached blocks the window showed: on the best worker, and on the chosen one (summed).
+        self.seen_cached_blocks = 0
+        self.placed_cached_blocks = 0
 
     def submit(self, request: Request) -> None:
         t0 = time.perf_counter()
@@ -99,6 +102,9 @@ class MPIBackend:
                 decode = self.decode_policy.choose([self.states[r] for r in self.decoders], nblocks, lambda r: 0)
         # The worker's queue grows by what it must compute, not by what it has cached.
         tokens = uncached_tokens(rank)
+        if cached:
+            self.seen_cached_blocks += max(cached.values())
+            self.placed_cached_blocks += cached[rank]
         self.hash_s.append(t1 - t0)
         self.read_s.append(t2 - t1)
         self.decision_s.append(time.perf_counter() - t2)
@@ -122,8 +128,14 @@ class MPIBackend:
                         self._book(rank, None, tokens, 0, -1)
                 results.append(result)
             elif tag is Tag.PREFILLED:
-                rank, decode, tokens, nblocks = self.placed[payload["request_id"]]
-                self._book(rank, None, tokens, 0, -1)
+                rid = payload["request_id"]
+                rank, decode, tokens, nblocks = self.placed[rid]
+                if decode is None:
+                    # Aggregated: the prompt left the worker's prefill queue; it decodes on there.
+                    self.states[rank].inflight_prefill_tokens -= tokens
+                else:
+                    self._book(rank, None, tokens, 0, -1)
+                self.placed[rid] = (rank, decode, 0, nblocks)
             else:
                 raise RuntimeError(f"router got an unexpected {tag.name} message from rank {src}")
         if not results:
@@ -186,6 +198,8 @@ class MPIBackend:
             "header_read_us": us(self.header_read_s),
             "table_read_us": us(self.table_read_s),
             "table_reads": len(self.table_read_s),
+            "window_cached_blocks_best": self.seen_cached_blocks,
+            "window_cached_blocks_placed": self.placed_cached_blocks,
         }
 
     def close(self) -> None:

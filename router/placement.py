@@ -77,6 +77,20 @@ class KvAware:
     then the lower load, then seeded random.
     """
 
+    # NOTE (defaults, tuned on B2 in BENCHMARKS.md): prefill_load_scale=16, overlap_credit=1.
+    # The cost adds blocks of two kinds that cost very different time. A prefill block (64 tokens
+    # of an 8B model on an H100) is ~2.2 ms of compute that the request waits for before its
+    # first token; a decode block resident on the worker costs ~3.5 us per decode step, ~0.1 ms
+    # over the half second of a typical TTFT. At scale 1 the decode blocks of the requests
+    # already decoding (~1-2k per worker, differing by hundreds between workers) drowned the
+    # cache credit (at most the request's ~190 blocks), and kv_aware placed no better than
+    # least_loaded. On the Mooncake trace at W=8 (same load, one run each): scale 1 -> hit ratio
+    # 0.061, TTFT p50 0.85 s; 4 -> 0.054, 0.73 s; 16 -> 0.071, 0.64 s; 64 -> 0.079, 0.66 s;
+    # 16 with credit 2 -> 0.074, 0.65 s (round_robin 0.054, 1.69 s; least_loaded 0.045, 1.12 s).
+    # Scales 16-64 are within run-to-run noise of each other; 16 is the smallest that gets there,
+    # so decode load still separates workers whose prefill work is about equal. Credit 1 keeps a
+    # hit worth exactly the compute it saves.
+
     # NOTE: DESIGN.md's form, scale * max(0, queued + new - credit * cached), lets the credit eat
     # the queue. The two forms agree while credit * cached <= new (always, for overlap_credit <= 1),
     # but with overlap_credit > 1 and a long hit, up to credit * cached - new queued blocks cost

@@ -112,6 +112,9 @@ class Engine:
         self.generators: dict[str, torch.Generator] = {}
         # Prefill worker: sequences that sampled their first token and wait to hand off their KV.
         self.handoffs: list[Sequence] = []
+        # Requests that sampled their first token and decode on here: the caller tells the router,
+        # whose books of queued prefill work drop them (the caller clears the list).
+        self.prefilled: list[str] = []
         self.stats = EngineStats()
 
     @classmethod
@@ -261,6 +264,8 @@ class Engine:
             elif seq.handoff:
                 self.scheduler.detach(seq)
                 self.handoffs.append(seq)
+            elif seq.num_output_tokens == 1:
+                self.prefilled.append(seq.request_id)
         self.stats.steps += 1
         self.stats.preemptions = self.scheduler.num_preemptions
         host = t1 - t0 + time.perf_counter() - t2

@@ -185,14 +185,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_shard(args: argparse.Namespace) -> int:
     from kvrelay.slurm.shard import merge, status
 
-    try:
-        if args.action == "merge":
+    if args.action == "merge":
+        try:
             path, n = merge(args.input, args.output, args.shards)
-            print(f"merged {args.shards} shards into {path}: {n} lines")
-            return 0
-    except ValueError as e:
-        print(f"kvrelay: {e}", file=sys.stderr)
-        return 1
+        except ValueError as e:
+            print(f"kvrelay: {e}", file=sys.stderr)
+            return 1
+        print(f"merged {args.shards} shards into {path}: {n} lines")
+        return 0
     todo = [s for s in status(args.input, args.output, args.shards) if not s.complete]
     for s in todo:
         head = ", ".join(s.missing[:5]) + (", ..." if len(s.missing) > 5 else "")

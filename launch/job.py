@@ -9,9 +9,9 @@ never leaves the others hanging.
 
 SIGTERM and SIGUSR2 (Slurm's notice before the time limit or a preemption, see slurm/) make the
 router close the output (every answered line is already written), leave a stop marker beside it
-(`stop_marker`: the job script requeues when it finds one), and end the job; a rerun resumes.
-Workers only let go of their node's shared memory on SIGUSR2, so that the router, not the signal,
-decides when the job ends.
+naming the signal (`stop_marker`: after SIGUSR2 the job script requeues), and end the job; a
+rerun resumes. On SIGUSR2 a worker only lets go of its node's shared memory, so that the router,
+not the signal, decides when the job ends.
 """
 
 from __future__ import annotations

@@ -72,8 +72,11 @@ start() {
   chown munge: /run/munge /var/log/munge /var/lib/munge
   [ -s /etc/munge/munge.key ] || runuser -u munge -- /usr/sbin/mungekey --create
   write_conf
-  runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid
-  cp /run/munge/munged.pid "$STATE/munged.pid"
+  # The package may have started munged already; start ours only when none answers.
+  if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
+    runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid
+    cp /run/munge/munged.pid "$STATE/munged.pid"
+  fi
   slurmctld
   slurmd
   local state=""

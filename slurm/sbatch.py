@@ -82,6 +82,8 @@ def render(cfg: JobConfig, config_path: str | None, overrides: list[str], array:
     run += [["-i", str(inp)], ["--model", str(model)]]
     # The ranks need no slurm.* key: those shaped the allocation they run in.
     run += [["--set", item] for item in overrides if not item.startswith("slurm.")]
+    if cfg.output.fail_on_error:
+        run.append(["--fail-on-error"])
     if s.launcher == "srun":
         launcher = ["srun", f"--mpi={s.srun_mpi}", f"--ntasks={place.ntasks}", "--kill-on-bad-exit=1"]
         if place.nodes > 1:

@@ -35,10 +35,14 @@ class BatchJob(submitit.helpers.Checkpointable):
     def __call__(self) -> dict | None:
         from kvrelay.launch.job import run_mpi
 
-        # submitit installed its USR2 handler (checkpoint and requeue from global rank 0) before
-        # calling us; the router runs it once the output is closed.
-        handler = signal.getsignal(signal.SIGUSR2)
-        after_stop = (lambda signum: handler(signum, None)) if callable(handler) else None
+        # submitit installed its USR2 handler (checkpoint and requeue, from global rank 0) before
+        # calling us; the router runs it once USR2 has closed the output. TERM just ends the job.
+        requeue = signal.getsignal(signal.SIGUSR2)
+
+        def after_stop(signum: int) -> None:
+            if signum == signal.SIGUSR2 and callable(requeue):
+                requeue(signum, None)
+
         rc, summary = run_mpi(self.cfg, after_stop)
         if rc != 0:
             raise RuntimeError(f"kvrelay job failed with exit code {rc}; see the task logs")

@@ -1,7 +1,7 @@
 """Where a B1 step's GPU time goes: torch.profiler over a few prefill/mixed steps, a few decode
 steps (CUDA-graph replays) and batch-1 decode steps of the engine on the B1 workload.
 
-    python -m kvrelay.bench.profile_steps --size 8b-shape [--steps 3] [--json runs/profile.json]
+    python -m kvrelay.bench.profile_steps --size 8b-shape [--steps 3] [--skip 0] [--json runs/profile.json]
 
 For each phase: wall ms per step, GPU kernel ms per step, kernel launches per step, and the kernels
 that take the most time (summed over the phase's steps, per step). Random weights on the device,
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--skip", type=int, default=0, help="steps run before the prefill/mixed profile")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     device, dtype = torch.device("cuda" if torch.cuda.is_available() else "cpu"), DTYPES[args.dtype]
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
         for i, p in enumerate(random_prompts(args.num_prompts, args.input_len, cfg["vocab_size"], 0)):
             engine.add_request(Request(str(i), p, params))
-        engine.step()  # first use of each shape out of the profile
+        for _ in range(1 + args.skip):  # first use of each shape out of the profile; later steps carry more decode rows
+            engine.step()
         report["prefill_mixed"] = profiled(engine, args.steps, args.top)
         while engine.stats.decode_steps == 0:
             engine.step()

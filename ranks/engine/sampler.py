@@ -49,15 +49,16 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list
 
     out_logprobs: list[TokenLogprob | None] = [None] * len(rows)
     if raw_logprobs is not None:
+        # One gather and one top-k for the whole batch, so the host waits once, not once per row.
+        chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+        k = max(n for n in want_logprobs if n is not None)
+        top_vals, top_ids = (raw_logprobs.topk(k, dim=-1) if k > 0 else (tokens[:, None], tokens[:, None]))
+        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
         for i, n in enumerate(want_logprobs):
             if n is None:
                 continue
-            tok = token_list[i]
-            top = []
-            if n > 0:
-                vals, ids = raw_logprobs[i].topk(n)
-                top = list(zip(ids.tolist(), vals.tolist()))
-            out_logprobs[i] = TokenLogprob(tok, float(raw_logprobs[i, tok]), top)
+            top = list(zip(top_ids[i][:n], top_vals[i][:n]))
+            out_logprobs[i] = TokenLogprob(token_list[i], chosen[i], top)
     return token_list, out_logprobs
 
 

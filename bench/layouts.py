@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from kvrelay.router.frontend import percentiles
+
 LAYOUT = re.compile(r"^(?:(\d+)p(\d+)d|(\d+)agg)$")
 
 
@@ -63,13 +65,6 @@ def synthetic_trace(path: Path, mixes: list[tuple[int, int]], rates: list[float]
     return segments
 
 
-def pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    return v[min(len(v) - 1, int(q * len(v)))]
-
-
 def segment_metrics(rows: list[dict], seg: dict, gpus: int, ttft_s: float, itl_s: float) -> dict:
     lo, hi = seg["lines"]
     mine = [r for r in rows if lo <= int(r["custom_id"].removeprefix("trace-")) <= hi]
@@ -79,16 +74,16 @@ def segment_metrics(rows: list[dict], seg: dict, gpus: int, ttft_s: float, itl_s
     last = max(r["arrival_s"] + r["e2e_s"] for r in mine)
     span = max(last - first, 1e-9)
     good = [r for r in mine if r["ttft_s"] <= ttft_s and (r["itl_s"] is None or r["itl_s"] <= itl_s)]
-    ttft = [r["ttft_s"] for r in mine]
-    itl = [r["itl_s"] for r in mine if r["itl_s"] is not None]
+    ttft = percentiles([r["ttft_s"] for r in mine])
+    itl = percentiles([r["itl_s"] for r in mine if r["itl_s"] is not None])
     out_tokens = sum(r["output_tokens"] for r in mine)
     return {
         "requests": len(mine),
         "requests_per_s": len(mine) / span,
         "output_tokens_per_s": out_tokens / span,
         "output_tokens_per_s_per_gpu": out_tokens / span / gpus,
-        "ttft_p50_s": pct(ttft, 0.5), "ttft_p90_s": pct(ttft, 0.9),
-        "itl_p50_s": pct(itl, 0.5), "itl_p90_s": pct(itl, 0.9),
+        "ttft_p50_s": ttft["p50"], "ttft_p90_s": ttft["p90"],
+        "itl_p50_s": itl["p50"], "itl_p90_s": itl["p90"],
         "goodput_requests_per_s": len(good) / span,
         "goodput_fraction": len(good) / len(mine),
         "prefix_hit_ratio": sum(r["cached_tokens"] for r in mine) / max(1, sum(r["prompt_tokens"] for r in mine)),

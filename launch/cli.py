@@ -205,11 +205,12 @@ def cmd_shard(args: argparse.Namespace) -> int:
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="job config YAML (its slurm section: partition, time, nodes, ...)")
+    """The job arguments that `run`, `sbatch` and `submit` share."""
+    p.add_argument("config", nargs="?", help="job config YAML (default: built-in defaults; sbatch/submit read its slurm section)")
     p.add_argument("-i", "--input", help="input JSONL (input.path)")
-    p.add_argument("-o", "--output", help="output JSONL (output.path); a requeued or repeated job resumes it")
+    p.add_argument("-o", "--output", help="output JSONL (output.path); rerunning, requeuing or repeating the job resumes it")
     p.add_argument("--model", help="model checkpoint directory (model.path)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. slurm.partition=gpu")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. router.policy=round_robin")
     p.add_argument("--fail-on-error", action="store_true", help="exit non-zero if any line was an error")
 
 
@@ -225,12 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a batch job")
-    r.add_argument("config", nargs="?", help="job config YAML (default: built-in defaults)")
-    r.add_argument("-i", "--input", help="input JSONL (input.path)")
-    r.add_argument("-o", "--output", help="output JSONL (output.path); rerun with the same file resumes")
-    r.add_argument("--model", help="model checkpoint directory (model.path)")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    r.add_argument("--fail-on-error", action="store_true", help="exit non-zero if any line was an error")
+    _job_args(r)
     r.add_argument("--local", type=int, metavar="N", help="start an N-rank MPI job on this machine (mpiexec -n N)")
     r.set_defaults(func=cmd_run)
 

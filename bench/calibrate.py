@@ -29,9 +29,10 @@ from kvrelay.configs.schema import load_config
 from kvrelay.ranks.engine.checkpoint import build_tokenizer, model_config, random_weights
 from kvrelay.ranks.engine.engine import Engine
 from kvrelay.ranks.engine.model_runner import ModelRunner
-from kvrelay.ranks.engine.sim_runner import DEFAULT_TIMING, SimTokenizer, TimingModel
+from kvrelay.core.timing import DEFAULT_TIMING, TimingModel
+from kvrelay.core.tokenizer import SimTokenizer
 from kvrelay.ranks.engine.spec import ModelSpec
-from kvrelay.router.request import Request, SamplingParams
+from kvrelay.core.request import Request, SamplingParams
 
 MAX_SEQS = 256
 MAX_CONTEXT = 32768  # longest prefill point (16k cached + 8k new) fits

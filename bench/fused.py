@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from kvrelay.bench.attention import graph_ms, ints
 from kvrelay.kernels import fused
-from kvrelay.kernels.attention import write_kv as write_kv_torch
 from kvrelay.ranks.engine.model import RMSNorm, apply_rope
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

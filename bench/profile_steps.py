@@ -25,7 +25,7 @@ from kvrelay.bench.throughput import DTYPES, random_prompts, sync
 from kvrelay.configs.schema import load_config
 from kvrelay.ranks.engine.checkpoint import random_weights, write_model_files
 from kvrelay.ranks.engine.engine import Engine
-from kvrelay.router.request import Request, SamplingParams
+from kvrelay.core.request import Request, SamplingParams
 
 
 def profiled(engine: Engine, steps: int, top: int) -> dict:

@@ -131,8 +131,8 @@ def isolated_decision_us(trace: str, workers: int, block_size: int, kv_blocks: i
     import numpy as np
 
     from kvrelay.configs.schema import RouterSection
-    from kvrelay.ranks.window import WAYS, BucketTable, TableSnapshot, n_buckets_for
-    from kvrelay.router.block_hash import block_hashes
+    from kvrelay.core.window import WAYS, BucketTable, TableSnapshot, n_buckets_for
+    from kvrelay.core.block_hash import block_hashes
     from kvrelay.router.frontend import percentiles
     from kvrelay.router.placement import WorkerState, make_policy
     from kvrelay.router.trace import prompt_tokens

@@ -44,7 +44,7 @@ import torch
 from kvrelay.configs.schema import load_config
 from kvrelay.ranks.engine.checkpoint import random_weights, tensor_shapes, write_model_files
 from kvrelay.ranks.engine.engine import Engine
-from kvrelay.router.request import Request, SamplingParams
+from kvrelay.core.request import Request, SamplingParams
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LOGIT_PROMPTS, LOGIT_STEPS = 4, 4

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from kvrelay.configs.schema import ConfigError, JobConfig, load_config
-from kvrelay.launch.environment import LaunchError, Layout
-from kvrelay.ranks.engine.spec import ModelConfigError
+from kvrelay.core.layout import LaunchError, Layout
+from kvrelay.core.model_files import ModelConfigError
 from kvrelay.router.batch_output import CorruptOutputError
 from kvrelay.router.frontend import InputError
 from kvrelay.slurm.resources import SlurmError
@@ -115,7 +115,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from kvrelay.ranks.engine.sim_runner import load_timing
+    from kvrelay.core.timing import load_timing
     from kvrelay.router.planner import Limits, Workload, plan
 
     cfg = load_config(args.config, args.set, **{"sim.timing": args.timing})
@@ -171,7 +171,7 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from kvrelay.slurm.submitit_job import submit
+    from kvrelay.launch.submit import submit
 
     job = submit(args.config, input=args.input, output=args.output, model=args.model, overrides=args.set)
     print(f"submitted job {job.job_id}; submitit logs in {job.paths.folder}")

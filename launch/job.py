@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from kvrelay.configs.schema import JobConfig
-from kvrelay.launch.environment import LaunchError, Layout, hostname
+from kvrelay.core.layout import LaunchError, Layout
+from kvrelay.launch.environment import hostname
 from kvrelay.router.frontend import Summary
 
 log = logging.getLogger("kvrelay")
@@ -87,7 +88,7 @@ def run_mpi(cfg: JobConfig, after_stop: Callable[[int], None] | None = None) -> 
     """This rank's part of the job; returns (exit code, the summary on the router).
 
     `after_stop(signum)` runs on the router once a stop signal has closed the output and before
-    the job ends (submitit's checkpoint-and-requeue, slurm/submitit_job.py)."""
+    the job ends (submitit's checkpoint-and-requeue, launch/submit.py)."""
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD

@@ -16,12 +16,13 @@ import sys
 from pathlib import Path
 
 from kvrelay.configs.schema import JobConfig
-from kvrelay.launch.environment import LaunchError, Layout
+from kvrelay.core.layout import LaunchError, Layout
 from kvrelay.ranks.engine.engine import Engine, job_hash_seed, model_name, resolve_max_model_len
 from kvrelay.ranks.engine.loader import read_model_dir
-from kvrelay.ranks.engine.sim_runner import SimTokenizer, load_timing, sim_max_model_len
-from kvrelay.ranks.engine.spec import ModelConfigError
-from kvrelay.ranks.engine.tokenizer import Tokenizer
+from kvrelay.core.tokenizer import SimTokenizer
+from kvrelay.core.timing import load_timing, sim_max_model_len
+from kvrelay.core.model_files import ModelConfigError
+from kvrelay.core.tokenizer import Tokenizer
 from kvrelay.ranks.local import LocalBackend
 from kvrelay.router.frontend import Frontend, Summary, write_summary
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from kvrelay.ranks.engine.engine import Engine
-from kvrelay.router.request import Request, RequestResult
+from kvrelay.core.request import Request, RequestResult
 
 
 class LocalBackend:

@@ -26,10 +26,10 @@ from mpi4py import MPI
 from kvrelay.configs.schema import JobConfig
 from kvrelay.ranks.engine.engine import Engine
 from kvrelay.ranks.engine.sequence import Sequence
-from kvrelay.ranks.messages import Assign, Handoff, Outbox, Ready, Tag, poll
+from kvrelay.core.messages import Assign, Handoff, Outbox, Ready, Tag, poll
 from kvrelay.ranks.transport import Pending, make_transport
-from kvrelay.ranks.window import CacheWindow
-from kvrelay.router.request import Request
+from kvrelay.core.window import CacheWindow
+from kvrelay.core.request import Request
 
 log = logging.getLogger("kvrelay")
 

@@ -21,7 +21,7 @@ import json
 import math
 from dataclasses import dataclass, replace
 
-from kvrelay.router.request import SamplingParams
+from kvrelay.core.request import SamplingParams
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 URL_KINDS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}

@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Callable
 
 from kvrelay.router.batch_input import ParsedLine
-from kvrelay.router.request import RequestResult
+from kvrelay.core.request import RequestResult
 
 log = logging.getLogger(__name__)
 

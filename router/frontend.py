@@ -19,10 +19,10 @@ from typing import Protocol
 import xxhash
 
 from kvrelay.configs.schema import ConfigError, JobConfig
-from kvrelay.ranks.engine.tokenizer import Tokenizer
+from kvrelay.core.tokenizer import Tokenizer
 from kvrelay.router.batch_input import LineError, ParsedLine, check_defaults, check_prompt, parse_line, resolve_sampling
 from kvrelay.router.batch_output import DUPLICATE, OutputWriter, error_line, success_line
-from kvrelay.router.request import Request, RequestResult, SamplingParams
+from kvrelay.core.request import Request, RequestResult, SamplingParams
 from kvrelay.router.trace import TraceEntry, TraceError, prompt_tokens, read_trace
 
 

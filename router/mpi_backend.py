@@ -16,13 +16,13 @@ import numpy as np
 from mpi4py import MPI
 
 from kvrelay.configs.schema import JobConfig
-from kvrelay.launch.environment import Layout
-from kvrelay.ranks.messages import Assign, Outbox, Tag, poll
-from kvrelay.ranks.window import TableSnapshot, WindowReader
-from kvrelay.router.block_hash import block_hashes
+from kvrelay.core.layout import Layout
+from kvrelay.core.messages import Assign, Outbox, Tag, poll
+from kvrelay.core.window import TableSnapshot, WindowReader
+from kvrelay.core.block_hash import block_hashes
 from kvrelay.router.frontend import percentiles
 from kvrelay.router.placement import WorkerState, make_decode_policy, make_policy
-from kvrelay.router.request import Request, RequestResult
+from kvrelay.core.request import Request, RequestResult
 
 IDLE_SLEEP_S = 0.0002
 STATS_TIMEOUT_S = 60.0

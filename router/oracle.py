@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from kvrelay.router.block_hash import block_hashes
+from kvrelay.core.block_hash import block_hashes
 from kvrelay.router.trace import TRACE_BLOCK_TOKENS, TraceEntry, prompt_tokens, read_trace
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from kvrelay.ranks.engine.sim_runner import TimingModel
+from kvrelay.core.timing import TimingModel
 
 TIE = 0.02  # a split layout must beat aggregated by more than this to be advised
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import jinja2
 
 from kvrelay.configs.schema import ConfigError, JobConfig
-from kvrelay.launch.environment import Layout
+from kvrelay.core.layout import Layout
 from kvrelay.slurm.resources import SlurmError, check_cluster, cluster_partitions, placement
 from kvrelay.slurm.shard import shard_path
 

@@ -9,7 +9,7 @@ import torch
 
 from kvrelay.kernels.attention import paged_attention
 from kvrelay.ranks.engine.attention_backend import decode_attention_torch, mixed_attention_torch
-from kvrelay.ranks.engine.model import AttentionMetadata
+from kvrelay.ranks.engine.attention_backend import AttentionMetadata
 
 BLOCK_SIZE, HEAD_DIM = 4, 16
 

@@ -20,7 +20,7 @@ from kvrelay.router.batch_output import (
     error_line,
     success_line,
 )
-from kvrelay.router.request import RequestResult, TokenLogprob
+from kvrelay.core.request import RequestResult, TokenLogprob
 
 
 def parsed(**fields):

@@ -14,7 +14,8 @@ from safetensors import safe_open
 
 from kvrelay.ranks.engine.checkpoint import ARCHS, build_tokenizer, make_model, model_config, tensor_shapes
 from kvrelay.ranks.engine.loader import check_dtype, iter_weights, read_model_dir
-from kvrelay.ranks.engine.spec import ModelConfigError, ModelSpec
+from kvrelay.core.model_files import ModelConfigError
+from kvrelay.ranks.engine.spec import ModelSpec
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

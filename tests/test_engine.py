@@ -8,7 +8,7 @@ import torch
 
 from kvrelay.configs.schema import load_config
 from kvrelay.ranks.engine.engine import Engine
-from kvrelay.router.request import Request, SamplingParams
+from kvrelay.core.request import Request, SamplingParams
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 NEW_TOKENS = 12

@@ -20,8 +20,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kvrelay.ranks.engine.model import AttentionMetadata, LlamaForCausalLM, allocate_kv_cache
-from kvrelay.ranks.engine.spec import ModelConfigError, ModelSpec
+from kvrelay.ranks.engine.attention_backend import AttentionMetadata
+from kvrelay.ranks.engine.model import LlamaForCausalLM, allocate_kv_cache
+from kvrelay.core.model_files import ModelConfigError
+from kvrelay.ranks.engine.spec import ModelSpec
 
 transformers = pytest.importorskip("transformers")
 

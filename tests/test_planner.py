@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kvrelay.ranks.engine.sim_runner import DEFAULT_TIMING, TimingModel
+from kvrelay.core.timing import DEFAULT_TIMING, TimingModel
 from kvrelay.router.planner import Limits, Workload, aggregated, plan, split
 
 T = TimingModel.load(DEFAULT_TIMING)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvrelay.ranks.engine.sampler import SampleRow, request_generator, sample
-from kvrelay.router.request import SamplingParams
+from kvrelay.core.request import SamplingParams
 
 CPU = torch.device("cpu")
 

@@ -3,8 +3,8 @@
 from kvrelay.ranks.engine.block_pool import BlockPool
 from kvrelay.ranks.engine.scheduler import Scheduler
 from kvrelay.ranks.engine.sequence import Sequence, SeqStatus
-from kvrelay.router.block_hash import block_hashes, hash_block, hash_seed
-from kvrelay.router.request import Request, SamplingParams
+from kvrelay.core.block_hash import block_hashes, hash_block, hash_seed
+from kvrelay.core.request import Request, SamplingParams
 
 SEED = hash_seed("test-model", 4)
 

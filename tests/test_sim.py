@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import yaml
 
-from kvrelay.ranks.engine.sim_runner import DEFAULT_TIMING, TimingModel
-from kvrelay.ranks.engine.spec import ModelConfigError
-from kvrelay.ranks.window import WAYS, BucketTable, TableSnapshot
+from kvrelay.core.timing import DEFAULT_TIMING, TimingModel
+from kvrelay.core.model_files import ModelConfigError
+from kvrelay.core.window import WAYS, BucketTable, TableSnapshot
 from kvrelay.router.oracle import oracle
 from kvrelay.router.trace import TraceError, block_tokens, parse_entry, prompt_tokens, read_trace
 

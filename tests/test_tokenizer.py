@@ -10,8 +10,8 @@ from datetime import datetime
 import pytest
 
 from kvrelay.ranks.engine.checkpoint import ARCHS
-from kvrelay.ranks.engine.spec import ModelConfigError
-from kvrelay.ranks.engine.tokenizer import Tokenizer
+from kvrelay.core.model_files import ModelConfigError
+from kvrelay.core.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

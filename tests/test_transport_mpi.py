@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvrelay.launch.environment import LaunchError
+from kvrelay.core.layout import LaunchError
 from kvrelay.launch.run import find_mpiexec
 
 SCRIPT = Path(__file__).resolve().parent / "mpi" / "transport_check.py"

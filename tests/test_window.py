@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from kvrelay.ranks.window import WAYS, BucketTable, n_buckets_for, table_key
+from kvrelay.core.window import WAYS, BucketTable, n_buckets_for, table_key
 
 
 def table(n_buckets: int) -> BucketTable:
@@ -101,7 +101,7 @@ def test_random_operations_match_a_list_model():
 
 def test_one_rank_window_reads_itself():
     MPI = pytest.importorskip("mpi4py.MPI", reason="no MPI library here")
-    from kvrelay.ranks.window import CacheWindow, WindowReader, WorkerLoad
+    from kvrelay.core.window import CacheWindow, WindowReader, WorkerLoad
 
     with pytest.raises(ValueError, match="valid roles: aggregated, prefill, decode"):
         CacheWindow.create(MPI.COMM_SELF, 40, "router")

@@ -16,21 +16,38 @@ be captured).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
 from kvrelay.kernels import fused
 from kvrelay.kernels.attention import paged_attention, write_kv
 
-if TYPE_CHECKING:
-    from kvrelay.ranks.engine.model import AttentionMetadata
-
 try:
     from kvrelay.kernels.decode_attention import decode_attention
     from kvrelay.kernels.prefill_attention import prefill_attention
 except ImportError:  # the kernels or Triton are missing: the torch paths below serve
     decode_attention = prefill_attention = None
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each packed token of one forward belongs; shared by all layers.
+
+    Sequence i owns token rows query_start_loc[i]:query_start_loc[i + 1]; they are the last
+    q_len tokens of its seq_lens[i] tokens of context. The python lists feed the reference
+    attention, which loops over sequences on the host; the `*_dev` tensors feed the GPU kernels,
+    which read everything from device memory so that a decode step can be replayed as a CUDA graph.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot (block_id * block_size + offset) of each token, < 0 = padding
+    query_start_loc: list[int]  # [B + 1] row offsets into the packed tokens, starts at 0
+    seq_lens: list[int]  # [B] context length of each sequence after this step (cached + new tokens)
+    block_tables: torch.Tensor  # [B, max_blocks] int32: block ids of each sequence, in token order
+    query_start_loc_dev: torch.Tensor | None = None  # [B + 1] int32, device copy of query_start_loc
+    seq_lens_dev: torch.Tensor | None = None  # [B] int32, device copy of seq_lens; 0 = padding row
+    max_query_len: int = 0
+    decode_only: bool = False  # every sequence runs exactly one token (rows = sequences)
 
 
 TRITON_HEAD_DIMS = (64, 128, 256)  # what the kernels are built for; other sizes take the torch paths

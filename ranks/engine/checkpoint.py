@@ -27,7 +27,8 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from kvrelay.ranks.engine.loader import DTYPES, INDEX_FILE
-from kvrelay.ranks.engine.spec import SUPPORTED_ARCHITECTURES, ModelConfigError
+from kvrelay.ranks.engine.spec import SUPPORTED_ARCHITECTURES
+from kvrelay.core.model_files import ModelConfigError
 
 ARCHS = tuple(SUPPORTED_ARCHITECTURES.values())
 SIZES = ("tiny", "8b-shape")

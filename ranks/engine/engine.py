@@ -24,11 +24,14 @@ from kvrelay.ranks.engine.model_runner import ModelRunner
 from kvrelay.ranks.engine.sampler import SampleRow, request_generator, sample
 from kvrelay.ranks.engine.scheduler import Scheduler
 from kvrelay.ranks.engine.sequence import Sequence
-from kvrelay.ranks.engine.sim_runner import SimRunner, SimTokenizer, load_timing, sim_max_model_len
-from kvrelay.ranks.engine.spec import ModelConfigError, ModelSpec
-from kvrelay.ranks.engine.tokenizer import Tokenizer
-from kvrelay.router.block_hash import hash_seed
-from kvrelay.router.request import Request, RequestResult, TokenLogprob
+from kvrelay.ranks.engine.sim_runner import SimRunner
+from kvrelay.core.tokenizer import SimTokenizer
+from kvrelay.core.timing import load_timing, sim_max_model_len
+from kvrelay.core.model_files import ModelConfigError
+from kvrelay.ranks.engine.spec import ModelSpec
+from kvrelay.core.tokenizer import Tokenizer
+from kvrelay.core.block_hash import hash_seed
+from kvrelay.core.request import Request, RequestResult, TokenLogprob
 
 log = logging.getLogger(__name__)
 

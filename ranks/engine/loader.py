@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from kvrelay.ranks.engine.spec import ModelConfigError, ModelSpec, read_json
-from kvrelay.ranks.engine.tokenizer import tokenizer_file
+from kvrelay.core.model_files import ModelConfigError, read_json
+from kvrelay.ranks.engine.spec import ModelSpec
+from kvrelay.core.tokenizer import tokenizer_file
 
 INDEX_FILE = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

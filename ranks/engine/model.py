@@ -17,37 +17,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kvrelay.kernels import fused
-from kvrelay.ranks.engine.attention_backend import attend
-from kvrelay.ranks.engine.spec import ModelConfigError, ModelSpec, RopeSpec
+from kvrelay.ranks.engine.attention_backend import AttentionMetadata, attend
+from kvrelay.core.model_files import ModelConfigError
+from kvrelay.ranks.engine.spec import ModelSpec, RopeSpec
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v: [num_blocks, block_size, kv_heads, head_dim]
-
-
-@dataclass
-class AttentionMetadata:
-    """Where each packed token of one forward belongs; shared by all layers.
-
-    Sequence i owns token rows query_start_loc[i]:query_start_loc[i + 1]; they are the last
-    q_len tokens of its seq_lens[i] tokens of context. The python lists feed the reference
-    attention, which loops over sequences on the host; the `*_dev` tensors feed the GPU kernels,
-    which read everything from device memory so that a decode step can be replayed as a CUDA graph.
-    """
-
-    slot_mapping: torch.Tensor  # [T] int64: cache slot (block_id * block_size + offset) of each token, < 0 = padding
-    query_start_loc: list[int]  # [B + 1] row offsets into the packed tokens, starts at 0
-    seq_lens: list[int]  # [B] context length of each sequence after this step (cached + new tokens)
-    block_tables: torch.Tensor  # [B, max_blocks] int32: block ids of each sequence, in token order
-    query_start_loc_dev: torch.Tensor | None = None  # [B + 1] int32, device copy of query_start_loc
-    seq_lens_dev: torch.Tensor | None = None  # [B] int32, device copy of seq_lens; 0 = padding row
-    max_query_len: int = 0
-    decode_only: bool = False  # every sequence runs exactly one token (rows = sequences)
 
 
 def allocate_kv_cache(

@@ -24,9 +24,11 @@ import numpy as np
 import torch
 
 from kvrelay.kernels.kv_pack import pack_blocks, packed_shape, unpack_blocks
-from kvrelay.ranks.engine.model import AttentionMetadata, LlamaForCausalLM, allocate_kv_cache
+from kvrelay.ranks.engine.attention_backend import AttentionMetadata
+from kvrelay.ranks.engine.model import LlamaForCausalLM, allocate_kv_cache
 from kvrelay.ranks.engine.scheduler import ScheduledSeq
-from kvrelay.ranks.engine.spec import ModelConfigError, ModelSpec
+from kvrelay.core.model_files import ModelConfigError
+from kvrelay.ranks.engine.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 _GIB = 1 << 30

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvrelay.router.request import SamplingParams, TokenLogprob
+from kvrelay.core.request import SamplingParams, TokenLogprob
 
 
 @dataclass

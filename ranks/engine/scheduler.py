@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from kvrelay.ranks.engine.block_pool import BlockPool
 from kvrelay.ranks.engine.sequence import Sequence, SeqStatus
-from kvrelay.router.block_hash import block_hashes
+from kvrelay.core.block_hash import block_hashes
 
 
 @dataclass

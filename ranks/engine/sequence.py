@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from kvrelay.router.request import Request, RequestResult, SamplingParams, TokenLogprob
+from kvrelay.core.request import Request, RequestResult, SamplingParams, TokenLogprob
 
 
 class SeqStatus(enum.Enum):

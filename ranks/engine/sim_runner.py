@@ -21,83 +21,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from kvrelay.core.timing import TimingModel
 from kvrelay.ranks.engine.scheduler import ScheduledSeq
-from kvrelay.ranks.engine.spec import ModelConfigError
 
 SIM_TOKEN = 1  # every simulated sampled token; 0 < id < any vocab
 MAX_LAG_S = 0.25  # wall seconds a busy worker may run behind its modeled clock and still catch up
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class PrefillCoefficients(_Strict):
-    base_s: float = Field(ge=0.0, description="a: fixed cost of a step that prefills")
-    per_token_s: float = Field(ge=0.0, description="b: per new token (the matmuls)")
-    per_attn_pair_s: float = Field(ge=0.0, description="c: per (query, key) pair of attention")
-
-
-class DecodeCoefficients(_Strict):
-    base_s: float = Field(ge=0.0, description="d: fixed cost of a step that decodes (reading the weights)")
-    per_seq_s: float = Field(ge=0.0, description="e: per decoding sequence")
-    per_kv_token_s: float = Field(ge=0.0, description="f: per context token whose KV is read")
-
-
-class HandoffCoefficients(_Strict):
-    bandwidth_gb_s: float = Field(gt=0.0, description="KV bytes per second, prefill -> decode worker, in GB/s")
-    latency_s: float = Field(ge=0.0)
-
-
-class SimModel(_Strict):
-    name: str
-    vocab_size: int = Field(gt=1)
-    max_model_len: int = Field(gt=1)
-    kv_bytes_per_token: int = Field(gt=0)
-
-
-class TimingModel(_Strict):
-    """One YAML file: what it was derived or fitted from, the model shape, the coefficients."""
-
-    source: str = Field(description="how the numbers were obtained: 'derived: ...' or 'calibrated: ...'")
-    model: SimModel
-    kv_cache_gib: float = Field(gt=0.0, description="KV memory per worker, unless cache.num_blocks is set")
-    prefill: PrefillCoefficients
-    decode: DecodeCoefficients
-    handoff: HandoffCoefficients
-
-    @classmethod
-    def load(cls, path: str | Path) -> TimingModel:
-        p = Path(path)
-        if not p.is_file():
-            raise ModelConfigError(f"sim.timing: timing model file {str(p)!r} does not exist")
-        try:
-            return cls.model_validate(yaml.safe_load(p.read_text()))
-        except (ValidationError, yaml.YAMLError) as e:
-            raise ModelConfigError(f"sim.timing: {str(p)!r} is not a valid timing model: {e}") from None
-
-    def prefill_s(self, new: int, cached: int) -> float:
-        p = self.prefill
-        return p.per_token_s * new + p.per_attn_pair_s * new * (new / 2 + cached)
-
-    def decode_s(self, batch: int, kv_tokens: int) -> float:
-        return self.decode.per_seq_s * batch + self.decode.per_kv_token_s * kv_tokens
-
-    def step_s(self, chunks: list[tuple[int, int]], decodes: list[int]) -> float:
-        """Modeled time of one step: prefill `chunks` of (new, cached) tokens and decodes reading
-        `decodes[i]` context tokens each."""
-        base = max(self.prefill.base_s if chunks else 0.0, self.decode.base_s if decodes else 0.0)
-        return base + sum(self.prefill_s(n, c) for n, c in chunks) + self.decode_s(len(decodes), sum(decodes))
-
-    def handoff_s(self, num_tokens: int) -> float:
-        h = self.handoff
-        return num_tokens * self.model.kv_bytes_per_token / (h.bandwidth_gb_s * 1e9) + h.latency_s
 
 
 @dataclass
@@ -188,31 +119,3 @@ class SimRunner:
     def transfer_s(self, num_tokens: int) -> float:
         """Wall seconds that a handoff of `num_tokens` tokens' KV takes."""
         return self.timing.handoff_s(num_tokens) / self.speed
-
-
-DEFAULT_TIMING = Path(__file__).resolve().parents[2] / "configs" / "sim" / "h100-llama8b.yaml"
-
-
-def load_timing(cfg) -> TimingModel:
-    """The timing model of a job config's `sim.timing` (the shipped H100 / 8B file by default)."""
-    return TimingModel.load(cfg.sim.timing or DEFAULT_TIMING)
-
-
-def sim_max_model_len(cfg, timing: TimingModel) -> int:
-    return min(cfg.model.max_model_len or timing.model.max_model_len, timing.model.max_model_len)
-
-
-class SimTokenizer:
-    """A simulated job has token ids only (trace replay, `prompt_token_ids` lines): text prompts
-    are refused, and outputs decode to no text (their token ids are in the output when asked)."""
-
-    eos_token_id = None
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        raise ValueError("a simulated job (sim.enabled) has no tokenizer: give prompt_token_ids, or replay a trace")
-
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        raise ValueError("a simulated job (sim.enabled) has no tokenizer: give prompt_token_ids, or replay a trace")
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return ""

@@ -7,9 +7,9 @@ Llama 2/3/3.1, Mistral, Qwen2/2.5 and Qwen3 (including the transformers-5 `rope_
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from kvrelay.core.model_files import ModelConfigError
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -17,23 +17,6 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
-
-
-class ModelConfigError(ValueError):
-    """A checkpoint that kvrelay cannot run; the message says what is wrong and what to do."""
-
-
-def read_json(path: Path) -> dict:
-    """One JSON object file of a checkpoint (config.json, tokenizer_config.json, ...)."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelConfigError(f"{path} is not valid JSON ({e}); restore it from the original checkpoint") from None
-    if not isinstance(obj, dict):
-        raise ModelConfigError(
-            f"{path} holds a JSON {type(obj).__name__}, not an object; restore it from the original checkpoint"
-        )
-    return obj
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import traceback
 from mpi4py import MPI
 
 from kvrelay.ranks.engine.block_pool import BlockPool
-from kvrelay.ranks.window import CacheWindow, WindowReader, table_key
+from kvrelay.core.window import CacheWindow, WindowReader, table_key
 
 NUM_BLOCKS = 64
 FAMILIES, DEPTH = 16, 24  # prompt families, each a chain of DEPTH block hashes

@@ -16,7 +16,7 @@ import jinja2
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from kvrelay.ranks.engine.spec import ModelConfigError, read_json
+from kvrelay.core.model_files import ModelConfigError, read_json
 
 
 class Tokenizer:
@@ -128,3 +128,19 @@ def _jinja_env() -> ImmutableSandboxedEnvironment:
 def _token_text(value: str | dict | None) -> str | None:
     # Older tokenizer_config.json files store special tokens as serialized AddedToken dicts.
     return value.get("content") if isinstance(value, dict) else value
+
+
+class SimTokenizer:
+    """A simulated job has token ids only (trace replay, `prompt_token_ids` lines): text prompts
+    are refused, and outputs decode to no text (their token ids are in the output when asked)."""
+
+    eos_token_id = None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise ValueError("a simulated job (sim.enabled) has no tokenizer: give prompt_token_ids, or replay a trace")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        raise ValueError("a simulated job (sim.enabled) has no tokenizer: give prompt_token_ids, or replay a trace")
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return ""

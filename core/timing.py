@@ -1,0 +1,92 @@
+"""The timing model of one worker (step, prefill, decode and handoff times from a few fitted
+coefficients): simulated workers sleep for it (ranks/engine/sim_runner.py) and `kvrelay plan`
+(router/planner.py) advises layouts with it. Coefficients live in a YAML file such as
+configs/sim/h100-llama8b.yaml; `bench/calibrate.py` fits them on a real engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kvrelay.core.model_files import ModelConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PrefillCoefficients(_Strict):
+    base_s: float = Field(ge=0.0, description="a: fixed cost of a step that prefills")
+    per_token_s: float = Field(ge=0.0, description="b: per new token (the matmuls)")
+    per_attn_pair_s: float = Field(ge=0.0, description="c: per (query, key) pair of attention")
+
+
+class DecodeCoefficients(_Strict):
+    base_s: float = Field(ge=0.0, description="d: fixed cost of a step that decodes (reading the weights)")
+    per_seq_s: float = Field(ge=0.0, description="e: per decoding sequence")
+    per_kv_token_s: float = Field(ge=0.0, description="f: per context token whose KV is read")
+
+
+class HandoffCoefficients(_Strict):
+    bandwidth_gb_s: float = Field(gt=0.0, description="KV bytes per second, prefill -> decode worker, in GB/s")
+    latency_s: float = Field(ge=0.0)
+
+
+class SimModel(_Strict):
+    name: str
+    vocab_size: int = Field(gt=1)
+    max_model_len: int = Field(gt=1)
+    kv_bytes_per_token: int = Field(gt=0)
+
+
+class TimingModel(_Strict):
+    """One YAML file: what it was derived or fitted from, the model shape, the coefficients."""
+
+    source: str = Field(description="how the numbers were obtained: 'derived: ...' or 'calibrated: ...'")
+    model: SimModel
+    kv_cache_gib: float = Field(gt=0.0, description="KV memory per worker, unless cache.num_blocks is set")
+    prefill: PrefillCoefficients
+    decode: DecodeCoefficients
+    handoff: HandoffCoefficients
+
+    @classmethod
+    def load(cls, path: str | Path) -> TimingModel:
+        p = Path(path)
+        if not p.is_file():
+            raise ModelConfigError(f"sim.timing: timing model file {str(p)!r} does not exist")
+        try:
+            return cls.model_validate(yaml.safe_load(p.read_text()))
+        except (ValidationError, yaml.YAMLError) as e:
+            raise ModelConfigError(f"sim.timing: {str(p)!r} is not a valid timing model: {e}") from None
+
+    def prefill_s(self, new: int, cached: int) -> float:
+        p = self.prefill
+        return p.per_token_s * new + p.per_attn_pair_s * new * (new / 2 + cached)
+
+    def decode_s(self, batch: int, kv_tokens: int) -> float:
+        return self.decode.per_seq_s * batch + self.decode.per_kv_token_s * kv_tokens
+
+    def step_s(self, chunks: list[tuple[int, int]], decodes: list[int]) -> float:
+        """Modeled time of one step: prefill `chunks` of (new, cached) tokens and decodes reading
+        `decodes[i]` context tokens each."""
+        base = max(self.prefill.base_s if chunks else 0.0, self.decode.base_s if decodes else 0.0)
+        return base + sum(self.prefill_s(n, c) for n, c in chunks) + self.decode_s(len(decodes), sum(decodes))
+
+    def handoff_s(self, num_tokens: int) -> float:
+        h = self.handoff
+        return num_tokens * self.model.kv_bytes_per_token / (h.bandwidth_gb_s * 1e9) + h.latency_s
+
+
+DEFAULT_TIMING = Path(__file__).resolve().parents[1] / "configs" / "sim" / "h100-llama8b.yaml"
+
+
+def load_timing(cfg) -> TimingModel:
+    """The timing model of a job config's `sim.timing` (the shipped H100 / 8B file by default)."""
+    return TimingModel.load(cfg.sim.timing or DEFAULT_TIMING)
+
+
+def sim_max_model_len(cfg, timing: TimingModel) -> int:
+    return min(cfg.model.max_model_len or timing.model.max_model_len, timing.model.max_model_len)

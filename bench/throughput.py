@@ -1,13 +1,17 @@
-"""B1: offline throughput on one GPU, kvrelay vs Hugging Face transformers, both vs the floor.
+"""B1 and B5: offline throughput on one GPU, kvrelay vs Hugging Face transformers, both vs the floor.
 
     kvrelay bench throughput --size 8b-shape --peer both --json runs/b1.json          # B1 on a GPU
+    kvrelay bench throughput --workload b5 --size 8b-shape --peer tuned --json runs/b5.json   # B5
     python -m kvrelay.bench.throughput --size 8b-shape --peer none --json runs/b1.json  # ours only
     kvrelay bench throughput --size tiny --device cpu --num-prompts 6 --input-len 24 --output-len 6 \\
         --peer defaults --json runs/smoke.json                                          # CPU smoke
 
 A Llama-shaped model with random weights (drawn on the device, nothing written but its config and
 tokenizer) serves `--num-prompts` distinct random prompts of `--input-len` tokens, `--output-len`
-greedy tokens each, EOS ignored. In one run on one device, in this order, each phase printing a
+greedy tokens each, EOS ignored (B1). `--workload b5` draws each prompt's input and output length
+uniformly from `--b5-min` to `--b5-max` tokens (seeded; nano-vllm's published benchmark shape, 1,024
+prompts of 100-1,024 tokens in and out), and the floor sums each decode step's KV reads over the
+sequences still running at that step. In one run on one device, in this order, each phase printing a
 JSON line as it ends (so a run cut short keeps what it measured):
   ceilings  a large bf16 matmul (TFLOP/s) and a large device-to-device copy (GB/s, read + written);
   floor     prefill FLOPs / matmul rate + for each decode step max((weight bytes + KV bytes read) /
@@ -89,41 +93,60 @@ def model_bytes(cfg: dict, itemsize: int) -> dict:
             "streamed_weight_bytes": (layers + head) * itemsize}
 
 
-def floor(cfg: dict, itemsize: int, n: int, input_len: int, output_len: int, ceil: dict) -> dict:
-    """Seconds that no engine beats on this device: every prompt in one batch, nothing read twice."""
+def floor(cfg: dict, itemsize: int, input_lens: list[int], output_lens: list[int], ceil: dict) -> dict:
+    """Seconds that no engine beats on this device: every prompt in one batch, nothing read twice.
+    Prompt i has input_lens[i] tokens and generates output_lens[i]; a decode step reads the KV of the
+    sequences still generating at that step."""
     p = model_bytes(cfg, itemsize)
     layers, hd = cfg["num_hidden_layers"], cfg["head_dim"]
     q_dim = cfg["num_attention_heads"] * hd
     kv_token_bytes = 2 * layers * cfg["num_key_value_heads"] * hd * itemsize
     flops_rate, bytes_rate = ceil["matmul_tflops"] * 1e12, ceil["copy_gbps"] * 1e9
+    n = len(input_lens)
     # Prefill: every prompt token through the layers, the LM head only on each prompt's last token,
     # attention QK^T and PV over the causal triangle.
-    attn = 4 * layers * q_dim * n * input_len * (input_len + 1) / 2
-    prefill_flops = 2 * p["layer_matmul_params"] * n * input_len + 2 * p["lm_head_params"] * n + attn
+    attn = 4 * layers * q_dim * sum(L * (L + 1) / 2 for L in input_lens)
+    prefill_flops = 2 * p["layer_matmul_params"] * sum(input_lens) + 2 * p["lm_head_params"] * n + attn
     prefill_s = prefill_flops / flops_rate
     decode_s = 0.0
-    for step in range(1, output_len):  # the first output token comes from the prefill
-        ctx = input_len + step
-        mem = p["streamed_weight_bytes"] + n * ctx * kv_token_bytes
-        flops = 2 * (p["layer_matmul_params"] + p["lm_head_params"]) * n + 4 * layers * q_dim * n * ctx
+    for step in range(1, max(output_lens)):  # the first output token comes from the prefill
+        alive = [L for L, out in zip(input_lens, output_lens) if out > step]
+        ctx = sum(alive) + step * len(alive)
+        mem = p["streamed_weight_bytes"] + ctx * kv_token_bytes
+        flops = 2 * (p["layer_matmul_params"] + p["lm_head_params"]) * len(alive) + 4 * layers * q_dim * ctx
         decode_s += max(mem / bytes_rate, flops / flops_rate)
     return {"prefill_s": prefill_s, "decode_s": decode_s, "floor_s": prefill_s + decode_s,
             "prefill_flops": prefill_flops, "kv_bytes_per_token": kv_token_bytes, **p}
 
 
-def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+def workload_lengths(args) -> tuple[list[int], list[int]]:
+    """(input lengths, output lengths) of the workload's prompts: B1's fixed lengths, or B5's
+    uniform draws from [b5_min, b5_max] (input and output independently, seeded)."""
+    n = args.num_prompts
+    if args.workload == "b1":
+        return [args.input_len] * n, [args.output_len] * n
+    g = torch.Generator().manual_seed(args.seed + 7)
+    lens = torch.randint(args.b5_min, args.b5_max + 1, (2, n), generator=g).tolist()
+    return lens[0], lens[1]
+
+
+def random_prompts(n: int, length: int | list[int], vocab: int, seed: int) -> list[list[int]]:
+    """n random prompts of `length` tokens each, or of length[i] tokens."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n, length), generator=g).tolist()
+    lens = [length] * n if isinstance(length, int) else length
+    ids = torch.randint(0, vocab, (n, max(lens)), generator=g).tolist()
+    return [row[:L] for row, L in zip(ids, lens)]
 
 
 def run_engine(
-    engine: Engine, prompts: list[list[int]], output_len: int, tag: str, phases: dict | None = None
+    engine: Engine, prompts: list[list[int]], output_len: int | list[int], tag: str, phases: dict | None = None
 ) -> tuple[dict[str, list[int]], float]:
-    """Greedy outputs by request id and the wall seconds; `phases` gets the seconds of the steps
-    where every sequence ran one token ("decode_s") and of the others ("prefill_mixed_s")."""
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(Request(f"{tag}{i}", p, params))
+    """Greedy outputs by request id and the wall seconds (prompt i generates output_len tokens, or
+    output_len[i]); `phases` gets the seconds of the steps where every sequence ran one token
+    ("decode_s") and of the others ("prefill_mixed_s")."""
+    lens = [output_len] * len(prompts) if isinstance(output_len, int) else output_len
+    for i, (p, n) in enumerate(zip(prompts, lens, strict=True)):
+        engine.add_request(Request(f"{tag}{i}", p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)))
     out = {}
     split = {"decode_s": 0.0, "prefill_mixed_s": 0.0}
     sync(engine.runner.device)
@@ -171,10 +194,11 @@ def first_step_logits(engine: Engine, prompts: list[list[int]], steps: int) -> t
     return seen, ids
 
 
-def ours(args, model_dir: Path, cfg: dict, dtype: torch.dtype, device: torch.device, prompts) -> tuple[dict, dict, dict]:
+def ours(args, model_dir: Path, cfg: dict, dtype: torch.dtype, device: torch.device, prompts,
+         output_lens: list[int]) -> tuple[dict, dict, dict]:
     settings = {
         "model.path": str(model_dir), "job.device": device.type, "model.dtype": args.dtype,
-        "model.max_model_len": args.input_len + args.output_len, "model.enforce_eager": args.enforce_eager,
+        "model.max_model_len": max(len(p) + n for p, n in zip(prompts, output_lens)), "model.enforce_eager": args.enforce_eager,
         "scheduler.max_batch_tokens": args.max_batch_tokens, "scheduler.max_seqs": args.max_seqs,
         "cache.gpu_memory_fraction": args.gpu_memory_fraction,
         "cache.cpu_kv_gib": args.cpu_kv_gib, "job.progress": False,
@@ -183,13 +207,13 @@ def ours(args, model_dir: Path, cfg: dict, dtype: torch.dtype, device: torch.dev
     engine = Engine.from_config(load_config(**settings), device, random_weights(cfg, dtype, device, args.seed))
     build_s = time.perf_counter() - t0
     vocab = cfg["vocab_size"]
-    run_engine(engine, random_prompts(min(8, len(prompts)), args.input_len, vocab, args.seed + 1), 4, "warm")
+    run_engine(engine, random_prompts(min(8, len(prompts)), min(map(len, prompts)), vocab, args.seed + 1), 4, "warm")
     engine.stats = type(engine.stats)()
     phases: dict = {}
-    outputs, wall = run_engine(engine, prompts, args.output_len, "", phases)
-    s = copy.copy(engine.stats)  # the B1 run's alone: the runs below add to the engine's
+    outputs, wall = run_engine(engine, prompts, output_lens, "", phases)
+    s = copy.copy(engine.stats)  # the workload's alone: the runs below add to the engine's
     n_out = sum(len(v) for v in outputs.values())
-    assert len(outputs) == len(prompts) and n_out == len(prompts) * args.output_len, "every request runs to output_len"
+    assert len(outputs) == len(prompts) and n_out == sum(output_lens), "every request runs to its output length"
     b1_step = batch1_decode(engine, prompts[0], args.batch1_tokens)
     logits = first_step_logits(engine, prompts[:LOGIT_PROMPTS], LOGIT_STEPS)
     result = {
@@ -247,12 +271,15 @@ def our_logit_list(ours_logits: tuple[dict, dict]) -> list[torch.Tensor]:
     return [t for i in range(LOGIT_PROMPTS) for t in ours_logits[0].get(f"logits{i}", [])]
 
 
-def peer(model, prompts, args, tuned: bool, ours_out: dict) -> dict:
-    """One generate_batch over the prompts; its wall time, tokens, errors, and agreement with ours."""
+def peer(model, prompts, args, tuned: bool, ours_out: dict, output_lens: list[int]) -> dict:
+    """One generate_batch over the prompts; its wall time, tokens, errors, and agreement with ours.
+    generate_batch takes one max_new_tokens for all: with B5's varied output lengths it runs every
+    prompt to the longest and each output is cut to its own length before comparing and counting
+    (its wall time is then an upper bound; `output_tokens_generated` says how many it made)."""
     import transformers
     from transformers import GenerationConfig
 
-    gen = GenerationConfig(max_new_tokens=args.output_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    gen = GenerationConfig(max_new_tokens=max(output_lens), do_sample=False, eos_token_id=-1, pad_token_id=0)
     settings = {}
     if tuned:
         settings = {"use_cuda_graph": True, "max_batch_tokens": args.peer_max_batch_tokens,
@@ -273,7 +300,7 @@ def peer(model, prompts, args, tuned: bool, ours_out: dict) -> dict:
     sync(sync_dev)
     wall = time.perf_counter() - t0
     by_prompt = {tuple(p): i for i, p in enumerate(prompts)}
-    errors, n_out, same = 0, 0, 0
+    errors, n_out, n_generated, same = 0, 0, 0, 0
     # generate_batch warms up (and with graphs, captures) inside the call; its requests' lifespans
     # give the generation alone, which compares with our wall (our build and warm-up are outside it).
     spans = [r.lifespan for r in results.values() if min(getattr(r, "lifespan", (-1, -1))) >= 0]
@@ -282,18 +309,25 @@ def peer(model, prompts, args, tuned: bool, ours_out: dict) -> dict:
         if r.error is not None:
             errors += 1
             continue
-        n_out += len(r.generated_tokens)
         i = by_prompt.get(tuple(r.prompt_ids))
-        same += int(i is not None and list(r.generated_tokens) == ours_out[i])
+        mine = list(r.generated_tokens)[: output_lens[i]] if i is not None else []
+        n_generated += len(r.generated_tokens)
+        n_out += len(mine)
+        same += int(i is not None and mine == ours_out[i])
     return {"wall_s": wall, "generation_s": generation_s, "settings": settings or "defaults", "transformers": transformers.__version__,
-            "requests": len(results), "errors": errors, "output_tokens": n_out, "same_ids_as_kvrelay": same}
+            "requests": len(results), "errors": errors, "output_tokens": n_out, "output_tokens_generated": n_generated,
+            "same_ids_as_kvrelay": same}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kvrelay bench throughput", description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", default="b1", choices=["b1", "b5"],
+                    help="b1: fixed --input-len/--output-len; b5: lengths uniform in [--b5-min, --b5-max]")
+    ap.add_argument("--b5-min", type=int, default=100)
+    ap.add_argument("--b5-max", type=int, default=1024)
     ap.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2", "qwen3"])
     ap.add_argument("--size", default="8b-shape", choices=["tiny", "8b-shape"])
-    ap.add_argument("--num-prompts", type=int, default=512)
+    ap.add_argument("--num-prompts", type=int, default=None, help="default: 512 (b1), 1024 (b5)")
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--peer", default="both", choices=["none", "defaults", "tuned", "both"])
@@ -312,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write all results here")
     args = ap.parse_args(argv)
+    args.num_prompts = args.num_prompts or (1024 if args.workload == "b5" else 512)
+    if args.workload == "b5" and not 0 < args.b5_min <= args.b5_max:
+        ap.error(f"--b5-min and --b5-max must satisfy 0 < min <= max, got {args.b5_min} and {args.b5_max}")
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     gpu = device.type == "cuda"
@@ -330,13 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kvrelay-bench-") as tmp:
         model_dir = Path(tmp) / f"{args.arch}-{args.size}"
         cfg = write_model_files(model_dir, args.arch, args.size, args.dtype)
-        prompts = random_prompts(args.num_prompts, args.input_len, cfg["vocab_size"], args.seed)
+        input_lens, output_lens = workload_lengths(args)
+        prompts = random_prompts(args.num_prompts, input_lens, cfg["vocab_size"], args.seed)
         mm_n = args.matmul_n or (8192 if gpu else 512)
         copy_bytes = (args.copy_mib or (2048 if gpu else 64)) << 20
         emit("ceilings", ceilings(device, torch.bfloat16 if gpu else torch.float32, mm_n, copy_bytes))
-        emit("floor", floor(cfg, dtype.itemsize, args.num_prompts, args.input_len, args.output_len, report["ceilings"]))
+        emit("floor", floor(cfg, dtype.itemsize, input_lens, output_lens, report["ceilings"]))
 
-        result, our_out, our_logits = ours(args, model_dir, cfg, dtype, device, prompts)
+        result, our_out, our_logits = ours(args, model_dir, cfg, dtype, device, prompts, output_lens)
         bound = report["ceilings"]["copy_gbps"] * 1e9 / report["floor"]["streamed_weight_bytes"]
         result["batch1_bound_tok_s"] = bound
         result["batch1_of_bound"] = result["batch1_decode_tok_s"] / bound
@@ -363,26 +401,28 @@ def main(argv: list[str] | None = None) -> int:
         for tuned in runs:
             name = "peer_tuned" if tuned else "peer_defaults"
             try:
-                emit(name, peer(model, prompts, args, tuned, our_out))
+                emit(name, peer(model, prompts, args, tuned, our_out, output_lens))
             except Exception as e:  # a peer that fails (out of memory, say) is reported, not fatal
                 emit(name, {"error": f"{type(e).__name__}: {e}"[:500]})
             gc.collect()
             if gpu:
                 torch.cuda.empty_cache()
-    print_table(report, args)
+    print_table(report, args, input_lens, output_lens)
     return 0
 
 
-def print_table(report: dict, args) -> None:
+def print_table(report: dict, args, input_lens: list[int], output_lens: list[int]) -> None:
     n = args.num_prompts
-    total, out = n * (args.input_len + args.output_len), n * args.output_len
+    total, out = sum(input_lens) + sum(output_lens), sum(output_lens)
     floor_s = report["floor"]["floor_s"]
     ours_s = report["kvrelay"]["wall_s"]
     rows = [("kvrelay", ours_s)] + [
         (f"transformers {k.removeprefix('peer_')}", report[k]["wall_s"]) for k in ("peer_defaults", "peer_tuned")
         if k in report and "wall_s" in report[k]
     ] + [("floor", floor_s)]
-    print(f"\nB1-shaped run on {report['device']}: {n} prompts x {args.input_len} in, {args.output_len} out, {args.size}")
+    shape = (f"{args.input_len} in, {args.output_len} out" if args.workload == "b1"
+             else f"{args.b5_min}-{args.b5_max} in and out (mean {sum(input_lens) / n:.0f} in, {out / n:.0f} out)")
+    print(f"\n{args.workload.upper()} run on {report['device']}: {n} prompts x {shape}, {args.size}")
     print(f"{'engine':<24}{'wall s':>9}{'total tok/s':>13}{'out tok/s':>11}{'x peer':>9}{'x floor':>9}")
     for name, wall in rows:
         x_peer = f"{wall / ours_s:.2f}" if name.startswith("transformers") else ""

@@ -230,3 +230,92 @@ def test_random_traffic_never_stages_more_than_the_budget_unless_alone():
             most = max(most, side.staged)
     assert most > budget  # the 1200-byte transfers went, alone
     assert sorted(engine.freed) == sorted(sizes) == sorted(s.request_id for s, _ in decode_engine.received)
+
+
+class PairTransport:
+    """Both ends of one prefill -> decode pair, matched as NCCL matches them: the k-th send with
+    the k-th receive, whatever their tags; a size mismatch means the two sides' orders differ."""
+
+    def __init__(self) -> None:
+        self.sends: list[tuple[torch.Tensor, FakePending]] = []
+        self.recvs: list[tuple[torch.Tensor, FakePending]] = []
+
+    def end(self):
+        pair = self
+
+        class End:
+            def send(self, buf, peer, tag):
+                return pair._post(pair.sends, buf)
+
+            def recv(self, buf, peer, tag):
+                return pair._post(pair.recvs, buf)
+
+            def close(self) -> None:
+                pass
+
+        return End()
+
+    def _post(self, queue, buf):
+        p = FakePending()
+        queue.append((buf, p))
+        return p
+
+    def deliver(self, rng) -> None:
+        """Complete some matched pairs (in any order): copy the bytes, mark both ends done."""
+        for (sbuf, sp), (rbuf, rp) in zip(self.sends, self.recvs):
+            if not rp.finished and rng.random() < 0.5:
+                assert sbuf.numel() == rbuf.numel(), "transfers posted in different orders on the two sides"
+                rbuf.copy_(sbuf)
+                sp.finished = rp.finished = True
+
+
+class TaggedEngine(FakeEngine):
+    """Packed KV whose bytes name the request, so a receiver can tell whose KV landed where."""
+
+    def __init__(self, free_blocks: int = 1000) -> None:
+        super().__init__(free_blocks)
+        self.landed: dict[str, int] = {}
+        self._last = -1
+
+    def pack_kv(self, request_id: str) -> torch.Tensor:
+        return torch.full((self.kv_bytes(self.kv_tokens[request_id]),), int(request_id[1:]), dtype=torch.uint8)
+
+    def unpack_kv(self, buf, block_ids) -> None:
+        super().unpack_kv(buf, block_ids)
+        self._last = int(buf[0])
+
+    def add_received(self, state: SeqState, block_ids: list[int]) -> None:
+        super().add_received(state, block_ids)
+        self.landed[state.request_id] = self._last
+        self.free_blocks += len(block_ids)  # it decodes at once and gives its blocks back
+
+
+def test_two_units_move_every_requests_kv_to_it_through_the_real_messages():
+    import random
+
+    rng = random.Random(1)
+    pair = PairTransport()
+    p_engine, d_engine = TaggedEngine(), TaggedEngine(free_blocks=40)
+    p_out, d_out = FakeOutbox(), FakeOutbox()
+    p = Handoffs(p_engine, pair.end(), p_out, PREFILL, staging_budget=2000)
+    d = Handoffs(d_engine, pair.end(), d_out, DECODE, staging_budget=2000, max_receiving=3)
+    sizes = {f"r{i}": rng.choice([4, 8, 24, 40, 90]) for i in range(30)}  # 100 to 2300 bytes
+    for rid, tokens in sizes.items():
+        p_engine.kv_tokens[rid] = tokens
+        p.start(state(rid, tokens), DECODE)
+    seen_p = seen_d = 0
+    for _ in range(10_000):
+        for msg, _ in p_out.sent[seen_p:]:
+            d.on_handoff(PREFILL, msg)
+        seen_p = len(p_out.sent)
+        for msg, _ in d_out.sent[seen_d:]:
+            p.on_ready(DECODE, msg)
+        seen_d = len(d_out.sent)
+        p.progress()
+        d.progress()
+        pair.deliver(rng)
+        if not (p.busy() or d.busy()):
+            break
+    assert not (p.busy() or d.busy())
+    assert d_engine.landed == {rid: int(rid[1:]) for rid in sizes}
+    assert sorted(p_engine.freed) == sorted(sizes)

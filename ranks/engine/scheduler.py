@@ -9,6 +9,10 @@ vLLM v1's scheduling model: decode latency stays low and long prompts never stal
 When a running sequence needs a block and none is free, the most recently admitted sequence is
 preempted: its blocks are freed (their hashes stay findable until reused) and it starts again
 from the waiting queue's head, recomputing what the cache no longer holds.
+
+The scheduler keeps the policy (what runs this step); the blocks are the KV-cache manager's
+(ranks/engine/kv_cache.py): the scheduler asks it for prefix hits and blocks, and never touches
+the pool itself.
 """
 
 from __future__ import annotations

@@ -19,9 +19,12 @@ whole budget still goes when nothing else is staged (alone).
 The engine's KV surface, the transport and the outbox are injected (tests/test_handoff.py drives
 this with fakes, without MPI).
 
-NOTE: a transfer is one buffer today. To split it into chunks bounded by the budget (issue 13),
-`_Outgoing`/`_Incoming` would carry a chunk cursor and `_fits` would test the next chunk's bytes:
-the queues, their order and the budget check stay as they are.
+NOTE: no deadlock, because a send starts only after its receive is posted (READY), so staged
+sends always drain. A transfer is one buffer today. To split it into chunks bounded by the budget
+(issue 13), keep that rule per chunk: D posts chunk i's receive when it has room and answers
+READY(xfer, i); P sends chunk i on that READY. `_Outgoing`/`_Incoming` then carry a chunk cursor,
+`_fits` tests the next chunk's bytes, and a pair's chunks stay in order because both sides finish
+one transfer's chunks before the next one's; the queues and the budget check stay as they are.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import torch
 from mpi4py import MPI
 
 from kvrelay.kernels.kv_pack import IMPLS, pack_blocks, packed_shape, unpack_blocks
+from kvrelay.core.block_hash import num_blocks
 from kvrelay.ranks.transport import make_transport
 
 SENDER, RECEIVER, TAG = 0, 1, 0
@@ -87,7 +88,7 @@ def main() -> None:
         device = torch.device("cpu")
     dtype, me = DTYPES[args.dtype], comm.rank
     sizes = parse_tokens(args.sizes)
-    max_blocks = -(-max(sizes) // args.block_size)
+    max_blocks = num_blocks(max(sizes), args.block_size)
 
     torch.manual_seed(1234 + me)
     # Twice the blocks a prompt needs, so that its block ids can be scattered.
@@ -109,7 +110,7 @@ def main() -> None:
 
     rows = []
     for tokens in sizes:
-        n = -(-tokens // args.block_size)
+        n = num_blocks(tokens, args.block_size)
         ids = torch.randperm(2 * max_blocks)[:n].tolist()  # the sender's blocks, or the receiver's
         nbytes = n * args.layers * 2 * args.block_size * args.kv_heads * args.head_dim * dtype.itemsize
         sent = None  # [n, layers, 2, block_size, kv_heads, head_dim]: the sender's last packed buffer

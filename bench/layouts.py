@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 
 from kvrelay.router.frontend import percentiles
+from kvrelay.core.block_hash import num_blocks
+from kvrelay.router.trace import TRACE_BLOCK_TOKENS
 
 LAYOUT = re.compile(r"^(?:(\d+)p(\d+)d|(\d+)agg)$")
 
@@ -56,7 +58,7 @@ def synthetic_trace(path: Path, mixes: list[tuple[int, int]], rates: list[float]
                 segments.append({"mix": f"{inp}:{out}", "rate": rate, "lines": [line + 1, line + requests]})
                 line += requests
                 for _ in range(requests):
-                    nblocks = -(-inp // 512)
+                    nblocks = num_blocks(inp, TRACE_BLOCK_TOKENS)
                     ids = list(range(next_id, next_id + nblocks))
                     next_id += nblocks
                     f.write(json.dumps({"timestamp": round(t * 1000), "input_length": inp, "output_length": out, "hash_ids": ids}) + "\n")

@@ -153,7 +153,7 @@ def run_engine(
     t0 = time.perf_counter()
     while engine.has_work():
         decode_steps, t = engine.stats.decode_steps, time.perf_counter()
-        for r in engine.step():
+        for r in engine.step().finished:
             out[r.request_id] = r.output_token_ids
         split["decode_s" if engine.stats.decode_steps > decode_steps else "prefill_mixed_s"] += time.perf_counter() - t
     sync(engine.runner.device)

@@ -21,6 +21,12 @@ import xxhash
 _PARENT = struct.Struct("<Q")
 
 
+def num_blocks(num_tokens: int, block_size: int) -> int:
+    """Blocks that hold `num_tokens` tokens (the last one may be partly filled): the one rounding
+    rule of the tree, so the router's books, the cache and the handoff sizes never disagree."""
+    return -(-num_tokens // block_size)
+
+
 def hash_seed(model_id: str, block_size: int, salt: str = "") -> int:
     """The 64-bit seed for one model, block size and cache salt."""
     return xxhash.xxh3_64_intdigest(f"kvrelay/{model_id}/{block_size}/{salt}".encode())

@@ -8,7 +8,7 @@ never interrupts a worker. Layout of one window, in 8-byte words:
             running_seqs, active_decode_blocks, step, role (ROLE_CODES)
     [8:]    table (uint64): n_buckets x WAYS block hashes, bucket = key % n_buckets, 0 = empty
 
-The table mirrors the BlockPool's cached hashes through its `on_cache` / `on_evict` listeners.
+The table mirrors the prefix cache through the KV-cache manager's `on_cache` / `on_evict` hooks.
 A full bucket drops its oldest entry (FIFO within the bucket): the router may miss a cached
 block (a recompute), never sees one that was not cached. A block hash of 0 is stored and looked
 up as 1 (`table_key`), since 0 marks an empty slot; a worker holding hash 0 therefore also
@@ -151,8 +151,8 @@ def _open(win: MPI.Win, comm: MPI.Comm) -> None:
 
 
 class CacheWindow:
-    """Owner side: one worker's window. Plug `on_cache` / `on_evict` into its BlockPool and call
-    `publish` once per loop iteration."""
+    """Owner side: one worker's window. Plug `on_cache` / `on_evict` into its engine's KV-cache
+    manager (`Engine.watch_cache`) and call `publish` once per loop iteration."""
 
     def __init__(self, win: MPI.Win, n_buckets: int, role: str) -> None:
         words = np.frombuffer(win.tomemory(), dtype=np.int64)

@@ -1,8 +1,11 @@
-"""LocalBackend: one aggregated worker in the router's own process (no launcher, no peers)."""
+"""LocalBackend: one aggregated worker in the router's own process (no launcher, no peers).
+
+It runs the same engine loop as a worker rank (ranks/worker.py): one `Engine.step()` per turn,
+whose StepOutput says everything that happened; with no router books to tell, only the finished
+results leave. The job summary's worker entry is the engine's own `report()`, as on a rank.
+"""
 
 from __future__ import annotations
-
-from dataclasses import asdict
 
 from kvrelay.ranks.engine.engine import Engine
 from kvrelay.core.request import Request, RequestResult
@@ -18,21 +21,7 @@ class LocalBackend:
     def poll(self) -> list[RequestResult]:
         if not self.engine.has_work():
             return []
-        results = self.engine.step()
-        self.engine.prefilled.clear()  # no router books to tell in one process
-        return results
+        return self.engine.step().finished
 
     def stats(self) -> dict:
-        e = self.engine
-        return {
-            "workers": [
-                {
-                    "role": "aggregated",
-                    "device": str(e.runner.device),
-                    "kv_blocks": e.pool.num_blocks,
-                    "block_size": e.pool.block_size,
-                    **asdict(e.stats),
-                    "memory": e.runner.memory_report(),
-                }
-            ]
-        }
+        return {"workers": [{"role": "aggregated", **self.engine.report()}]}

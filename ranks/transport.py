@@ -12,9 +12,9 @@ carries what the receiver needs to compute it).
 
 Matching. MPI matches a receive to a send by (source, tag) and, among equal ones, in posting order.
 NCCL ignores tags: point-to-point operations between a pair match strictly in posting order, so the
-two sides of a pair must post their transfers in the same order (the worker starts them in READY
+two sides of a pair must post their transfers in the same order (handoff.py starts them in READY
 order on both sides). Tags therefore matter only on MPI. Pick them like this:
-  - one fixed tag per pair direction (the worker uses the receiver's rank): MPI then matches exactly
+  - one fixed tag per pair direction (handoff.py uses the receiver's rank): MPI then matches exactly
     as NCCL does, and the MPI path's byte-count check on every receive turns an ordering mistake
     into an error on CPU instead of silently swapped KV on GPU;
   - or a per-pair transfer counter, `xfer % (MAX_TAG + 1)`: MPI then also tolerates reordering,

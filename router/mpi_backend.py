@@ -17,9 +17,9 @@ from mpi4py import MPI
 
 from kvrelay.configs.schema import JobConfig
 from kvrelay.core.layout import Layout
-from kvrelay.core.messages import Assign, Outbox, Tag, poll
+from kvrelay.core.messages import Assign, Outbox, Shutdown, Tag, poll
 from kvrelay.core.window import TableSnapshot, WindowReader
-from kvrelay.core.block_hash import block_hashes
+from kvrelay.core.block_hash import block_hashes, num_blocks
 from kvrelay.router.frontend import percentiles
 from kvrelay.router.placement import WorkerState, make_decode_policy, make_policy
 from kvrelay.core.request import Request, RequestResult
@@ -69,7 +69,7 @@ class MPIBackend:
     def submit(self, request: Request) -> None:
         t0 = time.perf_counter()
         ids = request.prompt_token_ids
-        nblocks = -(-len(ids) // self.block_size)
+        nblocks = num_blocks(len(ids), self.block_size)
         hashes = np.array(block_hashes(ids, self.block_size, self.hash_seed), dtype=np.uint64)
         t1 = time.perf_counter()
         self._refresh_loads()
@@ -108,7 +108,7 @@ class MPIBackend:
         self.hash_s.append(t1 - t0)
         self.read_s.append(t2 - t1)
         self.decision_s.append(time.perf_counter() - t2)
-        self.outbox.send(Assign(request.to_wire(), decode), rank, Tag.REQUEST)
+        self.outbox.send(Assign(request, decode), rank)
         self._book(rank, decode, tokens, nblocks, +1)
         self.placed[request.request_id] = (rank, decode, tokens, nblocks)
 
@@ -118,7 +118,7 @@ class MPIBackend:
         while (msg := poll(self.world, self.status)) is not None:
             tag, src, payload = msg
             if tag is Tag.RESULT:
-                result = RequestResult.from_wire(payload)
+                result = payload.result
                 rank, decode, tokens, nblocks = self.placed.pop(result.request_id)
                 if decode is None:
                     self._book(rank, None, tokens, nblocks, -1)
@@ -128,7 +128,7 @@ class MPIBackend:
                         self._book(rank, None, tokens, 0, -1)
                 results.append(result)
             elif tag is Tag.PREFILLED:
-                rid = payload["request_id"]
+                rid = payload.request_id
                 rank, decode, tokens, nblocks = self.placed[rid]
                 if decode is None:
                     # Aggregated: the prompt left the worker's prefill queue; it decodes on there.
@@ -164,7 +164,7 @@ class MPIBackend:
     def stats(self) -> dict:
         """End of the job: stop every worker and gather its counters."""
         for r in self.layout.workers:
-            self.outbox.send({}, r, Tag.SHUTDOWN)
+            self.outbox.send(Shutdown(), r)
         workers = {}
         deadline = time.monotonic() + STATS_TIMEOUT_S
         while len(workers) < len(self.layout.workers):
@@ -178,7 +178,7 @@ class MPIBackend:
             tag, src, payload = msg
             if tag is not Tag.STATS:
                 raise RuntimeError(f"router got {tag.name} from rank {src} after the last result")
-            workers[src] = payload
+            workers[src] = payload.counters
         self.outbox.flush()
         sent = sum(w["handoff_bytes"] for w in workers.values())
         secs = sum(w["handoff_seconds"] for w in workers.values())

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kvrelay.core.block_hash import num_blocks
+
 TRACE_BLOCK_TOKENS = 512  # tokens per hash id in the Mooncake trace format
 _KEYS = ("timestamp", "input_length", "output_length", "hash_ids")
 
@@ -80,7 +82,7 @@ def parse_entry(raw: bytes | str, line_no: int) -> TraceEntry:
     if not isinstance(ids, list) or not ids or not all(isinstance(h, int) and not isinstance(h, bool) and 0 <= h < 1 << 63 for h in ids):
         raise bad("hash_ids must be a non-empty list of integers in [0, 2**63)")
     if n_in > len(ids) * TRACE_BLOCK_TOKENS:
-        raise bad(f"input_length {n_in} needs {-(-n_in // TRACE_BLOCK_TOKENS)} hash_ids of "
+        raise bad(f"input_length {n_in} needs {num_blocks(n_in, TRACE_BLOCK_TOKENS)} hash_ids of "
                   f"{TRACE_BLOCK_TOKENS} tokens, the line has {len(ids)}")
     return TraceEntry(line_no, ts / 1000.0, ids, n_in, n_out)
 

@@ -46,7 +46,7 @@ def generate(engine: Engine, token_lists: list[list[int]], **sampling) -> dict[s
         engine.add_request(Request(f"r{i}", ids, SamplingParams(**params)))
     out = {}
     while engine.has_work():
-        for r in engine.step():
+        for r in engine.step().finished:
             out[r.request_id] = r.output_token_ids
     return out
 
@@ -126,7 +126,7 @@ def test_stop_conditions(tiny_models):
     engine.add_request(Request("m", ids, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, stop_token_ids=[stop_at], min_tokens=8)))
     results = {}
     while engine.has_work():
-        results.update({r.request_id: r for r in engine.step()})
+        results.update({r.request_id: r for r in engine.step().finished})
     assert results["s"].output_token_ids == free[: first + 1]
     assert results["s"].finish_reason == "stop" and results["s"].stop_reason == stop_at
     # Below min_tokens the stop token is banned, so the run diverges after it would have stopped.

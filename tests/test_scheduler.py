@@ -1,6 +1,7 @@
 """Block pool and scheduler on plain ints: no model, no torch."""
 
 from kvrelay.ranks.engine.block_pool import BlockPool
+from kvrelay.ranks.engine.kv_cache import KVCacheManager
 from kvrelay.ranks.engine.scheduler import Scheduler
 from kvrelay.ranks.engine.sequence import Sequence, SeqStatus
 from kvrelay.core.block_hash import block_hashes, hash_block, hash_seed
@@ -37,33 +38,31 @@ def test_chained_hashes_depend_on_the_whole_prefix_and_the_seed():
     assert hash_block(a[0], list(range(4, 8)), SEED) == a[1]
 
 
-def test_pool_lru_eviction_and_listeners():
-    seen, evicted = [], []
-    pool = BlockPool(4, 4, on_cache=seen.append, on_evict=evicted.append)
-    blocks = pool.allocate(2)
-    pool.register(blocks[0], 111)
-    pool.register(blocks[1], 222)
+def test_pool_lru_eviction():
+    pool = BlockPool(4, 4)
+    blocks, evicted = pool.take(2)
+    assert evicted == [] and pool.register(blocks[0], 111) and pool.register(blocks[1], 222)
+    assert not pool.register(blocks[1], 111)  # the first block to compute a hash keeps it
     assert pool.match_prefix([111, 222, 333]) == blocks
-    pool.release(blocks[::-1])  # tail first: block of 222 is colder than block of 111
+    pool.unref(blocks[::-1])  # tail first: block of 222 is colder than block of 111
     assert pool.num_free == 4 and pool.match_prefix([111, 222]) == blocks  # free yet still cached
-    pool.allocate(3)  # the two never-used blocks, then the coldest cached one
-    assert evicted == [222] and pool.match_prefix([111, 222]) == [blocks[0]]
-    assert seen == [111, 222]
+    _, evicted = pool.take(3)  # the two never-used blocks, then the coldest cached one
+    assert evicted == [(blocks[1], 222)] and pool.match_prefix([111, 222]) == [blocks[0]]
 
 
 def test_pool_hit_on_a_free_block_takes_it_out_of_the_free_queue():
     pool = BlockPool(2, 4)
-    [b] = pool.allocate(1)
+    [b], _ = pool.take(1)
     pool.register(b, 5)
-    pool.release([b])
+    pool.unref([b])
     assert pool.num_free_after_touch([b]) == 1
     pool.touch([b])
     assert pool.num_free == 1 and pool.ref_counts[b] == 1
-    assert pool.allocate(1) != [b]
+    assert pool.take(1)[0] != [b]
 
 
 def test_chunked_prefill_respects_the_token_budget():
-    s = Scheduler(BlockPool(64, 4), SEED, max_batch_tokens=8, max_seqs=8)
+    s = Scheduler(KVCacheManager(64, 4, SEED), max_batch_tokens=8, max_seqs=8)
     s.add(make_seq("a", list(range(20))))
     s.add(make_seq("b", list(range(100, 105))))
     assert run_step(s) == [("a", 8)]
@@ -73,7 +72,7 @@ def test_chunked_prefill_respects_the_token_budget():
 
 
 def test_without_chunking_a_prompt_runs_whole_or_waits():
-    s = Scheduler(BlockPool(64, 4), SEED, max_batch_tokens=8, max_seqs=8, chunked_prefill=False)
+    s = Scheduler(KVCacheManager(64, 4, SEED), max_batch_tokens=8, max_seqs=8, chunked_prefill=False)
     s.add(make_seq("a", list(range(20))))
     s.add(make_seq("b", list(range(100, 105))))
     assert run_step(s) == [("a", 20)]  # alone in the batch, it runs over the budget
@@ -81,7 +80,7 @@ def test_without_chunking_a_prompt_runs_whole_or_waits():
 
 
 def test_prefix_hits_skip_cached_blocks_but_never_the_last_token():
-    s = Scheduler(BlockPool(64, 4), SEED, max_batch_tokens=64, max_seqs=8)
+    s = Scheduler(KVCacheManager(64, 4, SEED), max_batch_tokens=64, max_seqs=8)
     s.add(make_seq("a", list(range(12)), max_tokens=1))
     run_step(s)
     assert not s.has_work()
@@ -95,7 +94,7 @@ def test_prefix_hits_skip_cached_blocks_but_never_the_last_token():
 def test_preemption_recomputes_and_keeps_outputs():
     # 6 blocks of 4 tokens: two sequences of 10 prompt tokens (3 blocks each) fill the pool; the
     # first to need a 4th block forces the later-admitted one out.
-    s = Scheduler(BlockPool(6, 4), SEED, max_batch_tokens=64, max_seqs=8)
+    s = Scheduler(KVCacheManager(6, 4, SEED), max_batch_tokens=64, max_seqs=8)
     a, b = make_seq("a", list(range(10)), 8), make_seq("b", list(range(50, 60)), 8)
     s.add(a)
     s.add(b)

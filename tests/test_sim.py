@@ -150,6 +150,25 @@ def test_snapshot_probe_matches_the_tables():
     assert snap.prefix_lengths(hashes[:0]) == {1: 0, 2: 0, 3: 0, 4: 0}
 
 
+# --- the single-process simulated run ---------------------------------------------------------------
+
+def test_a_single_process_simulated_run_exits_0_with_a_summary_and_idles_in_gaps(tmp_path):
+    # Two bursts 20 modeled seconds apart (0.4 s of wall at speed 50): without runner.idle() in the
+    # gap, the second burst's first step would count the gap as lost time (slip_s).
+    trace = write_trace(tmp_path / "t.jsonl", [entry(ts, [1, 2 + i], n_in=900) for i, ts in enumerate((0, 10, 20, 20000, 20010))])
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "kvrelay.launch.cli", "run", "-i", str(trace), "-o", str(out),
+                           "--set", "sim.enabled=true", "--set", "input.format=trace", "--set", "sim.speed=50",
+                           "--set", "job.progress=false", "--set", "cache.block_size=64"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(out.read_text().splitlines()) == 5
+    summary = json.loads(out.with_name("out.summary.json").read_text())
+    assert summary["succeeded"] == 5 and summary["cached_prompt_tokens"] > 0
+    [worker] = summary["backend"]["workers"]
+    assert worker["sim"]["modeled_s"] > 0 and worker["sim"]["slip_s"] == 0, worker["sim"]
+
+
 # --- MPI jobs of simulated workers ------------------------------------------------------------------
 
 try:

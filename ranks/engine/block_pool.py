@@ -1,36 +1,26 @@
-"""BlockPool: the KV-cache blocks of one worker, with automatic prefix caching.
+"""BlockPool: the KV-cache blocks of one worker as ints: reference counts, an LRU of free blocks,
+and the table of hashes that make a block findable (automatic prefix caching).
 
-A block is either referenced by running sequences (ref count > 0) or free. A free block that
-holds a full, hashed block of tokens stays findable by its hash until it is reused: free blocks
-form one LRU queue and allocation takes from its cold end, evicting the hash it held. So
+A block is either referenced by sequences (ref count > 0) or free. A free block that holds a
+full, hashed block of tokens stays findable by its hash until it is taken again: free blocks form
+one LRU queue and `take` hands out its cold end, dropping the hashes those blocks held. So
 "cached" and "free" overlap, as in vLLM's v1 block pool: cache hits are free to take, and memory
-is never held back for the cache.
-
-Listeners (`on_cache`, `on_evict`) see every hash that becomes findable or stops being findable;
-the worker's MPI window mirrors the table through them.
+is never held back for the cache. The pool tells nobody: ranks/engine/kv_cache.py owns the
+moments (cache, evict) and the listeners.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 
 class BlockPool:
-    def __init__(
-        self,
-        num_blocks: int,
-        block_size: int,
-        enable_caching: bool = True,
-        on_cache: Callable[[int], None] | None = None,
-        on_evict: Callable[[int], None] | None = None,
-    ) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
         assert num_blocks > 0 and block_size > 0
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_caching = enable_caching
-        self.on_cache = on_cache
-        self.on_evict = on_evict
         self.ref_counts = [0] * num_blocks
         self.hash_of: list[int | None] = [None] * num_blocks
         self.cached: dict[int, int] = {}  # block hash -> block id
@@ -40,10 +30,6 @@ class BlockPool:
     @property
     def num_free(self) -> int:
         return len(self.free)
-
-    @property
-    def usage(self) -> float:
-        return 1.0 - len(self.free) / self.num_blocks
 
     def cached_hashes(self) -> set[int]:
         return set(self.cached)
@@ -71,41 +57,37 @@ class BlockPool:
                 del self.free[b]
             self.ref_counts[b] += 1
 
-    def allocate(self, n: int) -> list[int]:
-        assert n <= len(self.free), f"allocate({n}) with {len(self.free)} free blocks"
-        out = []
+    def take(self, n: int) -> tuple[list[int], list[tuple[int, int]]]:
+        """The `n` coldest free blocks, referenced once, and the (block id, hash) pairs that stopped
+        being findable because their block was taken (the evictions)."""
+        assert n <= len(self.free), f"take({n}) with {len(self.free)} free blocks"
+        out, evicted = [], []
         for _ in range(n):
             b, _ = self.free.popitem(last=False)
-            self._forget(b)
+            h = self.hash_of[b]
+            if h is not None:
+                self.hash_of[b] = None
+                del self.cached[h]
+                evicted.append((b, h))
             self.ref_counts[b] = 1
             out.append(b)
-        return out
+        return out, evicted
 
-    def release(self, block_ids: list[int]) -> None:
+    def unref(self, block_ids: Iterable[int]) -> None:
         """Drop one reference on each block. Pass a sequence's blocks tail first: the tail of a
-        prompt is the least likely part to be shared, so it is evicted first."""
+        prompt is the least likely part to be shared, so it becomes the coldest."""
         for b in block_ids:
             self.ref_counts[b] -= 1
             assert self.ref_counts[b] >= 0
             if self.ref_counts[b] == 0:
                 self.free[b] = None
 
-    def register(self, block_id: int, block_hash: int) -> None:
-        """Make a full, computed block findable by its hash. A hash already held by another block
-        (two sequences computed the same block at once) keeps its first block."""
+    def register(self, block_id: int, block_hash: int) -> bool:
+        """Make a full, computed block findable by its hash; False when caching is off or another
+        block holds the hash already (two sequences computed the same block at once: the first stays)."""
         if not self.enable_caching or block_hash in self.cached:
-            return
+            return False
         assert self.hash_of[block_id] is None
         self.cached[block_hash] = block_id
         self.hash_of[block_id] = block_hash
-        if self.on_cache is not None:
-            self.on_cache(block_hash)
-
-    def _forget(self, b: int) -> None:
-        h = self.hash_of[b]
-        if h is None:
-            return
-        self.hash_of[b] = None
-        del self.cached[h]
-        if self.on_evict is not None:
-            self.on_evict(h)
+        return True

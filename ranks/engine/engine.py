@@ -3,7 +3,13 @@
     engine = Engine.from_config(cfg)
     engine.add_request(Request("r1", [1, 2, 3], SamplingParams(max_tokens=8, temperature=0)))
     while engine.has_work():
-        for result in engine.step(): ...
+        out = engine.step()   # StepOutput: finished results, first tokens, handoffs ready
+        for result in out.finished: ...
+
+Callers (ranks/worker.py, ranks/local.py, benchmarks) use only this surface: requests in, one
+StepOutput per step, the KV surface of a handoff (`kv_bytes`, `reserve`, `pack_kv`,
+`staging_buffer`, `unpack_kv`, `free_kv`, `transfer_s`, `add_received`), `load()` for the window
+and `report()` for the job summary. The scheduler, the KV-cache manager and the runner stay inside.
 """
 
 from __future__ import annotations
@@ -11,14 +17,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import xxhash
 
 from kvrelay.configs.schema import JobConfig
-from kvrelay.ranks.engine.block_pool import BlockPool
+from kvrelay.ranks.engine.kv_cache import EvictHook, CacheHook, KVCacheManager
 from kvrelay.ranks.engine.loader import check_dtype, iter_weights, read_model_dir
 from kvrelay.ranks.engine.model_runner import ModelRunner
 from kvrelay.ranks.engine.sampler import SampleRow, request_generator, sample
@@ -30,8 +36,9 @@ from kvrelay.core.timing import load_timing, sim_max_model_len
 from kvrelay.core.model_files import ModelConfigError
 from kvrelay.ranks.engine.spec import ModelSpec
 from kvrelay.core.tokenizer import Tokenizer
-from kvrelay.core.block_hash import hash_seed
-from kvrelay.core.request import Request, RequestResult, TokenLogprob
+from kvrelay.core.block_hash import hash_seed, num_blocks
+from kvrelay.core.messages import SeqState
+from kvrelay.core.request import Request, RequestResult
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,31 @@ class EngineStats:
     decode_steps: int = 0
     decode_host_s: float = 0.0
     graph_steps: int = 0
+
+
+@dataclass
+class StepOutput:
+    """What one step produced. Every list is new each step; nothing is left for the caller to clear."""
+
+    finished: list[RequestResult] = field(default_factory=list)
+    # Requests that sampled their first token here and decode on here: the router's books of
+    # queued prefill work drop them (a Prefilled message each).
+    first_tokens: list[str] = field(default_factory=list)
+    # Prefill worker: sequences that sampled their first token and stopped; their blocks stay
+    # held until `free_kv(request_id)`, once their KV has been sent.
+    handoffs: list[SeqState] = field(default_factory=list)
+
+
+@dataclass
+class EngineLoad:
+    """The load the worker publishes in its window (core/window.py header fields)."""
+
+    free_blocks: int
+    total_blocks: int
+    queued_prefill_tokens: int
+    running_seqs: int
+    active_decode_blocks: int
+    step: int
 
 
 def pick_device(name: str) -> torch.device:
@@ -91,7 +123,7 @@ class Engine:
         cfg: JobConfig,
         runner: ModelRunner | SimRunner,
         tokenizer: Tokenizer | SimTokenizer,
-        num_blocks: int,
+        cache_blocks: int,
         max_model_len: int,
         vocab_size: int,
         eos_token_ids: list[int],
@@ -104,20 +136,15 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids)
         if tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
-        self.pool = BlockPool(num_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching)
+        self.kv = KVCacheManager(cache_blocks, cfg.cache.block_size, job_hash_seed(cfg), cfg.cache.enable_prefix_caching)
+        # NOTE: launch/run.py logs the pool's size; everything else goes through the KV surface.
+        self.pool = self.kv.pool
         self.scheduler = Scheduler(
-            self.pool,
-            job_hash_seed(cfg),
-            cfg.scheduler.max_batch_tokens,
-            cfg.scheduler.max_seqs,
-            cfg.scheduler.chunked_prefill,
+            self.kv, cfg.scheduler.max_batch_tokens, cfg.scheduler.max_seqs, cfg.scheduler.chunked_prefill
         )
         self.generators: dict[str, torch.Generator] = {}
-        # Prefill worker: sequences that sampled their first token and wait to hand off their KV.
-        self.handoffs: list[Sequence] = []
-        # Requests that sampled their first token and decode on here: the caller tells the router,
-        # whose books of queued prefill work drop them (the caller clears the list).
-        self.prefilled: list[str] = []
+        # Handed-off sequences whose KV is being sent: they hold their blocks until `free_kv`.
+        self.sending: dict[str, Sequence] = {}
         self.stats = EngineStats()
 
     @classmethod
@@ -150,21 +177,21 @@ class Engine:
         reserve = runner.profile()  # activation peaks, measured on the GPU; 0 on the CPU
         if device.type == "cuda":
             reserve += staging_bytes
-        num_blocks = runner.size_kv_cache(
+        cache_blocks = runner.size_kv_cache(
             cfg.cache.num_blocks, cfg.cache.gpu_memory_fraction, cfg.cache.cpu_kv_gib, reserve
         )
-        need = -(-max_model_len // cfg.cache.block_size)
-        if num_blocks < need:
+        need = num_blocks(max_model_len, cfg.cache.block_size)
+        if cache_blocks < need:
             raise ModelConfigError(
-                f"the KV cache holds {num_blocks} blocks of {cfg.cache.block_size} tokens, fewer than one "
+                f"the KV cache holds {cache_blocks} blocks of {cfg.cache.block_size} tokens, fewer than one "
                 f"sequence of model.max_model_len={max_model_len} needs ({need}); lower model.max_model_len "
                 "or give the cache more memory"
             )
-        runner.allocate(num_blocks)
+        runner.allocate(cache_blocks)
         runner.capture_graphs()
         if device.type == "cuda":
             log.info("device memory: %s", runner.memory_report())
-        return cls(cfg, runner, tokenizer, num_blocks, max_model_len, spec.vocab_size, spec.eos_token_ids)
+        return cls(cfg, runner, tokenizer, cache_blocks, max_model_len, spec.vocab_size, spec.eos_token_ids)
 
     @classmethod
     def simulated(cls, cfg: JobConfig) -> Engine:
@@ -172,54 +199,109 @@ class Engine:
         timing = load_timing(cfg)
         runner = SimRunner(timing, cfg.cache.block_size, cfg.sim.speed)
         max_model_len = sim_max_model_len(cfg, timing)
-        num_blocks = runner.size_kv_cache(cfg.cache.num_blocks)
-        runner.allocate(num_blocks)
-        return cls(cfg, runner, SimTokenizer(), num_blocks, max_model_len, timing.model.vocab_size, [])
+        cache_blocks = runner.size_kv_cache(cfg.cache.num_blocks)
+        runner.allocate(cache_blocks)
+        return cls(cfg, runner, SimTokenizer(), cache_blocks, max_model_len, timing.model.vocab_size, [])
 
     def add_request(self, req: Request, handoff: bool = False) -> None:
-        """Queue a request. With `handoff`, it stops after its first token and waits in
-        `self.handoffs`, holding its blocks, until `release` (a prefill worker's requests)."""
+        """Queue a request. With `handoff`, it stops after its first token and comes back in
+        `StepOutput.handoffs`, holding its blocks until `free_kv` (a prefill worker's requests)."""
         assert 0 < len(req.prompt_token_ids) < self.max_model_len, "the router checks prompt lengths"
         self._make_generator(req)
         self.scheduler.add(Sequence.from_request(req, self.max_model_len, handoff))
         self.stats.requests += 1
 
-    def reserve(self, num_tokens: int) -> list[int] | None:
-        """Blocks for the KV of `num_tokens` tokens that a prefill worker will send; None if they
-        are not free now (the caller asks again later)."""
-        need = -(-num_tokens // self.pool.block_size)
-        return self.pool.allocate(need) if need <= self.pool.num_free else None
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
 
-    def add_prefilled(self, req: Request, seq_state: dict, generator_state: bytes | None, block_ids: list[int]) -> None:
-        """Decode a request whose prompt KV is in `block_ids` already (it came from a prefill worker)."""
-        seq = Sequence.from_request(req, self.max_model_len)
-        seq.token_ids = list(seq_state["token_ids"])
+    # --- the KV surface of a handoff (ranks/handoff.py drives it) --------------------------------
+
+    def kv_bytes(self, num_tokens: int) -> int:
+        """Bytes of the packed KV of `num_tokens` tokens (whole blocks)."""
+        return num_blocks(num_tokens, self.kv.block_size) * self.runner.block_bytes()
+
+    def reserve(self, num_tokens: int) -> list[int] | None:
+        """Blocks for the KV of `num_tokens` tokens that another worker will send; None if they
+        are not free now (the caller asks again later)."""
+        return self.kv.reserve(num_tokens)
+
+    def pack_kv(self, request_id: str) -> torch.Tensor:  # packed KV (kernels/kv_pack.py) on the runner's device
+        """The KV of a handed-off sequence, packed into one contiguous buffer to send."""
+        seq = self.sending[request_id]
+        return self.runner.pack_kv(seq.block_ids[: num_blocks(seq.num_tokens - 1, self.kv.block_size)])
+
+    def staging_buffer(self, n: int) -> torch.Tensor:  # packed KV of n blocks, uninitialized, on the runner's device
+        """A buffer that receives `n` blocks of packed KV."""
+        return self.runner.kv_buffer(n)
+
+    def unpack_kv(self, buf: torch.Tensor, block_ids: list[int]) -> None:
+        self.runner.unpack_kv(buf, block_ids)
+
+    def transfer_s(self, num_tokens: int) -> float:
+        """Simulated wall seconds of a handoff of `num_tokens` tokens' KV (0 for a real runner)."""
+        return self.runner.transfer_s(num_tokens)
+
+    def free_kv(self, request_id: str) -> None:
+        """A handed-off sequence's KV has been sent: give its blocks back."""
+        self.kv.free(self.sending.pop(request_id))
+
+    def add_received(self, state: SeqState, block_ids: list[int]) -> None:
+        """Decode a request whose prompt KV arrived in `block_ids` (reserved with `reserve`)."""
+        seq = Sequence.from_request(state.request, self.max_model_len)
+        seq.token_ids += state.output_token_ids
         seq.num_computed_tokens = seq.num_tokens - 1
-        seq.num_cached_tokens = seq_state["num_cached_tokens"]
-        seq.first_token_time = seq_state["first_token_time"]
+        seq.num_cached_tokens = state.num_cached_tokens
+        seq.first_token_time = state.first_token_time
         if seq.logprobs is not None:
-            seq.logprobs = [TokenLogprob(lp["token_id"], lp["logprob"], [tuple(t) for t in lp["top"]]) for lp in seq_state["logprobs"]]
+            seq.logprobs = list(state.logprobs)
         seq.block_ids = block_ids
-        gen = self._make_generator(req)
-        if gen is not None and generator_state is not None:
-            gen.set_state(torch.frombuffer(bytearray(generator_state), dtype=torch.uint8))
-        self.scheduler.add_prefilled(seq)
+        gen = self._make_generator(state.request)
+        if gen is not None and state.generator_state is not None:
+            gen.set_state(torch.frombuffer(bytearray(state.generator_state), dtype=torch.uint8))
+        self.scheduler.add_arrived(seq)
         self.stats.requests += 1
 
-    def handoff_state(self, seq: Sequence) -> tuple[dict, bytes | None]:
-        """What a decode worker needs, besides the KV, to go on where this engine stopped."""
+    def _handoff(self, seq: Sequence) -> SeqState:
+        """Detach a sequence that stopped after its first token; its blocks wait for `free_kv`."""
+        self.scheduler.detach(seq)
+        self.sending[seq.request_id] = seq
         gen = self.generators.pop(seq.request_id, None)
-        state = {
-            "token_ids": seq.token_ids,
-            "num_cached_tokens": max(seq.num_cached_tokens, 0),
-            "logprobs": [asdict(lp) for lp in seq.logprobs] if seq.logprobs is not None else None,
-            "first_token_time": seq.first_token_time,
-        }
-        return state, (gen.get_state().numpy().tobytes() if gen is not None else None)
+        return SeqState(
+            request=Request(seq.request_id, seq.token_ids[: seq.num_prompt_tokens], seq.sampling),
+            output_token_ids=seq.output_token_ids,
+            num_cached_tokens=max(seq.num_cached_tokens, 0),
+            first_token_time=seq.first_token_time,
+            logprobs=seq.logprobs,
+            generator_state=gen.get_state().numpy().tobytes() if gen is not None else None,
+        )
 
-    def release(self, seq: Sequence) -> None:
-        """A handed-off sequence's KV has been sent: free its blocks."""
-        self.scheduler.release(seq)
+    # --- the worker's view --------------------------------------------------------------------
+
+    def watch_cache(self, on_cache: CacheHook, on_evict: EvictHook) -> None:
+        """Listeners of the prefix cache: a block became findable; a cached block is evicted."""
+        self.kv.on_cache, self.kv.on_evict = on_cache, on_evict
+
+    def load(self) -> EngineLoad:
+        free = self.kv.num_free
+        return EngineLoad(
+            free_blocks=free,
+            total_blocks=self.kv.num_blocks,
+            queued_prefill_tokens=self.scheduler.num_queued_prefill_tokens,
+            running_seqs=self.scheduler.num_running_seqs,
+            active_decode_blocks=self.kv.num_blocks - free,
+            step=self.stats.steps,
+        )
+
+    def report(self) -> dict:
+        """The engine's part of the job summary: counters, and the runner's memory (real) or its
+        modeled clock (simulated)."""
+        out = {"device": str(self.runner.device), "kv_blocks": self.kv.num_blocks,
+               "block_size": self.kv.block_size, **vars(self.stats)}
+        if self.runner.simulated:
+            out["sim"] = vars(self.runner.stats)
+        else:
+            out["memory"] = self.runner.memory_report()
+        return out
 
     def _make_generator(self, req: Request) -> torch.Generator | None:
         if req.sampling.greedy:
@@ -230,14 +312,12 @@ class Engine:
         gen = self.generators[req.request_id] = request_generator(seed, self.runner.device)
         return gen
 
-    def has_work(self) -> bool:
-        return self.scheduler.has_work()
-
-    def step(self) -> list[RequestResult]:
+    def step(self) -> StepOutput:
         t0 = time.perf_counter()
+        out = StepOutput()
         batch = self.scheduler.schedule()
         if not batch:
-            return []
+            return out
         sampling = [item.seq for item in batch if item.samples]
         logits = self.runner.execute(batch)
         for item in batch:
@@ -249,7 +329,6 @@ class Engine:
             rows = [SampleRow(s.sampling, self.generators.get(s.request_id), self._banned(s)) for s in sampling]
             tokens, logprobs = sample(logits, rows)  # the step's one wait for the GPU: the sampled ids
         t2 = time.perf_counter()
-        finished = []
         now = time.time()
         for seq, token, lp in zip(sampling, tokens, logprobs):
             if seq.num_output_tokens == 0:  # this engine computed the prompt
@@ -263,12 +342,11 @@ class Engine:
                 self.scheduler.finish(seq)
                 self.generators.pop(seq.request_id, None)
                 self.stats.output_tokens += seq.num_output_tokens
-                finished.append(seq.result())
+                out.finished.append(seq.result())
             elif seq.handoff:
-                self.scheduler.detach(seq)
-                self.handoffs.append(seq)
+                out.handoffs.append(self._handoff(seq))
             elif seq.num_output_tokens == 1:
-                self.prefilled.append(seq.request_id)
+                out.first_tokens.append(seq.request_id)
         self.stats.steps += 1
         self.stats.preemptions = self.scheduler.num_preemptions
         host = t1 - t0 + time.perf_counter() - t2
@@ -277,7 +355,9 @@ class Engine:
             self.stats.decode_steps += 1
             self.stats.decode_host_s += host
             self.stats.graph_steps += self.runner.last_step_graph
-        return finished
+        if self.runner.simulated and not self.has_work():
+            self.runner.idle()  # the next step starts a new busy period on the modeled clock
+        return out
 
     def _banned(self, seq: Sequence) -> list[int]:
         if seq.num_output_tokens >= seq.sampling.min_tokens:

@@ -1,4 +1,5 @@
-"""ModelRunner: the only engine part that builds tensors. Owns the model weights and the KV cache.
+"""ModelRunner: the model forward of one worker. Owns the weights and the KV-cache tensors, and
+builds each step's input tensors (the sampler and the handoff's packed KV are the other tensor code).
 
 `execute(batch)` packs the scheduled tokens of all sequences into one flat batch, runs the model
 and returns the last-position logits of the sequences that sample this step.
@@ -28,6 +29,7 @@ from kvrelay.ranks.engine.attention_backend import AttentionMetadata
 from kvrelay.ranks.engine.model import LlamaForCausalLM, allocate_kv_cache
 from kvrelay.ranks.engine.scheduler import ScheduledSeq
 from kvrelay.core.model_files import ModelConfigError
+from kvrelay.core.block_hash import num_blocks as blocks_for  # `num_blocks` is the cache's size here
 from kvrelay.ranks.engine.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,7 @@ class ModelRunner:
         self.max_seqs = max_seqs
         self.max_batch_tokens = max_batch_tokens
         self.max_model_len = max_model_len
-        self.max_blocks = -(-max_model_len // block_size)
+        self.max_blocks = blocks_for(max_model_len, block_size)
         self.table_width = -(-self.max_blocks // 16) * 16  # widest block table a step uploads
         self.is_cuda = device.type == "cuda"
         self.use_graphs = cuda_graphs and self.is_cuda

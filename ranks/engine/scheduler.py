@@ -7,8 +7,12 @@ in prefill), then waiting ones in arrival order while the budget and the blocks 
 vLLM v1's scheduling model: decode latency stays low and long prompts never stall the batch.
 
 When a running sequence needs a block and none is free, the most recently admitted sequence is
-preempted: its blocks are released (their hashes stay findable until reused) and it starts again
+preempted: its blocks are freed (their hashes stay findable until reused) and it starts again
 from the waiting queue's head, recomputing what the cache no longer holds.
+
+The scheduler keeps the policy (what runs this step); the blocks are the KV-cache manager's
+(ranks/engine/kv_cache.py): the scheduler asks it for prefix hits and blocks, and never touches
+the pool itself.
 """
 
 from __future__ import annotations
@@ -16,9 +20,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from kvrelay.ranks.engine.block_pool import BlockPool
+from kvrelay.ranks.engine.kv_cache import KVCacheManager
 from kvrelay.ranks.engine.sequence import Sequence, SeqStatus
-from kvrelay.core.block_hash import block_hashes
 
 
 @dataclass
@@ -33,45 +36,40 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(
-        self,
-        pool: BlockPool,
-        hash_seed: int,
-        max_batch_tokens: int,
-        max_seqs: int,
-        chunked_prefill: bool = True,
-    ) -> None:
-        self.pool = pool
-        self.block_size = pool.block_size
-        self.hash_seed = hash_seed
+    def __init__(self, kv: KVCacheManager, max_batch_tokens: int, max_seqs: int, chunked_prefill: bool = True) -> None:
+        self.kv = kv
+        self.block_size = kv.block_size
         self.max_batch_tokens = max_batch_tokens
         self.max_seqs = max_seqs
         self.chunked_prefill = chunked_prefill
         self.waiting: deque[Sequence] = deque()
         # Sequences whose prompt KV arrived from a prefill worker: they hold their blocks and
         # join the running batch, ahead of waiting ones, as soon as there is room.
-        self.prefilled: deque[Sequence] = deque()
+        self.arrived: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def add_prefilled(self, seq: Sequence) -> None:
+    def add_arrived(self, seq: Sequence) -> None:
         """A sequence whose first num_computed_tokens tokens are in its own blocks already."""
         assert seq.block_ids and seq.num_computed_tokens == seq.num_tokens - 1
-        hashes = self._extend_hashes(seq)
-        for i in range(seq.num_computed_tokens // self.block_size):
-            self.pool.register(seq.block_ids[i], hashes[i])
-        self.prefilled.append(seq)
+        self.kv.adopt(seq)
+        self.arrived.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.prefilled)
+        return bool(self.waiting or self.running or self.arrived)
 
     @property
     def num_queued_prefill_tokens(self) -> int:
         waiting = sum(s.num_tokens - s.num_computed_tokens for s in self.waiting)
         return waiting + sum(max(0, s.num_prompt_tokens - s.num_computed_tokens) for s in self.running)
+
+    @property
+    def num_running_seqs(self) -> int:
+        """Sequences that hold blocks to decode: running, or arrived and about to run."""
+        return len(self.running) + len(self.arrived)
 
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_batch_tokens
@@ -83,7 +81,7 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self._grow(seq, seq.num_computed_tokens + n):
+            while not self.kv.grow(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted = True
@@ -92,11 +90,11 @@ class Scheduler:
             if seq.status is SeqStatus.RUNNING:
                 batch.append(ScheduledSeq(seq, n))
                 budget -= n
-        while self.prefilled and len(self.running) < self.max_seqs and budget > 0:
-            seq = self.prefilled.popleft()
+        while self.arrived and len(self.running) < self.max_seqs and budget > 0:
+            seq = self.arrived.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            if self._grow(seq, seq.num_tokens):
+            if self.kv.grow(seq, seq.num_tokens):
                 batch.append(ScheduledSeq(seq, 1))
                 budget -= 1
             else:
@@ -118,72 +116,40 @@ class Scheduler:
     def _admit(self, seq: Sequence, budget: int, first_in_batch: bool) -> int:
         """Match the prefix cache, take blocks for the first chunk; 0 if it does not fit now."""
         assert not seq.block_ids and seq.num_computed_tokens == 0
-        B = self.block_size
-        self._extend_hashes(seq)
-        # At least the last token must run: its logits give the next token.
-        max_hit_blocks = (seq.num_tokens - 1) // B
-        hits = self.pool.match_prefix(seq.block_hashes[:max_hit_blocks])
-        computed = len(hits) * B
+        hits = self.kv.match_prefix(seq)
+        computed = len(hits) * self.block_size
         n = seq.num_tokens - computed
         if n > budget:
             if not self.chunked_prefill and not first_in_batch:
                 return 0
             n = budget if self.chunked_prefill else n
-        need = -(-(computed + n) // B) - len(hits)
-        if need > self.pool.num_free_after_touch(hits):
+        if not self.kv.admit(seq, hits, computed + n):
             return 0
-        self.pool.touch(hits)
-        seq.block_ids = hits + self.pool.allocate(need)
         seq.num_computed_tokens = computed
         if seq.num_cached_tokens < 0:
             seq.num_cached_tokens = min(computed, seq.num_prompt_tokens)
         return n
 
-    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
-        need = -(-num_tokens // self.block_size) - len(seq.block_ids)
-        if need <= 0:
-            return True
-        if need > self.pool.num_free:
-            return False
-        seq.block_ids += self.pool.allocate(need)
-        return True
-
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.pool.release(seq.block_ids[::-1])
-        seq.block_ids = []
+        self.kv.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def _extend_hashes(self, seq: Sequence) -> list[int]:
-        have = len(seq.block_hashes)
-        if (seq.num_tokens // self.block_size) > have:
-            parent = seq.block_hashes[-1] if have else None
-            seq.block_hashes += block_hashes(seq.token_ids, self.block_size, self.hash_seed, have, parent)
-        return seq.block_hashes
-
     def on_computed(self, item: ScheduledSeq) -> None:
         """After the forward pass: the step's tokens are in the cache; publish newly full blocks."""
         seq = item.seq
+        before = seq.num_computed_tokens
         seq.num_computed_tokens += item.num_new_tokens
-        full = seq.num_computed_tokens // self.block_size
-        if full > len(seq.block_hashes):
-            self._extend_hashes(seq)
-        registered = (seq.num_computed_tokens - item.num_new_tokens) // self.block_size
-        for i in range(registered, min(full, len(seq.block_hashes))):
-            self.pool.register(seq.block_ids[i], seq.block_hashes[i])
+        self.kv.cache_computed(seq, before)
 
     def finish(self, seq: Sequence) -> None:
         self.detach(seq)
-        self.release(seq)
+        self.kv.free(seq)
 
     def detach(self, seq: Sequence) -> None:
         """Take a sequence out of the batch; it keeps its blocks (a handoff reads them later)."""
         self.running.remove(seq)
         seq.status = SeqStatus.FINISHED
-
-    def release(self, seq: Sequence) -> None:
-        self.pool.release(seq.block_ids[::-1])
-        seq.block_ids = []

@@ -51,7 +51,6 @@ class SimRunner:
         self.block_size = block_size
         self.speed = speed
         self.device = torch.device("cpu")
-        self.dtype = torch.int64
         self.num_blocks = 0
         self.stats = SimStats()
         self._last_end = 0.0

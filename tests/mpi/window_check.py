@@ -1,9 +1,9 @@
-"""Cache windows on real ranks: rank 0 reads while ranks 1-3 churn real BlockPools.
+"""Cache windows on real ranks: rank 0 reads while ranks 1-3 churn real KV-cache managers.
 
     mpiexec -n 4 python tests/mpi/window_check.py
 
-Each owner runs a BlockPool with its window's listeners through random allocate / register /
-release sequences (thousands of evictions) and calls into MPI every step, as a worker does. Rank 0
+Each owner runs a KVCacheManager with its window's listeners through random allocate / register /
+free sequences (thousands of evictions) and calls into MPI every step, as a worker does. Rank 0
 meanwhile reads loads and prefix matches in a loop and checks what must hold even on torn reads:
 versions never go back, a chain never inserted never matches. After a barrier the reader's view of
 each table must equal the owner's, the owner's table must be a subset of its pool's cached hashes,
@@ -21,7 +21,7 @@ import traceback
 
 from mpi4py import MPI
 
-from kvrelay.ranks.engine.block_pool import BlockPool
+from kvrelay.ranks.engine.kv_cache import KVCacheManager
 from kvrelay.core.window import CacheWindow, WindowReader, table_key
 
 NUM_BLOCKS = 64
@@ -57,12 +57,14 @@ def owner(comm: MPI.Comm) -> None:
     window = CacheWindow.create(comm, NUM_BLOCKS, ROLES[rank], n_buckets=None if rank != ROOMY else 1024)
     evictions = 0
 
-    def on_evict(h: int) -> None:
+    def on_evict(block_id: int, h: int) -> None:
         nonlocal evictions
         evictions += 1
         window.on_evict(h)
 
-    pool = BlockPool(NUM_BLOCKS, block_size=4, on_cache=window.on_cache, on_evict=on_evict)
+    kv = KVCacheManager(NUM_BLOCKS, block_size=4, hash_seed=0)
+    kv.on_cache, kv.on_evict = window.on_cache, on_evict
+    pool = kv.pool
     rng = random.Random(rank)
     running: list[list[int]] = []
     for step in range(1, STEPS + 1):
@@ -70,14 +72,14 @@ def owner(comm: MPI.Comm) -> None:
         hits = pool.match_prefix(hashes)
         need = len(hashes) - len(hits)
         while pool.num_free_after_touch(hits) < need:
-            pool.release(running.pop(0)[::-1])
+            pool.unref(running.pop(0)[::-1])
         pool.touch(hits)
-        new = pool.allocate(need)
+        new = kv.allocate(need)
         for b, h in zip(new, hashes[len(hits):]):
-            pool.register(b, h)
+            kv.register(b, h)
         running.append(hits + new)
         if len(running) > 3 or rng.random() < 0.3:
-            pool.release(running.pop(rng.randrange(len(running)))[::-1])
+            pool.unref(running.pop(rng.randrange(len(running)))[::-1])
         load = dict(free_blocks=pool.num_free, total_blocks=NUM_BLOCKS, queued_prefill_tokens=rng.randrange(4096),
                     running_seqs=len(running), active_decode_blocks=NUM_BLOCKS - pool.num_free, step=step)
         window.publish(**load)

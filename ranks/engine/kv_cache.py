@@ -1,0 +1,123 @@
+"""KVCacheManager: which blocks hold which sequence's KV (no torch here; vLLM v1's split).
+
+The scheduler decides what runs; this manager keeps the blocks: it hashes a sequence's full
+blocks, matches its prefix against the cache, allocates (evicting cold cached blocks), registers
+computed blocks, reserves blocks for KV that another worker sends, and frees a sequence's blocks.
+The BlockPool below it is plain bookkeeping; every moment that someone outside may care about
+passes through here:
+
+    on_cache(block_hash)           a block became findable (the worker's window adds it)
+    on_evict(block_id, block_hash) a cached block is about to be reused: its KV is still intact,
+                                   so this is the one place a host tier copies it out first
+
+NOTE: eviction happens only inside `allocate`, and always through `on_evict`, so "the block is
+leaving the cache" is one distinct moment with the block's bytes still readable. A tier (issue 15)
+hooks there, and a sequence whose blocks are on their way in can be given blocks by `reserve`
+and registered by `adopt` when they land, as handed-off KV is today.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kvrelay.core.block_hash import block_hashes, num_blocks
+from kvrelay.ranks.engine.block_pool import BlockPool
+from kvrelay.ranks.engine.sequence import Sequence
+
+EvictHook = Callable[[int, int], None]  # (block id, block hash), before the block is reused
+CacheHook = Callable[[int], None]  # (block hash), once the block is findable
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, hash_seed: int, enable_caching: bool = True) -> None:
+        self.pool = BlockPool(num_blocks, block_size, enable_caching)
+        self.block_size = block_size
+        self.hash_seed = hash_seed
+        self.on_cache: CacheHook | None = None
+        self.on_evict: EvictHook | None = None
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return self.pool.num_free
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return num_blocks(num_tokens, self.block_size)
+
+    # --- hashing and the prefix cache ---------------------------------------------------------
+
+    def extend_hashes(self, seq: Sequence) -> list[int]:
+        """Hash the sequence's full blocks that have no hash yet (the chain is extended, not redone)."""
+        have = len(seq.block_hashes)
+        if seq.num_tokens // self.block_size > have:
+            parent = seq.block_hashes[-1] if have else None
+            seq.block_hashes += block_hashes(seq.token_ids, self.block_size, self.hash_seed, have, parent)
+        return seq.block_hashes
+
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks of the sequence's longest cached prefix, leaving at least its last token to
+        compute (its logits give the next token). No references are taken."""
+        hashes = self.extend_hashes(seq)
+        return self.pool.match_prefix(hashes[: (seq.num_tokens - 1) // self.block_size])
+
+    # --- blocks -------------------------------------------------------------------------------
+
+    def allocate(self, n: int) -> list[int]:
+        """`n` free blocks, coldest first; cached blocks among them are evicted through `on_evict`."""
+        blocks, evicted = self.pool.take(n)
+        if self.on_evict is not None:
+            for block_id, block_hash in evicted:
+                self.on_evict(block_id, block_hash)
+        return blocks
+
+    def register(self, block_id: int, block_hash: int) -> None:
+        if self.pool.register(block_id, block_hash) and self.on_cache is not None:
+            self.on_cache(block_hash)
+
+    def admit(self, seq: Sequence, hits: list[int], num_tokens: int) -> bool:
+        """Give a new sequence the cache hits `hits` and fresh blocks up to `num_tokens` tokens;
+        False (nothing taken) if the free blocks do not cover them."""
+        assert not seq.block_ids
+        need = self.blocks_for(num_tokens) - len(hits)
+        if need > self.pool.num_free_after_touch(hits):
+            return False
+        self.pool.touch(hits)
+        seq.block_ids = hits + self.allocate(need)
+        return True
+
+    def grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Blocks for the sequence's first `num_tokens` tokens; False if too few are free."""
+        need = self.blocks_for(num_tokens) - len(seq.block_ids)
+        if need <= 0:
+            return True
+        if need > self.pool.num_free:
+            return False
+        seq.block_ids += self.allocate(need)
+        return True
+
+    def cache_computed(self, seq: Sequence, before: int) -> None:
+        """The sequence has computed tokens past `before`: make its newly full blocks findable."""
+        full = seq.num_computed_tokens // self.block_size
+        if full > len(seq.block_hashes):
+            self.extend_hashes(seq)
+        for i in range(before // self.block_size, min(full, len(seq.block_hashes))):
+            self.register(seq.block_ids[i], seq.block_hashes[i])
+
+    def reserve(self, num_tokens: int) -> list[int] | None:
+        """Blocks for the KV of `num_tokens` tokens that arrive from elsewhere (another worker's
+        handoff); None if they are not free now (the caller asks again later)."""
+        need = self.blocks_for(num_tokens)
+        return self.allocate(need) if need <= self.pool.num_free else None
+
+    def adopt(self, seq: Sequence) -> None:
+        """A sequence whose computed tokens' KV landed in its reserved blocks: register them."""
+        assert seq.block_ids
+        self.cache_computed(seq, 0)
+
+    def free(self, seq: Sequence) -> None:
+        """Give a sequence's blocks back, tail first (see BlockPool.unref)."""
+        self.pool.unref(seq.block_ids[::-1])
+        seq.block_ids = []

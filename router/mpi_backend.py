@@ -4,7 +4,7 @@ results; the frontend (router/frontend.py) drives it exactly as it drives an in-
 Placement reads every worker's window with passive one-sided gets: the load headers before
 every decision, and a copy of the cached-block tables (`TableSnapshot`) when the last copy is
 older than router.window_max_age_ms. It adds the router's own books of what it sent and has not
-heard back about, which are current where the windows lag. Times are kept apart: hashing the
+heard back about (router/books.py), which are current where the windows lag. Times are kept apart: hashing the
 prompt's blocks, reading windows, and the decision itself (probing the copy, the policy).
 """
 
@@ -20,6 +20,7 @@ from kvrelay.core.layout import Layout
 from kvrelay.core.messages import Assign, Outbox, Tag, poll
 from kvrelay.core.window import TableSnapshot, WindowReader
 from kvrelay.core.block_hash import block_hashes
+from kvrelay.router.books import Books
 from kvrelay.router.frontend import percentiles
 from kvrelay.router.placement import WorkerState, make_decode_policy, make_policy
 from kvrelay.core.request import Request, RequestResult
@@ -52,7 +53,7 @@ class MPIBackend:
         # Requests that prefill: aggregated workers, else prefill workers.
         self.entry = layout.ranks("prefill") + layout.ranks("aggregated")
         self.decoders = layout.ranks("decode")
-        self.placed: dict[str, tuple[int, int | None, int, int]] = {}  # id -> (rank, decode rank, tokens, blocks)
+        self.books = Books(self.states)
         self.status = MPI.Status()
         self.max_age_s = cfg.router.window_max_age_ms / 1e3
         self.snapshot: TableSnapshot | None = None
@@ -109,8 +110,7 @@ class MPIBackend:
         self.read_s.append(t2 - t1)
         self.decision_s.append(time.perf_counter() - t2)
         self.outbox.send(Assign(request.to_wire(), decode), rank, Tag.REQUEST)
-        self._book(rank, decode, tokens, nblocks, +1)
-        self.placed[request.request_id] = (rank, decode, tokens, nblocks)
+        self.books.place(request.request_id, rank, decode, tokens, nblocks)
 
     def poll(self) -> list[RequestResult]:
         self.outbox.progress()
@@ -119,40 +119,15 @@ class MPIBackend:
             tag, src, payload = msg
             if tag is Tag.RESULT:
                 result = RequestResult.from_wire(payload)
-                rank, decode, tokens, nblocks = self.placed.pop(result.request_id)
-                if decode is None:
-                    self._book(rank, None, tokens, nblocks, -1)
-                else:
-                    self._book(None, decode, 0, nblocks, -1)
-                    if src == rank:  # finished on the prefill side (first token ended it)
-                        self._book(rank, None, tokens, 0, -1)
+                self.books.finished(result.request_id, src)
                 results.append(result)
             elif tag is Tag.PREFILLED:
-                rid = payload["request_id"]
-                rank, decode, tokens, nblocks = self.placed[rid]
-                if decode is None:
-                    # Aggregated: the prompt left the worker's prefill queue; it decodes on there.
-                    self.states[rank].inflight_prefill_tokens -= tokens
-                else:
-                    self._book(rank, None, tokens, 0, -1)
-                self.placed[rid] = (rank, decode, 0, nblocks)
+                self.books.prefilled(payload["request_id"])
             else:
                 raise RuntimeError(f"router got an unexpected {tag.name} message from rank {src}")
         if not results:
             time.sleep(IDLE_SLEEP_S)
         return results
-
-    def _book(self, rank: int | None, decode: int | None, tokens: int, nblocks: int, sign: int) -> None:
-        if rank is not None:
-            s = self.states[rank]
-            s.inflight_requests += sign
-            s.inflight_prefill_tokens += sign * tokens
-            if decode is None:
-                s.inflight_decode_blocks += sign * nblocks
-        if decode is not None:
-            d = self.states[decode]
-            d.inflight_requests += sign
-            d.inflight_decode_blocks += sign * nblocks
 
     def _refresh_loads(self) -> None:
         for rank, load in self.reader.loads().items():

@@ -91,8 +91,8 @@ class KvAware:
     # so decode load still separates workers whose prefill work is about equal. Credit 1 keeps a
     # hit worth exactly the compute it saves.
 
-    # NOTE: DESIGN.md's form, scale * max(0, queued + new - credit * cached), lets the credit eat
-    # the queue. The two forms agree while credit * cached <= new (always, for overlap_credit <= 1),
+    # NOTE: Dynamo's form (README, Placement), scale * max(0, queued + new - credit * cached), lets
+    # the credit eat the queue. The two forms agree while credit * cached <= new (always, for overlap_credit <= 1),
     # but with overlap_credit > 1 and a long hit, up to credit * cached - new queued blocks cost
     # nothing: the worker holding a shared system prompt looks idle while its queue grows, and
     # once several such workers sit at the max(0, ...) floor their queues no longer rank them at

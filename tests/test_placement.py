@@ -1,4 +1,4 @@
-"""Placement policies on plain ints: the failures that users of other routers hit (DESIGN.md,
+"""Placement policies on plain ints: the failures that users of other routers hit (README,
 Placement) replayed with realistic numbers, with the router's booking simulated as
 router/mpi_backend.py does it."""
 
@@ -114,7 +114,7 @@ def test_a_cached_worker_wins_until_its_queue_outweighs_the_hit(overlap_credit, 
 
 
 def test_the_cache_credit_never_hides_a_queue():
-    # Both workers hold all 30 blocks of a 40-block prompt; with credit 3, DESIGN.md's
+    # Both workers hold all 30 blocks of a 40-block prompt; with credit 3, Dynamo's
     # max(0, queued + new - credit * cached) would score both 0 and ignore rank 5's queue.
     ws = workers([5, 6], role="prefill")
     ws[0].inflight_prefill_tokens = 20 * BS

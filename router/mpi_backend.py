@@ -4,8 +4,9 @@ results; the frontend (router/frontend.py) drives it exactly as it drives an in-
 Placement reads every worker's window with passive one-sided gets: the load headers before
 every decision, and a copy of the cached-block tables (`TableSnapshot`) when the last copy is
 older than router.window_max_age_ms. It adds the router's own books of what it sent and has not
-heard back about (router/books.py), which are current where the windows lag. Times are kept apart: hashing the
-prompt's blocks, reading windows, and the decision itself (probing the copy, the policy).
+heard back about (router/books.py: load, and the prefixes placed but not yet in any window), which
+are current where the windows lag. Times are kept apart: hashing the prompt's blocks, reading
+windows, and the decision itself (probing the copy and the books, the policy).
 """
 
 from __future__ import annotations
@@ -38,12 +39,12 @@ class MPIBackend:
         # Collective over the world: each worker creates its window at the same point.
         self.reader = WindowReader.create(world, layout.workers)
         self.outbox = Outbox(world)
-        self.policy = make_policy(cfg.router, self.block_size)
+        self.policy = make_policy(cfg.router, self.block_size, cfg.cache_affinity)
         self.decode_policy = make_decode_policy(cfg.router)
         # Conditional disaggregation: the decode worker that would prefill a request locally is
         # chosen as an aggregated worker would be (cached prefix against prefill and decode load).
         self.local_prefill_max_tokens = cfg.router.local_prefill_max_tokens
-        self.local_policy = make_policy(cfg.router, self.block_size)
+        self.local_policy = make_policy(cfg.router, self.block_size, cfg.cache_affinity)
         self.local_prefills = 0
         self.states = {
             r: WorkerState(rank=r, role=layout.role(r), total_blocks=0, free_blocks=0, queued_prefill_tokens=0,
@@ -63,29 +64,40 @@ class MPIBackend:
         self.header_read_s: list[float] = []  # the load headers alone
         self.table_read_s: list[float] = []  # each table refresh alone
         self.decision_s: list[float] = []
-        # Cached blocks the window showed: on the best worker, and on the chosen one (summed).
+        # Cached blocks the window showed: on the best worker, and on the chosen one (summed);
+        # blocks the chosen worker was credited with beyond its window, from the books (summed).
         self.seen_cached_blocks = 0
         self.placed_cached_blocks = 0
+        self.placed_inflight_blocks = 0
+        self.max_inflight_prefix_blocks = 0
 
     def submit(self, request: Request) -> None:
         t0 = time.perf_counter()
         ids = request.prompt_token_ids
         nblocks = -(-len(ids) // self.block_size)
-        hashes = np.array(block_hashes(ids, self.block_size, self.hash_seed), dtype=np.uint64)
+        hash_list = block_hashes(ids, self.block_size, self.hash_seed)
+        hashes = np.array(hash_list, dtype=np.uint64)
         t1 = time.perf_counter()
         self._refresh_loads()
         self.header_read_s.append(time.perf_counter() - t1)
+        inflight = self.books.prefixes
         if self.snapshot is None or t1 - self.snapshot_time > self.max_age_s:
             t = time.perf_counter()
+            retiring, inflight.retiring = inflight.retiring, []
             self.snapshot = self.reader.snapshot()
             self.snapshot_time = time.perf_counter()
+            inflight.drop_retired(retiring)
             self.table_read_s.append(self.snapshot_time - t)
         t2 = time.perf_counter()
+        window: dict[int, int] = {}
         cached: dict[int, int] = {}
 
-        def cached_blocks(r: int) -> int:
+        def cached_blocks(r: int) -> int:  # leading blocks the window shows or the books hold in flight
             if not cached:
-                cached.update(self.snapshot.prefix_lengths(hashes))
+                window.update(self.snapshot.prefix_lengths(hashes))
+                cached.update(window)
+                for rank, n in inflight.prefix_lengths(hash_list).items():
+                    cached[rank] = max(n, window[rank])
             return cached[r]
 
         def uncached_tokens(r: int) -> int:  # what worker r must compute: at least the last token
@@ -104,13 +116,15 @@ class MPIBackend:
         # The worker's queue grows by what it must compute, not by what it has cached.
         tokens = uncached_tokens(rank)
         if cached:
-            self.seen_cached_blocks += max(cached.values())
-            self.placed_cached_blocks += cached[rank]
+            self.seen_cached_blocks += max(window.values())
+            self.placed_cached_blocks += window[rank]
+            self.placed_inflight_blocks += cached[rank] - window[rank]
         self.hash_s.append(t1 - t0)
         self.read_s.append(t2 - t1)
         self.decision_s.append(time.perf_counter() - t2)
         self.outbox.send(Assign(request.to_wire(), decode), rank, Tag.REQUEST)
-        self.books.place(request.request_id, rank, decode, tokens, nblocks)
+        self.books.place(request.request_id, rank, decode, tokens, nblocks, hash_list)
+        self.max_inflight_prefix_blocks = max(self.max_inflight_prefix_blocks, len(inflight))
 
     def poll(self) -> list[RequestResult]:
         self.outbox.progress()
@@ -175,6 +189,8 @@ class MPIBackend:
             "table_reads": len(self.table_read_s),
             "window_cached_blocks_best": self.seen_cached_blocks,
             "window_cached_blocks_placed": self.placed_cached_blocks,
+            "inflight_cached_blocks_placed": self.placed_inflight_blocks,
+            "inflight_prefix_blocks_max": self.max_inflight_prefix_blocks,
         }
 
     def close(self) -> None:

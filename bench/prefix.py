@@ -18,7 +18,8 @@ placement policy. Files (all seeded):
 Per run: prefix-hit ratio against the oracle (router/oracle.py: one unbounded pool fed the file as
 one burst, so each distinct prefix is computed once), the job's modeled elapsed time and
 throughput, per-line latency (TTFT and end to end from placement, p50/p90), requests per worker,
-and the router's decision time (median, p99). With simulated workers (the default) all times are
+and the router's decision time (median, p99), in the job and isolated (the same code in one
+process, away from the job's CPU contention: `isolated_decision_us`). With simulated workers (the default) all times are
 modeled seconds of --timing at --speed.
 """
 
@@ -131,9 +132,53 @@ def run_one(args: argparse.Namespace, path: Path, workers: int, policy: str, wor
     }
 
 
+def isolated_decision_us(lines: list[dict], workers: int, block_size: int, kv_blocks: int = 6144) -> dict:
+    """The router's decision (probe the table copy and the books, kv_aware's choice) timed in one
+    process, away from the job's CPU contention: the first half of the lines' prompts cached in
+    W tables (document after document, round robin), the next quarter placed into the books in
+    flight, then the last quarter timed, each placed into the books after its decision."""
+    import numpy as np
+
+    from kvrelay.configs.schema import RouterSection
+    from kvrelay.core.block_hash import block_hashes
+    from kvrelay.core.window import WAYS, BucketTable, TableSnapshot, n_buckets_for
+    from kvrelay.router.books import Books, leading_blocks
+    from kvrelay.router.frontend import percentiles
+    from kvrelay.router.placement import WorkerState, make_policy
+
+    nb = n_buckets_for(kv_blocks)
+    ranks = list(range(1, workers + 1))
+    snap = TableSnapshot(dict.fromkeys(ranks, nb))
+    tables = [BucketTable(np.zeros(nb * WAYS, np.uint64)) for _ in ranks]
+    hashes = [block_hashes(x["prompt_token_ids"], block_size, 0) for x in lines]
+    half, three = len(hashes) // 2, 3 * len(hashes) // 4
+    for i, h in enumerate(hashes[:half]):
+        for x in h:
+            tables[i % workers].insert(x)
+    for i, t in enumerate(tables):
+        snap.slots[nb][i] = t.slots
+    rng = np.random.default_rng(0)
+    states = {r: WorkerState(rank=r, role="aggregated", total_blocks=kv_blocks, free_blocks=kv_blocks // 2,
+                             queued_prefill_tokens=int(rng.integers(0, 20000)), running_seqs=8,
+                             active_decode_blocks=int(rng.integers(500, 2000))) for r in ranks}
+    books = Books(states)
+    policy = make_policy(RouterSection(), block_size, 4.0)
+    times = []
+    for i, h in enumerate(hashes[half:]):
+        arr = np.array(h, np.uint64)
+        t0 = time.perf_counter()
+        _, cached = leading_blocks(snap, books.prefixes, arr, h)
+        r = policy.choose([states[x] for x in ranks], len(h), cached.__getitem__)
+        if half + i >= three:
+            times.append(time.perf_counter() - t0)
+        books.place(str(i), r, None, 64 * (len(h) - cached[r]), len(h), h)
+    return {k: v * 1e6 for k, v in percentiles(times, (50, 99)).items()}
+
+
 def table(results: list[dict]) -> str:
     head = ("| file | W | policy | hit ratio | oracle | of oracle | elapsed s | tok/s | vs round_robin | "
-            "TTFT p50 / p90 s | e2e p50 / p90 s | decision us p50 / p99 | requests per worker |")
+            "TTFT p50 / p90 s | e2e p50 / p90 s | decision us p50 / p99 (in job) | decision us p50 / p99 (isolated) "
+            "| requests per worker |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         vs = r.get("throughput_vs_round_robin")
@@ -143,6 +188,7 @@ def table(results: list[dict]) -> str:
             f"{'-' if vs is None else format(vs, '.2f')} | {r['ttft_p50_s']:.2f} / {r['ttft_p90_s']:.2f} | "
             f"{r['e2e_p50_s']:.2f} / {r['e2e_p90_s']:.2f} | "
             f"{r['decision_us']['p50']:.0f} / {r['decision_us']['p99']:.0f} | "
+            f"{r['decision_isolated_us']['p50']:.0f} / {r['decision_isolated_us']['p99']:.0f} | "
             f"{min(r['requests_per_worker'])}-{max(r['requests_per_worker'])} |")
     return "\n".join(lines)
 
@@ -174,10 +220,12 @@ def run(args: argparse.Namespace) -> int:
         path.write_text("".join(json.dumps(x) + "\n" for x in lines))
         orc = oracle_prompts((x["prompt_token_ids"] for x in lines), args.block_size, None)
         for w in (int(x) for x in args.workers.split(",")):
+            iso = isolated_decision_us(lines, w, args.block_size)
             for policy in args.policy.split(","):
                 r = run_one(args, path, w, policy, workdir)
                 r["oracle_hit_ratio"] = orc.hit_ratio
                 r["fraction_of_oracle"] = r["hit_ratio"] / orc.hit_ratio
+                r["decision_isolated_us"] = iso
                 results.append(r)
                 print(f"{name} W={w} {policy}: {r['requests']} lines, hit {r['hit_ratio']:.3f} (oracle "
                       f"{orc.hit_ratio:.3f}, {r['fraction_of_oracle']:.2f}), elapsed {r['elapsed_s']:.2f} s, "

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from kvrelay.core.window import TableSnapshot
 from kvrelay.router.placement import WorkerState
 
 
@@ -93,6 +96,17 @@ class InflightPrefixes:
                     masks[h] = m
                 else:
                     masks.pop(h, None)
+
+
+def leading_blocks(snapshot: TableSnapshot, prefixes: InflightPrefixes, hashes: np.ndarray,
+                   hash_list: list[int]) -> tuple[dict[int, int], dict[int, int]]:
+    """Per worker, a prompt's leading blocks that its window shows, and those that it holds by the
+    window or by the books (`hashes` as [n] uint64 and as a list: the two probes want both)."""
+    window = snapshot.prefix_lengths(hashes)
+    cached = dict(window)
+    for rank, n in prefixes.prefix_lengths(hash_list).items():
+        cached[rank] = max(n, window[rank])
+    return window, cached
 
 
 class Books:

@@ -13,14 +13,15 @@ so sorting keys clusters lines by their longest shared prefix at block granulari
 of a prefix tree would (SGLang's longest-prefix-match scheduling orders its waiting queue the same
 way), and a line whose prompt is a prefix of another's (an earlier turn) sorts first. Keys cost a
 few xxh3 calls per line, and compare in a few words, not in a prompt's worth of tokens. Lines
-leave in an elevator sweep: the next line is the one with the smallest key at or after the last
-one placed, wrapping at the end, so a line read late but sorting early waits at most one sweep
-of the window, never for the file to end; equal keys leave in file order.
+leave in sweeps (FSCAN, as disk schedulers avoid starvation): a sweep takes every line read so
+far, sorted, and lines read during it wait for the next one, so no line waits longer than two
+windows of lines, however many lines with a smaller key keep arriving; equal keys keep file order.
+A group of lines that straddles two sweeps is placed in two runs; the router's books and the
+windows still send the second run to the worker that holds the prefix.
 """
 
 from __future__ import annotations
 
-import bisect
 from array import array
 from collections.abc import Sequence
 from typing import Generic, TypeVar
@@ -47,31 +48,28 @@ class LookAhead(Generic[T]):
         self.max_lines = max_lines
         self.max_tokens = max_tokens
         self.block_size = block_size
-        self.order: list[tuple[tuple[int, ...], int]] = []  # sorted (key, read number)
-        self.items: dict[int, tuple[T, int]] = {}  # read number -> (item, its prompt tokens)
+        self.incoming: list[tuple[tuple[int, ...], int, T, int]] = []  # (key, read number, item, tokens)
+        self.sweep: list[tuple[tuple[int, ...], int, T, int]] = []  # the current sweep, largest key first
         self.tokens = 0
         self.reads = 0
-        self.cursor: tuple[int, ...] = ()
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.incoming) + len(self.sweep)
 
     def full(self) -> bool:
-        return len(self.items) >= self.max_lines or self.tokens >= self.max_tokens
+        return len(self) >= self.max_lines or self.tokens >= self.max_tokens
 
     def add(self, item: T, ids: Sequence[int]) -> None:
         self.reads += 1
         key = prefix_key(ids, self.block_size) if self.max_lines > 1 else ()
-        bisect.insort(self.order, (key, self.reads))
-        self.items[self.reads] = (item, len(ids))
+        self.incoming.append((key, self.reads, item, len(ids)))
         self.tokens += len(ids)
 
     def pop(self) -> T:
-        assert self.order, "pop from an empty look-ahead"
-        i = bisect.bisect_left(self.order, (self.cursor,))
-        if i == len(self.order):
-            i = 0
-        self.cursor, n = self.order.pop(i)
-        item, tokens = self.items.pop(n)
+        if not self.sweep:
+            assert self.incoming, "pop from an empty look-ahead"
+            self.sweep = sorted(self.incoming, key=lambda x: x[:2], reverse=True)
+            self.incoming = []
+        _, _, item, tokens = self.sweep.pop()
         self.tokens -= tokens
         return item

@@ -21,7 +21,7 @@ from kvrelay.core.layout import Layout
 from kvrelay.core.messages import Assign, Outbox, Tag, poll
 from kvrelay.core.window import TableSnapshot, WindowReader
 from kvrelay.core.block_hash import block_hashes
-from kvrelay.router.books import Books
+from kvrelay.router.books import Books, leading_blocks
 from kvrelay.router.frontend import percentiles
 from kvrelay.router.placement import WorkerState, make_decode_policy, make_policy
 from kvrelay.core.request import Request, RequestResult
@@ -94,10 +94,9 @@ class MPIBackend:
 
         def cached_blocks(r: int) -> int:  # leading blocks the window shows or the books hold in flight
             if not cached:
-                window.update(self.snapshot.prefix_lengths(hashes))
-                cached.update(window)
-                for rank, n in inflight.prefix_lengths(hash_list).items():
-                    cached[rank] = max(n, window[rank])
+                w, c = leading_blocks(self.snapshot, inflight, hashes, hash_list)
+                window.update(w)
+                cached.update(c)
             return cached[r]
 
         def uncached_tokens(r: int) -> int:  # what worker r must compute: at least the last token

@@ -1,6 +1,6 @@
 """The timing model of one worker (step, prefill, decode and handoff times from a few fitted
 coefficients): simulated workers sleep for it (ranks/engine/sim_runner.py) and `kvrelay plan`
-(router/planner.py) advises layouts with it. Coefficients live in a YAML file such as
+(router/layout_advice.py) advises layouts with it. Coefficients live in a YAML file such as
 configs/sim/h100-llama8b.yaml; `bench/calibrate.py` fits them on a real engine.
 """
 

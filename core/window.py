@@ -193,10 +193,6 @@ class CacheWindow:
                                           running_seqs, active_decode_blocks, step)
         self.win.Sync()
 
-    def table_hashes(self) -> set[int]:
-        """Keys the table holds now (hash 0 shows as 1)."""
-        return self.table.keys()
-
     def close(self) -> None:
         """COLLECTIVE over the creating communicator."""
         self.win.Unlock_all()
@@ -210,8 +206,6 @@ class WindowReader:
     def __init__(self, win: MPI.Win, n_buckets: dict[int, int]) -> None:
         self.win = win
         self.n_buckets = n_buckets  # worker rank -> its table's buckets
-        self._header = np.empty(HEADER_WORDS, np.int64)
-        self._bucket = np.empty(WAYS, np.int64)
 
     @classmethod
     def create(cls, comm: MPI.Comm, worker_ranks: list[int]) -> WindowReader:
@@ -223,11 +217,6 @@ class WindowReader:
             raise RuntimeError(f"ranks {missing} are listed as workers but published no cache window")
         return cls(win, {r: sizes[r] for r in worker_ranks})
 
-    def load(self, rank: int) -> WorkerLoad:
-        self.win.Get([self._header, WORD], rank, (0, HEADER_WORDS, WORD))
-        self.win.Flush(rank)
-        return self._load(rank, self._header.tolist())
-
     def loads(self) -> dict[int, WorkerLoad]:
         """All workers: every Get is posted before one Flush_all, so the latencies overlap."""
         ranks = list(self.n_buckets)
@@ -236,18 +225,6 @@ class WindowReader:
             self.win.Get([out[i], WORD], r, (0, HEADER_WORDS, WORD))
         self.win.Flush_all()
         return {r: self._load(r, row) for r, row in zip(ranks, out.tolist())}
-
-    def prefix_match(self, rank: int, hashes: list[int]) -> int:
-        """Leading `hashes` present in `rank`'s table: one bucket Get per hash, up to the first miss."""
-        n = self.n_buckets[rank]
-        bucket = self._bucket.view(np.uint64)
-        for i, h in enumerate(hashes):
-            key = table_key(h)
-            self.win.Get([self._bucket, WORD], rank, (HEADER_WORDS + key % n * WAYS, WAYS, WORD))
-            self.win.Flush(rank)
-            if key not in bucket.tolist():
-                return i
-        return len(hashes)
 
     def snapshot(self) -> TableSnapshot:
         """A copy of every worker's table: one Get each, all posted before one Flush_all."""
@@ -258,14 +235,6 @@ class WindowReader:
                 self.win.Get([rows[i], WORD], r, (HEADER_WORDS, nb * WAYS, WORD))
         self.win.Flush_all()
         return snap
-
-    def table(self, rank: int) -> set[int]:
-        """Every key in `rank`'s table, in one Get."""
-        slots = np.empty(self.n_buckets[rank] * WAYS, np.int64)
-        self.win.Get([slots, WORD], rank, (HEADER_WORDS, slots.size, WORD))
-        self.win.Flush(rank)
-        slots = slots.view(np.uint64)
-        return set(slots[slots != 0].tolist())
 
     def close(self) -> None:
         """COLLECTIVE over the creating communicator (the workers close their CacheWindows)."""

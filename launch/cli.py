@@ -116,7 +116,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from kvrelay.core.timing import load_timing
-    from kvrelay.router.planner import Limits, Workload, plan
+    from kvrelay.router.layout_advice import Limits, Workload, plan
 
     cfg = load_config(args.config, args.set, **{"sim.timing": args.timing})
     timing = load_timing(cfg)

@@ -1,5 +1,6 @@
-"""Frontend: the router's batch loop. Streams the input JSONL, validates and tokenizes each line,
-keeps a bounded number of requests in flight on a backend, and writes each result as it arrives.
+"""Frontend: the router's batch loop. Streams the input JSONL, validates and tokenizes each line
+into a bounded look-ahead (router/lookahead.py), places lines from it in prefix order while a
+bounded number of requests is in flight on a backend, and writes each result as it arrives.
 
 The backend is whatever runs requests: one in-process engine (`LocalBackend`), or the MPI workers.
 It needs only `submit(request)` and `poll() -> finished results`; `poll` makes progress (runs an
@@ -22,6 +23,7 @@ from kvrelay.configs.schema import ConfigError, JobConfig
 from kvrelay.core.tokenizer import Tokenizer
 from kvrelay.router.batch_input import LineError, ParsedLine, check_defaults, check_prompt, parse_line, resolve_sampling
 from kvrelay.router.batch_output import DUPLICATE, OutputWriter, error_line, success_line
+from kvrelay.router.lookahead import LookAhead
 from kvrelay.core.request import Request, RequestResult, SamplingParams
 from kvrelay.router.trace import TraceEntry, TraceError, prompt_tokens, read_trace
 
@@ -158,22 +160,30 @@ class Frontend:
         self.start = time.time()
         # Wall seconds per second of trace time: a trace replays at its timestamps, scaled.
         wall_per_trace_s = 1.0 / (cfg.input.time_scale * self.time_scale)
+        # Lines are read, checked and tokenized into the look-ahead in file order (errors and
+        # resume decided there), and leave it for placement in prefix order (router/lookahead.py).
+        ahead: LookAhead[tuple[Request, ParsedLine, float | None]] = LookAhead(
+            cfg.router.lookahead_lines, cfg.router.lookahead_tokens, cfg.cache.block_size)
         with OutputWriter(cfg.output.path) as writer:
             exhausted = False
             nxt = None
             while True:
-                while not exhausted and len(self.inflight) < cfg.router.max_inflight:
+                while not exhausted and not ahead.full():
                     nxt = nxt or next(source, None)
                     if nxt is None:
                         exhausted = True
                         break
                     line_no, item, arrival = nxt
-                    due = time.time() if arrival is None else self.start + arrival * wall_per_trace_s
-                    if due > time.time():
+                    due = None if arrival is None else self.start + arrival * wall_per_trace_s
+                    if due is not None and due > time.time():
                         break  # not arrived yet
                     nxt = None
-                    self._admit(line_no, item, backend, writer, summary, due)
-                if exhausted and not self.inflight:
+                    ready = self._read(line_no, item, writer, summary, due)
+                    if ready is not None:
+                        ahead.add(ready, ready[0].prompt_token_ids)
+                while ahead and len(self.inflight) < cfg.router.max_inflight:
+                    self._submit(*ahead.pop(), backend)
+                if exhausted and not self.inflight and not ahead:
                     break
                 for result in backend.poll():
                     self._finish(result, writer, summary)
@@ -214,8 +224,10 @@ class Frontend:
             "e2e_s": percentiles([x["e2e_s"] for x in t]),
         }
 
-    def _admit(self, line_no: int, item: bytes | TraceEntry, backend: Backend, writer: OutputWriter, s: Summary,
-               due: float) -> None:
+    def _read(self, line_no: int, item: bytes | TraceEntry, writer: OutputWriter, s: Summary,
+              due: float | None) -> tuple[Request, ParsedLine, float | None] | None:
+        """Parse, check and tokenize one line: the request to place, or None when the line is
+        answered already or its error line is written. `due` is its trace arrival (None: a batch line)."""
         s.lines += 1
         parsed = self._trace_line(item) if isinstance(item, TraceEntry) else parse_line(item, line_no, self.defaults)
         written = writer.lines_written
@@ -224,28 +236,33 @@ class Frontend:
                 self._count_error(s, DUPLICATE)
             else:
                 s.skipped_answered += 1
-            return
+            return None
         if isinstance(parsed, LineError):
             writer.write(error_line(parsed.custom_id, parsed.code, parsed.message))
             self._count_error(s, parsed.code)
-            return
+            return None
         try:
             ids = self._tokenize(parsed)
         except ValueError as e:
             writer.write(error_line(parsed.custom_id, "invalid_request", str(e)))
             self._count_error(s, "invalid_request")
-            return
+            return None
         err = check_prompt(parsed, ids, self.max_model_len, self.vocab_size)
         if err is not None:
             writer.write(error_line(err.custom_id, err.code, err.message))
             self._count_error(s, err.code)
-            return
+            return None
         sampling = resolve_sampling(parsed, len(ids), self.max_model_len)
         request_id = f"kvrelay-{xxhash.xxh3_64_hexdigest(parsed.custom_id.encode('utf-8', 'surrogatepass'))}"
         parsed.prompt_token_ids = ids
-        self.inflight[request_id] = parsed
-        self.due[request_id] = (due, time.time())
-        backend.submit(Request(request_id, ids, sampling))
+        return Request(request_id, ids, sampling), parsed, due
+
+    def _submit(self, request: Request, parsed: ParsedLine, due: float | None, backend: Backend) -> None:
+        """Place a request; a batch line is due when placed, so its latencies exclude the look-ahead."""
+        now = time.time()
+        self.inflight[request.request_id] = parsed
+        self.due[request.request_id] = (now if due is None else due, now)
+        backend.submit(request)
 
     def _tokenize(self, parsed: ParsedLine) -> list[int]:
         if parsed.prompt_token_ids is not None:

@@ -4,8 +4,9 @@ results; the frontend (router/frontend.py) drives it exactly as it drives an in-
 Placement reads every worker's window with passive one-sided gets: the load headers before
 every decision, and a copy of the cached-block tables (`TableSnapshot`) when the last copy is
 older than router.window_max_age_ms. It adds the router's own books of what it sent and has not
-heard back about, which are current where the windows lag. Times are kept apart: hashing the
-prompt's blocks, reading windows, and the decision itself (probing the copy, the policy).
+heard back about (router/books.py: load, and the prefixes placed but not yet in any window), which
+are current where the windows lag. Times are kept apart: hashing the prompt's blocks, reading
+windows, and the decision itself (probing the copy and the books, the policy).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from kvrelay.core.layout import Layout
 from kvrelay.core.messages import Assign, Outbox, Shutdown, Tag, poll
 from kvrelay.core.window import TableSnapshot, WindowReader
 from kvrelay.core.block_hash import block_hashes, num_blocks
+from kvrelay.router.books import Books, leading_blocks
 from kvrelay.router.frontend import percentiles
 from kvrelay.router.placement import WorkerState, make_decode_policy, make_policy
 from kvrelay.core.request import Request, RequestResult
@@ -37,12 +39,12 @@ class MPIBackend:
         # Collective over the world: each worker creates its window at the same point.
         self.reader = WindowReader.create(world, layout.workers)
         self.outbox = Outbox(world)
-        self.policy = make_policy(cfg.router, self.block_size)
+        self.policy = make_policy(cfg.router, self.block_size, cfg.cache_affinity)
         self.decode_policy = make_decode_policy(cfg.router)
         # Conditional disaggregation: the decode worker that would prefill a request locally is
         # chosen as an aggregated worker would be (cached prefix against prefill and decode load).
         self.local_prefill_max_tokens = cfg.router.local_prefill_max_tokens
-        self.local_policy = make_policy(cfg.router, self.block_size)
+        self.local_policy = make_policy(cfg.router, self.block_size, cfg.cache_affinity)
         self.local_prefills = 0
         self.states = {
             r: WorkerState(rank=r, role=layout.role(r), total_blocks=0, free_blocks=0, queued_prefill_tokens=0,
@@ -52,7 +54,7 @@ class MPIBackend:
         # Requests that prefill: aggregated workers, else prefill workers.
         self.entry = layout.ranks("prefill") + layout.ranks("aggregated")
         self.decoders = layout.ranks("decode")
-        self.placed: dict[str, tuple[int, int | None, int, int]] = {}  # id -> (rank, decode rank, tokens, blocks)
+        self.books = Books(self.states)
         self.status = MPI.Status()
         self.max_age_s = cfg.router.window_max_age_ms / 1e3
         self.snapshot: TableSnapshot | None = None
@@ -62,29 +64,39 @@ class MPIBackend:
         self.header_read_s: list[float] = []  # the load headers alone
         self.table_read_s: list[float] = []  # each table refresh alone
         self.decision_s: list[float] = []
-        # Cached blocks the window showed: on the best worker, and on the chosen one (summed).
+        # Cached blocks the window showed: on the best worker, and on the chosen one (summed);
+        # blocks the chosen worker was credited with beyond its window, from the books (summed).
         self.seen_cached_blocks = 0
         self.placed_cached_blocks = 0
+        self.placed_inflight_blocks = 0
+        self.max_inflight_prefix_blocks = 0
 
     def submit(self, request: Request) -> None:
         t0 = time.perf_counter()
         ids = request.prompt_token_ids
         nblocks = num_blocks(len(ids), self.block_size)
-        hashes = np.array(block_hashes(ids, self.block_size, self.hash_seed), dtype=np.uint64)
+        hash_list = block_hashes(ids, self.block_size, self.hash_seed)
+        hashes = np.array(hash_list, dtype=np.uint64)
         t1 = time.perf_counter()
         self._refresh_loads()
         self.header_read_s.append(time.perf_counter() - t1)
+        inflight = self.books.prefixes
         if self.snapshot is None or t1 - self.snapshot_time > self.max_age_s:
             t = time.perf_counter()
+            retiring, inflight.retiring = inflight.retiring, []
             self.snapshot = self.reader.snapshot()
             self.snapshot_time = time.perf_counter()
+            inflight.drop_retired(retiring)
             self.table_read_s.append(self.snapshot_time - t)
         t2 = time.perf_counter()
+        window: dict[int, int] = {}
         cached: dict[int, int] = {}
 
-        def cached_blocks(r: int) -> int:
+        def cached_blocks(r: int) -> int:  # leading blocks the window shows or the books hold in flight
             if not cached:
-                cached.update(self.snapshot.prefix_lengths(hashes))
+                w, c = leading_blocks(self.snapshot, inflight, hashes, hash_list)
+                window.update(w)
+                cached.update(c)
             return cached[r]
 
         def uncached_tokens(r: int) -> int:  # what worker r must compute: at least the last token
@@ -103,14 +115,15 @@ class MPIBackend:
         # The worker's queue grows by what it must compute, not by what it has cached.
         tokens = uncached_tokens(rank)
         if cached:
-            self.seen_cached_blocks += max(cached.values())
-            self.placed_cached_blocks += cached[rank]
+            self.seen_cached_blocks += max(window.values())
+            self.placed_cached_blocks += window[rank]
+            self.placed_inflight_blocks += cached[rank] - window[rank]
         self.hash_s.append(t1 - t0)
         self.read_s.append(t2 - t1)
         self.decision_s.append(time.perf_counter() - t2)
         self.outbox.send(Assign(request, decode), rank)
-        self._book(rank, decode, tokens, nblocks, +1)
-        self.placed[request.request_id] = (rank, decode, tokens, nblocks)
+        self.books.place(request.request_id, rank, decode, tokens, nblocks, hash_list)
+        self.max_inflight_prefix_blocks = max(self.max_inflight_prefix_blocks, len(inflight))
 
     def poll(self) -> list[RequestResult]:
         self.outbox.progress()
@@ -119,40 +132,15 @@ class MPIBackend:
             tag, src, payload = msg
             if tag is Tag.RESULT:
                 result = payload.result
-                rank, decode, tokens, nblocks = self.placed.pop(result.request_id)
-                if decode is None:
-                    self._book(rank, None, tokens, nblocks, -1)
-                else:
-                    self._book(None, decode, 0, nblocks, -1)
-                    if src == rank:  # finished on the prefill side (first token ended it)
-                        self._book(rank, None, tokens, 0, -1)
+                self.books.finished(result.request_id, src)
                 results.append(result)
             elif tag is Tag.PREFILLED:
-                rid = payload.request_id
-                rank, decode, tokens, nblocks = self.placed[rid]
-                if decode is None:
-                    # Aggregated: the prompt left the worker's prefill queue; it decodes on there.
-                    self.states[rank].inflight_prefill_tokens -= tokens
-                else:
-                    self._book(rank, None, tokens, 0, -1)
-                self.placed[rid] = (rank, decode, 0, nblocks)
+                self.books.prefilled(payload.request_id)
             else:
                 raise RuntimeError(f"router got an unexpected {tag.name} message from rank {src}")
         if not results:
             time.sleep(IDLE_SLEEP_S)
         return results
-
-    def _book(self, rank: int | None, decode: int | None, tokens: int, nblocks: int, sign: int) -> None:
-        if rank is not None:
-            s = self.states[rank]
-            s.inflight_requests += sign
-            s.inflight_prefill_tokens += sign * tokens
-            if decode is None:
-                s.inflight_decode_blocks += sign * nblocks
-        if decode is not None:
-            d = self.states[decode]
-            d.inflight_requests += sign
-            d.inflight_decode_blocks += sign * nblocks
 
     def _refresh_loads(self) -> None:
         for rank, load in self.reader.loads().items():
@@ -200,6 +188,8 @@ class MPIBackend:
             "table_reads": len(self.table_read_s),
             "window_cached_blocks_best": self.seen_cached_blocks,
             "window_cached_blocks_placed": self.placed_cached_blocks,
+            "inflight_cached_blocks_placed": self.placed_inflight_blocks,
+            "inflight_prefix_blocks_max": self.max_inflight_prefix_blocks,
         }
 
     def close(self) -> None:

@@ -9,6 +9,8 @@ the oracle's says how much cache a policy leaves unused. With `capacity_blocks=N
 unbounded cache: the trace's own ceiling.
 
     python -m kvrelay.router.oracle TRACE.jsonl --block-size 64 --capacity-blocks 49152
+
+`oracle_prompts` is the same pool for a batch file's token ids as one burst (bench/prefix.py, B6).
 """
 
 from __future__ import annotations
@@ -60,25 +62,36 @@ def block_keys(entry: TraceEntry, block_size: int) -> Iterator[object]:
             yield (chain, s)
 
 
-def oracle(entries: Iterable[TraceEntry], block_size: int, capacity_blocks: int | None) -> OracleResult:
-    lru: OrderedDict[object, None] = OrderedDict()
-    seen_ids: set[int] = set()
-    res = OracleResult(block_size, capacity_blocks, 0, 0, 0, 0, 0)
-    for e in entries:
+class _Pool:
+    """The one LRU pool, counting hits as the engine does."""
+
+    def __init__(self, res: OracleResult) -> None:
+        self.res = res
+        self.lru: OrderedDict[object, None] = OrderedDict()
+
+    def feed(self, input_length: int, keys: list) -> None:
+        res, lru = self.res, self.lru
         res.requests += 1
-        res.prompt_tokens += e.input_length
-        keys = list(block_keys(e, block_size))
-        max_hit = (e.input_length - 1) // block_size
+        res.prompt_tokens += input_length
+        max_hit = (input_length - 1) // res.block_size
         hits = 0
         while hits < min(max_hit, len(keys)) and keys[hits] in lru:
             hits += 1
-        res.hit_tokens += hits * block_size
+        res.hit_tokens += hits * res.block_size
         for k in keys:
             lru[k] = None
             lru.move_to_end(k)
-        if capacity_blocks is not None:
-            while len(lru) > capacity_blocks:
+        if res.capacity_blocks is not None:
+            while len(lru) > res.capacity_blocks:
                 lru.popitem(last=False)
+
+
+def oracle(entries: Iterable[TraceEntry], block_size: int, capacity_blocks: int | None) -> OracleResult:
+    res = OracleResult(block_size, capacity_blocks, 0, 0, 0, 0, 0)
+    pool = _Pool(res)
+    seen_ids: set[int] = set()
+    for e in entries:
+        pool.feed(e.input_length, list(block_keys(e, block_size)))
         # The trace's own unit: leading 512-token blocks seen before (chained ids).
         chain, lead = None, True
         for hid in e.hash_ids:
@@ -87,6 +100,16 @@ def oracle(entries: Iterable[TraceEntry], block_size: int, capacity_blocks: int 
             res.hash_block_hits += lead
             seen_ids.add(chain)
         res.hash_blocks += len(e.hash_ids)
+    return res
+
+
+def oracle_prompts(prompts: Iterable[list[int]], block_size: int, capacity_blocks: int | None) -> OracleResult:
+    """The same bound for a batch file's prompts (token ids) fed as one burst in file order:
+    with an unbounded pool, each distinct prefix is computed once."""
+    res = OracleResult(block_size, capacity_blocks, 0, 0, 0, 0, 0)
+    pool = _Pool(res)
+    for ids in prompts:
+        pool.feed(len(ids), block_hashes(ids, block_size, 0))
     return res
 
 

@@ -71,10 +71,12 @@ def _argmin(scored: list[tuple[tuple, WorkerState]], rng: random.Random) -> int:
 class KvAware:
     """Dynamo's cost, lower is better, with the cache credit bounded by the request's own work:
 
-        cost(w) = prefill_load_scale * (queued_prefill_blocks(w) + max(0, new - overlap_credit * cached(w)))
+        cost(w) = prefill_load_scale * (queued_prefill_blocks(w) + max(0, new - overlap_credit * cached(w))
+                                        - cache_affinity * cached(w))
                   + decode_blocks(w)
 
-    then the lower load, then seeded random.
+    then the lower load, then seeded random. `cached(w)` counts the blocks the worker's window
+    shows and those the router placed there and the window does not show yet (router/books.py).
     """
 
     # NOTE (defaults, tuned on B2 in BENCHMARKS.md): prefill_load_scale=16, overlap_credit=1.
@@ -91,8 +93,8 @@ class KvAware:
     # so decode load still separates workers whose prefill work is about equal. Credit 1 keeps a
     # hit worth exactly the compute it saves.
 
-    # NOTE: DESIGN.md's form, scale * max(0, queued + new - credit * cached), lets the credit eat
-    # the queue. The two forms agree while credit * cached <= new (always, for overlap_credit <= 1),
+    # NOTE: Dynamo's form (README, Placement), scale * max(0, queued + new - credit * cached), lets
+    # the credit eat the queue. The two forms agree while credit * cached <= new (always, for overlap_credit <= 1),
     # but with overlap_credit > 1 and a long hit, up to credit * cached - new queued blocks cost
     # nothing: the worker holding a shared system prompt looks idle while its queue grows, and
     # once several such workers sit at the max(0, ...) floor their queues no longer rank them at
@@ -103,29 +105,49 @@ class KvAware:
     # others by at most one request's blocks whatever the credit: the cache decides among workers
     # that are about as busy, and never outweighs a real queue.
 
-    def __init__(self, prefill_load_scale: float, overlap_credit: float, block_size: int, seed: int) -> None:
-        assert prefill_load_scale >= 0 and overlap_credit >= 0 and block_size > 0
+    # NOTE (cache_affinity, batch files): with the terms above alone, a line whose prefix a busy
+    # worker holds goes to an idle worker as soon as the holder's queue outweighs the compute the
+    # hit saves; in a burst that is at once (a document's second question saw its first queued
+    # on the holder and went elsewhere), so each document was computed on every worker (issue 14:
+    # 0.482 = round_robin). That trade is right for a line waiting for its first token, wrong for
+    # a batch whose other workers have other lines to run. cache_affinity A adds A blocks of the
+    # holder's queue per cached block: a worker c holding p leading blocks of a line keeps it
+    # against a worker o holding none while
+    #     scale * (queued_c - queued_o) + (decode_c - decode_o) <= scale * (min(credit * p, new) + A * p)
+    # i.e. (at credit 1) while c's prefill queue is less than (1 + A) * p blocks ahead. This is how
+    # a hot prefix is replicated: once its holder is that far ahead of the least loaded worker,
+    # the next line goes there and computes the prefix once more; from then on both hold it and
+    # each line goes to the less loaded of them, and a third copy follows when both are (1 + A) * p
+    # ahead of another worker. The queue still counts in full (no max(0, ...) floor), so the
+    # imbalance the cache can buy is bounded by the prefix's size, never by the queue.
+    def __init__(self, prefill_load_scale: float, overlap_credit: float, block_size: int, seed: int,
+                 cache_affinity: float = 0.0) -> None:
+        assert prefill_load_scale >= 0 and overlap_credit >= 0 and block_size > 0 and cache_affinity >= 0
         self.scale = prefill_load_scale
         self.credit = overlap_credit
+        self.affinity = cache_affinity
         self.block_size = block_size
         self.rng = random.Random(seed)
 
     def choose(self, workers: list[WorkerState], num_prompt_blocks: int, cached_blocks: Callable[[int], int]) -> int:
         assert workers, "no candidate workers"
-        use_cache = self.scale > 0 and self.credit > 0 and num_prompt_blocks > 0
-        # Lowest cost a worker could reach with a full hit; visit workers by it and read the
-        # cache table only of those that could still win or tie.
+        n = num_prompt_blocks
+        use_cache = self.scale > 0 and (self.credit > 0 or self.affinity > 0) and n > 0
+        # Visit workers by the lowest cost they could reach with a full hit (the same offset for
+        # all, so the order of their loads) and read the cache table only of those that could
+        # still win or tie.
+        full_hit = self.scale * (max(0.0, n - self.credit * n) - self.affinity * n) if use_cache else self.scale * n
         floors = sorted(
             ((self.scale * w.queued_prefill_blocks(self.block_size) + w.decode_blocks, i) for i, w in enumerate(workers)),
         )
         best = float("inf")
         scored = []
         for floor, i in floors:
-            if floor > best:
+            if floor + full_hit > best:
                 break
             w = workers[i]
-            cached = min(cached_blocks(w.rank), num_prompt_blocks) if use_cache else 0
-            cost = floor + self.scale * max(0.0, num_prompt_blocks - self.credit * cached)
+            cached = min(cached_blocks(w.rank), n) if use_cache else 0
+            cost = floor + self.scale * (max(0.0, n - self.credit * cached) - self.affinity * cached)
             best = min(best, cost)
             scored.append(((cost, w.load), w))
         return _argmin(scored, self.rng)
@@ -178,11 +200,11 @@ class RandomChoice:
         return self.rng.choice(workers).rank
 
 
-_POLICIES: dict[str, Callable[[RouterSection, int], Policy]] = {
-    "kv_aware": lambda cfg, bs: KvAware(cfg.prefill_load_scale, cfg.overlap_credit, bs, cfg.seed),
-    "least_loaded": lambda cfg, bs: LeastLoaded(cfg.seed),
-    "round_robin": lambda cfg, bs: RoundRobin(),
-    "random": lambda cfg, bs: RandomChoice(cfg.seed),
+_POLICIES: dict[str, Callable[[RouterSection, int, float], Policy]] = {
+    "kv_aware": lambda cfg, bs, aff: KvAware(cfg.prefill_load_scale, cfg.overlap_credit, bs, cfg.seed, aff),
+    "least_loaded": lambda cfg, bs, aff: LeastLoaded(cfg.seed),
+    "round_robin": lambda cfg, bs, aff: RoundRobin(),
+    "random": lambda cfg, bs, aff: RandomChoice(cfg.seed),
 }
 
 _DECODE_POLICIES: dict[str, Callable[[RouterSection], Policy]] = {
@@ -197,11 +219,12 @@ def _unknown(name: str) -> ValueError:
     return ValueError(f"router.policy {name!r} is not a placement policy; allowed: {', '.join(_POLICIES)}")
 
 
-def make_policy(cfg: RouterSection, block_size: int) -> Policy:
-    """The policy for requests that start with a prefill (prefill or aggregated workers)."""
+def make_policy(cfg: RouterSection, block_size: int, cache_affinity: float = 0.0) -> Policy:
+    """The policy for requests that start with a prefill (prefill or aggregated workers);
+    `cache_affinity` is `JobConfig.cache_affinity` (it depends on the input's kind)."""
     if cfg.policy not in _POLICIES:
         raise _unknown(cfg.policy)
-    return _POLICIES[cfg.policy](cfg, block_size)
+    return _POLICIES[cfg.policy](cfg, block_size, cache_affinity)
 
 
 def make_decode_policy(cfg: RouterSection) -> Policy:

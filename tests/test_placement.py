@@ -1,4 +1,4 @@
-"""Placement policies on plain ints: the failures that users of other routers hit (DESIGN.md,
+"""Placement policies on plain ints: the failures that users of other routers hit (README,
 Placement) replayed with realistic numbers, with the router's booking simulated as
 router/mpi_backend.py does it."""
 
@@ -29,8 +29,8 @@ def workers(ranks, role: str = "aggregated", **fields) -> list[WorkerState]:
     return [WorkerState(rank=r, role=role, **{**base, **fields}) for r in ranks]
 
 
-def kv_aware(seed: int = 0, **kw) -> KvAware:
-    policy = make_policy(RouterSection(policy="kv_aware", seed=seed, **kw), BS)
+def kv_aware(seed: int = 0, cache_affinity: float = 0.0, **kw) -> KvAware:
+    policy = make_policy(RouterSection(policy="kv_aware", seed=seed, **kw), BS, cache_affinity)
     assert isinstance(policy, KvAware)
     return policy
 
@@ -114,7 +114,7 @@ def test_a_cached_worker_wins_until_its_queue_outweighs_the_hit(overlap_credit, 
 
 
 def test_the_cache_credit_never_hides_a_queue():
-    # Both workers hold all 30 blocks of a 40-block prompt; with credit 3, DESIGN.md's
+    # Both workers hold all 30 blocks of a 40-block prompt; with credit 3, Dynamo's
     # max(0, queued + new - credit * cached) would score both 0 and ignore rank 5's queue.
     ws = workers([5, 6], role="prefill")
     ws[0].inflight_prefill_tokens = 20 * BS
@@ -247,3 +247,44 @@ def test_policy_names():
     }
     with pytest.raises(ValueError, match="allowed: kv_aware, least_loaded, round_robin, random"):
         make_policy(RouterSection.model_construct(policy="fastest"), BS)
+
+
+def test_prefixes_in_flight_keep_a_document_together_and_a_hot_prefix_replicates_by_queue():
+    # The router's own books (router/books.py) credit a worker with a prompt's blocks when it places
+    # it; no window shows anything yet (a burst). 32-block documents, 1-block questions.
+    from kvrelay.router.books import Books
+
+    def place_all(policy, prompts):
+        ws = workers(range(1, 5))
+        books = Books({w.rank: w for w in ws})
+        chosen = []
+        for i, hashes in enumerate(prompts):
+            inflight = books.prefixes.prefix_lengths(hashes)
+            r = policy.choose(ws, len(hashes), lambda r: inflight.get(r, 0))
+            books.place(str(i), r, None, (len(hashes) - inflight.get(r, 0)) * BS, len(hashes), hashes)
+            chosen.append(r)
+        return chosen
+
+    doc = [[1000 * d + b for b in range(32)] for d in range(8)]
+    questions = [doc[d] + [10**6 + 10 * d + q] for d in range(8) for q in range(8)]
+    # Without affinity a document's second question already finds its holder too busy.
+    assert len(set(place_all(kv_aware(), questions)[:8])) > 1
+    chosen = place_all(kv_aware(cache_affinity=4.0), questions)
+    assert all(len(set(chosen[8 * d: 8 * d + 8])) == 1 for d in range(8)), chosen
+    assert sorted(Counter(chosen).values()) == [16, 16, 16, 16]
+    # One 24-block prefix over 400 queries: the holder runs up to (1 + 4) x 24 blocks of cost ahead
+    # (prefill blocks x 16 + decode blocks: 38 queries here), then a second worker computes the
+    # prefix, and so on until all four hold it; then they share the queries.
+    hot = [list(range(24)) + [10**6 + q] for q in range(400)]
+    chosen = place_all(kv_aware(cache_affinity=4.0), hot)
+    first = {r: chosen.index(r) for r in set(chosen)}
+    assert len(first) == 4 and 30 < sorted(first.values())[1] < 60, first
+    assert min(Counter(chosen).values()) > 60, Counter(chosen)
+
+
+def test_cache_affinity_defaults_by_input_kind():
+    from kvrelay.configs.schema import load_config
+
+    assert load_config(overrides=["input.format=jsonl"]).cache_affinity == 4.0
+    assert load_config(overrides=["input.format=trace"]).cache_affinity == 0.0
+    assert load_config(overrides=["input.format=trace", "router.cache_affinity=2"]).cache_affinity == 2.0

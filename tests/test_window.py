@@ -110,24 +110,31 @@ def test_one_rank_window_reads_itself():
     try:
         assert cw.table.n_buckets == 16
         reader = WindowReader(cw.win, {0: cw.table.n_buckets})
-        assert reader.load(0) == WorkerLoad(0, 0, 0, 0, 0, 0, 0, 0, role="prefill")
+        assert reader.loads() == {0: WorkerLoad(0, 0, 0, 0, 0, 0, 0, 0, role="prefill")}
         chain = [0, 2**64 - 1, 77, 1234567890123]
         for h in chain[:3]:
             cw.on_cache(h)
         cw.on_cache(55)
         cw.publish(free_blocks=30, total_blocks=40, queued_prefill_tokens=512, running_seqs=3,
                    active_decode_blocks=10, step=7)
-        assert reader.load(0) == WorkerLoad(0, 1, 30, 40, 512, 3, 10, 7, role="prefill")
-        assert reader.loads() == {0: reader.load(0)}
-        assert reader.table(0) == cw.table_hashes() == {1, 2**64 - 1, 77, 55}
-        assert reader.prefix_match(0, chain) == 3
-        assert reader.prefix_match(0, chain[1:]) == 2
-        assert reader.prefix_match(0, [88, *chain]) == 0
-        assert reader.prefix_match(0, []) == 0
+        assert reader.loads() == {0: WorkerLoad(0, 1, 30, 40, 512, 3, 10, 7, role="prefill")}
+        snap = reader.snapshot()
+        row = snap.slots[cw.table.n_buckets][0]
+        assert set(row[row != 0].tolist()) == cw.table.keys() == {1, 2**64 - 1, 77, 55}
+
+        def match(hashes: list[int]) -> int:
+            return snap.prefix_lengths(np.array(hashes, np.uint64))[0]
+
+        assert match(chain) == 3
+        assert match(chain[1:]) == 2
+        assert match([88, *chain]) == 0
+        assert match([]) == 0
         cw.on_evict(2**64 - 1)
         cw.publish(free_blocks=31, total_blocks=40, queued_prefill_tokens=0, running_seqs=2,
                    active_decode_blocks=9, step=8)
-        assert reader.prefix_match(0, chain) == 1
-        assert reader.load(0).version == 2
+        assert match(chain) == 3, "a snapshot is a copy: it keeps what it read"
+        snap = reader.snapshot()
+        assert match(chain) == 1
+        assert reader.loads()[0].version == 2
     finally:
         cw.close()

@@ -4,11 +4,12 @@
 
 Each owner runs a KVCacheManager with its window's listeners through random allocate / register /
 free sequences (thousands of evictions) and calls into MPI every step, as a worker does. Rank 0
-meanwhile reads loads and prefix matches in a loop and checks what must hold even on torn reads:
-versions never go back, a chain never inserted never matches. After a barrier the reader's view of
-each table must equal the owner's, the owner's table must be a subset of its pool's cached hashes,
-and equal to it on rank 3, whose table is sized so that no bucket overflows. Prints the median
-latency of `load()` and of `prefix_match` per hash, then "window_check OK".
+meanwhile reads the load headers (`loads()`) and table copies (`snapshot()`, probed for prefix
+matches) in a loop, as the router does, and checks what must hold even on torn reads: versions never
+go back, a chain never inserted never matches. After a barrier the reader's view of each table must
+equal the owner's, the owner's table must be a subset of its pool's cached hashes, and equal to it
+on rank 3, whose table is sized so that no bucket overflows. Prints the median latency of `loads()`,
+of `snapshot()` and of one probe, then "window_check OK".
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import time
 import traceback
 
+import numpy as np
 from mpi4py import MPI
 
 from kvrelay.ranks.engine.kv_cache import KVCacheManager
@@ -85,7 +87,7 @@ def owner(comm: MPI.Comm) -> None:
         window.publish(**load)
         comm.Iprobe()  # a worker loop enters MPI every step
     comm.Ibarrier().Wait()  # quiescence: the reader stops its concurrent loop
-    comm.send(dict(table=window.table_hashes(), cached=pool.cached_hashes(), drops=window.table.drops,
+    comm.send(dict(table=window.table.keys(), cached=pool.cached_hashes(), drops=window.table.drops,
                    evictions=evictions, load=load, version=window.version), dest=0)
     idle = comm.Ibarrier()  # the reader times reads of idle windows; idle like a worker: asleep
     while not idle.Test():
@@ -97,14 +99,19 @@ def reader(comm: MPI.Comm) -> None:
     owners = list(range(1, comm.size))
     reader = WindowReader.create(comm, owners)
     rng = random.Random(0)
-    load_s: list[float] = []
-    hash_s: list[float] = []
+    loads_s: list[float] = []
+    snap_s: list[float] = []
+    probe_s: list[float] = []
+    never = np.array(NEVER, np.uint64)
 
-    def timed_match(r: int, chain: list[int]) -> int:
+    def timed(times: list[float], fn, *args):
         t = time.perf_counter()
-        m = reader.prefix_match(r, chain)
-        hash_s.append((time.perf_counter() - t) / min(m + 1, len(chain)))  # one Get per hash read
-        return m
+        out = fn(*args)
+        times.append(time.perf_counter() - t)
+        return out
+
+    def timed_match(snap, chain: list[int]) -> dict[int, int]:
+        return timed(probe_s, snap.prefix_lengths, np.array(chain, np.uint64))
 
     # Concurrent phase: owners churn while we read.
     versions = dict.fromkeys(owners, 0)
@@ -113,25 +120,25 @@ def reader(comm: MPI.Comm) -> None:
     t0 = time.perf_counter()
     while not done.Test():
         rounds += 1
-        for r in owners:
-            t = time.perf_counter()
-            ld = reader.load(r)
-            load_s.append(time.perf_counter() - t)
+        for r, ld in timed(loads_s, reader.loads).items():
             assert ld.role == ROLES[r] and ld.version >= versions[r], (r, ld, versions[r])
             versions[r] = ld.version
             if ld.version:
                 assert ld.total_blocks == NUM_BLOCKS and 0 <= ld.free_blocks <= NUM_BLOCKS, ld
-            assert 0 <= timed_match(r, CHAINS[rng.randrange(FAMILIES)]) <= DEPTH
-            assert reader.prefix_match(r, NEVER) == 0, f"rank {r}: a hash never cached matched"
-        assert all(ld.version >= versions[r] for r, ld in reader.loads().items())
+        snap = timed(snap_s, reader.snapshot)
+        assert all(0 <= m <= DEPTH for m in timed_match(snap, CHAINS[rng.randrange(FAMILIES)]).values())
+        assert not any(snap.prefix_lengths(never).values()), "a hash never cached matched"
     churn_s = time.perf_counter() - t0
-    churn = f"load() {us(load_s)}, prefix_match per hash {us(hash_s)}"
+    churn = f"loads() {us(loads_s)}, snapshot() {us(snap_s)}, probe {us(probe_s)}"
 
     # Quiescent: the reader's view must be exactly the owners' tables.
     drops = {}
+    snap = reader.snapshot()
+    loads = reader.loads()
     for r in owners:
         got = comm.recv(source=r)
-        table = reader.table(r)
+        row = snap.slots[reader.n_buckets[r]][snap.groups[reader.n_buckets[r]].index(r)]
+        table = set(row[row != 0].tolist())
         cached = {table_key(h) for h in got["cached"]}
         assert table == got["table"], f"rank {r}: reader sees {len(table)} keys, owner holds {len(got['table'])}"
         assert table <= cached, f"rank {r}: table holds {len(table - cached)} hashes the pool does not cache"
@@ -139,37 +146,29 @@ def reader(comm: MPI.Comm) -> None:
         if r == ROOMY:
             assert got["drops"] == 0 and table == cached, f"rank {r}: {got['drops']} drops"
         assert got["evictions"] > 1000, f"rank {r}: only {got['evictions']} evictions"
-        ld = reader.load(r)
+        ld = loads[r]
         assert (ld.version, ld.step) == (got["version"], STEPS) and vars(ld).items() >= got["load"].items(), ld
         for chain in CHAINS:
-            assert reader.prefix_match(r, chain) == longest_prefix(table, chain)
+            m = snap.prefix_lengths(np.array(chain, np.uint64))[r]
+            assert m == longest_prefix(table, chain)
             if r == ROOMY:
-                assert reader.prefix_match(r, chain) == longest_prefix(cached, chain)
+                assert m == longest_prefix(cached, chain)
         drops[r] = got["drops"]
         print(f"rank {r} ({ROLES[r]}): {got['evictions']} evictions, {len(table)} keys in the table, "
               f"{len(cached)} cached, {got['drops']} bucket drops", flush=True)
     assert sum(drops[r] for r in owners if r != ROOMY) > 0, "no bucket overflowed: the FIFO drop went untested"
 
-    load_s.clear()
-    hash_s.clear()
-    full = [c for c in CHAINS if any(reader.prefix_match(r, c) == DEPTH for r in owners)] or CHAINS
+    for times in (loads_s, snap_s, probe_s):
+        times.clear()
     # Time-bounded: with an async progress thread per rank on 2 cores a read can wait a time slice.
     stop = time.perf_counter() + 1.0
-    while len(load_s) < 1500 and time.perf_counter() < stop:
-        for r in owners:
-            t = time.perf_counter()
-            reader.load(r)
-            load_s.append(time.perf_counter() - t)
-            timed_match(r, rng.choice(full))
-    loads_s = []
-    stop = time.perf_counter() + 1.0
     while len(loads_s) < 500 and time.perf_counter() < stop:
-        t = time.perf_counter()
-        reader.loads()
-        loads_s.append(time.perf_counter() - t)
+        timed(loads_s, reader.loads)
+        snap = timed(snap_s, reader.snapshot)
+        timed_match(snap, rng.choice(CHAINS))
     print(f"while owners churn ({rounds} reader rounds in {churn_s:.2f} s): {churn}", flush=True)
-    print(f"idle owners: load() {us(load_s)}, prefix_match per hash {us(hash_s)}, "
-          f"loads() of {len(owners)} workers {us(loads_s)}", flush=True)
+    print(f"idle owners: loads() of {len(owners)} workers {us(loads_s)}, snapshot() {us(snap_s)}, "
+          f"probe {us(probe_s)}", flush=True)
     comm.Ibarrier().Wait()
     reader.close()
 

@@ -1,4 +1,4 @@
-"""Layout advice (router/planner.py, `kvrelay plan`) on the shipped H100 / 8B timing model."""
+"""Layout advice (router/layout_advice.py, `kvrelay plan`) on the shipped H100 / 8B timing model."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from kvrelay.core.timing import DEFAULT_TIMING, TimingModel
-from kvrelay.router.planner import Limits, Workload, aggregated, plan, split
+from kvrelay.router.layout_advice import Limits, Workload, aggregated, plan, split
 
 T = TimingModel.load(DEFAULT_TIMING)
 LIM = Limits(max_batch_tokens=8192, max_seqs=256, kv_tokens=400_000)

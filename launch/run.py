@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -85,8 +86,15 @@ def find_mpiexec() -> tuple[str, bool]:
     return exe, "Open MPI" in version or "OpenRTE" in version or "prte" in version.lower()
 
 
+# Signals that the `--local` launcher passes on to mpiexec (Slurm's and a terminal's stops).
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+
+
 def local_mpiexec(n: int, argv: list[str]) -> int:
-    """Run `kvrelay run ARGV` as an n-rank MPI job on this machine; returns its exit code."""
+    """Run `kvrelay run ARGV` as an n-rank MPI job on this machine; returns its exit code.
+
+    TERM, INT and USR2 sent to this process go on to mpiexec, which passes them to every rank, and
+    this process waits for mpiexec to end: killing the launcher never leaves ranks writing behind it."""
     exe, open_mpi = find_mpiexec()
     env = dict(os.environ)
     cmd = [exe, "-n", str(n)]
@@ -99,4 +107,21 @@ def local_mpiexec(n: int, argv: list[str]) -> int:
     # oversubscribed node (measured in tests/mpi/window_check.py).
     cmd += [sys.executable, "-m", "kvrelay.launch.cli", "run", *argv]
     log.info("starting: %s", " ".join(cmd))
-    return subprocess.run(cmd, env=env).returncode
+    pending: list[int] = []  # signals that came before mpiexec started
+    proc: subprocess.Popen | None = None
+
+    def forward(signum, frame):
+        if proc is None:
+            pending.append(signum)
+        else:
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    try:
+        proc = subprocess.Popen(cmd, env=env)
+        for signum in pending:
+            proc.send_signal(signum)
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -28,7 +28,7 @@ import torch
 
 from kvrelay.configs.schema import JobConfig
 from kvrelay.core.layout import LaunchError, Layout
-from kvrelay.launch.environment import hostname
+from kvrelay.launch.environment import cpu_threads, hostname
 from kvrelay.router.frontend import Summary
 
 log = logging.getLogger("kvrelay")
@@ -177,7 +177,8 @@ def _worker(cfg: JobConfig, world, workers, role: str) -> None:
         torch.cuda.set_device(device)
     else:
         # Ranks sharing a CPU node split its cores instead of each spawning a thread per core.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // (local.size + 1)))
+        torch.set_num_threads(cpu_threads(world.Split_type(MPI.COMM_TYPE_SHARED).size))
+        log.info("rank %d: %d CPU threads", world.rank, torch.get_num_threads())
     worker = Worker(cfg, world, workers, role, device)
     worker.run()
     worker.window.close()

@@ -16,9 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from kvrelay.configs.schema import JobConfig
 from kvrelay.core.layout import LaunchError, Layout
-from kvrelay.ranks.engine.engine import Engine, job_hash_seed, model_name, resolve_max_model_len
+from kvrelay.launch.environment import cpu_threads
+from kvrelay.ranks.engine.engine import Engine, job_hash_seed, model_name, pick_device, resolve_max_model_len
 from kvrelay.ranks.engine.loader import read_model_dir
 from kvrelay.core.tokenizer import SimTokenizer
 from kvrelay.core.timing import load_timing, sim_max_model_len
@@ -50,6 +53,9 @@ def run_local(cfg: JobConfig) -> Summary:
             f"the config asks for {layout.describe()}: start it with mpiexec -n {layout.world_size}, "
             f"srun, or `kvrelay run --local {layout.world_size}`"
         )
+    if pick_device(cfg.job.device).type == "cpu":
+        torch.set_num_threads(cpu_threads())
+        log.info("%d CPU threads", torch.get_num_threads())
     engine = Engine.from_config(cfg)
     # The engine has read the model dir and the tokenizer already: the frontend shares them.
     frontend = Frontend(cfg, engine.tokenizer, engine.max_model_len, engine.vocab_size, model_name(cfg))

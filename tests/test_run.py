@@ -154,3 +154,23 @@ def test_sigkill_then_rerun_gives_one_line_per_input_identical_to_a_clean_run(ti
     assert all(comparable(a[k]) == comparable(b[k]) for k in a)
     summary = json.loads((tmp_path / "killed.summary.json").read_text())
     assert summary["skipped_answered"] == done and summary["succeeded"] == 48 - done
+
+
+def test_cpu_threads_follow_the_affinity_and_slurm_not_the_machine(tiny_models, tmp_path, monkeypatch):
+    # Issue 13, defect 8: a single-process run took one torch thread per core of the machine, so
+    # two jobs on a shared node fought over every core.
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x", "max_tokens": 2}])
+    env = dict(os.environ, SLURM_CPUS_PER_TASK="1")
+    proc = kvrelay("run", "-i", str(inp), "-o", str(tmp_path / "o.jsonl"), "--model", str(tiny_models["llama"]),
+                   *SETTINGS, env=env)
+    assert "kvrelay: 1 CPU threads" in proc.stderr
+
+    from kvrelay.launch.environment import cpu_threads
+
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    assert cpu_threads() == 8 and cpu_threads(3) == 2 and cpu_threads(16) == 1
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    assert cpu_threads(4) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert cpu_threads() == 2

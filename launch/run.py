@@ -70,14 +70,15 @@ def run_local(cfg: JobConfig) -> Summary:
 
 
 def exit_code(cfg: JobConfig, summary: Summary) -> int:
-    """0 when the job ran. Non-zero when lines were run and none succeeded, or on any error line
-    with output.fail_on_error."""
-    ran = summary.lines - summary.skipped_answered
-    if ran > 0 and summary.succeeded == 0:
-        print(f"kvrelay: none of the {ran} lines succeeded; see the error lines in {summary.output}", file=sys.stderr)
+    """0 when the job ran. 1 when the output file holds lines and none is a success, or, with
+    output.fail_on_error, when it holds any error line. The whole file counts, not only this run:
+    a rerun or requeue of a finished job exits as the job did."""
+    f = summary.file
+    if f.lines > 0 and f.succeeded == 0:
+        print(f"kvrelay: none of the {f.lines} lines succeeded; see the error lines in {summary.output}", file=sys.stderr)
         return 1
-    if cfg.output.fail_on_error and summary.errors:
-        print(f"kvrelay: {summary.errors} lines were errors (--fail-on-error)", file=sys.stderr)
+    if cfg.output.fail_on_error and f.errors:
+        print(f"kvrelay: {f.errors} lines of {summary.output} are errors (--fail-on-error)", file=sys.stderr)
         return 1
     return 0
 

@@ -28,6 +28,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from kvrelay.router.batch_input import ParsedLine
 from kvrelay.core.request import RequestResult
@@ -153,6 +154,33 @@ def _chat_logprobs(result: RequestResult, k: int, token_texts) -> dict:
     return {"content": content}
 
 
+@dataclass
+class FileCounts:
+    """What the output file holds, every line of it: lines left by earlier runs and by this one."""
+
+    lines: int = 0
+    succeeded: int = 0
+    errors: int = 0
+    error_codes: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    output_tokens: int = 0
+
+    def add(self, obj: dict) -> None:
+        self.lines += 1
+        error = obj.get("error")
+        if error is not None:
+            self.errors += 1
+            code = error.get("code", "unknown") if isinstance(error, dict) else "unknown"
+            self.error_codes[code] = self.error_codes.get(code, 0) + 1
+            return
+        self.succeeded += 1
+        usage = ((obj.get("response") or {}).get("body") or {}).get("usage") or {}
+        self.prompt_tokens += usage.get("prompt_tokens", 0)
+        self.cached_prompt_tokens += (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        self.output_tokens += usage.get("completion_tokens", 0)
+
+
 class CorruptOutputError(RuntimeError):
     """The output file holds a damaged line before its end; the writer leaves the file alone."""
 
@@ -173,6 +201,7 @@ class OutputWriter:
         self._dups_on_file: dict[str, int] = {}  # duplicate error lines not yet matched this run
         self._answered = 0
         self.lines_written = 0  # by this run
+        self.counts = FileCounts()  # of the whole file, kept up to date as lines are appended
         keep = self._read_existing()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if keep is not None:
@@ -243,6 +272,7 @@ class OutputWriter:
         while view:
             view = view[os.write(self._fd, view):]
         self.lines_written += 1
+        self.counts.add(obj)
         now = time.monotonic()
         if now - self._last_sync >= self._fsync_interval_s:
             os.fsync(self._fd)
@@ -277,6 +307,7 @@ class OutputWriter:
         try:
             obj = json.loads(line)
             custom_id = obj["custom_id"]
+            self.counts.add(obj)
             if not isinstance(custom_id, str):
                 raise TypeError(f"custom_id is {type(custom_id).__name__}, not a string")
             error = obj.get("error")

@@ -73,11 +73,16 @@ def test_bad_lines_become_error_lines_and_good_lines_are_answered(tiny_models, t
     assert ids_body["usage"]["prompt_tokens"] == 3 and len(ids_body["choices"][0]["token_ids"]) <= 3
     summary = json.loads((tmp_path / "out.summary.json").read_text())
     assert summary["succeeded"] == 3 and summary["errors"] == 6
-    # Asked to, the same job fails on error lines (a resumed run: the answered lines count).
+    # Asked to, the same job fails on error lines, also when a rerun finds them all answered
+    # (issue 13, defect 4: the exit code describes the whole output file, not only the last run).
     proc = kvrelay("run", "-i", str(inp), "-o", str(out), "--model", str(tiny_models["llama"]),
-                   "--fail-on-error", *SETTINGS, check_rc=None)
-    assert proc.returncode == 0  # nothing ran this time: every line was already answered
+                   "--fail-on-error", *SETTINGS, check_rc=1)
+    assert "6 lines of" in proc.stderr and "--fail-on-error" in proc.stderr
     assert len(out.read_text().splitlines()) == 9
+    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    assert summary["succeeded"] == 3 and summary["errors"] == 6 and summary["lines"] == 9
+    assert summary["error_codes"] == {"invalid_json": 2, "invalid_request": 3, "context_length_exceeded": 1}
+    assert summary["this_run"]["skipped_answered"] == 9 and summary["this_run"]["succeeded"] == 0
 
 
 def test_nothing_succeeded_exits_nonzero(tiny_models, tmp_path):
@@ -86,6 +91,12 @@ def test_nothing_succeeded_exits_nonzero(tiny_models, tmp_path):
                    "--model", str(tiny_models["qwen2"]), *SETTINGS, check_rc=1)
     assert "none of the 2 lines succeeded" in proc.stderr
     assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 2
+    # Issue 13, defect 4: the rerun (a requeue, say) ran nothing, and the job still failed.
+    proc = kvrelay("run", "-i", str(inp), "-o", str(tmp_path / "o.jsonl"),
+                   "--model", str(tiny_models["qwen2"]), *SETTINGS, check_rc=1)
+    assert "none of the 2 lines succeeded" in proc.stderr
+    summary = json.loads((tmp_path / "o.summary.json").read_text())
+    assert summary["errors"] == 2 and summary["this_run"]["errors"] == 0
 
 
 @pytest.mark.parametrize(
@@ -153,7 +164,10 @@ def test_sigkill_then_rerun_gives_one_line_per_input_identical_to_a_clean_run(ti
     assert len(b) == 48 and set(a) == set(b)
     assert all(comparable(a[k]) == comparable(b[k]) for k in a)
     summary = json.loads((tmp_path / "killed.summary.json").read_text())
-    assert summary["skipped_answered"] == done and summary["succeeded"] == 48 - done
+    assert summary["this_run"]["skipped_answered"] == done and summary["this_run"]["succeeded"] == 48 - done
+    assert summary["succeeded"] == 48 and summary["lines"] == 48  # the whole file
+    tokens = sum(d["response"]["body"]["usage"]["completion_tokens"] for d in b.values())
+    assert summary["output_tokens"] == tokens > summary["this_run"]["output_tokens"]
 
 
 def test_cpu_threads_follow_the_affinity_and_slurm_not_the_machine(tiny_models, tmp_path, monkeypatch):

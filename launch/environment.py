@@ -37,3 +37,8 @@ def cpu_threads(ranks_sharing: int = 1) -> int:
     if per_task.isdigit() and int(per_task) > 0:
         return min(cpus, int(per_task))
     return max(1, cpus // ranks_sharing)
+
+
+def lock_disabled() -> bool:
+    """KVRELAY_NO_LOCK=1: run without the output's lock, on a filesystem without flock (README)."""
+    return os.environ.get("KVRELAY_NO_LOCK", "") not in ("", "0")

@@ -107,6 +107,8 @@ def run_mpi(cfg: JobConfig, after_stop: Callable[[int], None] | None = None) -> 
     except LaunchError as e:
         print(f"kvrelay: error on rank {rank} ({hostname()}): {e}", file=sys.stderr)
         return 2, None
+    if not _preflight(cfg, world):
+        return 2, None
     role = layout.role(rank)
     workers = world.Split(0 if rank == 0 else 1, rank)
     try:
@@ -134,6 +136,27 @@ def run_mpi(cfg: JobConfig, after_stop: Callable[[int], None] | None = None) -> 
         sys.stderr.flush()
         world.Abort(1)
     return 1, None
+
+
+_output_lock: int | None = None  # the router's lock on the output, held until the process exits
+
+
+def _preflight(cfg: JobConfig, world) -> bool:
+    """The router checks the job's files and takes the output's lock before any rank loads
+    anything; on a problem every rank returns, and only the router prints it."""
+    from kvrelay.launch.cli import USER_ERRORS
+    from kvrelay.launch.preflight import check_paths, lock_output
+
+    global _output_lock
+    error = None
+    if world.rank == 0:
+        try:
+            check_paths(cfg)
+            _output_lock = lock_output(cfg.output.path)
+        except USER_ERRORS as e:
+            error = str(e)
+            print(f"kvrelay: error: {error}", file=sys.stderr)
+    return world.bcast(error, root=0) is None
 
 
 def _router(cfg: JobConfig, world, layout: Layout) -> tuple[int, Summary]:

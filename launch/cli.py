@@ -23,12 +23,9 @@ from pathlib import Path
 from kvrelay.configs.schema import ConfigError, JobConfig, load_config
 from kvrelay.core.layout import LaunchError, Layout
 from kvrelay.core.model_files import ModelConfigError
-from kvrelay.router.batch_output import CorruptOutputError
-from kvrelay.router.frontend import InputError
-from kvrelay.slurm.resources import SlurmError
+from kvrelay.launch.preflight import USER_ERRORS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-USER_ERRORS = (ConfigError, ModelConfigError, InputError, CorruptOutputError, LaunchError, SlurmError)
 
 
 def _config(args: argparse.Namespace) -> JobConfig:

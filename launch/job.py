@@ -144,15 +144,13 @@ _output_lock: int | None = None  # the router's lock on the output, held until t
 def _preflight(cfg: JobConfig, world) -> bool:
     """The router checks the job's files and takes the output's lock before any rank loads
     anything; on a problem every rank returns, and only the router prints it."""
-    from kvrelay.launch.cli import USER_ERRORS
-    from kvrelay.launch.preflight import check_paths, lock_output
+    from kvrelay.launch.preflight import USER_ERRORS, check_and_lock
 
     global _output_lock
     error = None
     if world.rank == 0:
         try:
-            check_paths(cfg)
-            _output_lock = lock_output(cfg.output.path)
+            _output_lock = check_and_lock(cfg)
         except USER_ERRORS as e:
             error = str(e)
             print(f"kvrelay: error: {error}", file=sys.stderr)

@@ -22,10 +22,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvrelay.configs.schema import JobConfig
+from kvrelay.configs.schema import ConfigError, JobConfig
 from kvrelay.core.layout import LaunchError
 from kvrelay.core.model_files import ModelConfigError
 from kvrelay.launch.environment import hostname, lock_disabled
+from kvrelay.router.answered import ForeignOutputError, check_output_matches
+from kvrelay.router.batch_output import CorruptOutputError
+from kvrelay.router.frontend import InputError, read_lines
+from kvrelay.slurm.resources import SlurmError
+
+# What a user can get wrong: printed as one line (no traceback), exit code 2.
+USER_ERRORS = (ConfigError, ModelConfigError, InputError, CorruptOutputError, ForeignOutputError, LaunchError, SlurmError)
 
 
 def check_paths(cfg: JobConfig) -> None:
@@ -97,6 +104,16 @@ def lock_path(output_path: str | os.PathLike) -> Path:
     """OUT.lock beside OUT.jsonl."""
     path = Path(output_path)
     return path.with_name(path.name.removesuffix(".jsonl") + ".lock")
+
+
+def check_and_lock(cfg: JobConfig) -> int | None:
+    """Everything the router does before any rank loads: the files, the lock (its descriptor is
+    returned), and that an existing output was written for this input and config."""
+    check_paths(cfg)
+    lock = lock_output(cfg.output.path)
+    assert cfg.input.path is not None
+    check_output_matches(cfg, read_lines(cfg.input.path, cfg.input.limit, cfg.input.shard_index))
+    return lock
 
 
 def lock_output(output_path: str | os.PathLike) -> int | None:

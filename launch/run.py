@@ -21,7 +21,7 @@ import torch
 from kvrelay.configs.schema import JobConfig
 from kvrelay.core.layout import LaunchError, Layout
 from kvrelay.launch.environment import cpu_threads
-from kvrelay.launch.preflight import check_paths, lock_output
+from kvrelay.launch.preflight import check_and_lock
 from kvrelay.ranks.engine.engine import Engine, job_hash_seed, model_name, pick_device, resolve_max_model_len
 from kvrelay.ranks.engine.loader import read_model_dir
 from kvrelay.core.tokenizer import SimTokenizer
@@ -54,8 +54,7 @@ def run_local(cfg: JobConfig) -> Summary:
             f"the config asks for {layout.describe()}: start it with mpiexec -n {layout.world_size}, "
             f"srun, or `kvrelay run --local {layout.world_size}`"
         )
-    check_paths(cfg)
-    lock = lock_output(cfg.output.path)  # noqa: F841 - held (open) until this process exits
+    lock = check_and_lock(cfg)  # noqa: F841 - held (open) until this process exits
     if pick_device(cfg.job.device).type == "cpu":
         torch.set_num_threads(cpu_threads())
         log.info("%d CPU threads", torch.get_num_threads())

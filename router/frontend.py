@@ -20,6 +20,7 @@ import xxhash
 
 from kvrelay.configs.schema import ConfigError, JobConfig
 from kvrelay.core.tokenizer import Tokenizer
+from kvrelay.router.answered import config_hash, request_hash
 from kvrelay.router.batch_input import LineError, ParsedLine, check_defaults, check_prompt, parse_line, resolve_sampling
 from kvrelay.router.batch_output import DUPLICATE, FileCounts, OutputWriter, error_line, success_line
 from kvrelay.core.request import Request, RequestResult, SamplingParams
@@ -189,7 +190,7 @@ class Frontend:
         self.start = time.time()
         # Wall seconds per second of trace time: a trace replays at its timestamps, scaled.
         wall_per_trace_s = 1.0 / (cfg.input.time_scale * self.time_scale)
-        with OutputWriter(cfg.output.path) as writer:
+        with OutputWriter(cfg.output.path, config_hash=config_hash(cfg)) as writer:
             summary.file = writer.counts
             exhausted = False
             nxt = None
@@ -251,7 +252,7 @@ class Frontend:
         s.lines += 1
         parsed = self._trace_line(item) if isinstance(item, TraceEntry) else parse_line(item, line_no, self.defaults)
         written = writer.lines_written
-        if not writer.should_run(parsed.custom_id, line_no):
+        if not writer.should_run(parsed.custom_id, line_no, None if isinstance(item, TraceEntry) else request_hash(item)):
             if writer.lines_written > written:  # the writer wrote a duplicate_custom_id line
                 self._count_error(s, DUPLICATE)
             else:

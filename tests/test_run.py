@@ -59,13 +59,14 @@ def test_bad_lines_become_error_lines_and_good_lines_are_answered(tiny_models, t
     res = read_out(out)
     assert len(res) == 9
     errors = {cid: d["error"]["message"] for cid, d in res.items() if d["error"]}
-    assert set(errors) == {"line-2", "unknown-field", "too-long", "bad-temperature", "bad-top-p", "line-7"}
+    # A non-UTF-8 line keeps its custom_id (issue 13, defect 10); a line that is not JSON cannot.
+    assert set(errors) == {"line-2", "unknown-field", "too-long", "bad-temperature", "bad-top-p", "latin1"}
     assert "not valid JSON" in errors["line-2"]
     assert "max_tokenz" in errors["unknown-field"]
     assert "context" in errors["too-long"] and "256" in errors["too-long"]
     assert "temperature" in errors["bad-temperature"]
     assert "top_p" in errors["bad-top-p"]
-    assert "UTF-8" in errors["line-7"]
+    assert "UTF-8" in errors["latin1"]
     body = res["ok-completion"]["response"]["body"]
     assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] <= 5
     assert res["ok-chat"]["response"]["body"]["object"] == "chat.completion"
@@ -188,3 +189,36 @@ def test_cpu_threads_follow_the_affinity_and_slurm_not_the_machine(tiny_models, 
     assert cpu_threads(4) == 3
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert cpu_threads() == 2
+
+
+def test_an_output_of_another_input_or_config_is_refused(tiny_models, tmp_path):
+    # Issue 13, defect 3: an output left by another input was reused silently (matching ids
+    # counted as answered though the prompts differed), and a changed sampling config too.
+    model = str(tiny_models["llama"])
+    first = write_jsonl(tmp_path / "first.jsonl", [{"custom_id": f"r{i}", "prompt": f"first {i}", "max_tokens": 3}
+                                                   for i in range(3)])
+    out = tmp_path / "out.jsonl"
+    kvrelay("run", "-i", str(first), "-o", str(out), "--model", model, *SETTINGS)
+    before = out.read_bytes()
+    assert all(set(d["kvrelay"]) == {"request", "config"} for d in read_out(out).values())
+
+    other = write_jsonl(tmp_path / "other.jsonl", [{"custom_id": f"r{i}", "prompt": f"other {i}", "max_tokens": 3}
+                                                   for i in range(10)])
+    proc = kvrelay("run", "-i", str(other), "-o", str(out), "--model", model, *SETTINGS, check_rc=2)
+    assert f"{out} holds an answer for custom_id 'r0' (output line " in proc.stderr
+    assert f"to another request than line 1 of {other}" in proc.stderr
+    assert "new -o, or delete the old output" in proc.stderr and "Traceback" not in proc.stderr
+    assert out.read_bytes() == before
+
+    proc = kvrelay("run", "-i", str(first), "-o", str(out), "--model", model, *SETTINGS,
+                   "--set", "defaults.temperature=0.5", check_rc=2)
+    assert "was written by a job with another output-affecting config (first at custom_id 'r0'" in proc.stderr
+    assert out.read_bytes() == before
+
+    # The same job again is a resume; an input that lacks some answered ids is warned about.
+    kvrelay("run", "-i", str(first), "-o", str(out), "--model", model, *SETTINGS)
+    fewer = write_jsonl(tmp_path / "fewer.jsonl", [{"custom_id": f"r{i}", "prompt": f"first {i}", "max_tokens": 3}
+                                                   for i in range(2)])
+    proc = kvrelay("run", "-i", str(fewer), "-o", str(out), "--model", model, *SETTINGS)
+    assert f"holds 1 custom_ids that {fewer} does not have (first: 'r2')" in proc.stderr
+    assert out.read_bytes() == before

@@ -308,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"kvrelay: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a job (a job stops on it: launch/stop.py)
+        print("kvrelay: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch
 from kvrelay.configs.schema import JobConfig
 from kvrelay.core.layout import LaunchError, Layout
 from kvrelay.launch.environment import cpu_threads
+from kvrelay.launch.stop import STOP_SIGNALS, Stopped, on_stop, record_stop, stop_marker
 from kvrelay.launch.preflight import check_and_lock
 from kvrelay.ranks.engine.engine import Engine, job_hash_seed, model_name, pick_device, resolve_max_model_len
 from kvrelay.ranks.engine.loader import read_model_dir
@@ -55,17 +56,27 @@ def run_local(cfg: JobConfig) -> Summary:
             f"srun, or `kvrelay run --local {layout.world_size}`"
         )
     lock = check_and_lock(cfg)  # noqa: F841 - held (open) until this process exits
-    if pick_device(cfg.job.device).type == "cpu":
-        torch.set_num_threads(cpu_threads())
-        log.info("%d CPU threads", torch.get_num_threads())
-    engine = Engine.from_config(cfg)
-    # The engine has read the model dir and the tokenizer already: the frontend shares them.
-    frontend = Frontend(cfg, engine.tokenizer, engine.max_model_len, engine.vocab_size, model_name(cfg))
-    log.info(
-        "model %s on %s: %d KV blocks of %d tokens, context %d",
-        model_name(cfg), engine.runner.device, engine.pool.num_blocks, cfg.cache.block_size, engine.max_model_len,
-    )
-    summary = frontend.run(LocalBackend(engine))
+    # TERM, USR2 and Ctrl-C stop the job as they stop the MPI job's router (launch/job.py).
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_stop)
+    assert cfg.output.path is not None
+    stop_marker(cfg.output.path).unlink(missing_ok=True)
+    frontend = None
+    try:
+        if pick_device(cfg.job.device).type == "cpu":
+            torch.set_num_threads(cpu_threads())
+            log.info("%d CPU threads", torch.get_num_threads())
+        engine = Engine.from_config(cfg)
+        # The engine has read the model dir and the tokenizer already: the frontend shares them.
+        frontend = Frontend(cfg, engine.tokenizer, engine.max_model_len, engine.vocab_size, model_name(cfg))
+        log.info(
+            "model %s on %s: %d KV blocks of %d tokens, context %d",
+            model_name(cfg), engine.runner.device, engine.pool.num_blocks, cfg.cache.block_size, engine.max_model_len,
+        )
+        summary = frontend.run(LocalBackend(engine))
+    except Stopped as stop:
+        record_stop(cfg, stop.signum, frontend)
+        raise SystemExit(128 + stop.signum) from None
     assert cfg.output.path is not None
     log.info("summary written to %s", write_summary(summary, cfg.output.path, frontend.timings if cfg.input.format == "trace" else None))
     return summary

@@ -177,6 +177,7 @@ class Frontend:
         self.due: dict[str, tuple[float, float]] = {}
         self.time_scale = cfg.sim.speed if cfg.sim.enabled else 1.0
         self.timings: list[dict] = []
+        self.summary: Summary | None = None  # the running job's, also when a stop signal ends `run`
 
     def run(self, backend: Backend) -> Summary:
         cfg = self.cfg
@@ -184,7 +185,7 @@ class Frontend:
             raise InputError("set the input and output files: -i IN.jsonl -o OUT.jsonl (or input.path, output.path)")
         if Path(cfg.input.path).resolve() == Path(cfg.output.path).resolve():
             raise InputError("the output file must not be the input file")
-        summary = Summary(input=cfg.input.path, output=cfg.output.path, time_scale=self.time_scale)
+        summary = self.summary = Summary(input=cfg.input.path, output=cfg.output.path, time_scale=self.time_scale)
         source = self._source()
         progress = Progress(cfg.job.progress)
         self.start = time.time()

@@ -222,3 +222,36 @@ def test_an_output_of_another_input_or_config_is_refused(tiny_models, tmp_path):
     proc = kvrelay("run", "-i", str(fewer), "-o", str(out), "--model", model, *SETTINGS)
     assert f"holds 1 custom_ids that {fewer} does not have (first: 'r2')" in proc.stderr
     assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "ctrl-c"])
+def test_a_stop_signal_leaves_the_summary_and_the_stop_marker_without_a_traceback(sig, tiny_models, tmp_path):
+    # Issue 13, defect 9: a single-process SIGTERM left neither OUT.stopped nor a summary, and
+    # Ctrl-C printed a traceback.
+    inp = resume_input(tmp_path)
+    out = tmp_path / "out.jsonl"
+    args = ["run", "-i", str(inp), "-o", str(out), "--model", str(tiny_models["llama"]), *SETTINGS,
+            "--set", "router.max_inflight=2", "--set", "scheduler.max_seqs=2"]
+    proc = subprocess.Popen([*CLI, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 4):
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, stderr
+    assert "Traceback" not in stderr and f"{sig.name}: the output file holds every answer so far" in stderr
+    assert (tmp_path / "out.stopped").read_text() == f"{sig.name}\n"
+    done = out.read_text().count("\n")
+    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    assert summary["lines"] == summary["this_run"]["succeeded"] == done < 48
+    kvrelay(*args)
+    assert len(read_out(out)) == 48 and not (tmp_path / "out.stopped").exists()
+
+
+def test_a_local_rank_count_that_does_not_match_the_roles_is_refused_before_mpiexec(tiny_models, tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    proc = kvrelay("run", "--local", "3", "-i", str(inp), "-o", str(tmp_path / "o.jsonl"),
+                   "--model", str(tiny_models["llama"]), *SETTINGS, "--set", "roles.aggregated=1", check_rc=2)
+    assert ("--local 3 starts 3 ranks but the config asks for 1 router + 0 prefill + 0 decode + 1 aggregated = 2 ranks; "
+            "pass --local 2") in proc.stderr
+    assert "starting: " not in proc.stderr  # mpiexec never started

@@ -23,12 +23,9 @@ from pathlib import Path
 from kvrelay.configs.schema import ConfigError, JobConfig, load_config
 from kvrelay.core.layout import LaunchError, Layout
 from kvrelay.core.model_files import ModelConfigError
-from kvrelay.router.batch_output import CorruptOutputError
-from kvrelay.router.frontend import InputError
-from kvrelay.slurm.resources import SlurmError
+from kvrelay.launch.preflight import USER_ERRORS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-USER_ERRORS = (ConfigError, ModelConfigError, InputError, CorruptOutputError, LaunchError, SlurmError)
 
 
 def _config(args: argparse.Namespace) -> JobConfig:
@@ -52,6 +49,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.local is not None:
         if launched_by_mpi():
             raise LaunchError("--local starts mpiexec itself: do not also run it under mpiexec or srun")
+        layout = Layout.from_roles(cfg.roles)
+        if args.local != layout.world_size:
+            raise LaunchError(f"--local {args.local} starts {args.local} ranks but the config asks for {layout.describe()}; "
+                              f"pass --local {layout.world_size} or change roles.prefill/decode/aggregated")
         return local_mpiexec(args.local, _without_local(args.argv))
     if launched_by_mpi():
         from kvrelay.launch.job import run_mpi
@@ -160,7 +161,10 @@ def cmd_bench_route(args: argparse.Namespace) -> int:
 def cmd_sbatch(args: argparse.Namespace) -> int:
     from kvrelay.slurm.sbatch import render, submit
 
+    from kvrelay.launch.preflight import check_paths
+
     cfg = _config(args)
+    check_paths(cfg)  # the job's files, as the router will check them, before anything is submitted
     if args.dry_run:
         sys.stdout.write(render(cfg, args.config, args.set, args.array))
         return 0
@@ -304,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"kvrelay: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a job (a job stops on it: launch/stop.py)
+        print("kvrelay: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,13 +11,19 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from kvrelay.configs.schema import JobConfig
 from kvrelay.core.layout import LaunchError, Layout
-from kvrelay.ranks.engine.engine import Engine, job_hash_seed, model_name, resolve_max_model_len
+from kvrelay.launch.environment import cpu_threads
+from kvrelay.launch.stop import STOP_SIGNALS, Stopped, on_stop, record_stop, stop_marker
+from kvrelay.launch.preflight import check_and_lock
+from kvrelay.ranks.engine.engine import Engine, job_hash_seed, model_name, pick_device, resolve_max_model_len
 from kvrelay.ranks.engine.loader import read_model_dir
 from kvrelay.core.tokenizer import SimTokenizer
 from kvrelay.core.timing import load_timing, sim_max_model_len
@@ -49,28 +55,43 @@ def run_local(cfg: JobConfig) -> Summary:
             f"the config asks for {layout.describe()}: start it with mpiexec -n {layout.world_size}, "
             f"srun, or `kvrelay run --local {layout.world_size}`"
         )
-    engine = Engine.from_config(cfg)
-    # The engine has read the model dir and the tokenizer already: the frontend shares them.
-    frontend = Frontend(cfg, engine.tokenizer, engine.max_model_len, engine.vocab_size, model_name(cfg))
-    log.info(
-        "model %s on %s: %d KV blocks of %d tokens, context %d",
-        model_name(cfg), engine.runner.device, engine.pool.num_blocks, cfg.cache.block_size, engine.max_model_len,
-    )
-    summary = frontend.run(LocalBackend(engine))
+    lock = check_and_lock(cfg)  # noqa: F841 - held (open) until this process exits
+    # TERM, USR2 and Ctrl-C stop the job as they stop the MPI job's router (launch/job.py).
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_stop)
+    assert cfg.output.path is not None
+    stop_marker(cfg.output.path).unlink(missing_ok=True)
+    frontend = None
+    try:
+        if pick_device(cfg.job.device).type == "cpu":
+            torch.set_num_threads(cpu_threads())
+            log.info("%d CPU threads", torch.get_num_threads())
+        engine = Engine.from_config(cfg)
+        # The engine has read the model dir and the tokenizer already: the frontend shares them.
+        frontend = Frontend(cfg, engine.tokenizer, engine.max_model_len, engine.vocab_size, model_name(cfg))
+        log.info(
+            "model %s on %s: %d KV blocks of %d tokens, context %d",
+            model_name(cfg), engine.runner.device, engine.pool.num_blocks, cfg.cache.block_size, engine.max_model_len,
+        )
+        summary = frontend.run(LocalBackend(engine))
+    except Stopped as stop:
+        record_stop(cfg, stop.signum, frontend)
+        raise SystemExit(128 + stop.signum) from None
     assert cfg.output.path is not None
     log.info("summary written to %s", write_summary(summary, cfg.output.path, frontend.timings if cfg.input.format == "trace" else None))
     return summary
 
 
 def exit_code(cfg: JobConfig, summary: Summary) -> int:
-    """0 when the job ran. Non-zero when lines were run and none succeeded, or on any error line
-    with output.fail_on_error."""
-    ran = summary.lines - summary.skipped_answered
-    if ran > 0 and summary.succeeded == 0:
-        print(f"kvrelay: none of the {ran} lines succeeded; see the error lines in {summary.output}", file=sys.stderr)
+    """0 when the job ran. 1 when the output file holds lines and none is a success, or, with
+    output.fail_on_error, when it holds any error line. The whole file counts, not only this run:
+    a rerun or requeue of a finished job exits as the job did."""
+    f = summary.file
+    if f.lines > 0 and f.succeeded == 0:
+        print(f"kvrelay: none of the {f.lines} lines succeeded; see the error lines in {summary.output}", file=sys.stderr)
         return 1
-    if cfg.output.fail_on_error and summary.errors:
-        print(f"kvrelay: {summary.errors} lines were errors (--fail-on-error)", file=sys.stderr)
+    if cfg.output.fail_on_error and f.errors:
+        print(f"kvrelay: {f.errors} lines of {summary.output} are errors (--fail-on-error)", file=sys.stderr)
         return 1
     return 0
 
@@ -85,8 +106,15 @@ def find_mpiexec() -> tuple[str, bool]:
     return exe, "Open MPI" in version or "OpenRTE" in version or "prte" in version.lower()
 
 
+# Signals that the `--local` launcher passes on to mpiexec (Slurm's and a terminal's stops).
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+
+
 def local_mpiexec(n: int, argv: list[str]) -> int:
-    """Run `kvrelay run ARGV` as an n-rank MPI job on this machine; returns its exit code."""
+    """Run `kvrelay run ARGV` as an n-rank MPI job on this machine; returns its exit code.
+
+    TERM, INT and USR2 sent to this process go on to mpiexec, which passes them to every rank, and
+    this process waits for mpiexec to end: killing the launcher never leaves ranks writing behind it."""
     exe, open_mpi = find_mpiexec()
     env = dict(os.environ)
     cmd = [exe, "-n", str(n)]
@@ -99,4 +127,21 @@ def local_mpiexec(n: int, argv: list[str]) -> int:
     # oversubscribed node (measured in tests/mpi/window_check.py).
     cmd += [sys.executable, "-m", "kvrelay.launch.cli", "run", *argv]
     log.info("starting: %s", " ".join(cmd))
-    return subprocess.run(cmd, env=env).returncode
+    pending: list[int] = []  # signals that came before mpiexec started
+    proc: subprocess.Popen | None = None
+
+    def forward(signum, frame):
+        if proc is None:
+            pending.append(signum)
+        else:
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
+    try:
+        proc = subprocess.Popen(cmd, env=env)
+        for signum in pending:
+            proc.send_signal(signum)
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -93,10 +93,11 @@ class LineError:
 
 
 class _Bad(Exception):
-    def __init__(self, message: str, code: str = "invalid_request"):
+    def __init__(self, message: str, code: str = "invalid_request", custom_id: str | None = None):
         super().__init__(message)
         self.message = message
         self.code = code
+        self.custom_id = custom_id  # recovered from a line that could not be read whole
 
 
 def parse_line(raw: bytes, line_no: int, defaults: dict) -> ParsedLine | LineError:
@@ -104,7 +105,8 @@ def parse_line(raw: bytes, line_no: int, defaults: dict) -> ParsedLine | LineErr
 
     `defaults` holds the job config's sampling defaults (names in DEFAULTABLE, checked once with
     `check_defaults`); they apply where the line omits a field. A line without a usable custom_id
-    gets `line-<line_no>`, so its output line is found again on a rerun.
+    gets `line-<line_no>`, so its output line is found again on a rerun; `line_custom_id` gives
+    the same id without parsing the rest of the line.
     """
     custom_id = f"line-{line_no}"
     try:
@@ -112,7 +114,16 @@ def parse_line(raw: bytes, line_no: int, defaults: dict) -> ParsedLine | LineErr
         custom_id = _custom_id(obj, custom_id)
         return _parse_object(obj, line_no, custom_id, defaults)
     except _Bad as e:
-        return LineError(line_no, custom_id, e.code, e.message)
+        return LineError(line_no, e.custom_id or custom_id, e.code, e.message)
+
+
+def line_custom_id(raw: bytes, line_no: int) -> str:
+    """The custom_id that `parse_line` gives this line."""
+    fallback = f"line-{line_no}"
+    try:
+        return _custom_id(_load(raw, line_no), fallback)
+    except _Bad as e:
+        return e.custom_id or fallback
 
 
 def check_defaults(defaults: dict) -> None:
@@ -179,7 +190,7 @@ def _load(raw: bytes, line_no: int) -> dict:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise _Bad(f"line is not valid UTF-8 at byte {e.start}; save the file as UTF-8",
-                   "invalid_json") from None
+                   "invalid_json", _recover_custom_id(raw)) from None
     if line_no == 1 and text.startswith("\ufeff"):  # a byte-order mark some editors write
         text = text[1:]
     if not text.strip():
@@ -195,6 +206,17 @@ def _load(raw: bytes, line_no: int) -> dict:
     if not isinstance(obj, dict):
         raise _Bad(f"line must be a JSON object {{...}}, got {_type(obj)}", "invalid_json")
     return obj
+
+
+def _recover_custom_id(raw: bytes) -> str | None:
+    """The custom_id of a line that is JSON but not UTF-8 (a Latin-1 prompt, say), when the id
+    itself is intact, so that the line's error output can be matched to it."""
+    try:
+        obj = json.loads(raw.decode("utf-8", "replace"))
+    except (ValueError, RecursionError):
+        return None
+    v = obj.get("custom_id") if isinstance(obj, dict) else None
+    return v if isinstance(v, str) and v and "\ufffd" not in v else None
 
 
 def _reject_constant(name: str):

@@ -28,6 +28,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from kvrelay.router.batch_input import ParsedLine
 from kvrelay.core.request import RequestResult
@@ -39,6 +40,8 @@ _LOGPROB_FLOOR = -9999.0  # vLLM's floor: -inf is not valid JSON
 
 _SEEN = 1  # the custom_id has come up in this run's input
 _ANSWERED = 2  # the file holds its (non-duplicate) output line
+# Above those two bits: the input line number where this run first saw the custom_id.
+META = "kvrelay"  # the output line's record of what it answered (router/answered.py)
 
 
 def success_line(
@@ -153,6 +156,33 @@ def _chat_logprobs(result: RequestResult, k: int, token_texts) -> dict:
     return {"content": content}
 
 
+@dataclass
+class FileCounts:
+    """What the output file holds, every line of it: lines left by earlier runs and by this one."""
+
+    lines: int = 0
+    succeeded: int = 0
+    errors: int = 0
+    error_codes: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    output_tokens: int = 0
+
+    def add(self, obj: dict) -> None:
+        self.lines += 1
+        error = obj.get("error")
+        if error is not None:
+            self.errors += 1
+            code = error.get("code", "unknown") if isinstance(error, dict) else "unknown"
+            self.error_codes[code] = self.error_codes.get(code, 0) + 1
+            return
+        self.succeeded += 1
+        usage = ((obj.get("response") or {}).get("body") or {}).get("usage") or {}
+        self.prompt_tokens += usage.get("prompt_tokens", 0)
+        self.cached_prompt_tokens += (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        self.output_tokens += usage.get("completion_tokens", 0)
+
+
 class CorruptOutputError(RuntimeError):
     """The output file holds a damaged line before its end; the writer leaves the file alone."""
 
@@ -166,13 +196,16 @@ class OutputWriter:
     short id), so 10 M lines take about 1 GB.
     """
 
-    def __init__(self, path: str | os.PathLike, fsync_interval_s: float = 1.0):
+    def __init__(self, path: str | os.PathLike, fsync_interval_s: float = 1.0, config_hash: str | None = None):
         self.path = os.fspath(path)
         self._fsync_interval_s = fsync_interval_s
-        self._ids: dict[str, int] = {}  # custom_id -> _SEEN | _ANSWERED bits
+        self._config_hash = config_hash
+        self._ids: dict[str, int] = {}  # custom_id -> first line number << 2 | _SEEN | _ANSWERED bits
+        self._request_hashes: dict[str, str | None] = {}  # of lines let through, until written
         self._dups_on_file: dict[str, int] = {}  # duplicate error lines not yet matched this run
         self._answered = 0
         self.lines_written = 0  # by this run
+        self.counts = FileCounts()  # of the whole file, kept up to date as lines are appended
         keep = self._read_existing()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if keep is not None:
@@ -188,8 +221,8 @@ class OutputWriter:
         """custom_ids that the file holds an answer for (from earlier runs and this one)."""
         return self._answered
 
-    def should_run(self, custom_id: str, line_no: int) -> bool:
-        """Whether the router must run this input line.
+    def should_run(self, custom_id: str, line_no: int, request_hash: str | None = None) -> bool:
+        """Whether the router must run this input line (`request_hash`: router/answered.py).
 
         False when an earlier run answered it, or when it is a duplicate of an earlier line of
         this input; for a duplicate the writer itself writes the `duplicate_custom_id` error
@@ -197,19 +230,22 @@ class OutputWriter:
         """
         state = self._ids.get(custom_id, 0)
         if state & _SEEN:
-            self._duplicate(custom_id, line_no)
+            self._duplicate(custom_id, line_no, state >> 2, request_hash)
             return False
-        self._ids[custom_id] = state | _SEEN
-        return not state & _ANSWERED
+        self._ids[custom_id] = line_no << 2 | state | _SEEN
+        if state & _ANSWERED:
+            return False
+        self._request_hashes[custom_id] = request_hash
+        return True
 
     def write(self, obj: dict) -> None:
         """Append the output line of an input line that `should_run` let through."""
         custom_id = obj["custom_id"]
         state = self._ids.get(custom_id, 0)
-        assert state == _SEEN, f"custom_id {custom_id!r}: write without should_run, or twice"
+        assert state & 3 == _SEEN, f"custom_id {custom_id!r}: write without should_run, or twice"
         self._ids[custom_id] = state | _ANSWERED
         self._answered += 1
-        self._append(obj)
+        self._append(obj, self._request_hashes.pop(custom_id))
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -223,18 +259,21 @@ class OutputWriter:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _duplicate(self, custom_id: str, line_no: int) -> None:
+    def _duplicate(self, custom_id: str, line_no: int, first: int, request_hash: str | None) -> None:
         left = self._dups_on_file.get(custom_id, 0)
         if left:
             self._dups_on_file[custom_id] = left - 1
             return
         self._append(error_line(
             custom_id, DUPLICATE,
-            f"custom_id {custom_id!r} is used by an earlier line; line {line_no} was not run. "
-            "Give every line its own custom_id.",
-        ))
+            f"line {line_no} is a duplicate of line {first}: custom_id {custom_id!r} is used by both, "
+            f"and only line {first} was run. Give every line its own custom_id.",
+        ), request_hash)
 
-    def _append(self, obj: dict) -> None:
+    def _append(self, obj: dict, request_hash: str | None) -> None:
+        meta = {k: v for k, v in (("request", request_hash), ("config", self._config_hash)) if v is not None}
+        if meta:
+            obj = {**obj, META: meta}
         try:
             data = (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
         except UnicodeEncodeError:  # a lone surrogate (from a \ud800 escape in the input)
@@ -243,6 +282,7 @@ class OutputWriter:
         while view:
             view = view[os.write(self._fd, view):]
         self.lines_written += 1
+        self.counts.add(obj)
         now = time.monotonic()
         if now - self._last_sync >= self._fsync_interval_s:
             os.fsync(self._fd)
@@ -277,6 +317,7 @@ class OutputWriter:
         try:
             obj = json.loads(line)
             custom_id = obj["custom_id"]
+            self.counts.add(obj)
             if not isinstance(custom_id, str):
                 raise TypeError(f"custom_id is {type(custom_id).__name__}, not a string")
             error = obj.get("error")

@@ -21,8 +21,9 @@ import xxhash
 
 from kvrelay.configs.schema import ConfigError, JobConfig
 from kvrelay.core.tokenizer import Tokenizer
+from kvrelay.router.answered import config_hash, request_hash
 from kvrelay.router.batch_input import LineError, ParsedLine, check_defaults, check_prompt, parse_line, resolve_sampling
-from kvrelay.router.batch_output import DUPLICATE, OutputWriter, error_line, success_line
+from kvrelay.router.batch_output import DUPLICATE, FileCounts, OutputWriter, error_line, success_line
 from kvrelay.router.lookahead import LookAhead
 from kvrelay.core.request import Request, RequestResult, SamplingParams
 from kvrelay.router.trace import TraceEntry, TraceError, prompt_tokens, read_trace
@@ -42,6 +43,12 @@ class InputError(ValueError):
 
 @dataclass
 class Summary:
+    """This run's counts, and (`file`) what the whole output file holds once it ends.
+
+    In OUT.summary.json the top-level counts are the file's, so that a resumed or requeued job
+    reports its final state; this run's own numbers are under `this_run`. Rates (tokens/s) and
+    latencies are this run's: earlier runs' times are not known."""
+
     input: str
     output: str
     lines: int = 0
@@ -58,15 +65,16 @@ class Summary:
     latency: dict = field(default_factory=dict)
     error_codes: dict[str, int] = field(default_factory=dict)
     backend: dict = field(default_factory=dict)
+    file: FileCounts = field(default_factory=FileCounts)
 
     @property
     def prefix_hit_ratio(self) -> float:
         return self.cached_prompt_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
     def to_json(self) -> dict:
-        d = asdict(self)
         wall = max(self.wall_s * self.time_scale, 1e-9)
-        d.update(
+        this_run = {k: v for k, v in asdict(self).items() if k not in ("input", "output", "latency", "backend", "file")}
+        this_run.update(
             elapsed_s=self.wall_s * self.time_scale,
             requests=self.succeeded + self.errors,
             total_tokens=self.prompt_tokens + self.output_tokens,
@@ -74,7 +82,31 @@ class Summary:
             output_tokens_per_s=self.output_tokens / wall,
             prefix_hit_ratio=self.prefix_hit_ratio,
         )
-        return d
+        f = self.file
+        return {
+            "input": self.input,
+            "output": self.output,
+            "lines": f.lines,
+            "succeeded": f.succeeded,
+            "errors": f.errors,
+            "error_codes": f.error_codes,
+            "requests": f.succeeded + f.errors,
+            "prompt_tokens": f.prompt_tokens,
+            "cached_prompt_tokens": f.cached_prompt_tokens,
+            "output_tokens": f.output_tokens,
+            "total_tokens": f.prompt_tokens + f.output_tokens,
+            "prefix_hit_ratio": f.cached_prompt_tokens / f.prompt_tokens if f.prompt_tokens else 0.0,
+            # this run's, kept at the top level where they have always been
+            "skipped_answered": self.skipped_answered,
+            "wall_s": self.wall_s,
+            "elapsed_s": this_run["elapsed_s"],
+            "time_scale": self.time_scale,
+            "total_tokens_per_s": this_run["total_tokens_per_s"],
+            "output_tokens_per_s": this_run["output_tokens_per_s"],
+            "latency": self.latency,
+            "backend": self.backend,
+            "this_run": this_run,
+        }
 
 
 def read_lines(path: str, limit: int | None = None, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, bytes]]:
@@ -147,6 +179,7 @@ class Frontend:
         self.due: dict[str, tuple[float, float]] = {}
         self.time_scale = cfg.sim.speed if cfg.sim.enabled else 1.0
         self.timings: list[dict] = []
+        self.summary: Summary | None = None  # the running job's, also when a stop signal ends `run`
 
     def run(self, backend: Backend) -> Summary:
         cfg = self.cfg
@@ -154,7 +187,7 @@ class Frontend:
             raise InputError("set the input and output files: -i IN.jsonl -o OUT.jsonl (or input.path, output.path)")
         if Path(cfg.input.path).resolve() == Path(cfg.output.path).resolve():
             raise InputError("the output file must not be the input file")
-        summary = Summary(input=cfg.input.path, output=cfg.output.path, time_scale=self.time_scale)
+        summary = self.summary = Summary(input=cfg.input.path, output=cfg.output.path, time_scale=self.time_scale)
         source = self._source()
         progress = Progress(cfg.job.progress)
         self.start = time.time()
@@ -164,7 +197,8 @@ class Frontend:
         # resume decided there), and leave it for placement in prefix order (router/lookahead.py).
         ahead: LookAhead[tuple[Request, ParsedLine, float | None]] = LookAhead(
             cfg.router.lookahead_lines, cfg.router.lookahead_tokens, cfg.cache.block_size)
-        with OutputWriter(cfg.output.path) as writer:
+        with OutputWriter(cfg.output.path, config_hash=config_hash(cfg)) as writer:
+            summary.file = writer.counts
             exhausted = False
             nxt = None
             while True:
@@ -231,7 +265,7 @@ class Frontend:
         s.lines += 1
         parsed = self._trace_line(item) if isinstance(item, TraceEntry) else parse_line(item, line_no, self.defaults)
         written = writer.lines_written
-        if not writer.should_run(parsed.custom_id, line_no):
+        if not writer.should_run(parsed.custom_id, line_no, None if isinstance(item, TraceEntry) else request_hash(item)):
             if writer.lines_written > written:  # the writer wrote a duplicate_custom_id line
                 self._count_error(s, DUPLICATE)
             else:

@@ -289,3 +289,20 @@ def test_check_prompt_errors():
     e = _err(plain(prompt=" "), [])
     assert e.message.startswith("prompt is empty after tokenization")
     assert (e.line_no, e.custom_id) == (7, "line-7")
+
+
+def test_a_non_utf8_line_keeps_its_custom_id():
+    # Issue 13, defect 10: the error line of a Latin-1 prompt came out as `line-<n>`, so a
+    # rerun of the fixed file answered the same request under its own id as well.
+    from kvrelay.router.batch_input import line_custom_id
+
+    raw = b'{"custom_id": "cafe", "prompt": "caf\xe9"}\n'
+    err = parse_line(raw, 7, {})
+    assert isinstance(err, LineError) and err.code == "invalid_json" and "UTF-8" in err.message
+    assert err.custom_id == "cafe" == line_custom_id(raw, 7)
+    # An id that is itself damaged, or a line that is not JSON, cannot be recovered.
+    for bad in (b'{"custom_id": "caf\xe9", "prompt": "x"}', b'{"custom_id": "x", "prompt": "\xe9"'):
+        assert parse_line(bad, 3, {}).custom_id == "line-3" == line_custom_id(bad, 3)
+    assert line_custom_id(plain(custom_id="r1", prompt="x"), 1) == "r1"
+    assert line_custom_id(plain(prompt="x"), 4) == "line-4"
+    assert line_custom_id(plain(custom_id=5, prompt="x"), 4) == "line-4"

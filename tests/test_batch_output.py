@@ -284,3 +284,26 @@ def test_killed_process_loses_nothing_written(tmp_path):
     assert len(read(path)) == 4
     run_job(path)
     assert_exactly_once(path)
+
+
+def test_a_duplicate_names_the_line_it_duplicates_and_its_id_is_answered_once(tmp_path):
+    # Issue 13, defect 10: the error line of a duplicate names the line that was run (K), and
+    # the custom_id has one answer however many times the job runs.
+    path = tmp_path / "out.jsonl"
+    ids = ["a", "b", "a", "c", "a"]
+    for _ in range(2):
+        with OutputWriter(path) as w:
+            for n, cid in enumerate(ids, 1):
+                if w.should_run(cid, n, request_hash=f"h{n}"):
+                    w.write(answer(cid))
+    lines = read(path)
+    assert len(lines) == len(ids)
+    assert Counter(o["custom_id"] for o in lines if o["error"] is None) == {"a": 1, "b": 1, "c": 1}
+    dups = [o["error"]["message"] for o in lines if o["error"] is not None]
+    assert dups == [
+        "line 3 is a duplicate of line 1: custom_id 'a' is used by both, and only line 1 was run. "
+        "Give every line its own custom_id.",
+        "line 5 is a duplicate of line 1: custom_id 'a' is used by both, and only line 1 was run. "
+        "Give every line its own custom_id.",
+    ]
+    assert [o["kvrelay"]["request"] for o in lines] == ["h1", "h2", "h3", "h4", "h5"]

@@ -180,3 +180,46 @@ def test_sigterm_ends_the_job_and_a_rerun_completes_it(tiny_models, shared_prefi
     rerun = run(args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert len(outputs(out)) == 208
+
+
+def session_processes(sid: int) -> list[str]:
+    """`pid command` of every live process in session `sid` (zombies are dead)."""
+    ps = subprocess.run(["ps", "-e", "-o", "pid=,sid=,stat=,args="], capture_output=True, text=True).stdout
+    return [f"{f[0]} {f[3]}" for f in (line.split(None, 3) for line in ps.splitlines())
+            if len(f) == 4 and f[1] == str(sid) and not f[2].startswith("Z")]
+
+
+def test_sigterm_to_the_local_launcher_reaches_every_rank(tiny_models, shared_prefix_input, tmp_path):
+    # Issue 13, defect 1: TERM to `kvrelay run --local 4` alone (not its process group, as a
+    # scheduler or `kill PID` sends it) used to kill the launcher and leave mpiexec and every rank
+    # writing; the rerun then wrote the same ids a second time.
+    import signal
+    import time
+
+    out = tmp_path / "out.jsonl"
+    args = [*CLI, "run", "--local", "4", "-i", str(shared_prefix_input), "-o", str(out), "--model", str(tiny_models["llama"]),
+            *SETTINGS, "--set", "roles.aggregated=0", "--set", "roles.prefill=1", "--set", "roles.decode=2",
+            "--set", "router.max_inflight=2", "--set", "defaults.max_tokens=24"]
+    proc = subprocess.Popen(args, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 10):
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        assert proc.returncode != 0
+        deadline = time.monotonic() + 10
+        while session_processes(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert session_processes(proc.pid) == [], "ranks outlived the launcher"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    done = out.read_text().count("\n")
+    assert 10 <= done < 208
+    rerun = run(args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert len(outputs(out)) == 208  # outputs() asserts one line per custom_id

@@ -59,13 +59,14 @@ def test_bad_lines_become_error_lines_and_good_lines_are_answered(tiny_models, t
     res = read_out(out)
     assert len(res) == 9
     errors = {cid: d["error"]["message"] for cid, d in res.items() if d["error"]}
-    assert set(errors) == {"line-2", "unknown-field", "too-long", "bad-temperature", "bad-top-p", "line-7"}
+    # A non-UTF-8 line keeps its custom_id (issue 13, defect 10); a line that is not JSON cannot.
+    assert set(errors) == {"line-2", "unknown-field", "too-long", "bad-temperature", "bad-top-p", "latin1"}
     assert "not valid JSON" in errors["line-2"]
     assert "max_tokenz" in errors["unknown-field"]
     assert "context" in errors["too-long"] and "256" in errors["too-long"]
     assert "temperature" in errors["bad-temperature"]
     assert "top_p" in errors["bad-top-p"]
-    assert "UTF-8" in errors["line-7"]
+    assert "UTF-8" in errors["latin1"]
     body = res["ok-completion"]["response"]["body"]
     assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] <= 5
     assert res["ok-chat"]["response"]["body"]["object"] == "chat.completion"
@@ -73,11 +74,16 @@ def test_bad_lines_become_error_lines_and_good_lines_are_answered(tiny_models, t
     assert ids_body["usage"]["prompt_tokens"] == 3 and len(ids_body["choices"][0]["token_ids"]) <= 3
     summary = json.loads((tmp_path / "out.summary.json").read_text())
     assert summary["succeeded"] == 3 and summary["errors"] == 6
-    # Asked to, the same job fails on error lines (a resumed run: the answered lines count).
+    # Asked to, the same job fails on error lines, also when a rerun finds them all answered
+    # (issue 13, defect 4: the exit code describes the whole output file, not only the last run).
     proc = kvrelay("run", "-i", str(inp), "-o", str(out), "--model", str(tiny_models["llama"]),
-                   "--fail-on-error", *SETTINGS, check_rc=None)
-    assert proc.returncode == 0  # nothing ran this time: every line was already answered
+                   "--fail-on-error", *SETTINGS, check_rc=1)
+    assert "6 lines of" in proc.stderr and "--fail-on-error" in proc.stderr
     assert len(out.read_text().splitlines()) == 9
+    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    assert summary["succeeded"] == 3 and summary["errors"] == 6 and summary["lines"] == 9
+    assert summary["error_codes"] == {"invalid_json": 2, "invalid_request": 3, "context_length_exceeded": 1}
+    assert summary["this_run"]["skipped_answered"] == 9 and summary["this_run"]["succeeded"] == 0
 
 
 def test_nothing_succeeded_exits_nonzero(tiny_models, tmp_path):
@@ -86,6 +92,12 @@ def test_nothing_succeeded_exits_nonzero(tiny_models, tmp_path):
                    "--model", str(tiny_models["qwen2"]), *SETTINGS, check_rc=1)
     assert "none of the 2 lines succeeded" in proc.stderr
     assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 2
+    # Issue 13, defect 4: the rerun (a requeue, say) ran nothing, and the job still failed.
+    proc = kvrelay("run", "-i", str(inp), "-o", str(tmp_path / "o.jsonl"),
+                   "--model", str(tiny_models["qwen2"]), *SETTINGS, check_rc=1)
+    assert "none of the 2 lines succeeded" in proc.stderr
+    summary = json.loads((tmp_path / "o.summary.json").read_text())
+    assert summary["errors"] == 2 and summary["this_run"]["errors"] == 0
 
 
 @pytest.mark.parametrize(
@@ -153,4 +165,93 @@ def test_sigkill_then_rerun_gives_one_line_per_input_identical_to_a_clean_run(ti
     assert len(b) == 48 and set(a) == set(b)
     assert all(comparable(a[k]) == comparable(b[k]) for k in a)
     summary = json.loads((tmp_path / "killed.summary.json").read_text())
-    assert summary["skipped_answered"] == done and summary["succeeded"] == 48 - done
+    assert summary["this_run"]["skipped_answered"] == done and summary["this_run"]["succeeded"] == 48 - done
+    assert summary["succeeded"] == 48 and summary["lines"] == 48  # the whole file
+    tokens = sum(d["response"]["body"]["usage"]["completion_tokens"] for d in b.values())
+    assert summary["output_tokens"] == tokens > summary["this_run"]["output_tokens"]
+
+
+def test_cpu_threads_follow_the_affinity_and_slurm_not_the_machine(tiny_models, tmp_path, monkeypatch):
+    # Issue 13, defect 8: a single-process run took one torch thread per core of the machine, so
+    # two jobs on a shared node fought over every core.
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x", "max_tokens": 2}])
+    env = dict(os.environ, SLURM_CPUS_PER_TASK="1")
+    proc = kvrelay("run", "-i", str(inp), "-o", str(tmp_path / "o.jsonl"), "--model", str(tiny_models["llama"]),
+                   *SETTINGS, env=env)
+    assert "kvrelay: 1 CPU threads" in proc.stderr
+
+    from kvrelay.launch.environment import cpu_threads
+
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    assert cpu_threads() == 8 and cpu_threads(3) == 2 and cpu_threads(16) == 1
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    assert cpu_threads(4) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert cpu_threads() == 2
+
+
+def test_an_output_of_another_input_or_config_is_refused(tiny_models, tmp_path):
+    # Issue 13, defect 3: an output left by another input was reused silently (matching ids
+    # counted as answered though the prompts differed), and a changed sampling config too.
+    model = str(tiny_models["llama"])
+    first = write_jsonl(tmp_path / "first.jsonl", [{"custom_id": f"r{i}", "prompt": f"first {i}", "max_tokens": 3}
+                                                   for i in range(3)])
+    out = tmp_path / "out.jsonl"
+    kvrelay("run", "-i", str(first), "-o", str(out), "--model", model, *SETTINGS)
+    before = out.read_bytes()
+    assert all(set(d["kvrelay"]) == {"request", "config"} for d in read_out(out).values())
+
+    other = write_jsonl(tmp_path / "other.jsonl", [{"custom_id": f"r{i}", "prompt": f"other {i}", "max_tokens": 3}
+                                                   for i in range(10)])
+    proc = kvrelay("run", "-i", str(other), "-o", str(out), "--model", model, *SETTINGS, check_rc=2)
+    assert f"{out} holds an answer for custom_id 'r0' (output line " in proc.stderr
+    assert f"to another request than line 1 of {other}" in proc.stderr
+    assert "new -o, or delete the old output" in proc.stderr and "Traceback" not in proc.stderr
+    assert out.read_bytes() == before
+
+    proc = kvrelay("run", "-i", str(first), "-o", str(out), "--model", model, *SETTINGS,
+                   "--set", "defaults.temperature=0.5", check_rc=2)
+    assert "was written by a job with another output-affecting config (first at custom_id 'r0'" in proc.stderr
+    assert out.read_bytes() == before
+
+    # The same job again is a resume; an input that lacks some answered ids is warned about.
+    kvrelay("run", "-i", str(first), "-o", str(out), "--model", model, *SETTINGS)
+    fewer = write_jsonl(tmp_path / "fewer.jsonl", [{"custom_id": f"r{i}", "prompt": f"first {i}", "max_tokens": 3}
+                                                   for i in range(2)])
+    proc = kvrelay("run", "-i", str(fewer), "-o", str(out), "--model", model, *SETTINGS)
+    assert f"holds 1 custom_ids that {fewer} does not have (first: 'r2')" in proc.stderr
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "ctrl-c"])
+def test_a_stop_signal_leaves_the_summary_and_the_stop_marker_without_a_traceback(sig, tiny_models, tmp_path):
+    # Issue 13, defect 9: a single-process SIGTERM left neither OUT.stopped nor a summary, and
+    # Ctrl-C printed a traceback.
+    inp = resume_input(tmp_path)
+    out = tmp_path / "out.jsonl"
+    args = ["run", "-i", str(inp), "-o", str(out), "--model", str(tiny_models["llama"]), *SETTINGS,
+            "--set", "router.max_inflight=2", "--set", "scheduler.max_seqs=2"]
+    proc = subprocess.Popen([*CLI, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 4):
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig, stderr
+    assert "Traceback" not in stderr and f"{sig.name}: the output file holds every answer so far" in stderr
+    assert (tmp_path / "out.stopped").read_text() == f"{sig.name}\n"
+    done = out.read_text().count("\n")
+    summary = json.loads((tmp_path / "out.summary.json").read_text())
+    assert summary["lines"] == summary["this_run"]["succeeded"] == done < 48
+    kvrelay(*args)
+    assert len(read_out(out)) == 48 and not (tmp_path / "out.stopped").exists()
+
+
+def test_a_local_rank_count_that_does_not_match_the_roles_is_refused_before_mpiexec(tiny_models, tmp_path):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    proc = kvrelay("run", "--local", "3", "-i", str(inp), "-o", str(tmp_path / "o.jsonl"),
+                   "--model", str(tiny_models["llama"]), *SETTINGS, "--set", "roles.aggregated=1", check_rc=2)
+    assert ("--local 3 starts 3 ranks but the config asks for 1 router + 0 prefill + 0 decode + 1 aggregated = 2 ranks; "
+            "pass --local 2") in proc.stderr
+    assert "starting: " not in proc.stderr  # mpiexec never started

@@ -47,6 +47,8 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+# A requeued job that becomes eligible again waits for the next backfill pass (30 s by default).
+SchedulerParameters=bf_interval=5
 SlurmdParameters=config_overrides
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none

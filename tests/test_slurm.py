@@ -328,3 +328,48 @@ def test_two_node_job_hands_off_across_nodes_requeues_and_matches_the_single_pro
     assert workers[2]["handoffs_received"] > 0 and workers[3]["handoffs_received"] > 0
     assert workers[2]["handoffs_received"] + workers[3]["handoffs_received"] == LONG - stopped_at
 
+
+# --- The time limit itself ----------------------------------------------------------------------
+
+# NOTE: Slurm checks time limits every 30 s, so `--signal=B:USR2@LEAD` arrives up to ~30 s more
+# than LEAD before the limit (seen here: 22 s before a 2-minute limit with LEAD=10, 40 s before a
+# 3-minute one with LEAD=20), and the limit is whole minutes. With a 3-minute limit and LEAD=20 each
+# run has about 130-160 s before USR2, less its start. Simulated workers (sim.speed) make the work
+# take wall time whatever the CPU load: LIMIT_LINES lines of ~1.9 s each, one at a time, are ~170 s,
+# more than one run has and less than two.
+LIMIT_LINES = 90
+LIMIT_RUN = [*QUIET, "--set", "sim.enabled=true", "--set", "sim.speed=0.075", "--set", "router.max_inflight=1",
+             "--set", "defaults.max_tokens=20", "--set", "defaults.ignore_eos=true",
+             "--set", "roles.prefill=0", "--set", "roles.decode=0", "--set", "roles.aggregated=1",
+             "--set", "slurm.time=00:03:00", "--set", "slurm.signal_lead_s=20"]
+
+
+def test_time_limit_usr2_from_slurm_stops_requeues_and_resumes_once(jobs, model, tmp_path):
+    """A job whose work outlasts its `--time`: Slurm itself sends USR2 (`--signal=B:USR2@20`) to
+    the job script before the limit, the script stops the ranks and requeues the job, and the
+    rerun, resuming from the output, finishes within its own limit: one requeue, one line per input."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    with inp.open("w") as f:
+        for q in range(LIMIT_LINES):
+            f.write(json.dumps({"custom_id": f"q{q}", "prompt_token_ids": [100 + (7 * q + i) % 900 for i in range(64)]}) + "\n")
+    proc = kvrelay("sbatch", DEMO, "-i", str(inp), "-o", str(out), "--model", model, *LIMIT_RUN)
+    assert "#SBATCH --time=00:03:00" in (tmp_path / "out.sbatch").read_text()
+    job_id = submitted(proc, jobs)
+    deadline = time.monotonic() + 300
+    while job_field(job_id, "Restarts") != "1" and time.monotonic() < deadline:
+        assert job_field(job_id, "JobState") not in DONE, (tmp_path / f"out.slurm-{job_id}.log").read_text()[-3000:]
+        time.sleep(1)
+    assert job_field(job_id, "Restarts") == "1", f"job {job_id} was not requeued"
+    assert (tmp_path / "out.stopped").read_text() == "SIGUSR2\n"
+    stopped_at = len(comparable(out))
+    assert 0 < stopped_at < LIMIT_LINES, "the first run should have stopped part way"
+
+    assert wait_job(job_id, timeout=300) == "COMPLETED"
+    assert job_field(job_id, "Restarts") == "1"
+    log = (tmp_path / f"out.slurm-{job_id}.log").read_text()
+    assert log.count("SIGUSR2 in the job script: stopping the ranks") == 1, log[-3000:]
+    assert log.count("requeueing job") == 1 and "(restart 1)" in log and "DUE TO TIME LIMIT" not in log, log[-3000:]
+    lines = comparable(out)
+    assert sorted(lines) == sorted(f"q{q}" for q in range(LIMIT_LINES))
+    assert all(d["error"] is None and d["response"]["body"]["usage"]["completion_tokens"] == 20 for d in lines.values())
+    assert json.loads((tmp_path / "out.summary.json").read_text())["skipped_answered"] == stopped_at

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# A real one-node Slurm cluster on this machine, for CI and for trying the Slurm path by hand.
+# A real two-node Slurm cluster on this machine, for CI and for trying the Slurm path by hand.
 #
 #   bash slurm/ci_cluster.sh install   # apt-get install slurm-wlm munge libpmix-dev (Debian/Ubuntu, root)
-#   bash slurm/ci_cluster.sh start     # write /etc/slurm/slurm.conf, start munged, slurmctld, slurmd; wait for idle
+#   bash slurm/ci_cluster.sh start     # write /etc/slurm/slurm.conf, start munged, slurmctld, two slurmd; wait for idle
 #   bash slurm/ci_cluster.sh status    # sinfo
-#   bash slurm/ci_cluster.sh stop      # cancel jobs, stop the three daemons by their pids
+#   bash slurm/ci_cluster.sh stop      # cancel jobs, stop the daemons by their pids
+#
+# The two nodes, n1 and n2, are this one host: Debian's slurmd runs one daemon per node name
+# (`slurmd -N n1`, each on its own port), so multi-node jobs run for real. Both share one kernel,
+# so MPI between them may still use shared memory.
 #
 # No systemd here (containers, CI): the daemons are started directly and their pids kept in
 # $STATE, so `stop` ends exactly the processes `start` made.
@@ -13,6 +17,7 @@ set -euo pipefail
 STATE=${KVRELAY_SLURM_STATE:-/run/kvrelay-slurm}
 CONF=/etc/slurm/slurm.conf
 PARTITION=ci
+NODES=(n1 n2)
 
 install() {
   if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
@@ -27,10 +32,10 @@ write_conf() {
   local host cpus mem
   host=$(hostname -s)
   # NOTE: more CPUs than the machine has (with config_overrides) so that a 4-rank demo job and a
-  # 4-task submitit job fit on a 2-core CI runner; the ranks oversubscribe the cores as they
-  # do under `mpiexec` there.
+  # 4-task submitit job fit on each node of a 2-core CI runner; the ranks oversubscribe the cores
+  # as they do under `mpiexec` there.
   cpus=$(( $(nproc) > 8 ? $(nproc) : 8 ))
-  mem=$(( $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) * 8 / 10 ))
+  mem=$(( $(awk '/MemTotal/ {print int($2 / 1024)}' /proc/meminfo) * 8 / 10 / ${#NODES[@]} ))
   mkdir -p /etc/slurm
   cat >"$CONF" <<EOF
 ClusterName=ci
@@ -42,33 +47,45 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+# A requeued job that becomes eligible again waits for the next backfill pass (30 s by default).
+SchedulerParameters=bf_interval=5
 SlurmdParameters=config_overrides
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 MpiDefault=none
 StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
+SlurmdSpoolDir=/var/spool/slurmd/%n
 SlurmctldLogFile=$STATE/slurmctld.log
-SlurmdLogFile=$STATE/slurmd.log
+SlurmdLogFile=$STATE/slurmd-%n.log
 SlurmctldPidFile=$STATE/slurmctld.pid
-SlurmdPidFile=$STATE/slurmd.pid
+SlurmdPidFile=$STATE/slurmd-%n.pid
 ReturnToService=2
-NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=$PARTITION Nodes=$host Default=YES MaxTime=INFINITE State=UP
+# A requeued job waits cred_expire seconds (default 120) before it may start again; the requeue
+# tests wait that long, and on one host no slow prolog needs the default's margin.
+AuthInfo=cred_expire=30
+# Slurm's defaults, written out because the time-limit test relies on them: at the limit the job
+# gets TERM, then KILL KillWait seconds later; OverTimeLimit adds no grace minutes.
+KillWait=30
+OverTimeLimit=0
 EOF
+  local i
+  for i in "${!NODES[@]}"; do
+    echo "NodeName=${NODES[$i]} NodeHostname=$host Port=$((17001 + i)) CPUs=$cpus RealMemory=$mem State=UNKNOWN" >>"$CONF"
+  done
+  echo "PartitionName=$PARTITION Nodes=$(IFS=,; echo "${NODES[*]}") Default=YES MaxTime=INFINITE State=UP" >>"$CONF"
 }
 
-node_state() {
-  sinfo -h -p "$PARTITION" -o %T 2>/dev/null | head -1
+node_states() {  # the nodes' states, e.g. "idle idle"
+  sinfo -h -N -p "$PARTITION" -o %T 2>/dev/null | paste -sd ' '
 }
 
 start() {
   if [ -f "$STATE/slurmctld.pid" ] && kill -0 "$(cat "$STATE/slurmctld.pid")" 2>/dev/null; then
-    echo "ci_cluster: already running ($(node_state))"
+    echo "ci_cluster: already running ($(node_states))"
     return 0
   fi
-  mkdir -p "$STATE" /var/spool/slurmctld /var/spool/slurmd /run/munge /var/log/munge /var/lib/munge
+  mkdir -p "$STATE" /var/spool/slurmctld /run/munge /var/log/munge /var/lib/munge "${NODES[@]/#//var/spool/slurmd/}"
   chown munge: /run/munge /var/log/munge /var/lib/munge
   [ -s /etc/munge/munge.key ] || runuser -u munge -- /usr/sbin/mungekey --create
   write_conf
@@ -78,17 +95,20 @@ start() {
     cp /run/munge/munged.pid "$STATE/munged.pid"
   fi
   slurmctld
-  slurmd
-  local state=""
+  local node states="" idle
+  for node in "${NODES[@]}"; do
+    slurmd -N "$node"
+  done
+  idle=$(printf 'idle\n%.0s' "${NODES[@]}" | paste -sd ' ')
   for _ in $(seq 120); do
-    state=$(node_state || true)
-    case "$state" in
-      idle) echo "ci_cluster: node $(hostname -s) idle in partition $PARTITION"; return 0 ;;
-      down*|drain*) scontrol update nodename="$(hostname -s)" state=resume 2>/dev/null || true ;;
+    states=$(node_states || true)
+    [ "$states" = "$idle" ] && { echo "ci_cluster: nodes ${NODES[*]} idle in partition $PARTITION"; return 0; }
+    case "$states" in
+      *down*|*drain*) scontrol update nodename="$(IFS=,; echo "${NODES[*]}")" state=resume 2>/dev/null || true ;;
     esac
     sleep 1
   done
-  echo "ci_cluster: the node did not become idle (state: ${state:-none}); logs in $STATE" >&2
+  echo "ci_cluster: the nodes did not become idle (states: ${states:-none}); logs in $STATE" >&2
   tail -n 20 "$STATE"/*.log >&2 || true
   return 1
 }
@@ -96,7 +116,7 @@ start() {
 stop() {
   scancel --full --quiet --partition="$PARTITION" 2>/dev/null || true
   local name pid
-  for name in slurmd slurmctld munged; do
+  for name in "${NODES[@]/#/slurmd-}" slurmctld munged; do
     [ -f "$STATE/$name.pid" ] || continue
     pid=$(cat "$STATE/$name.pid")
     if kill "$pid" 2>/dev/null; then

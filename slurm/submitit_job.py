@@ -14,8 +14,9 @@ from kvrelay.configs.schema import ConfigError, JobConfig
 from kvrelay.slurm.resources import placement
 
 
-def executor(cfg: JobConfig, folder: str | Path) -> submitit.SlurmExecutor:
-    """A submitit Slurm executor asking for the config's `slurm` resources."""
+def parameters(cfg: JobConfig) -> dict[str, Any]:
+    """submitit's `update_parameters` keywords for the config's `slurm` resources; ConfigError for
+    a job submitit cannot start. Needs no Slurm: the checks run before anything asks for `srun`."""
     s = cfg.slurm
     place = placement(cfg)
     if len(set(place.ranks_per_node)) != 1:
@@ -26,7 +27,6 @@ def executor(cfg: JobConfig, folder: str | Path) -> submitit.SlurmExecutor:
         )
     if s.launcher != "srun":
         raise ConfigError("kvrelay submit runs the ranks with srun (submitit's way): set slurm.launcher=srun or use kvrelay sbatch")
-    ex = submitit.SlurmExecutor(folder=folder, python=s.python or sys.executable)
     params: dict[str, Any] = {
         "job_name": s.job_name, "time": s.time_limit_min, "nodes": place.nodes,
         "ntasks_per_node": place.ranks_per_node[0], "cpus_per_task": s.cpus_per_task,
@@ -40,5 +40,13 @@ def executor(cfg: JobConfig, folder: str | Path) -> submitit.SlurmExecutor:
     for option in s.sbatch_options:
         key, _, value = option.removeprefix("--").partition("=")
         params["additional_parameters"][key.replace("-", "_")] = value or True
+    return params
+
+
+def executor(cfg: JobConfig, folder: str | Path) -> submitit.SlurmExecutor:
+    """A submitit Slurm executor asking for the config's `slurm` resources (submitit refuses to
+    make one where `srun` is not on PATH)."""
+    params = parameters(cfg)
+    ex = submitit.SlurmExecutor(folder=folder, python=cfg.slurm.python or sys.executable)
     ex.update_parameters(**params)
     return ex

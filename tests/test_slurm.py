@@ -1,9 +1,10 @@
 """The Slurm path on a real cluster: the demo job through `kvrelay sbatch`, `kvrelay submit` and a job
 array gives the local run's output; signalled jobs stop, requeue and resume exactly once.
 
-Needs a running Slurm whose default partition has an idle node (CI starts one with
-`bash slurm/ci_cluster.sh start`); skipped otherwise. Jobs run the real tiny demo model with
-`kvrelay run` on 4 ranks under `srun --mpi=pmi2` (the MPICH wheel), with this Python.
+Needs a running Slurm whose default partition has an idle node (CI starts two, n1 and n2 on this
+host, with `bash slurm/ci_cluster.sh start`); skipped otherwise, and the two-node test also without
+two nodes on this host. Jobs run the real tiny demo model with `kvrelay run` on 4 ranks under
+`srun --mpi=pmi2` (the MPICH wheel), with this Python.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -203,7 +205,8 @@ def test_usr2_to_the_job_script_stops_the_ranks_and_leaves_the_output_closed(job
 def test_signalled_jobs_requeue_and_resume_exactly_once(jobs, model, long_input, tmp_path):
     """An sbatch job and a submitit job each get USR2 mid-run (`scancel --signal=USR2`, as Slurm
     sends before the time limit): each requeues, resumes, and ends with one line per input line,
-    equal to an uninterrupted run. Slurm holds a requeued job ~2 minutes; both wait together."""
+    equal to an uninterrupted run. Slurm holds a requeued job cred_expire seconds (30 on the CI
+cluster, 120 by default); both wait together."""
     from kvrelay.launch import submit
 
     sb_out, st_out, ref_out = tmp_path / "sbatch.jsonl", tmp_path / "submitit.jsonl", tmp_path / "ref.jsonl"
@@ -239,3 +242,134 @@ def test_signalled_jobs_requeue_and_resume_exactly_once(jobs, model, long_input,
     result = st_job.results()[0]
     assert result["skipped_answered"] == stopped_at[st_job.job_id], result
     assert comparable(st_out) == reference
+
+
+# --- Two nodes ----------------------------------------------------------------------------------
+
+
+def _two_nodes_here() -> str | None:
+    """Why the two-node test cannot run here, or None: it needs a default partition of two or more
+    nodes, all on this host (slurm/ci_cluster.sh's n1 and n2), to see where each rank runs."""
+    if _WHY is not None:
+        return _WHY
+    text = subprocess.run(["scontrol", "show", "node", "-o"], capture_output=True, text=True, timeout=30).stdout
+    here = [m.group(1) for m in re.finditer(r"NodeName=(\S+) .*?NodeHostName=(\S+)", text)
+            if m.group(2) == socket.gethostname()]
+    if len(here) < 2:
+        return f"needs two Slurm nodes on this host (bash slurm/ci_cluster.sh start makes n1 and n2), found {here}"
+    return None
+
+
+def rank_nodes(job_id: str, ranks: int, restart: int = 0, timeout: float = 180) -> dict[int, str]:
+    """rank -> Slurm node of the MPI step of the job's run `restart`, from the environment Slurm gave
+    each task (both nodes are this host, so /proc shows every rank)."""
+    deadline = time.monotonic() + timeout
+    found: dict[int, str] = {}
+    while time.monotonic() < deadline:
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                pairs = environ.read_bytes().split(b"\0")
+            except OSError:
+                continue
+            var = dict(p.decode(errors="replace").split("=", 1) for p in pairs if b"=" in p)
+            if (var.get("SLURM_JOB_ID") == job_id and "SLURM_STEPID" in var and "SLURMD_NODENAME" in var
+                    and var.get("SLURM_RESTART_COUNT", "0") == str(restart)):
+                found[int(var["SLURM_PROCID"])] = var["SLURMD_NODENAME"]
+        if len(found) == ranks:
+            return found
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id}: saw ranks {found} in {timeout} s, not {ranks}")
+
+
+@pytest.mark.skipif(_two_nodes_here() is not None, reason=f"{_two_nodes_here()}")
+def test_two_node_job_hands_off_across_nodes_requeues_and_matches_the_single_process_run(
+        jobs, model, long_input, tmp_path):
+    """`multi_node.sbatch` for real on two Slurm nodes: the router and the prefill worker on the
+    first, both decode workers on the second (ranks_per_node [2, 2]), so every handoff crosses
+    nodes. USR2 to the job's ranks on both nodes (`scancel --signal=USR2`) stops it; it requeues,
+    resumes once, and ends with one line per input, equal to `kvrelay run` in one process.
+
+    NOTE: n1 and n2 are one host (slurm/ci_cluster.sh): Slurm, srun and the host file treat them as
+    two nodes, but MPICH may still move their messages through shared memory, not a network."""
+    out, ref_out = tmp_path / "two.jsonl", tmp_path / "single.jsonl"
+    proc = kvrelay("sbatch", DEMO, "-i", str(long_input), "-o", str(out), "--model", model, *SLOW, "--set", "slurm.nodes=2")
+    job_id = submitted(proc, jobs)
+    placed = {0: "n1", 1: "n1", 2: "n2", 3: "n2"}
+    assert rank_nodes(job_id, 4) == placed
+    wait_lines(out, 8)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    deadline = time.monotonic() + 90
+    while job_field(job_id, "Restarts") != "1" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert job_field(job_id, "Restarts") == "1", f"job {job_id} was not requeued"
+    assert (tmp_path / "two.stopped").read_text() == "SIGUSR2\n"
+    stopped_at = len(comparable(out))
+    assert 8 <= stopped_at < LONG
+    # The single-process run (1 router + 1 aggregated worker in one process), while Slurm holds the job.
+    single = subprocess.Popen([*CLI, "run", DEMO, "-i", str(long_input), "-o", str(ref_out), "--model", model, *SLOW,
+                               "--set", "roles.prefill=0", "--set", "roles.decode=0", "--set", "roles.aggregated=1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env())
+    try:
+        assert rank_nodes(job_id, 4, restart=1, timeout=240) == placed
+        assert wait_job(job_id, timeout=300) == "COMPLETED"
+        assert single.wait(timeout=300) == 0, single.stdout.read()[-3000:]
+    finally:
+        single.kill()
+    reference = comparable(ref_out)
+    assert len(reference) == LONG
+    log = (tmp_path / f"two.slurm-{job_id}.log").read_text()
+    assert "4 ranks on 2 nodes" in log and log.count("requeueing job") == 1 and "(restart 1)" in log, log[-3000:]
+    assert comparable(out) == reference
+    summary = json.loads((tmp_path / "two.summary.json").read_text())
+    assert summary["skipped_answered"] == stopped_at
+    workers = {w["rank"]: w for w in summary["backend"]["workers"]}
+    # The rerun's handoffs: prefill on n1 to decode on n2.
+    assert workers[1]["handoffs_sent"] == LONG - stopped_at
+    assert workers[2]["handoffs_received"] > 0 and workers[3]["handoffs_received"] > 0
+    assert workers[2]["handoffs_received"] + workers[3]["handoffs_received"] == LONG - stopped_at
+
+
+# --- The time limit itself ----------------------------------------------------------------------
+
+# NOTE: Slurm checks time limits every 30 s, so `--signal=B:USR2@LEAD` arrives up to ~30 s more
+# than LEAD before the limit (seen here: 22 s before a 2-minute limit with LEAD=10, 40 s before a
+# 3-minute one with LEAD=20), and the limit is whole minutes. With a 3-minute limit and LEAD=20 each
+# run has about 130-160 s before USR2, less its start. Simulated workers (sim.speed) make the work
+# take wall time whatever the CPU load: LIMIT_LINES lines of ~1.9 s each, one at a time, are ~170 s,
+# more than one run has and less than two.
+LIMIT_LINES = 90
+LIMIT_RUN = [*QUIET, "--set", "sim.enabled=true", "--set", "sim.speed=0.075", "--set", "router.max_inflight=1",
+             "--set", "defaults.max_tokens=20", "--set", "defaults.ignore_eos=true",
+             "--set", "roles.prefill=0", "--set", "roles.decode=0", "--set", "roles.aggregated=1",
+             "--set", "slurm.time=00:03:00", "--set", "slurm.signal_lead_s=20"]
+
+
+def test_time_limit_usr2_from_slurm_stops_requeues_and_resumes_once(jobs, model, tmp_path):
+    """A job whose work outlasts its `--time`: Slurm itself sends USR2 (`--signal=B:USR2@20`) to
+    the job script before the limit, the script stops the ranks and requeues the job, and the
+    rerun, resuming from the output, finishes within its own limit: one requeue, one line per input."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    with inp.open("w") as f:
+        for q in range(LIMIT_LINES):
+            f.write(json.dumps({"custom_id": f"q{q}", "prompt_token_ids": [100 + (7 * q + i) % 900 for i in range(64)]}) + "\n")
+    proc = kvrelay("sbatch", DEMO, "-i", str(inp), "-o", str(out), "--model", model, *LIMIT_RUN)
+    assert "#SBATCH --time=00:03:00" in (tmp_path / "out.sbatch").read_text()
+    job_id = submitted(proc, jobs)
+    deadline = time.monotonic() + 300
+    while job_field(job_id, "Restarts") != "1" and time.monotonic() < deadline:
+        assert job_field(job_id, "JobState") not in DONE, (tmp_path / f"out.slurm-{job_id}.log").read_text()[-3000:]
+        time.sleep(1)
+    assert job_field(job_id, "Restarts") == "1", f"job {job_id} was not requeued"
+    assert (tmp_path / "out.stopped").read_text() == "SIGUSR2\n"
+    stopped_at = len(comparable(out))
+    assert 0 < stopped_at < LIMIT_LINES, "the first run should have stopped part way"
+
+    assert wait_job(job_id, timeout=300) == "COMPLETED"
+    assert job_field(job_id, "Restarts") == "1"
+    log = (tmp_path / f"out.slurm-{job_id}.log").read_text()
+    assert log.count("SIGUSR2 in the job script: stopping the ranks") == 1, log[-3000:]
+    assert log.count("requeueing job") == 1 and "(restart 1)" in log and "DUE TO TIME LIMIT" not in log, log[-3000:]
+    lines = comparable(out)
+    assert sorted(lines) == sorted(f"q{q}" for q in range(LIMIT_LINES))
+    assert all(d["error"] is None and d["response"]["body"]["usage"]["completion_tokens"] == 20 for d in lines.values())
+    assert json.loads((tmp_path / "out.summary.json").read_text())["skipped_answered"] == stopped_at

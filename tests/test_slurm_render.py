@@ -10,11 +10,12 @@ import os
 from pathlib import Path
 
 import pytest
+import submitit
 
 from kvrelay.configs.schema import ConfigError, load_config
 from kvrelay.slurm.resources import check_cluster, parse_sinfo, placement
 from kvrelay.slurm.sbatch import render
-from kvrelay.slurm.submitit_job import executor
+from kvrelay.slurm.submitit_job import parameters
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = REPO / "tests" / "golden"
@@ -105,8 +106,10 @@ def test_partition_checks_against_the_cluster():
     check_cluster(load_config(DEMO), parse_sinfo("batch*|8|(null)\n"))
 
 
-def test_submitit_needs_the_same_tasks_on_every_node(tmp_path):
+def test_submitit_needs_the_same_tasks_on_every_node():
+    """The refusal and the parameters need no Slurm (submitit's executor itself wants `srun`)."""
     with pytest.raises(ConfigError, match=r"ranks over 2 nodes are \[5, 4\]"):
-        executor(load_config(DEMO, MULTI_NODE), tmp_path)
-    ex = executor(load_config(DEMO, ["roles.decode=6", "job.device=cuda", "slurm.nodes=2", "slurm.gpus_per_node=4"]), tmp_path)
-    assert ex.parameters["ntasks_per_node"] == 4 and ex.parameters["srun_args"] == ["--mpi=pmi2"]
+        parameters(load_config(DEMO, MULTI_NODE))
+    params = parameters(load_config(DEMO, ["roles.decode=6", "job.device=cuda", "slurm.nodes=2", "slurm.gpus_per_node=4"]))
+    assert params["ntasks_per_node"] == 4 and params["srun_args"] == ["--mpi=pmi2"]
+    assert set(params) <= submitit.SlurmExecutor._valid_parameters()

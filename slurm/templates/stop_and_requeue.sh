@@ -1,6 +1,6 @@
 STOPPED="${OUT%.jsonl}.stopped"
 
-# USR2 (Slurm's notice {{ signal_lead_s }} s before the time limit, or a preemption notice) and TERM
+# USR2 (Slurm's notice at least {{ signal_lead_s }} s before the time limit, or a preemption notice) and TERM
 # go on to the ranks: the router closes the output and leaves $STOPPED saying which signal.
 {% if requeue %}
 # After USR2 the job requeues itself; TERM (scancel, or the time limit itself) just ends it.

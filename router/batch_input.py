@@ -32,10 +32,56 @@ DEFAULTABLE = frozenset({
     "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
     "stop_token_ids", "ignore_eos", "return_token_ids",
 })
-# OpenAI fields accepted so that files made for OpenAI load; each must hold its no-op value.
-_NOOP_VALUES = {"n": 1, "stream": False, "frequency_penalty": 0, "presence_penalty": 0,
-                "repetition_penalty": 1}
-_COMMON_FIELDS = DEFAULTABLE | {"logprobs", "model", "user"} | _NOOP_VALUES.keys()
+COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's max_tokens for a completion that gives none
+# Bookkeeping fields of OpenAI's and vLLM's request bodies: accepted, checked for nothing, ignored.
+IGNORED_FIELDS = frozenset({
+    "metadata", "store", "stream_options", "user", "service_tier", "prompt_cache_key",
+    "safety_identifier", "parallel_tool_calls", "request_id", "priority",
+})
+# Fields kvrelay does not implement: each is accepted with one of its no-op values (compared with
+# type, so true is not 1); any other value gives the error, which says what to do instead.
+_UNSUPPORTED = {
+    "n": ((1,), "n={v} is not supported: kvrelay returns one completion per line; repeat the line "
+                "with other custom_ids (and seeds) for more samples"),
+    "best_of": ((1,), "best_of={v} is not supported: kvrelay returns one completion per line; repeat "
+                      "the line with other custom_ids and seeds, with logprobs to rank them"),
+    "stream": ((False,), "stream={v} is not supported in a batch; remove it"),
+    "frequency_penalty": ((0,), "frequency_penalty={v} is not supported (only 0); remove it"),
+    "presence_penalty": ((0,), "presence_penalty={v} is not supported (only 0); remove it"),
+    "repetition_penalty": ((1,), "repetition_penalty={v} is not supported (only 1); remove it"),
+    "echo": ((False,), "echo={v} is not supported: the output holds only the completion; prepend "
+                       "the prompt yourself"),
+    "suffix": (("",), "suffix={v} is not supported (no fill-in-the-middle); remove it"),
+    "tools": (([],), "tools are not supported (no tool calling): describe the tools in the prompt and "
+                     "ask for the call with response_format json_schema"),
+    "functions": (([],), "functions are not supported (no tool calling): describe them in the prompt "
+                         "and ask for the call with response_format json_schema"),
+    "tool_choice": (("none", "auto"), "tool_choice={v} is not supported (no tool calling): ask for "
+                                      "the call with response_format json_schema"),
+    "function_call": (("none", "auto"), "function_call={v} is not supported (no tool calling): ask "
+                                        "for the call with response_format json_schema"),
+    "modalities": ((["text"],), "modalities={v} is not supported: kvrelay returns text only"),
+    "audio": ((), "audio output is not supported; remove audio"),
+    "prediction": ((), "prediction (predicted outputs) is not supported; remove it"),
+    "web_search_options": ((), "web search is not supported; remove web_search_options"),
+    "reasoning_effort": ((), "reasoning_effort is not supported: kvrelay renders the model's chat "
+                             "template as it is; remove it"),
+    "use_beam_search": ((False,), "beam search is not supported; remove use_beam_search"),
+    "include_stop_str_in_output": ((False,), "include_stop_str_in_output={v} is not supported; append "
+                                             "the stop string (given in stop_reason) yourself"),
+    "skip_special_tokens": ((True,), "skip_special_tokens={v} is not supported; ask for "
+                                     "return_token_ids to see every token"),
+    "prompt_logprobs": ((), "prompt_logprobs is not supported; only the output's logprobs are"),
+    "allowed_token_ids": ((), "allowed_token_ids is not supported; use guided_choice or "
+                              "guided_regex, or logit_bias with -100 for the tokens to ban"),
+    "bad_words": ((), "bad_words is not supported; use logit_bias with -100 for their tokens"),
+    "guided_grammar": ((), "guided_grammar is not supported; use guided_regex, guided_choice or "
+                           "guided_json"),
+    "structured_outputs": ((), "structured_outputs is not supported; use response_format, guided_json, "
+                               "guided_regex or guided_choice"),
+}
+_SAMPLING_FIELDS = frozenset({"logprobs", "model"})
+_COMMON_FIELDS = DEFAULTABLE | _SAMPLING_FIELDS | IGNORED_FIELDS | _UNSUPPORTED.keys()
 _KIND_FIELDS = {
     "completion": frozenset({"prompt", "prompt_token_ids"}),
     "chat": frozenset({"messages", "top_logprobs", "max_completion_tokens"}),
@@ -65,8 +111,8 @@ class ParsedLine:
     per token, None when off (a chat line's `logprobs: true` + `top_logprobs: k` gives k); `kind`
     says which output format they take.
 
-    `max_tokens` is what the line (or the job's defaults) asked for; None means "the rest of the
-    context", known only after tokenization. `sampling.max_tokens` equals it when it is set and is
+    `max_tokens` is what the line (or the job's defaults) asked for; None means vLLM's default,
+    known only after tokenization: 16 for a completion, the rest of the context for a chat. `sampling.max_tokens` equals it when it is set and is
     0 otherwise: build the worker's SamplingParams with `resolve_sampling`, never from `sampling`.
     """
 
@@ -163,11 +209,13 @@ def check_prompt(
 
 
 def resolve_sampling(parsed: ParsedLine, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
-    """The SamplingParams to send to the worker: max_tokens filled with the rest of the context
-    when the line gave none (vLLM's rule). Call after `check_prompt` passed."""
+    """The SamplingParams to send to the worker. A line without max_tokens gets vLLM's default: 16
+    for a completion, the rest of the context for a chat (either capped by the context, where a
+    max_tokens the line gave is an error in `check_prompt`). Call after `check_prompt` passed."""
+    room = max_model_len - num_prompt_tokens
     max_tokens = parsed.max_tokens
     if max_tokens is None:
-        max_tokens = max_model_len - num_prompt_tokens
+        max_tokens = min(COMPLETION_MAX_TOKENS, room) if parsed.kind == "completion" else room
     assert max_tokens >= 1, "check_prompt must reject a prompt that fills the context"
     return replace(parsed.sampling, max_tokens=max_tokens)
 
@@ -226,9 +274,6 @@ def _parse_object(obj: dict, line_no: int, custom_id: str, defaults: dict) -> Pa
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _Bad(f"model must be a string, got {_show(model)}")
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise _Bad(f"user must be a string, got {_show(user)}")
     return ParsedLine(line_no, custom_id, kind, prompt, messages, prompt_ids, sampling, max_tokens,
                       model, return_token_ids)
 
@@ -343,10 +388,10 @@ def _sampling(body: dict, kind: str, defaults: dict) -> tuple[SamplingParams, in
         v = defaults.get(name)
         return (default, name) if v is None else (v, f"defaults.{name}")
 
-    for name, noop in _NOOP_VALUES.items():
+    for name, (noops, message) in _UNSUPPORTED.items():
         v = body.get(name)
-        if v is not None and not (v is False if name == "stream" else _is_number(v) and v == noop):
-            raise _Bad(_NOOP_ERRORS[name].format(v=_show(v)))
+        if v is not None and not any(_same(v, x) for x in noops):
+            raise _Bad(message.format(v=_show(v)))
 
     max_tokens, label = pick("max_tokens")
     if kind == "chat" and body.get("max_completion_tokens") is not None:
@@ -380,16 +425,6 @@ def _sampling(body: dict, kind: str, defaults: dict) -> tuple[SamplingParams, in
     return sampling, max_tokens, return_token_ids
 
 
-_NOOP_ERRORS = {
-    "n": "n={v} is not supported: kvrelay returns one completion per line (n=1); repeat the line "
-         "with another custom_id (and seed) for more samples",
-    "stream": "stream={v} is not supported in a batch; remove it",
-    "frequency_penalty": "frequency_penalty={v} is not supported (only 0); remove it",
-    "presence_penalty": "presence_penalty={v} is not supported (only 0); remove it",
-    "repetition_penalty": "repetition_penalty={v} is not supported (only 1); remove it",
-}
-
-
 def _logprobs(body: dict, kind: str) -> int | None:
     lp = body.get("logprobs")
     if kind == "completion":
@@ -409,6 +444,13 @@ def _logprobs(body: dict, kind: str) -> int | None:
         return 0
     return _int(top, "top_logprobs", 0, MAX_LOGPROBS,
                 what=f"an integer from 0 to {MAX_LOGPROBS}")
+
+
+def _same(v, x) -> bool:
+    """Equal as JSON values: 1 and 1.0 are, true and 1 are not."""
+    if _is_number(v) and _is_number(x):
+        return v == x
+    return type(v) is type(x) and v == x
 
 
 def _is_number(v) -> bool:

@@ -102,12 +102,28 @@ def test_missing_custom_id_and_method_default():
     assert p.custom_id == "line-12"
 
 
-def test_no_max_tokens_is_none_until_resolved():
-    p = parse(plain(prompt="x"))
-    assert p.max_tokens is None
+def test_no_max_tokens_resolves_to_vllms_default():
+    # A completion stops at 16 (OpenAI's and vLLM's default), a chat at the end of the context.
+    for raw in (plain(prompt="x"), batch({"prompt": "x"})):
+        p = parse(raw)
+        assert p.max_tokens is None
+        assert resolve_sampling(p, num_prompt_tokens=10, max_model_len=100).max_tokens == 16
+        assert resolve_sampling(p, num_prompt_tokens=90, max_model_len=100).max_tokens == 10
+    p = parse(batch({"messages": MSG}, url=CHAT))
     assert resolve_sampling(p, num_prompt_tokens=10, max_model_len=100).max_tokens == 90
     p = parse(plain(prompt="x", max_tokens=5))
     assert resolve_sampling(p, 10, 100).max_tokens == 5
+    p = parse(plain(prompt="x"), {"max_tokens": 40})
+    assert resolve_sampling(p, 10, 100).max_tokens == 40
+
+
+def test_bookkeeping_fields_are_accepted_and_ignored():
+    body = {"prompt": "x", "metadata": {"k": "v"}, "store": True, "stream_options": {"include_usage": True},
+            "user": "u", "stream": False, "service_tier": "auto", "n": 1, "best_of": 1, "echo": False,
+            "parallel_tool_calls": False, "tool_choice": "none", "tools": [], "modalities": ["text"]}
+    assert isinstance(parse(batch(body)), ParsedLine)
+    assert isinstance(parse(batch({"messages": MSG, **{k: v for k, v in body.items() if k != "prompt"}},
+                                  url=CHAT)), ParsedLine)
 
 
 def test_defaults_apply_where_line_omits():
@@ -160,7 +176,18 @@ BAD = [
     (batch({"prompt": "x"}, prompt="y"), "invalid_request",
      "unknown field 'prompt' at the top level of a batch line"),
     (batch({"prompt": "x", "foo": 1}), "invalid_request", "unknown field 'foo'; supported fields: "),
-    (plain(prompt="x", best_of=2), "invalid_request", "unknown field 'best_of'; supported fields: "),
+    (plain(prompt="x", best_of=2), "invalid_request", "best_of=2 is not supported: kvrelay returns one "
+     "completion per line; repeat the line with other custom_ids and seeds"),
+    (plain(prompt="x", n=1.0, echo=True), "invalid_request", "echo=true is not supported: the output holds "
+     "only the completion; prepend the prompt yourself"),
+    (plain(messages=MSG, tools=[{"type": "function"}]), "invalid_request", "tools are not supported (no "
+     "tool calling): describe the tools in the prompt and ask for the call with response_format json_schema"),
+    (plain(messages=MSG, tool_choice="required"), "invalid_request", 'tool_choice="required" is not supported'),
+    (plain(prompt="x", use_beam_search=True), "invalid_request", "beam search is not supported"),
+    (plain(prompt="x", skip_special_tokens=False), "invalid_request",
+     "skip_special_tokens=false is not supported; ask for return_token_ids"),
+    (plain(prompt="x", guided_grammar="root ::= x"), "invalid_request", "guided_grammar is not supported; "
+     "use guided_regex, guided_choice or guided_json"),
     (batch({"messages": MSG}), "invalid_request", "messages is for chat requests"),
     (batch({"prompt": "x"}, url=CHAT), "invalid_request", "prompt is for completion requests"),
     (batch({"prompt": "x", "top_logprobs": 2}), "invalid_request", "top_logprobs is for chat requests"),
@@ -242,7 +269,6 @@ BAD = [
     (plain(prompt="x", repetition_penalty=1.2), "invalid_request",
      "repetition_penalty=1.2 is not supported (only 1)"),
     (plain(prompt="x", model=3), "invalid_request", "model must be a string, got 3"),
-    (plain(prompt="x", user=[]), "invalid_request", "user must be a string, got []"),
 ]
 
 

@@ -46,9 +46,6 @@ _UNSUPPORTED = {
     "best_of": ((1,), "best_of={v} is not supported: kvrelay returns one completion per line; repeat "
                       "the line with other custom_ids and seeds, with logprobs to rank them"),
     "stream": ((False,), "stream={v} is not supported in a batch; remove it"),
-    "frequency_penalty": ((0,), "frequency_penalty={v} is not supported (only 0); remove it"),
-    "presence_penalty": ((0,), "presence_penalty={v} is not supported (only 0); remove it"),
-    "repetition_penalty": ((1,), "repetition_penalty={v} is not supported (only 1); remove it"),
     "echo": ((False,), "echo={v} is not supported: the output holds only the completion; prepend "
                        "the prompt yourself"),
     "suffix": (("",), "suffix={v} is not supported (no fill-in-the-middle); remove it"),
@@ -80,7 +77,9 @@ _UNSUPPORTED = {
     "structured_outputs": ((), "structured_outputs is not supported; use response_format, guided_json, "
                                "guided_regex or guided_choice"),
 }
-_SAMPLING_FIELDS = frozenset({"logprobs", "model"})
+_SAMPLING_FIELDS = frozenset({"logprobs", "model", "presence_penalty", "frequency_penalty",
+                              "repetition_penalty", "logit_bias"})
+LOGIT_BIAS_MAX = 100.0  # OpenAI's range for a bias: [-100, 100]
 _COMMON_FIELDS = DEFAULTABLE | _SAMPLING_FIELDS | IGNORED_FIELDS | _UNSUPPORTED.keys()
 _KIND_FIELDS = {
     "completion": frozenset({"prompt", "prompt_token_ids"}),
@@ -191,6 +190,9 @@ def check_prompt(
         i, t = next((i, t) for i, t in enumerate(prompt_token_ids) if t >= vocab_size)
         return bad(f"prompt token id {t} (position {i}) is out of the vocabulary "
                    f"(vocab size {vocab_size})")
+    bias = parsed.sampling.logit_bias
+    if bias and max(bias) >= vocab_size:
+        return bad(f"logit_bias has token id {max(bias)}, out of the vocabulary (vocab size {vocab_size})")
     stop_ids = parsed.sampling.stop_token_ids
     if stop_ids and max(stop_ids) >= vocab_size:
         return bad(f"stop_token_ids holds {max(stop_ids)}, out of the vocabulary "
@@ -417,12 +419,34 @@ def _sampling(body: dict, kind: str, defaults: dict) -> tuple[SamplingParams, in
     ignore_eos = _bool(*pick("ignore_eos", False))
     return_token_ids = _bool(*pick("return_token_ids", False))
     logprobs = _logprobs(body, kind)
+    penalty = "a number from -2 to 2"
+    presence = _number(*pick("presence_penalty", 0.0), penalty, lambda x: -2 <= x <= 2)
+    frequency = _number(*pick("frequency_penalty", 0.0), penalty, lambda x: -2 <= x <= 2)
+    repetition = _number(*pick("repetition_penalty", 1.0), "a number > 0 (1 = off)", lambda x: x > 0)
     sampling = SamplingParams(
         max_tokens=max_tokens or 0, min_tokens=min_tokens, temperature=temperature, top_p=top_p,
         top_k=max(top_k, 0), min_p=min_p, seed=seed, stop=stop, stop_token_ids=stop_ids,
-        ignore_eos=ignore_eos, logprobs=logprobs,
+        ignore_eos=ignore_eos, logprobs=logprobs, presence_penalty=presence, frequency_penalty=frequency,
+        repetition_penalty=repetition, logit_bias=_logit_bias(body.get("logit_bias")),
     )
     return sampling, max_tokens, return_token_ids
+
+
+def _logit_bias(v) -> dict[int, float]:
+    """OpenAI's form: {"<token id>": bias}, the bias in [-100, 100]; the ids are checked against the
+    vocabulary in `check_prompt`."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise _Bad(f'logit_bias must be an object of token id strings to biases, like {{"50256": -100}}, '
+                   f"got {_show(v)}")
+    out = {}
+    for k, b in v.items():
+        if not (k.isascii() and k.isdigit()):
+            raise _Bad(f"logit_bias key {_show(k)} is not a token id; keys are token ids as strings, like \"50256\"")
+        out[int(k)] = _number(b, f"logit_bias[{_show(k)}]", "a number from -100 to 100",
+                              lambda x: -LOGIT_BIAS_MAX <= x <= LOGIT_BIAS_MAX)
+    return out
 
 
 def _logprobs(body: dict, kind: str) -> int | None:

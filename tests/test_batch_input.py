@@ -117,6 +117,22 @@ def test_no_max_tokens_resolves_to_vllms_default():
     assert resolve_sampling(p, 10, 100).max_tokens == 40
 
 
+def test_penalties_and_logit_bias():
+    p = parse(plain(prompt="x", presence_penalty=-2, frequency_penalty=1.5, repetition_penalty=1.2,
+                    logit_bias={"5": -100, "17": 2.5}))
+    s = p.sampling
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (-2.0, 1.5, 1.2)
+    assert s.logit_bias == {5: -100.0, 17: 2.5} and s.penalized
+    s = parse(plain(prompt="x", presence_penalty=None, frequency_penalty=0, repetition_penalty=1)).sampling
+    assert not s.penalized and s.logit_bias == {}
+    # The wire form (msgpack between ranks) keeps them.
+    from kvrelay.core.messages import decode, encode
+    from kvrelay.core.request import Request
+
+    req = Request("r", [1], p.sampling)
+    assert Request.from_wire(decode(encode(req.to_wire()))) == req
+
+
 def test_bookkeeping_fields_are_accepted_and_ignored():
     body = {"prompt": "x", "metadata": {"k": "v"}, "store": True, "stream_options": {"include_usage": True},
             "user": "u", "stream": False, "service_tier": "auto", "n": 1, "best_of": 1, "echo": False,
@@ -263,11 +279,20 @@ BAD = [
      "top_logprobs must be an integer from 0 to 20, got 21"),
     (plain(prompt="x", n=2), "invalid_request", "n=2 is not supported: kvrelay returns one completion per line"),
     (plain(prompt="x", stream=True), "invalid_request", "stream=true is not supported in a batch; remove it"),
-    (plain(prompt="x", frequency_penalty=0.5), "invalid_request",
-     "frequency_penalty=0.5 is not supported (only 0); remove it"),
-    (plain(prompt="x", presence_penalty=1), "invalid_request", "presence_penalty=1 is not supported (only 0)"),
-    (plain(prompt="x", repetition_penalty=1.2), "invalid_request",
-     "repetition_penalty=1.2 is not supported (only 1)"),
+    (plain(prompt="x", frequency_penalty=2.5), "invalid_request",
+     "frequency_penalty must be a number from -2 to 2, got 2.5"),
+    (plain(prompt="x", presence_penalty="1"), "invalid_request", 'presence_penalty must be a number from -2 to 2, got "1"'),
+    (plain(prompt="x", repetition_penalty=0), "invalid_request",
+     "repetition_penalty must be a number > 0 (1 = off), got 0"),
+    (plain(prompt="x", logit_bias=[1]), "invalid_request",
+     'logit_bias must be an object of token id strings to biases, like {"50256": -100}, got [1]'),
+    (plain(prompt="x", logit_bias={"a": 1}), "invalid_request",
+     'logit_bias key "a" is not a token id; keys are token ids as strings, like "50256"'),
+    (plain(prompt="x", logit_bias={"-3": 1}), "invalid_request", 'logit_bias key "-3" is not a token id'),
+    (plain(prompt="x", logit_bias={"5": 101}), "invalid_request",
+     'logit_bias["5"] must be a number from -100 to 100, got 101'),
+    (plain(prompt="x", logit_bias={"5": True}), "invalid_request",
+     'logit_bias["5"] must be a number from -100 to 100, got true'),
     (plain(prompt="x", model=3), "invalid_request", "model must be a string, got 3"),
 ]
 
@@ -310,6 +335,8 @@ def test_check_prompt_errors():
     assert e.message.startswith("min_tokens (95) is more than the 90 tokens left in the context")
     e = _err(plain(prompt_token_ids=[1, 1000]), [1, 1000])
     assert e.message == "prompt token id 1000 (position 1) is out of the vocabulary (vocab size 1000)"
+    e = _err(plain(prompt="x", logit_bias={"5": 1, "1000": -1}), [1])
+    assert e.message == "logit_bias has token id 1000, out of the vocabulary (vocab size 1000)"
     e = _err(plain(prompt="x", stop_token_ids=[5, 2000]), [1])
     assert e.message == "stop_token_ids holds 2000, out of the vocabulary (vocab size 1000)"
     e = _err(plain(prompt=" "), [])

@@ -21,6 +21,7 @@ from kvrelay.configs.schema import JobConfig
 from kvrelay.ranks.engine.block_pool import BlockPool
 from kvrelay.ranks.engine.loader import check_dtype, iter_weights, read_model_dir
 from kvrelay.ranks.engine.model_runner import ModelRunner
+from kvrelay.ranks.engine.penalties import TokenHistory
 from kvrelay.ranks.engine.sampler import SampleRow, request_generator, sample
 from kvrelay.ranks.engine.scheduler import Scheduler
 from kvrelay.ranks.engine.sequence import Sequence
@@ -113,6 +114,7 @@ class Engine:
             cfg.scheduler.chunked_prefill,
         )
         self.generators: dict[str, torch.Generator] = {}
+        self.history = TokenHistory(vocab_size)  # token counts of sequences with penalties
         # Prefill worker: sequences that sampled their first token and wait to hand off their KV.
         self.handoffs: list[Sequence] = []
         # Requests that sampled their first token and decode on here: the caller tells the router,
@@ -208,7 +210,8 @@ class Engine:
 
     def handoff_state(self, seq: Sequence) -> tuple[dict, bytes | None]:
         """What a decode worker needs, besides the KV, to go on where this engine stopped."""
-        gen = self.generators.pop(seq.request_id, None)
+        gen = self.generators.get(seq.request_id)
+        self._drop_sampler_state(seq.request_id)
         state = {
             "token_ids": seq.token_ids,
             "num_cached_tokens": max(seq.num_cached_tokens, 0),
@@ -246,8 +249,8 @@ class Engine:
         if self.runner.simulated:
             tokens, logprobs = self.runner.sample(len(sampling)), [None] * len(sampling)
         else:
-            rows = [SampleRow(s.sampling, self.generators.get(s.request_id), self._banned(s)) for s in sampling]
-            tokens, logprobs = sample(logits, rows)  # the step's one wait for the GPU: the sampled ids
+            rows = [self._sample_row(s) for s in sampling]
+            tokens, logprobs = sample(logits, rows, self.history)  # the step's one wait for the GPU: the sampled ids
         t2 = time.perf_counter()
         finished = []
         now = time.time()
@@ -261,7 +264,7 @@ class Engine:
                 seq.logprobs.append(lp)
             if self._check_stop(seq):
                 self.scheduler.finish(seq)
-                self.generators.pop(seq.request_id, None)
+                self._drop_sampler_state(seq.request_id)
                 self.stats.output_tokens += seq.num_output_tokens
                 finished.append(seq.result())
             elif seq.handoff:
@@ -278,6 +281,18 @@ class Engine:
             self.stats.decode_host_s += host
             self.stats.graph_steps += self.runner.last_step_graph
         return finished
+
+    def _sample_row(self, seq: Sequence) -> SampleRow:
+        sp = seq.sampling
+        history = None
+        if sp.penalized:
+            history = self.history.slot(seq.request_id, seq.token_ids, seq.num_prompt_tokens, self.runner.device)
+        return SampleRow(sp, self.generators.get(seq.request_id), self._banned(seq), seq.request_id, history)
+
+    def _drop_sampler_state(self, request_id: str) -> None:
+        """A sequence that samples no more here (finished or handed off) lets go of its state."""
+        self.generators.pop(request_id, None)
+        self.history.release(request_id)
 
     def _banned(self, seq: Sequence) -> list[int]:
         if seq.num_output_tokens >= seq.sampling.min_tokens:

@@ -21,7 +21,8 @@ import json
 import math
 from dataclasses import dataclass, replace
 
-from kvrelay.core.request import SamplingParams
+from kvrelay.core.grammar import JSON_OBJECT_SCHEMA, grammar_error
+from kvrelay.core.request import SamplingParams, StructuredOutput
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 URL_KINDS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
@@ -36,8 +37,9 @@ COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's max_tokens for a completion th
 # Bookkeeping fields of OpenAI's and vLLM's request bodies: accepted, checked for nothing, ignored.
 IGNORED_FIELDS = frozenset({
     "metadata", "store", "stream_options", "user", "service_tier", "prompt_cache_key",
-    "safety_identifier", "parallel_tool_calls", "request_id", "priority",
+    "safety_identifier", "parallel_tool_calls", "request_id", "priority", "guided_decoding_backend",
 })
+STRUCTURED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice")
 # Fields kvrelay does not implement: each is accepted with one of its no-op values (compared with
 # type, so true is not 1); any other value gives the error, which says what to do instead.
 _UNSUPPORTED = {
@@ -80,7 +82,7 @@ _UNSUPPORTED = {
 _SAMPLING_FIELDS = frozenset({"logprobs", "model", "presence_penalty", "frequency_penalty",
                               "repetition_penalty", "logit_bias"})
 LOGIT_BIAS_MAX = 100.0  # OpenAI's range for a bias: [-100, 100]
-_COMMON_FIELDS = DEFAULTABLE | _SAMPLING_FIELDS | IGNORED_FIELDS | _UNSUPPORTED.keys()
+_COMMON_FIELDS = DEFAULTABLE | _SAMPLING_FIELDS | IGNORED_FIELDS | _UNSUPPORTED.keys() | set(STRUCTURED_FIELDS)
 _KIND_FIELDS = {
     "completion": frozenset({"prompt", "prompt_token_ids"}),
     "chat": frozenset({"messages", "top_logprobs", "max_completion_tokens"}),
@@ -428,8 +430,75 @@ def _sampling(body: dict, kind: str, defaults: dict) -> tuple[SamplingParams, in
         top_k=max(top_k, 0), min_p=min_p, seed=seed, stop=stop, stop_token_ids=stop_ids,
         ignore_eos=ignore_eos, logprobs=logprobs, presence_penalty=presence, frequency_penalty=frequency,
         repetition_penalty=repetition, logit_bias=_logit_bias(body.get("logit_bias")),
+        structured=_structured(body),
     )
+    if sampling.structured is not None and min_tokens > 0:
+        raise _Bad(f"min_tokens ({min_tokens}) cannot be combined with structured output: the grammar "
+                   "decides where the output ends; remove min_tokens")
     return sampling, max_tokens, return_token_ids
+
+
+def _structured(body: dict) -> StructuredOutput | None:
+    """response_format (OpenAI) or one of vLLM's guided_* fields, checked by building its grammar."""
+    given = [k for k in STRUCTURED_FIELDS if body.get(k) is not None]
+    rf = body.get("response_format")
+    if rf is not None:
+        if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
+            raise _Bad(f'response_format must be an object like {{"type": "json_object"}}, got {_show(rf)}')
+        if rf["type"] == "text":
+            given.remove("response_format")
+    if len(given) > 1:
+        raise _Bad(f"line has {' and '.join(given)}; give at most one of {', '.join(STRUCTURED_FIELDS)}")
+    if not given:
+        return None
+    field, v = given[0], body[given[0]]
+    if field == "response_format":
+        kind, field, spec = "json", "response_format.json_schema.schema", _response_format(rf)
+    elif field == "guided_json":
+        kind, spec = "json", _schema_text(v, "guided_json")
+    elif field == "guided_regex":
+        if not isinstance(v, str) or not v:
+            raise _Bad(f"guided_regex must be a non-empty string (a regular expression), got {_show(v)}")
+        kind, spec = "regex", v
+    else:
+        if not isinstance(v, list) or not v or not all(isinstance(c, str) and c for c in v):
+            raise _Bad(f"guided_choice must be a non-empty list of non-empty strings, got {_show(v)}")
+        kind, spec = "choice", json.dumps(v, ensure_ascii=False)
+    error = grammar_error(kind, spec)
+    if error is not None:
+        what = "pattern" if kind == "regex" else "schema" if kind == "json" else "list of choices"
+        raise _Bad(f"{field} is not a {what} xgrammar can compile: {error}")
+    return StructuredOutput(kind, spec)
+
+
+def _response_format(rf: dict) -> str:
+    kind = rf["type"]
+    if kind == "json_object":
+        return JSON_OBJECT_SCHEMA
+    if kind != "json_schema":
+        raise _Bad(f"response_format type {_show(kind)} is not supported; use text, json_object or json_schema")
+    js = rf.get("json_schema")
+    if not isinstance(js, dict):
+        raise _Bad('response_format json_schema needs "json_schema": {"name": ..., "schema": {...}}, '
+                   f"got {_show(js)}")
+    if js.get("name") is not None and not isinstance(js["name"], str):
+        raise _Bad(f"response_format.json_schema.name must be a string, got {_show(js['name'])}")
+    if js.get("schema") is None:
+        raise _Bad("response_format.json_schema.schema is missing; put the JSON schema there")
+    return _schema_text(js["schema"], "response_format.json_schema.schema")
+
+
+def _schema_text(v, label: str) -> str:
+    """A JSON schema (an object, or its JSON text as vLLM's guided_json also takes) as compact text,
+    its keys in their order: xgrammar writes properties in the schema's order."""
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except ValueError:
+            raise _Bad(f"{label} is a string but not JSON; give the schema as an object") from None
+    if not isinstance(v, dict):
+        raise _Bad(f"{label} must be a JSON schema object, got {_show(v)}")
+    return json.dumps(v, ensure_ascii=False, separators=(",", ":"))
 
 
 def _logit_bias(v) -> dict[int, float]:

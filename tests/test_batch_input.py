@@ -133,6 +133,22 @@ def test_penalties_and_logit_bias():
     assert Request.from_wire(decode(encode(req.to_wire()))) == req
 
 
+def test_structured_output_fields():
+    schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
+    rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    so = parse(batch({"messages": MSG, "response_format": rf}, url=CHAT)).sampling.structured
+    assert (so.kind, json.loads(so.spec)) == ("json", schema)
+    assert so.spec.index('"b"') < so.spec.index('"a"'), "the schema's property order is kept"
+    assert parse(plain(prompt="x", guided_json=json.dumps(schema))).sampling.structured == so
+    so = parse(plain(prompt="x", response_format={"type": "json_object"})).sampling.structured
+    assert (so.kind, json.loads(so.spec)) == ("json", {"type": "object"})
+    assert parse(plain(prompt="x", response_format={"type": "text"})).sampling.structured is None
+    so = parse(plain(prompt="x", guided_regex="[a-z]+")).sampling.structured
+    assert (so.kind, so.spec) == ("regex", "[a-z]+")
+    so = parse(plain(prompt="x", guided_choice=["yes", "no"], guided_decoding_backend="xgrammar")).sampling.structured
+    assert (so.kind, json.loads(so.spec)) == ("choice", ["yes", "no"])
+
+
 def test_bookkeeping_fields_are_accepted_and_ignored():
     body = {"prompt": "x", "metadata": {"k": "v"}, "store": True, "stream_options": {"include_usage": True},
             "user": "u", "stream": False, "service_tier": "auto", "n": 1, "best_of": 1, "echo": False,
@@ -294,6 +310,29 @@ BAD = [
     (plain(prompt="x", logit_bias={"5": True}), "invalid_request",
      'logit_bias["5"] must be a number from -100 to 100, got true'),
     (plain(prompt="x", model=3), "invalid_request", "model must be a string, got 3"),
+    (plain(prompt="x", response_format="json"), "invalid_request",
+     'response_format must be an object like {"type": "json_object"}, got "json"'),
+    (plain(prompt="x", response_format={"type": "xml"}), "invalid_request",
+     'response_format type "xml" is not supported; use text, json_object or json_schema'),
+    (plain(prompt="x", response_format={"type": "json_schema"}), "invalid_request",
+     'response_format json_schema needs "json_schema": {"name": ..., "schema": {...}}, got null'),
+    (plain(prompt="x", response_format={"type": "json_schema", "json_schema": {"name": "n"}}), "invalid_request",
+     "response_format.json_schema.schema is missing; put the JSON schema there"),
+    (plain(prompt="x", response_format={"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}),
+     "invalid_request", 'response_format.json_schema.schema is not a schema xgrammar can compile: Unsupported type "foo"'),
+    (plain(prompt="x", guided_json={"type": "integer", "minimum": 5, "maximum": 1}), "invalid_request",
+     "guided_json is not a schema xgrammar can compile: Invalid range: minimum greater than maximum"),
+    (plain(prompt="x", guided_json="{oops"), "invalid_request",
+     "guided_json is a string but not JSON; give the schema as an object"),
+    (plain(prompt="x", guided_json=[1]), "invalid_request", "guided_json must be a JSON schema object, got [1]"),
+    (plain(prompt="x", guided_regex="(("), "invalid_request", "guided_regex is not a pattern xgrammar can "
+     "compile: Regex parsing error at position 3: The parenthesis is not closed."),
+    (plain(prompt="x", guided_regex=""), "invalid_request", "guided_regex must be a non-empty string"),
+    (plain(prompt="x", guided_choice=[]), "invalid_request", "guided_choice must be a non-empty list of non-empty strings"),
+    (plain(prompt="x", guided_choice=["a"], guided_regex="a"), "invalid_request",
+     "line has guided_regex and guided_choice; give at most one of response_format, guided_json, guided_regex, guided_choice"),
+    (plain(prompt="x", guided_choice=["a"], min_tokens=2), "invalid_request",
+     "min_tokens (2) cannot be combined with structured output: the grammar decides where the output ends; remove min_tokens"),
 ]
 
 

@@ -24,6 +24,7 @@ from kvrelay.ranks.engine.model_runner import ModelRunner
 from kvrelay.ranks.engine.penalties import TokenHistory
 from kvrelay.ranks.engine.sampler import SampleRow, request_generator, sample
 from kvrelay.ranks.engine.scheduler import Scheduler
+from kvrelay.ranks.engine.structured import Grammars
 from kvrelay.ranks.engine.sequence import Sequence
 from kvrelay.ranks.engine.sim_runner import SimRunner
 from kvrelay.core.tokenizer import SimTokenizer
@@ -115,6 +116,7 @@ class Engine:
         )
         self.generators: dict[str, torch.Generator] = {}
         self.history = TokenHistory(vocab_size)  # token counts of sequences with penalties
+        self.grammars = Grammars(cfg.model.path, vocab_size, sorted(self.eos_token_ids))  # structured output
         # Prefill worker: sequences that sampled their first token and wait to hand off their KV.
         self.handoffs: list[Sequence] = []
         # Requests that sampled their first token and decode on here: the caller tells the router,
@@ -250,7 +252,7 @@ class Engine:
             tokens, logprobs = self.runner.sample(len(sampling)), [None] * len(sampling)
         else:
             rows = [self._sample_row(s) for s in sampling]
-            tokens, logprobs = sample(logits, rows, self.history)  # the step's one wait for the GPU: the sampled ids
+            tokens, logprobs = sample(logits, rows, self.history, self.grammars)  # the step's one wait for the GPU: the sampled ids
         t2 = time.perf_counter()
         finished = []
         now = time.time()
@@ -287,12 +289,16 @@ class Engine:
         history = None
         if sp.penalized:
             history = self.history.slot(seq.request_id, seq.token_ids, seq.num_prompt_tokens, self.runner.device)
-        return SampleRow(sp, self.generators.get(seq.request_id), self._banned(seq), seq.request_id, history)
+        matcher = None
+        if sp.structured is not None:
+            matcher = self.grammars.matcher(seq.request_id, sp.structured, seq.output_token_ids)
+        return SampleRow(sp, self.generators.get(seq.request_id), self._banned(seq), seq.request_id, history, matcher)
 
     def _drop_sampler_state(self, request_id: str) -> None:
         """A sequence that samples no more here (finished or handed off) lets go of its state."""
         self.generators.pop(request_id, None)
         self.history.release(request_id)
+        self.grammars.release(request_id)
 
     def _banned(self, seq: Sequence) -> list[int]:
         if seq.num_output_tokens >= seq.sampling.min_tokens:
@@ -307,6 +313,9 @@ class Engine:
         sp = seq.sampling
         if seq.num_tokens >= seq.max_total_tokens:
             seq.finish_reason = "length"
+            return True
+        if self.grammars.is_terminated(seq.request_id):  # it took a stop token the grammar allowed
+            seq.finish_reason = "stop"
             return True
         if seq.num_output_tokens < sp.min_tokens:
             return False

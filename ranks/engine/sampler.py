@@ -6,10 +6,12 @@ vocabulary entry from the row's own generator. Each request owns its generator, 
 `seed` (or by the job seed and its id), so a request's tokens do not depend on which other
 requests shared its batches, nor on preemptions: the generator advances once per sampled token.
 
-Before the draw, in vLLM's order: logit_bias, then the penalties (ranks/engine/penalties.py),
-each applied to the rows that use it with batched tensor ops, never a device op per row.
+Before the draw, in vLLM's order: the grammar's token bitmask (ranks/engine/structured.py),
+logit_bias, then the penalties (ranks/engine/penalties.py), each applied to the rows that use it
+with batched tensor ops, never a device op per row.
 
-Logprobs are those of the model's distribution before any sampling transform, as in vLLM.
+Logprobs are those of the model's distribution before any sampling transform but the grammar's
+mask, as in vLLM.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from kvrelay.core.request import SamplingParams, TokenLogprob
 from kvrelay.ranks.engine.penalties import TokenHistory, apply_penalties
+from kvrelay.ranks.engine.structured import Grammars, apply_bitmask
 
 
 @dataclass
@@ -29,15 +32,24 @@ class SampleRow:
     banned: list[int]  # token ids that may not be sampled now (stop tokens before min_tokens)
     request_id: str = ""
     history: int | None = None  # the sequence's row in the TokenHistory (rows with penalties)
+    matcher: object | None = None  # the sequence's xgrammar.GrammarMatcher (structured output), in `grammars`
 
 
 @torch.inference_mode()
 def sample(
-    logits: torch.Tensor, rows: list[SampleRow], history: TokenHistory | None = None
+    logits: torch.Tensor, rows: list[SampleRow], history: TokenHistory | None = None,
+    grammars: Grammars | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits: [N, vocab] float32 on the model's device; one row per sampling sequence. Rows with
-    penalties name their row of `history`, which counts the tokens sampled here."""
+    penalties name their row of `history`, which counts the tokens sampled here; rows with a
+    grammar have their matcher in `grammars`, which accepts the token sampled here."""
     assert logits.dim() == 2 and logits.shape[0] == len(rows)
+    structured = [i for i, r in enumerate(rows) if r.matcher is not None]
+    if structured:
+        # First, before anything waits for the device: the host fills the mask while the step runs.
+        assert grammars is not None
+        bitmask = grammars.fill_bitmask([rows[i].request_id for i in structured], structured, len(rows), logits.device)
+        apply_bitmask(logits, bitmask, structured)
     want_logprobs = [r.params.logprobs for r in rows]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(n is not None for n in want_logprobs) else None
 
@@ -68,6 +80,8 @@ def sample(
     if penalized:
         history.record([rows[i].request_id for i in penalized], slots, tokens[penalized_rows])
     token_list = tokens.tolist()
+    for i in structured:
+        grammars.accept(rows[i].request_id, token_list[i])
 
     out_logprobs: list[TokenLogprob | None] = [None] * len(rows)
     if raw_logprobs is not None:

@@ -39,7 +39,9 @@ class Grammars:
         self.matchers: dict[str, object] = {}  # request id -> xgrammar.GrammarMatcher
         self.json: dict[str, bool] = {}  # request id -> follows a JSON schema
         self.last_token: dict[str, int] = {}  # request id -> its last output token (JSON rows)
-        self._bitmask: torch.Tensor | None = None  # [rows, ceil(vocab / 32)] int32 host
+        self._bitmask: torch.Tensor | None = None  # [rows, ceil(vocab / 32)] int32 host (pinned on CUDA)
+        self._copied: torch.cuda.Event | None = None  # the last copy of it to the device is done
+        self._batch = None  # xgrammar.BatchGrammarMatcher: fills many rows on several threads
         self._json_safe: torch.Tensor | None = None  # [ceil(vocab / 32)] int32 host (NOTE in fill_bitmask)
         self._after_ed: torch.Tensor | None = None  # [ceil(vocab / 32)] int32 host
         self._ends_ed: np.ndarray | None = None  # [vocab] bool: the token's bytes end with 0xED
@@ -79,11 +81,13 @@ class Grammars:
         import xgrammar as xgr
 
         words = -(-self.vocab_size // 32)
+        if self._copied is not None:
+            self._copied.synchronize()  # the last step's copy has read the buffer
         if self._bitmask is None or self._bitmask.shape[0] < num_rows:
-            self._bitmask = torch.empty(max(num_rows, 64), words, dtype=torch.int32,
-                                        pin_memory=device.type == "cuda")
+            self._bitmask = torch.empty(max(num_rows, 64), words, dtype=torch.int32, pin_memory=device.type == "cuda")
+            self._batch = xgr.BatchGrammarMatcher()
         bitmask = self._bitmask[:num_rows]
-        xgr.BatchGrammarMatcher().batch_fill_next_token_bitmask([self.matchers[r] for r in request_ids], bitmask, rows)
+        self._batch.batch_fill_next_token_bitmask([self.matchers[r] for r in request_ids], bitmask, rows)
         # NOTE: two holes in xgrammar 0.2.8's JSON strings, closed here for JSON rows. (1) A string
         # with minLength/maxLength may hold raw control characters (U+0000-U+001F but CR, LF), which
         # JSON forbids, so json.loads fails (mlc-ai/xgrammar issue #800, fixes unreleased); compact
@@ -99,8 +103,14 @@ class Grammars:
             dangling = [i for i, r in json_rows if r in self.last_token and ends_ed[self.last_token[r]]]
             if dangling:
                 bitmask[dangling] &= after_ed
-        # NOTE: a synchronous copy: the pinned buffer is written again by the next step.
-        return bitmask.to(device)
+        if device.type != "cuda":
+            return bitmask
+        # Asynchronous, so the host goes on while the step's forward runs; the event keeps the
+        # next step from writing the pinned buffer before this copy has read it.
+        out = bitmask.to(device, non_blocking=True)
+        self._copied = self._copied or torch.cuda.Event()
+        self._copied.record()
+        return out
 
     def _json_masks(self) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         if self._json_safe is None:

@@ -97,7 +97,7 @@ class RouterSection(_Section):
 class DefaultsSection(_Section):
     """Sampling defaults for lines that omit a field (vLLM's names)."""
 
-    max_tokens: int | None = Field(None, ge=1, description="default: up to the context length")
+    max_tokens: int | None = Field(None, ge=1, description="default: 16 for completions (as vLLM), up to the context length for chats")
     min_tokens: int = Field(0, ge=0)
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)

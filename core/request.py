@@ -12,6 +12,15 @@ from dataclasses import asdict, dataclass, field
 
 
 @dataclass
+class StructuredOutput:
+    """A grammar the output must follow (core/grammar.py turns it into xgrammar's). `kind` is "json"
+    (`spec`: a JSON schema's text), "regex" (the pattern) or "choice" (a JSON list of the strings)."""
+
+    kind: str
+    spec: str
+
+
+@dataclass
 class SamplingParams:
     """vLLM's names and meanings. Validated on the router (see router/batch_input.py)."""
 
@@ -26,10 +35,29 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives per sampled token; None = off
+    presence_penalty: float = 0.0  # OpenAI's: minus this from a logit whose token is in the output
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times the token's count in the output
+    repetition_penalty: float = 1.0  # transformers': on tokens of prompt or output, logit / p if > 0, else * p
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    structured: StructuredOutput | None = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Needs the sequence's token history (ranks/engine/penalties.py)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @classmethod
+    def from_wire(cls, d: dict) -> SamplingParams:
+        d = dict(d)
+        # msgpack keeps the int keys; a JSON round trip would have made them strings.
+        d["logit_bias"] = {int(k): float(v) for k, v in (d.get("logit_bias") or {}).items()}
+        if d.get("structured") is not None:
+            d["structured"] = StructuredOutput(**d["structured"])
+        return cls(**d)
 
 
 @dataclass
@@ -48,7 +76,7 @@ class Request:
 
     @classmethod
     def from_wire(cls, d: dict) -> Request:
-        return cls(d["request_id"], list(d["prompt_token_ids"]), SamplingParams(**d["sampling"]))
+        return cls(d["request_id"], list(d["prompt_token_ids"]), SamplingParams.from_wire(d["sampling"]))
 
 
 @dataclass

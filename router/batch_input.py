@@ -21,7 +21,8 @@ import json
 import math
 from dataclasses import dataclass, replace
 
-from kvrelay.core.request import SamplingParams
+from kvrelay.core.grammar import JSON_OBJECT_SCHEMA, grammar_error
+from kvrelay.core.request import SamplingParams, StructuredOutput
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs
 URL_KINDS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
@@ -32,10 +33,56 @@ DEFAULTABLE = frozenset({
     "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
     "stop_token_ids", "ignore_eos", "return_token_ids",
 })
-# OpenAI fields accepted so that files made for OpenAI load; each must hold its no-op value.
-_NOOP_VALUES = {"n": 1, "stream": False, "frequency_penalty": 0, "presence_penalty": 0,
-                "repetition_penalty": 1}
-_COMMON_FIELDS = DEFAULTABLE | {"logprobs", "model", "user"} | _NOOP_VALUES.keys()
+COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's max_tokens for a completion that gives none
+# Bookkeeping fields of OpenAI's and vLLM's request bodies: accepted, checked for nothing, ignored.
+IGNORED_FIELDS = frozenset({
+    "metadata", "store", "stream_options", "user", "service_tier", "prompt_cache_key",
+    "safety_identifier", "parallel_tool_calls", "request_id", "priority", "guided_decoding_backend",
+})
+STRUCTURED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice")
+# Fields kvrelay does not implement: each is accepted with one of its no-op values (compared with
+# type, so true is not 1); any other value gives the error, which says what to do instead.
+_UNSUPPORTED = {
+    "n": ((1,), "n={v} is not supported: kvrelay returns one completion per line; repeat the line "
+                "with other custom_ids (and seeds) for more samples"),
+    "best_of": ((1,), "best_of={v} is not supported: kvrelay returns one completion per line; repeat "
+                      "the line with other custom_ids and seeds, with logprobs to rank them"),
+    "stream": ((False,), "stream={v} is not supported in a batch; remove it"),
+    "echo": ((False,), "echo={v} is not supported: the output holds only the completion; prepend "
+                       "the prompt yourself"),
+    "suffix": (("",), "suffix={v} is not supported (no fill-in-the-middle); remove it"),
+    "tools": (([],), "tools are not supported (no tool calling): describe the tools in the prompt and "
+                     "ask for the call with response_format json_schema"),
+    "functions": (([],), "functions are not supported (no tool calling): describe them in the prompt "
+                         "and ask for the call with response_format json_schema"),
+    "tool_choice": (("none", "auto"), "tool_choice={v} is not supported (no tool calling): ask for "
+                                      "the call with response_format json_schema"),
+    "function_call": (("none", "auto"), "function_call={v} is not supported (no tool calling): ask "
+                                        "for the call with response_format json_schema"),
+    "modalities": ((["text"],), "modalities={v} is not supported: kvrelay returns text only"),
+    "audio": ((), "audio output is not supported; remove audio"),
+    "prediction": ((), "prediction (predicted outputs) is not supported; remove it"),
+    "web_search_options": ((), "web search is not supported; remove web_search_options"),
+    "reasoning_effort": ((), "reasoning_effort is not supported: kvrelay renders the model's chat "
+                             "template as it is; remove it"),
+    "use_beam_search": ((False,), "beam search is not supported; remove use_beam_search"),
+    "include_stop_str_in_output": ((False,), "include_stop_str_in_output={v} is not supported; append "
+                                             "the stop string (given in stop_reason) yourself"),
+    "skip_special_tokens": ((True,), "skip_special_tokens={v} is not supported; ask for "
+                                     "return_token_ids to see every token"),
+    "prompt_logprobs": ((), "prompt_logprobs is not supported; only the output's logprobs are"),
+    "allowed_token_ids": ((), "allowed_token_ids is not supported; use guided_choice or "
+                              "guided_regex, or logit_bias with -100 for the tokens to ban"),
+    "bad_words": ((), "bad_words is not supported; use logit_bias with -100 for their tokens"),
+    "guided_grammar": ((), "guided_grammar is not supported; use guided_regex, guided_choice or "
+                           "guided_json"),
+    "structured_outputs": ((), "structured_outputs is not supported; use response_format, guided_json, "
+                               "guided_regex or guided_choice"),
+}
+_SAMPLING_FIELDS = frozenset({"logprobs", "model", "presence_penalty", "frequency_penalty",
+                              "repetition_penalty", "logit_bias"})
+LOGIT_BIAS_MAX = 100.0  # OpenAI's range for a bias: [-100, 100]
+_COMMON_FIELDS = DEFAULTABLE | _SAMPLING_FIELDS | IGNORED_FIELDS | _UNSUPPORTED.keys() | set(STRUCTURED_FIELDS)
 _KIND_FIELDS = {
     "completion": frozenset({"prompt", "prompt_token_ids"}),
     "chat": frozenset({"messages", "top_logprobs", "max_completion_tokens"}),
@@ -65,8 +112,8 @@ class ParsedLine:
     per token, None when off (a chat line's `logprobs: true` + `top_logprobs: k` gives k); `kind`
     says which output format they take.
 
-    `max_tokens` is what the line (or the job's defaults) asked for; None means "the rest of the
-    context", known only after tokenization. `sampling.max_tokens` equals it when it is set and is
+    `max_tokens` is what the line (or the job's defaults) asked for; None means vLLM's default,
+    known only after tokenization: 16 for a completion, the rest of the context for a chat. `sampling.max_tokens` equals it when it is set and is
     0 otherwise: build the worker's SamplingParams with `resolve_sampling`, never from `sampling`.
     """
 
@@ -156,6 +203,9 @@ def check_prompt(
         i, t = next((i, t) for i, t in enumerate(prompt_token_ids) if t >= vocab_size)
         return bad(f"prompt token id {t} (position {i}) is out of the vocabulary "
                    f"(vocab size {vocab_size})")
+    bias = parsed.sampling.logit_bias
+    if bias and max(bias) >= vocab_size:
+        return bad(f"logit_bias has token id {max(bias)}, out of the vocabulary (vocab size {vocab_size})")
     stop_ids = parsed.sampling.stop_token_ids
     if stop_ids and max(stop_ids) >= vocab_size:
         return bad(f"stop_token_ids holds {max(stop_ids)}, out of the vocabulary "
@@ -174,11 +224,13 @@ def check_prompt(
 
 
 def resolve_sampling(parsed: ParsedLine, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
-    """The SamplingParams to send to the worker: max_tokens filled with the rest of the context
-    when the line gave none (vLLM's rule). Call after `check_prompt` passed."""
+    """The SamplingParams to send to the worker. A line without max_tokens gets vLLM's default: 16
+    for a completion, the rest of the context for a chat (either capped by the context, where a
+    max_tokens the line gave is an error in `check_prompt`). Call after `check_prompt` passed."""
+    room = max_model_len - num_prompt_tokens
     max_tokens = parsed.max_tokens
     if max_tokens is None:
-        max_tokens = max_model_len - num_prompt_tokens
+        max_tokens = min(COMPLETION_MAX_TOKENS, room) if parsed.kind == "completion" else room
     assert max_tokens >= 1, "check_prompt must reject a prompt that fills the context"
     return replace(parsed.sampling, max_tokens=max_tokens)
 
@@ -248,9 +300,6 @@ def _parse_object(obj: dict, line_no: int, custom_id: str, defaults: dict) -> Pa
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise _Bad(f"model must be a string, got {_show(model)}")
-    user = body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise _Bad(f"user must be a string, got {_show(user)}")
     return ParsedLine(line_no, custom_id, kind, prompt, messages, prompt_ids, sampling, max_tokens,
                       model, return_token_ids)
 
@@ -365,10 +414,10 @@ def _sampling(body: dict, kind: str, defaults: dict) -> tuple[SamplingParams, in
         v = defaults.get(name)
         return (default, name) if v is None else (v, f"defaults.{name}")
 
-    for name, noop in _NOOP_VALUES.items():
+    for name, (noops, message) in _UNSUPPORTED.items():
         v = body.get(name)
-        if v is not None and not (v is False if name == "stream" else _is_number(v) and v == noop):
-            raise _Bad(_NOOP_ERRORS[name].format(v=_show(v)))
+        if v is not None and not any(_same(v, x) for x in noops):
+            raise _Bad(message.format(v=_show(v)))
 
     max_tokens, label = pick("max_tokens")
     if kind == "chat" and body.get("max_completion_tokens") is not None:
@@ -394,22 +443,101 @@ def _sampling(body: dict, kind: str, defaults: dict) -> tuple[SamplingParams, in
     ignore_eos = _bool(*pick("ignore_eos", False))
     return_token_ids = _bool(*pick("return_token_ids", False))
     logprobs = _logprobs(body, kind)
+    penalty = "a number from -2 to 2"
+    presence = _number(*pick("presence_penalty", 0.0), penalty, lambda x: -2 <= x <= 2)
+    frequency = _number(*pick("frequency_penalty", 0.0), penalty, lambda x: -2 <= x <= 2)
+    repetition = _number(*pick("repetition_penalty", 1.0), "a number > 0 (1 = off)", lambda x: x > 0)
     sampling = SamplingParams(
         max_tokens=max_tokens or 0, min_tokens=min_tokens, temperature=temperature, top_p=top_p,
         top_k=max(top_k, 0), min_p=min_p, seed=seed, stop=stop, stop_token_ids=stop_ids,
-        ignore_eos=ignore_eos, logprobs=logprobs,
+        ignore_eos=ignore_eos, logprobs=logprobs, presence_penalty=presence, frequency_penalty=frequency,
+        repetition_penalty=repetition, logit_bias=_logit_bias(body.get("logit_bias")),
+        structured=_structured(body),
     )
+    if sampling.structured is not None and min_tokens > 0:
+        raise _Bad(f"min_tokens ({min_tokens}) cannot be combined with structured output: the grammar "
+                   "decides where the output ends; remove min_tokens")
     return sampling, max_tokens, return_token_ids
 
 
-_NOOP_ERRORS = {
-    "n": "n={v} is not supported: kvrelay returns one completion per line (n=1); repeat the line "
-         "with another custom_id (and seed) for more samples",
-    "stream": "stream={v} is not supported in a batch; remove it",
-    "frequency_penalty": "frequency_penalty={v} is not supported (only 0); remove it",
-    "presence_penalty": "presence_penalty={v} is not supported (only 0); remove it",
-    "repetition_penalty": "repetition_penalty={v} is not supported (only 1); remove it",
-}
+def _structured(body: dict) -> StructuredOutput | None:
+    """response_format (OpenAI) or one of vLLM's guided_* fields, checked by building its grammar."""
+    given = [k for k in STRUCTURED_FIELDS if body.get(k) is not None]
+    rf = body.get("response_format")
+    if rf is not None:
+        if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
+            raise _Bad(f'response_format must be an object like {{"type": "json_object"}}, got {_show(rf)}')
+        if rf["type"] == "text":
+            given.remove("response_format")
+    if len(given) > 1:
+        raise _Bad(f"line has {' and '.join(given)}; give at most one of {', '.join(STRUCTURED_FIELDS)}")
+    if not given:
+        return None
+    field, v = given[0], body[given[0]]
+    if field == "response_format":
+        kind, field, spec = "json", "response_format.json_schema.schema", _response_format(rf)
+    elif field == "guided_json":
+        kind, spec = "json", _schema_text(v, "guided_json")
+    elif field == "guided_regex":
+        if not isinstance(v, str) or not v:
+            raise _Bad(f"guided_regex must be a non-empty string (a regular expression), got {_show(v)}")
+        kind, spec = "regex", v
+    else:
+        if not isinstance(v, list) or not v or not all(isinstance(c, str) and c for c in v):
+            raise _Bad(f"guided_choice must be a non-empty list of non-empty strings, got {_show(v)}")
+        kind, spec = "choice", json.dumps(v, ensure_ascii=False)
+    error = grammar_error(kind, spec)
+    if error is not None:
+        what = "pattern" if kind == "regex" else "schema" if kind == "json" else "list of choices"
+        raise _Bad(f"{field} is not a {what} xgrammar can compile: {error}")
+    return StructuredOutput(kind, spec)
+
+
+def _response_format(rf: dict) -> str:
+    kind = rf["type"]
+    if kind == "json_object":
+        return JSON_OBJECT_SCHEMA
+    if kind != "json_schema":
+        raise _Bad(f"response_format type {_show(kind)} is not supported; use text, json_object or json_schema")
+    js = rf.get("json_schema")
+    if not isinstance(js, dict):
+        raise _Bad('response_format json_schema needs "json_schema": {"name": ..., "schema": {...}}, '
+                   f"got {_show(js)}")
+    if js.get("name") is not None and not isinstance(js["name"], str):
+        raise _Bad(f"response_format.json_schema.name must be a string, got {_show(js['name'])}")
+    if js.get("schema") is None:
+        raise _Bad("response_format.json_schema.schema is missing; put the JSON schema there")
+    return _schema_text(js["schema"], "response_format.json_schema.schema")
+
+
+def _schema_text(v, label: str) -> str:
+    """A JSON schema (an object, or its JSON text as vLLM's guided_json also takes) as compact text,
+    its keys in their order: xgrammar writes properties in the schema's order."""
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except ValueError:
+            raise _Bad(f"{label} is a string but not JSON; give the schema as an object") from None
+    if not isinstance(v, dict):
+        raise _Bad(f"{label} must be a JSON schema object, got {_show(v)}")
+    return json.dumps(v, ensure_ascii=False, separators=(",", ":"))
+
+
+def _logit_bias(v) -> dict[int, float]:
+    """OpenAI's form: {"<token id>": bias}, the bias in [-100, 100]; the ids are checked against the
+    vocabulary in `check_prompt`."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise _Bad(f'logit_bias must be an object of token id strings to biases, like {{"50256": -100}}, '
+                   f"got {_show(v)}")
+    out = {}
+    for k, b in v.items():
+        if not (k.isascii() and k.isdigit()):
+            raise _Bad(f"logit_bias key {_show(k)} is not a token id; keys are token ids as strings, like \"50256\"")
+        out[int(k)] = _number(b, f"logit_bias[{_show(k)}]", "a number from -100 to 100",
+                              lambda x: -LOGIT_BIAS_MAX <= x <= LOGIT_BIAS_MAX)
+    return out
 
 
 def _logprobs(body: dict, kind: str) -> int | None:
@@ -431,6 +559,13 @@ def _logprobs(body: dict, kind: str) -> int | None:
         return 0
     return _int(top, "top_logprobs", 0, MAX_LOGPROBS,
                 what=f"an integer from 0 to {MAX_LOGPROBS}")
+
+
+def _same(v, x) -> bool:
+    """Equal as JSON values: 1 and 1.0 are, true and 1 are not."""
+    if _is_number(v) and _is_number(x):
+        return v == x
+    return type(v) is type(x) and v == x
 
 
 def _is_number(v) -> bool:

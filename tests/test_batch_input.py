@@ -102,12 +102,60 @@ def test_missing_custom_id_and_method_default():
     assert p.custom_id == "line-12"
 
 
-def test_no_max_tokens_is_none_until_resolved():
-    p = parse(plain(prompt="x"))
-    assert p.max_tokens is None
+def test_no_max_tokens_resolves_to_vllms_default():
+    # A completion stops at 16 (OpenAI's and vLLM's default), a chat at the end of the context.
+    for raw in (plain(prompt="x"), batch({"prompt": "x"})):
+        p = parse(raw)
+        assert p.max_tokens is None
+        assert resolve_sampling(p, num_prompt_tokens=10, max_model_len=100).max_tokens == 16
+        assert resolve_sampling(p, num_prompt_tokens=90, max_model_len=100).max_tokens == 10
+    p = parse(batch({"messages": MSG}, url=CHAT))
     assert resolve_sampling(p, num_prompt_tokens=10, max_model_len=100).max_tokens == 90
     p = parse(plain(prompt="x", max_tokens=5))
     assert resolve_sampling(p, 10, 100).max_tokens == 5
+    p = parse(plain(prompt="x"), {"max_tokens": 40})
+    assert resolve_sampling(p, 10, 100).max_tokens == 40
+
+
+def test_penalties_and_logit_bias():
+    p = parse(plain(prompt="x", presence_penalty=-2, frequency_penalty=1.5, repetition_penalty=1.2,
+                    logit_bias={"5": -100, "17": 2.5}))
+    s = p.sampling
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (-2.0, 1.5, 1.2)
+    assert s.logit_bias == {5: -100.0, 17: 2.5} and s.penalized
+    s = parse(plain(prompt="x", presence_penalty=None, frequency_penalty=0, repetition_penalty=1)).sampling
+    assert not s.penalized and s.logit_bias == {}
+    # The wire form (msgpack between ranks) keeps them.
+    from kvrelay.core.messages import decode, encode
+    from kvrelay.core.request import Request
+
+    req = Request("r", [1], p.sampling)
+    assert Request.from_wire(decode(encode(req.to_wire()))) == req
+
+
+def test_structured_output_fields():
+    schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
+    rf = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    so = parse(batch({"messages": MSG, "response_format": rf}, url=CHAT)).sampling.structured
+    assert (so.kind, json.loads(so.spec)) == ("json", schema)
+    assert so.spec.index('"b"') < so.spec.index('"a"'), "the schema's property order is kept"
+    assert parse(plain(prompt="x", guided_json=json.dumps(schema))).sampling.structured == so
+    so = parse(plain(prompt="x", response_format={"type": "json_object"})).sampling.structured
+    assert (so.kind, json.loads(so.spec)) == ("json", {"type": "object"})
+    assert parse(plain(prompt="x", response_format={"type": "text"})).sampling.structured is None
+    so = parse(plain(prompt="x", guided_regex="[a-z]+")).sampling.structured
+    assert (so.kind, so.spec) == ("regex", "[a-z]+")
+    so = parse(plain(prompt="x", guided_choice=["yes", "no"], guided_decoding_backend="xgrammar")).sampling.structured
+    assert (so.kind, json.loads(so.spec)) == ("choice", ["yes", "no"])
+
+
+def test_bookkeeping_fields_are_accepted_and_ignored():
+    body = {"prompt": "x", "metadata": {"k": "v"}, "store": True, "stream_options": {"include_usage": True},
+            "user": "u", "stream": False, "service_tier": "auto", "n": 1, "best_of": 1, "echo": False,
+            "parallel_tool_calls": False, "tool_choice": "none", "tools": [], "modalities": ["text"]}
+    assert isinstance(parse(batch(body)), ParsedLine)
+    assert isinstance(parse(batch({"messages": MSG, **{k: v for k, v in body.items() if k != "prompt"}},
+                                  url=CHAT)), ParsedLine)
 
 
 def test_defaults_apply_where_line_omits():
@@ -160,7 +208,18 @@ BAD = [
     (batch({"prompt": "x"}, prompt="y"), "invalid_request",
      "unknown field 'prompt' at the top level of a batch line"),
     (batch({"prompt": "x", "foo": 1}), "invalid_request", "unknown field 'foo'; supported fields: "),
-    (plain(prompt="x", best_of=2), "invalid_request", "unknown field 'best_of'; supported fields: "),
+    (plain(prompt="x", best_of=2), "invalid_request", "best_of=2 is not supported: kvrelay returns one "
+     "completion per line; repeat the line with other custom_ids and seeds"),
+    (plain(prompt="x", n=1.0, echo=True), "invalid_request", "echo=true is not supported: the output holds "
+     "only the completion; prepend the prompt yourself"),
+    (plain(messages=MSG, tools=[{"type": "function"}]), "invalid_request", "tools are not supported (no "
+     "tool calling): describe the tools in the prompt and ask for the call with response_format json_schema"),
+    (plain(messages=MSG, tool_choice="required"), "invalid_request", 'tool_choice="required" is not supported'),
+    (plain(prompt="x", use_beam_search=True), "invalid_request", "beam search is not supported"),
+    (plain(prompt="x", skip_special_tokens=False), "invalid_request",
+     "skip_special_tokens=false is not supported; ask for return_token_ids"),
+    (plain(prompt="x", guided_grammar="root ::= x"), "invalid_request", "guided_grammar is not supported; "
+     "use guided_regex, guided_choice or guided_json"),
     (batch({"messages": MSG}), "invalid_request", "messages is for chat requests"),
     (batch({"prompt": "x"}, url=CHAT), "invalid_request", "prompt is for completion requests"),
     (batch({"prompt": "x", "top_logprobs": 2}), "invalid_request", "top_logprobs is for chat requests"),
@@ -236,13 +295,44 @@ BAD = [
      "top_logprobs must be an integer from 0 to 20, got 21"),
     (plain(prompt="x", n=2), "invalid_request", "n=2 is not supported: kvrelay returns one completion per line"),
     (plain(prompt="x", stream=True), "invalid_request", "stream=true is not supported in a batch; remove it"),
-    (plain(prompt="x", frequency_penalty=0.5), "invalid_request",
-     "frequency_penalty=0.5 is not supported (only 0); remove it"),
-    (plain(prompt="x", presence_penalty=1), "invalid_request", "presence_penalty=1 is not supported (only 0)"),
-    (plain(prompt="x", repetition_penalty=1.2), "invalid_request",
-     "repetition_penalty=1.2 is not supported (only 1)"),
+    (plain(prompt="x", frequency_penalty=2.5), "invalid_request",
+     "frequency_penalty must be a number from -2 to 2, got 2.5"),
+    (plain(prompt="x", presence_penalty="1"), "invalid_request", 'presence_penalty must be a number from -2 to 2, got "1"'),
+    (plain(prompt="x", repetition_penalty=0), "invalid_request",
+     "repetition_penalty must be a number > 0 (1 = off), got 0"),
+    (plain(prompt="x", logit_bias=[1]), "invalid_request",
+     'logit_bias must be an object of token id strings to biases, like {"50256": -100}, got [1]'),
+    (plain(prompt="x", logit_bias={"a": 1}), "invalid_request",
+     'logit_bias key "a" is not a token id; keys are token ids as strings, like "50256"'),
+    (plain(prompt="x", logit_bias={"-3": 1}), "invalid_request", 'logit_bias key "-3" is not a token id'),
+    (plain(prompt="x", logit_bias={"5": 101}), "invalid_request",
+     'logit_bias["5"] must be a number from -100 to 100, got 101'),
+    (plain(prompt="x", logit_bias={"5": True}), "invalid_request",
+     'logit_bias["5"] must be a number from -100 to 100, got true'),
     (plain(prompt="x", model=3), "invalid_request", "model must be a string, got 3"),
-    (plain(prompt="x", user=[]), "invalid_request", "user must be a string, got []"),
+    (plain(prompt="x", response_format="json"), "invalid_request",
+     'response_format must be an object like {"type": "json_object"}, got "json"'),
+    (plain(prompt="x", response_format={"type": "xml"}), "invalid_request",
+     'response_format type "xml" is not supported; use text, json_object or json_schema'),
+    (plain(prompt="x", response_format={"type": "json_schema"}), "invalid_request",
+     'response_format json_schema needs "json_schema": {"name": ..., "schema": {...}}, got null'),
+    (plain(prompt="x", response_format={"type": "json_schema", "json_schema": {"name": "n"}}), "invalid_request",
+     "response_format.json_schema.schema is missing; put the JSON schema there"),
+    (plain(prompt="x", response_format={"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}),
+     "invalid_request", 'response_format.json_schema.schema is not a schema xgrammar can compile: Unsupported type "foo"'),
+    (plain(prompt="x", guided_json={"type": "integer", "minimum": 5, "maximum": 1}), "invalid_request",
+     "guided_json is not a schema xgrammar can compile: Invalid range: minimum greater than maximum"),
+    (plain(prompt="x", guided_json="{oops"), "invalid_request",
+     "guided_json is a string but not JSON; give the schema as an object"),
+    (plain(prompt="x", guided_json=[1]), "invalid_request", "guided_json must be a JSON schema object, got [1]"),
+    (plain(prompt="x", guided_regex="(("), "invalid_request", "guided_regex is not a pattern xgrammar can "
+     "compile: Regex parsing error at position 3: The parenthesis is not closed."),
+    (plain(prompt="x", guided_regex=""), "invalid_request", "guided_regex must be a non-empty string"),
+    (plain(prompt="x", guided_choice=[]), "invalid_request", "guided_choice must be a non-empty list of non-empty strings"),
+    (plain(prompt="x", guided_choice=["a"], guided_regex="a"), "invalid_request",
+     "line has guided_regex and guided_choice; give at most one of response_format, guided_json, guided_regex, guided_choice"),
+    (plain(prompt="x", guided_choice=["a"], min_tokens=2), "invalid_request",
+     "min_tokens (2) cannot be combined with structured output: the grammar decides where the output ends; remove min_tokens"),
 ]
 
 
@@ -284,6 +374,8 @@ def test_check_prompt_errors():
     assert e.message.startswith("min_tokens (95) is more than the 90 tokens left in the context")
     e = _err(plain(prompt_token_ids=[1, 1000]), [1, 1000])
     assert e.message == "prompt token id 1000 (position 1) is out of the vocabulary (vocab size 1000)"
+    e = _err(plain(prompt="x", logit_bias={"5": 1, "1000": -1}), [1])
+    assert e.message == "logit_bias has token id 1000, out of the vocabulary (vocab size 1000)"
     e = _err(plain(prompt="x", stop_token_ids=[5, 2000]), [1])
     assert e.message == "stop_token_ids holds 2000, out of the vocabulary (vocab size 1000)"
     e = _err(plain(prompt=" "), [])

@@ -85,3 +85,71 @@ def test_logprobs_are_of_the_raw_distribution():
     assert math.isclose(lp.logprob, math.log([0.5, 0.25, 0.15, 0.07, 0.03][toks[0]]), rel_tol=1e-5)
     assert [t for t, _ in lp.top] == [0, 1, 2]
     assert math.isclose(lp.top[2][1], math.log(0.15), rel_tol=1e-5)
+
+
+# -- logit_bias and penalties against a plain per-row reference ------------------------------
+
+
+def reference_processed(logits: torch.Tensor, p: SamplingParams, prompt: list[int], output: list[int]) -> torch.Tensor:
+    """One row, the textbook way: bias, then the repetition penalty on every token seen once,
+    then frequency and presence for each distinct output token."""
+    x = logits.clone()
+    for t, b in p.logit_bias.items():
+        x[t] += b
+    for t in set(prompt) | set(output):
+        x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+    for t in set(output):
+        x[t] -= p.frequency_penalty * output.count(t) + p.presence_penalty
+    return x
+
+
+def test_bias_and_penalties_match_the_reference_row_by_row():
+    from kvrelay.ranks.engine.penalties import TokenHistory
+
+    g = torch.Generator().manual_seed(4)
+    vocab, n = 40, 6
+    cases = [
+        SamplingParams(temperature=0, presence_penalty=1.5),
+        SamplingParams(temperature=0, frequency_penalty=0.7),
+        SamplingParams(temperature=0, repetition_penalty=1.8),
+        SamplingParams(temperature=0, logit_bias={3: 100.0, 7: -100.0, 11: 2.5}),
+        SamplingParams(temperature=0, presence_penalty=-1.0, frequency_penalty=2.0, repetition_penalty=0.6,
+                       logit_bias={5: 3.0}),
+        SamplingParams(temperature=0),  # a row with none of them, between the others
+    ]
+    history = TokenHistory(vocab)
+    seqs = [(torch.randint(0, vocab, (10,), generator=g).tolist(), torch.randint(0, vocab, (4,), generator=g).tolist())
+            for _ in range(n)]
+    for step in range(5):
+        logits = torch.randn(n, vocab, generator=g) * 3
+        want = torch.stack([reference_processed(logits[i], cases[i], *seqs[i]) for i in range(n)]).argmax(-1).tolist()
+        rows = [SampleRow(p, None, [], f"r{i}", history.slot(f"r{i}", seqs[i][0] + seqs[i][1], 10, CPU) if p.penalized else None)
+                for i, p in enumerate(cases)]
+        got, _ = sample(logits.clone(), rows, history)
+        assert got == want, step
+        for i, t in enumerate(got):
+            seqs[i][1].append(t)
+    # The history counted every sampled token: its rows equal the outputs' counts.
+    for i, p in enumerate(cases):
+        if p.penalized:
+            row = history.slots[f"r{i}"]
+            assert history.counts[row].tolist() == torch.bincount(torch.tensor(seqs[i][1]), minlength=vocab).tolist()
+    history.release("r0")
+    assert "r0" not in history.slots and history.free
+
+
+def test_history_grows_and_reuses_rows():
+    from kvrelay.ranks.engine.penalties import TokenHistory
+
+    h = TokenHistory(16)
+    rows = {h.slot(f"r{i}", [1, 2, 3], 2, CPU) for i in range(20)}
+    assert len(rows) == 20 and h.counts.shape[0] >= 20
+    assert h.counts[h.slots["r5"]].tolist()[3] == 1 and h.in_prompt[h.slots["r5"]].tolist()[:4] == [False, True, True, False]
+    h.release("r5")
+    assert h.slot("new", [4], 1, CPU) in rows
+
+
+def test_logit_bias_moves_sampling():
+    biased = draw(LOGITS, 2000, temperature=1.0, logit_bias={4: 8.0})
+    assert biased.count(4) > 1800
+    assert 0 not in draw(LOGITS, 2000, temperature=1.0, logit_bias={0: -100.0})

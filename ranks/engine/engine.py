@@ -27,8 +27,10 @@ from kvrelay.configs.schema import JobConfig
 from kvrelay.ranks.engine.kv_cache import EvictHook, CacheHook, KVCacheManager
 from kvrelay.ranks.engine.loader import check_dtype, iter_weights, read_model_dir
 from kvrelay.ranks.engine.model_runner import ModelRunner
+from kvrelay.ranks.engine.penalties import TokenHistory
 from kvrelay.ranks.engine.sampler import SampleRow, request_generator, sample
 from kvrelay.ranks.engine.scheduler import Scheduler
+from kvrelay.ranks.engine.structured import Grammars
 from kvrelay.ranks.engine.sequence import Sequence
 from kvrelay.ranks.engine.sim_runner import SimRunner
 from kvrelay.core.tokenizer import SimTokenizer
@@ -143,6 +145,8 @@ class Engine:
             self.kv, cfg.scheduler.max_batch_tokens, cfg.scheduler.max_seqs, cfg.scheduler.chunked_prefill
         )
         self.generators: dict[str, torch.Generator] = {}
+        self.history = TokenHistory(vocab_size)  # token counts of sequences with penalties
+        self.grammars = Grammars(cfg.model.path, vocab_size, sorted(self.eos_token_ids))  # structured output
         # Handed-off sequences whose KV is being sent: they hold their blocks until `free_kv`.
         self.sending: dict[str, Sequence] = {}
         self.stats = EngineStats()
@@ -265,7 +269,8 @@ class Engine:
         """Detach a sequence that stopped after its first token; its blocks wait for `free_kv`."""
         self.scheduler.detach(seq)
         self.sending[seq.request_id] = seq
-        gen = self.generators.pop(seq.request_id, None)
+        gen = self.generators.get(seq.request_id)
+        self._drop_sampler_state(seq.request_id)
         return SeqState(
             request=Request(seq.request_id, seq.token_ids[: seq.num_prompt_tokens], seq.sampling),
             output_token_ids=seq.output_token_ids,
@@ -326,8 +331,8 @@ class Engine:
         if self.runner.simulated:
             tokens, logprobs = self.runner.sample(len(sampling)), [None] * len(sampling)
         else:
-            rows = [SampleRow(s.sampling, self.generators.get(s.request_id), self._banned(s)) for s in sampling]
-            tokens, logprobs = sample(logits, rows)  # the step's one wait for the GPU: the sampled ids
+            rows = [self._sample_row(s) for s in sampling]
+            tokens, logprobs = sample(logits, rows, self.history, self.grammars)  # the step's one wait for the GPU: the sampled ids
         t2 = time.perf_counter()
         now = time.time()
         for seq, token, lp in zip(sampling, tokens, logprobs):
@@ -340,7 +345,7 @@ class Engine:
                 seq.logprobs.append(lp)
             if self._check_stop(seq):
                 self.scheduler.finish(seq)
-                self.generators.pop(seq.request_id, None)
+                self._drop_sampler_state(seq.request_id)
                 self.stats.output_tokens += seq.num_output_tokens
                 out.finished.append(seq.result())
             elif seq.handoff:
@@ -359,6 +364,22 @@ class Engine:
             self.runner.idle()  # the next step starts a new busy period on the modeled clock
         return out
 
+    def _sample_row(self, seq: Sequence) -> SampleRow:
+        sp = seq.sampling
+        history = None
+        if sp.penalized:
+            history = self.history.slot(seq.request_id, seq.token_ids, seq.num_prompt_tokens, self.runner.device)
+        matcher = None
+        if sp.structured is not None:
+            matcher = self.grammars.matcher(seq.request_id, sp.structured, seq.output_token_ids)
+        return SampleRow(sp, self.generators.get(seq.request_id), self._banned(seq), seq.request_id, history, matcher)
+
+    def _drop_sampler_state(self, request_id: str) -> None:
+        """A sequence that samples no more here (finished or handed off) lets go of its state."""
+        self.generators.pop(request_id, None)
+        self.history.release(request_id)
+        self.grammars.release(request_id)
+
     def _banned(self, seq: Sequence) -> list[int]:
         if seq.num_output_tokens >= seq.sampling.min_tokens:
             return []
@@ -372,6 +393,9 @@ class Engine:
         sp = seq.sampling
         if seq.num_tokens >= seq.max_total_tokens:
             seq.finish_reason = "length"
+            return True
+        if self.grammars.is_terminated(seq.request_id):  # it took a stop token the grammar allowed
+            seq.finish_reason = "stop"
             return True
         if seq.num_output_tokens < sp.min_tokens:
             return False

@@ -6,7 +6,12 @@ vocabulary entry from the row's own generator. Each request owns its generator, 
 `seed` (or by the job seed and its id), so a request's tokens do not depend on which other
 requests shared its batches, nor on preemptions: the generator advances once per sampled token.
 
-Logprobs are those of the model's distribution before any sampling transform, as in vLLM.
+Before the draw, in vLLM's order: the grammar's token bitmask (ranks/engine/structured.py),
+logit_bias, then the penalties (ranks/engine/penalties.py), each applied to the rows that use it
+with batched tensor ops, never a device op per row.
+
+Logprobs are those of the model's distribution before any sampling transform but the grammar's
+mask, as in vLLM.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from kvrelay.core.request import SamplingParams, TokenLogprob
+from kvrelay.ranks.engine.penalties import TokenHistory, apply_penalties
+from kvrelay.ranks.engine.structured import Grammars, apply_bitmask
 
 
 @dataclass
@@ -23,18 +30,43 @@ class SampleRow:
     params: SamplingParams
     generator: torch.Generator | None  # None for greedy rows
     banned: list[int]  # token ids that may not be sampled now (stop tokens before min_tokens)
+    request_id: str = ""
+    history: int | None = None  # the sequence's row in the TokenHistory (rows with penalties)
+    matcher: object | None = None  # the sequence's xgrammar.GrammarMatcher (structured output), in `grammars`
 
 
 @torch.inference_mode()
-def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits: [N, vocab] float32 on the model's device; one row per sampling sequence."""
+def sample(
+    logits: torch.Tensor, rows: list[SampleRow], history: TokenHistory | None = None,
+    grammars: Grammars | None = None,
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits: [N, vocab] float32 on the model's device; one row per sampling sequence. Rows with
+    penalties name their row of `history`, which counts the tokens sampled here; rows with a
+    grammar have their matcher in `grammars`, which accepts the token sampled here."""
     assert logits.dim() == 2 and logits.shape[0] == len(rows)
+    structured = [i for i, r in enumerate(rows) if r.matcher is not None]
+    if structured:
+        # First, before anything waits for the device: the host fills the mask while the step runs.
+        assert grammars is not None
+        bitmask = grammars.fill_bitmask([rows[i].request_id for i in structured], structured, len(rows), logits.device)
+        apply_bitmask(logits, bitmask, structured)
     want_logprobs = [r.params.logprobs for r in rows]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(n is not None for n in want_logprobs) else None
 
     for i, r in enumerate(rows):
         if r.banned:
             logits[i, r.banned] = float("-inf")
+    _add_logit_bias(logits, rows)
+    penalized = [i for i, r in enumerate(rows) if r.history is not None]
+    if penalized:
+        assert history is not None
+        device = logits.device
+        slots = torch.tensor([rows[i].history for i in penalized]).to(device, non_blocking=True)
+        params = torch.tensor([[rows[i].params.repetition_penalty, rows[i].params.presence_penalty,
+                                rows[i].params.frequency_penalty] for i in penalized]).to(device, non_blocking=True)
+        penalized_rows = torch.tensor(penalized).to(device, non_blocking=True)
+        apply_penalties(logits, penalized_rows, history.counts[slots], history.in_prompt[slots],
+                        params[:, 0], params[:, 1], params[:, 2])
 
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
@@ -45,7 +77,11 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list
         for j, i in enumerate(random_rows):
             q[j].exponential_(generator=rows[i].generator)
         tokens[idx] = (probs / q).argmax(dim=-1)
+    if penalized:
+        history.record([rows[i].request_id for i in penalized], slots, tokens[penalized_rows])
     token_list = tokens.tolist()
+    for i in structured:
+        grammars.accept(rows[i].request_id, token_list[i])
 
     out_logprobs: list[TokenLogprob | None] = [None] * len(rows)
     if raw_logprobs is not None:
@@ -60,6 +96,16 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list
             top = list(zip(top_ids[i][:n], top_vals[i][:n]))
             out_logprobs[i] = TokenLogprob(token_list[i], chosen[i], top)
     return token_list, out_logprobs
+
+
+def _add_logit_bias(logits: torch.Tensor, rows: list[SampleRow]) -> None:
+    """One scatter for every (row, token id, bias) of the batch."""
+    biased = [(i, r.params.logit_bias) for i, r in enumerate(rows) if r.params.logit_bias]
+    if not biased:
+        return
+    index = torch.tensor([(i, t) for i, bias in biased for t in bias]).to(logits.device, non_blocking=True)
+    values = torch.tensor([v for _, bias in biased for v in bias.values()], dtype=logits.dtype)
+    logits.index_put_((index[:, 0], index[:, 1]), values.to(logits.device, non_blocking=True), accumulate=True)
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch
 from kvrelay.kernels.kv_pack import pack_blocks, packed_shape, unpack_blocks
 from kvrelay.ranks.engine.attention_backend import AttentionMetadata
 from kvrelay.ranks.engine.model import LlamaForCausalLM, allocate_kv_cache
+from kvrelay.ranks.engine.parallel import TPGroup
 from kvrelay.ranks.engine.scheduler import ScheduledSeq
 from kvrelay.core.model_files import ModelConfigError
 from kvrelay.ranks.engine.spec import ModelSpec
@@ -86,6 +87,7 @@ class ModelRunner:
         max_seqs: int,
         max_batch_tokens: int,
         cuda_graphs: bool = True,
+        tp: TPGroup | None = None,
     ) -> None:
         self.spec = spec
         self.dtype = dtype
@@ -99,7 +101,7 @@ class ModelRunner:
         self.is_cuda = device.type == "cuda"
         self.use_graphs = cuda_graphs and self.is_cuda
         with torch.device(device):
-            self.model = LlamaForCausalLM(spec, dtype=dtype)
+            self.model = LlamaForCausalLM(spec, dtype=dtype, tp=tp)
         self.model.load_weights(weights)
         self.model.eval()
         self.memory = MemoryReport()
@@ -124,7 +126,10 @@ class ModelRunner:
         self.last_step_graph = False
 
     def block_bytes(self) -> int:
-        return self.spec.kv_bytes_per_token * self.block_size * torch.empty((), dtype=self.dtype).element_size()
+        """Bytes of one block of this rank's KV cache (its KV heads only, under tensor parallelism)."""
+        shard = self.model.shard
+        per_token = 2 * self.spec.num_layers * shard.num_kv_heads * shard.head_dim
+        return per_token * self.block_size * torch.empty((), dtype=self.dtype).element_size()
 
     # ---- memory ----------------------------------------------------------------------------------
 
@@ -179,7 +184,9 @@ class ModelRunner:
     def allocate(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self.scratch_slot = num_blocks * self.block_size
-        self.kv_caches = allocate_kv_cache(self.spec, num_blocks + 1, self.block_size, self.dtype, self.device)
+        self.kv_caches = allocate_kv_cache(
+            self.spec, num_blocks + 1, self.block_size, self.dtype, self.device, self.model.shard
+        )
         self.memory.kv_blocks = num_blocks
         self.memory.kv_gib = num_blocks * self.block_bytes() / _GIB
 

@@ -1,0 +1,88 @@
+"""Tensor-parallel layout without processes: which slices each rank holds and the clear error for a
+tp that does not split a model. The real groups run in tests/test_tp_mpi.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from kvrelay.core.model_files import ModelConfigError
+from kvrelay.ranks.engine.model import LlamaForCausalLM
+from kvrelay.ranks.engine.parallel import TPGroup
+from kvrelay.ranks.engine.sharding import TPShard, check_tp, kv_head_range, valid_tp
+from kvrelay.ranks.engine.spec import ModelSpec, RopeSpec
+
+LLAMA_70B = ModelSpec(
+    arch="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
+    num_kv_heads=8, head_dim=128, max_position_embeddings=131072, rms_norm_eps=1e-5, rope=RopeSpec(),
+)
+QWEN2_7B = replace(LLAMA_70B, arch="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                   num_layers=28, num_heads=28, num_kv_heads=4, qkv_bias=True)
+TINY = replace(LLAMA_70B, vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+               num_kv_heads=2, head_dim=16, max_position_embeddings=64)
+
+
+def test_70b_at_tp8_splits_everything_evenly():
+    shards = [TPShard.of(LLAMA_70B, r, 8) for r in range(8)]
+    assert [s.heads for s in shards] == [(8 * r, 8 * r + 8) for r in range(8)]
+    assert [s.kv_heads for s in shards] == [(r, r + 1) for r in range(8)]
+    assert all(s.ffn_size == 3584 and s.vocab_rows == 16032 for s in shards)
+    assert shards[3].slice_of("model.layers.5.self_attn.q_proj.weight") == (0, 3 * 1024, 4 * 1024)
+    assert shards[3].slice_of("model.layers.5.self_attn.k_proj.weight") == (0, 3 * 128, 4 * 128)
+    assert shards[3].slice_of("model.layers.5.self_attn.o_proj.weight") == (1, 3 * 1024, 4 * 1024)
+    assert shards[3].slice_of("model.layers.5.mlp.down_proj.weight") == (1, 3 * 3584, 4 * 3584)
+    assert shards[3].slice_of("model.layers.5.mlp.up_proj.weight") == (0, 3 * 3584, 4 * 3584)
+    assert shards[3].slice_of("lm_head.weight") == (0, 3 * 16032, 4 * 16032)
+    for whole in ("model.norm.weight", "model.layers.0.input_layernorm.weight", "model.layers.0.self_attn.q_norm.weight",
+                  "model.layers.0.self_attn.o_proj.bias", "model.layers.0.mlp.down_proj.bias"):
+        assert shards[3].slice_of(whole) is None, whole
+    assert TPShard.of(LLAMA_70B, 0, 1).slice_of("lm_head.weight") is None
+
+
+def test_kv_heads_replicated_where_tp_exceeds_them():
+    assert [kv_head_range(2, r, 4) for r in range(4)] == [(0, 1), (0, 1), (1, 2), (1, 2)]
+    assert [kv_head_range(4, r, 8) for r in range(8)] == [(r // 2, r // 2 + 1) for r in range(8)]
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(64, 8), (28, 4), (32, 32), (4, 2), (16, 1), (12, 4)])
+def test_every_ranks_query_heads_read_its_own_kv_heads(heads, kv_heads):
+    spec = replace(LLAMA_70B, num_heads=heads, num_kv_heads=kv_heads, intermediate_size=heads * 64)
+    for tp in valid_tp(spec):
+        for rank in range(tp):
+            s = TPShard.of(spec, rank, tp)
+            assert s.num_heads % s.num_kv_heads == 0
+            group = heads // kv_heads
+            # The model pairs local q head i with local kv head i // (num_heads / num_kv_heads).
+            for i, q in enumerate(range(*s.heads)):
+                assert q // group == s.kv_heads[0] + i // (s.num_heads // s.num_kv_heads)
+
+
+def test_uneven_vocab_pads_the_last_rank():
+    spec = replace(TINY, vocab_size=509)
+    shards = [TPShard.of(spec, r, 4) for r in range(4)]
+    assert [s.vocab for s in shards] == [(0, 128), (128, 256), (256, 384), (384, 509)]
+    assert {s.vocab_rows for s in shards} == {128}
+
+
+def test_a_tp_that_does_not_split_the_model_is_refused_before_weights():
+    with pytest.raises(ModelConfigError) as err:
+        check_tp(TINY, 3, key="roles.decode_tp")
+    assert "roles.decode_tp=3" in str(err.value) and "num_attention_heads=4" in str(err.value)
+    assert str(err.value).endswith("Use one of 1, 2, 4")
+    with pytest.raises(ModelConfigError, match="intermediate_size=130"):
+        check_tp(replace(TINY, intermediate_size=130), 4)
+    with pytest.raises(ModelConfigError, match="num_key_value_heads=3"):
+        check_tp(replace(TINY, num_heads=12, num_kv_heads=3, intermediate_size=120), 2)
+    assert valid_tp(QWEN2_7B) == [1, 2, 4]  # 7 and 14 split neither the 4 KV heads nor FFN 18944
+    # The model refuses in its constructor, before load_weights: no weight is ever read.
+    with pytest.raises(ModelConfigError, match="roles.tp=3"):
+        LlamaForCausalLM(TINY, tp=TPGroup(0, 3, backend=object()))
+
+
+def test_tp1_is_the_single_device_model():
+    model = LlamaForCausalLM(TINY)
+    assert model.tp.size == 1 and model.shard.num_kv_heads == 2 and model.shard.vocab == (0, 512)
+    assert model.model.embed_tokens.weight.shape == (512, 64)
+    assert model.model.layers[0].self_attn.qkv_proj.weight.shape == (8 * 16, 64)

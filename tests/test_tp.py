@@ -1,5 +1,5 @@
 """Tensor-parallel layout without processes: which slices each rank holds and the clear error for a
-tp that does not split a model. The real groups run in tests/test_tp_mpi.py.
+tp that does not split a model, and the roles.*tp config keys. The real groups run in tests/test_tp_mpi.py.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 
+from kvrelay.configs.schema import ConfigError, load_config
 from kvrelay.core.model_files import ModelConfigError
 from kvrelay.ranks.engine.model import LlamaForCausalLM
 from kvrelay.ranks.engine.parallel import TPGroup
@@ -86,3 +87,15 @@ def test_tp1_is_the_single_device_model():
     assert model.tp.size == 1 and model.shard.num_kv_heads == 2 and model.shard.vocab == (0, 512)
     assert model.model.embed_tokens.weight.shape == (512, 64)
     assert model.model.layers[0].self_attn.qkv_proj.weight.shape == (8 * 16, 64)
+
+
+def test_roles_tp_keys():
+    cfg = load_config(overrides=["roles.prefill=1", "roles.decode=2", "roles.aggregated=1", "roles.tp=2", "roles.decode_tp=4"])
+    assert [cfg.roles.tp_of(r) for r in ("prefill", "decode", "aggregated")] == [2, 4, 2]
+    assert cfg.roles.tp_key("decode") == "roles.decode_tp" and cfg.roles.tp_key("prefill") == "roles.tp"
+    assert cfg.roles.num_worker_ranks == 1 * 2 + 2 * 4 + 1 * 2
+    assert load_config().roles.num_worker_ranks == 1
+    with pytest.raises(ConfigError, match="roles.prefill_tp"):
+        load_config(overrides=["roles.prefill_tp=0"])
+    with pytest.raises(ConfigError, match="unknown config key 'roles.tensor_parallel'.*tp, prefill_tp"):
+        load_config(overrides=["roles.tensor_parallel=2"])

@@ -1,9 +1,11 @@
-"""Tensor-parallel layout without processes: which slices each rank holds and the clear error for a
-tp that does not split a model, and the roles.*tp config keys. The real groups run in tests/test_tp_mpi.py.
+"""Tensor-parallel layout without processes: which slices each rank holds, the clear error for a tp
+that does not split a model, the roles.*tp config keys, and the KV-head regrouping between groups of
+unequal tp. The real groups run in tests/test_tp_mpi.py.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -12,7 +14,7 @@ from kvrelay.configs.schema import ConfigError, load_config
 from kvrelay.core.model_files import ModelConfigError
 from kvrelay.ranks.engine.model import LlamaForCausalLM
 from kvrelay.ranks.engine.parallel import TPGroup
-from kvrelay.ranks.engine.sharding import TPShard, check_tp, kv_head_range, valid_tp
+from kvrelay.ranks.engine.sharding import KVMove, TPShard, check_tp, kv_head_range, regroup_kv, valid_tp
 from kvrelay.ranks.engine.spec import ModelSpec, RopeSpec
 
 LLAMA_70B = ModelSpec(
@@ -99,3 +101,36 @@ def test_roles_tp_keys():
         load_config(overrides=["roles.prefill_tp=0"])
     with pytest.raises(ConfigError, match="unknown config key 'roles.tensor_parallel'.*tp, prefill_tp"):
         load_config(overrides=["roles.tensor_parallel=2"])
+
+
+def test_regroup_equal_tp_is_shard_to_shard():
+    assert regroup_kv(8, 4, 4) == [KVMove(r, r, (2 * r, 2 * r + 2), 0, 0) for r in range(4)]
+    assert regroup_kv(2, 4, 4) == [KVMove(r, r, (r // 2, r // 2 + 1), 0, 0) for r in range(4)]
+
+
+def test_regroup_unequal_tp():
+    # prefill tp=2 -> decode tp=1: the one decode rank gathers both halves.
+    assert regroup_kv(8, 2, 1) == [KVMove(0, 0, (0, 4), 0, 0), KVMove(1, 0, (4, 8), 0, 4)]
+    # prefill tp=2 -> decode tp=4: each prefill rank splits its heads over two decode ranks.
+    assert regroup_kv(8, 2, 4) == [
+        KVMove(0, 0, (0, 2), 0, 0), KVMove(0, 1, (2, 4), 2, 0), KVMove(1, 2, (4, 6), 0, 0), KVMove(1, 3, (6, 8), 2, 0),
+    ]
+    # 2 KV heads, tp=1 -> tp=4: each head goes to the two ranks that replicate it.
+    assert regroup_kv(2, 1, 4) == [KVMove(0, d, (d // 2, d // 2 + 1), d // 2, 0) for d in range(4)]
+    # 2 KV heads, tp=4 -> tp=2: the source replicas share the sending (rank 0 sends head 0, rank 3 head 1).
+    assert regroup_kv(2, 4, 2) == [KVMove(0, 0, (0, 1), 0, 0), KVMove(3, 1, (1, 2), 0, 0)]
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4, 8])
+def test_regroup_covers_every_destination_head_once_from_a_holder(kv_heads):
+    sizes = [1, 2, 4, 8]
+    for src_size, dst_size in itertools.product(sizes, sizes):
+        got: dict[int, list[int]] = {d: [] for d in range(dst_size)}
+        for m in regroup_kv(kv_heads, src_size, dst_size):
+            s0, s1 = kv_head_range(kv_heads, m.src, src_size)
+            d0, d1 = kv_head_range(kv_heads, m.dst, dst_size)
+            assert s0 <= m.heads[0] < m.heads[1] <= s1 and m.src_offset == m.heads[0] - s0
+            assert d0 <= m.heads[0] and m.heads[1] <= d1 and m.dst_offset == m.heads[0] - d0
+            got[m.dst] += range(*m.heads)
+        for d, heads in got.items():
+            assert heads == list(range(*kv_head_range(kv_heads, d, dst_size))), (src_size, dst_size, d)

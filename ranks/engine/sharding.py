@@ -5,7 +5,7 @@ The Megatron split over `size` ranks: query heads, KV heads and FFN rows in equa
 rows in ranges of ceil(vocab / size) (the last one padded). Where the group has more ranks than KV
 heads, each KV head is replicated on size / kv_heads consecutive ranks, the ranks whose query heads
 read it. `TPShard.slice_of` maps a Hugging Face tensor name to the rows or columns this rank reads
-from the checkpoint.
+from the checkpoint; `regroup_kv` says how KV heads move between groups of unequal size.
 """
 
 from __future__ import annotations
@@ -116,3 +116,42 @@ def kv_head_range(num_kv_heads: int, rank: int, size: int) -> tuple[int, int]:
         return rank * n, rank * n + n
     head = rank // (size // num_kv_heads)
     return head, head + 1
+
+
+@dataclass(frozen=True)
+class KVMove:
+    """KV heads [heads) that source rank `src` sends to destination rank `dst`; the offsets are where
+    the first of them sits among each side's local KV heads (the cache's head axis)."""
+
+    src: int
+    dst: int
+    heads: tuple[int, int]
+    src_offset: int
+    dst_offset: int
+
+
+def regroup_kv(num_kv_heads: int, src_size: int, dst_size: int) -> list[KVMove]:
+    """The transfers that give every rank of a `dst_size` group its KV heads from a `src_size` group.
+
+    Each destination head comes from exactly one source rank. Where several source ranks hold it
+    (replication), destination rank d takes it from holder d mod (number of holders), so that the
+    replicas share the sending. Equal sizes give rank i -> rank i, all its heads in one move.
+    """
+    moves: list[KVMove] = []
+    for dst in range(dst_size):
+        d0, d1 = kv_head_range(num_kv_heads, dst, dst_size)
+        for head in range(d0, d1):
+            holders = [s for s in range(src_size) if _holds(num_kv_heads, s, src_size, head)]
+            src = holders[dst % len(holders)]
+            src0 = kv_head_range(num_kv_heads, src, src_size)[0]
+            last = moves[-1] if moves else None
+            if last and last.src == src and last.dst == dst and last.heads[1] == head:
+                moves[-1] = KVMove(src, dst, (last.heads[0], head + 1), last.src_offset, last.dst_offset)
+            else:
+                moves.append(KVMove(src, dst, (head, head + 1), head - src0, head - d0))
+    return moves
+
+
+def _holds(num_kv_heads: int, rank: int, size: int, head: int) -> bool:
+    start, stop = kv_head_range(num_kv_heads, rank, size)
+    return start <= head < stop

@@ -222,7 +222,7 @@ class LlamaModel(nn.Module):
     def __init__(self, spec: ModelSpec, shard: TPShard, tp: TPGroup, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.embed_tokens = nn.utils.skip_init(
-            nn.Embedding, shard.vocab_rows if tp.size > 1 else spec.vocab_size, spec.hidden_size, dtype=dtype, device=device
+            nn.Embedding, shard.vocab_rows, spec.hidden_size, dtype=dtype, device=device
         )
         self.layers = nn.ModuleList(DecoderLayer(spec, shard, tp, dtype, device) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)

@@ -9,9 +9,12 @@ import itertools
 from dataclasses import replace
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from kvrelay.configs.schema import ConfigError, load_config
 from kvrelay.core.model_files import ModelConfigError
+from kvrelay.ranks.engine.loader import iter_weights, read_model_dir
 from kvrelay.ranks.engine.model import LlamaForCausalLM
 from kvrelay.ranks.engine.parallel import TPGroup
 from kvrelay.ranks.engine.sharding import KVMove, TPShard, check_tp, kv_head_range, regroup_kv, valid_tp
@@ -134,3 +137,27 @@ def test_regroup_covers_every_destination_head_once_from_a_holder(kv_heads):
             got[m.dst] += range(*m.heads)
         for d, heads in got.items():
             assert heads == list(range(*kv_head_range(kv_heads, d, dst_size))), (src_size, dst_size, d)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_every_rank_reads_only_its_slices(tiny_models, tp):
+    """Each rank's parameters are its slices of the checkpoint (loading checks every shape), and
+    together the ranks hold the model once, but for the KV heads they replicate and the norms."""
+    for arch, path in tiny_models.items():
+        spec, files = read_model_dir(path)
+        whole = load_file(files[0])
+        total = 0
+        for rank in range(tp):
+            # A group object is enough to build and load a shard: nothing here runs a collective.
+            model = LlamaForCausalLM(spec, tp=TPGroup(rank, tp, backend=object()))
+            model.load_weights(iter_weights(files, torch.float32, "cpu", model.shard))
+            params = dict(model.named_parameters())
+            qkv = params["model.layers.1.self_attn.qkv_proj.weight"]
+            kv0, kv1 = (h * spec.head_dim for h in model.shard.kv_heads)
+            assert torch.equal(qkv[-(kv1 - kv0) :], whole["model.layers.1.self_attn.v_proj.weight"][kv0:kv1])
+            total += sum(p.numel() for p in params.values())
+        replicated_kv = max(0, tp - spec.num_kv_heads) * 2 * spec.head_dim * spec.hidden_size * spec.num_layers
+        if spec.qkv_bias:
+            replicated_kv += max(0, tp - spec.num_kv_heads) * 2 * spec.head_dim * spec.num_layers
+        norms = sum(t.numel() for n, t in whole.items() if n.endswith("norm.weight"))
+        assert total == sum(t.numel() for t in whole.values()) + replicated_kv + (tp - 1) * norms, arch

@@ -1,4 +1,5 @@
-"""Tensor-parallel groups of real ranks: tests/mpi/tp_check.py under mpiexec at tp=2 and tp=4.
+"""Tensor-parallel groups of real ranks: tests/mpi/tp_check.py under mpiexec at tp=2 and tp=4, and
+tests/mpi/tp_follow_check.py (only the leader schedules; the others run its broadcast steps).
 
 The tiny checkpoints have 2 KV heads, so tp=4 replicates each KV head on two ranks. One more
 checkpoint, "llama-vocab509", is the tied tiny Llama cut to 509 vocab rows: no tp divides it, so
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from kvrelay.core.layout import LaunchError
 from kvrelay.launch.run import find_mpiexec
 
-SCRIPT = Path(__file__).resolve().parent / "mpi" / "tp_check.py"
+MPI_DIR = Path(__file__).resolve().parent / "mpi"
 VOCAB = 509
 
 try:
@@ -44,13 +45,13 @@ def checkpoints(tiny_models, tmp_path_factory) -> dict[str, Path]:
     return {**tiny_models, "llama-vocab509": cut}
 
 
-def _run(tp: int, models: dict[str, Path]) -> str:
+def _run(tp: int, models: dict[str, Path], script: str = "tp_check") -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    cmd = [MPIEXEC, "-n", str(tp), *(["--oversubscribe"] if OPEN_MPI else []), sys.executable, str(SCRIPT)]
+    cmd = [MPIEXEC, "-n", str(tp), *(["--oversubscribe"] if OPEN_MPI else []), sys.executable, str(MPI_DIR / f"{script}.py")]
     cmd += [f"{arch}={path}" for arch, path in models.items()]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"tp_check OK tp={tp}" in proc.stdout, proc.stdout + proc.stderr
+    assert f"{script} OK tp={tp}" in proc.stdout, proc.stdout + proc.stderr
     return proc.stdout
 
 
@@ -62,3 +63,8 @@ def test_tp2_every_arch_matches_tp1(checkpoints):
 def test_tp4_replicated_kv_heads_match_tp1(checkpoints):
     out = _run(4, {a: checkpoints[a] for a in ("qwen2", "qwen3", "llama-vocab509")})
     assert "qwen2: tp=4 kv_heads/rank=1" in out  # 2 KV heads over 4 ranks: each held twice
+
+
+def test_followers_run_the_steps_the_leader_broadcasts(checkpoints):
+    out = _run(2, {"qwen2": checkpoints["qwen2"]}, "tp_follow_check")
+    assert "publish a decode step" in out

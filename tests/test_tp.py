@@ -1,6 +1,7 @@
 """Tensor-parallel layout without processes: which slices each rank holds, the clear error for a tp
 that does not split a model, the roles.*tp config keys, and the KV-head regrouping between groups of
-unequal tp. The real groups run in tests/test_tp_mpi.py.
+unequal tp (the plan, and the runners' head-range pack/unpack carrying it out). The real groups run
+in tests/test_tp_mpi.py.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from safetensors.torch import load_file
 
 from kvrelay.configs.schema import ConfigError, load_config
 from kvrelay.core.model_files import ModelConfigError
-from kvrelay.ranks.engine.loader import iter_weights, read_model_dir
+from kvrelay.ranks.engine.checkpoint import random_weights
+from kvrelay.ranks.engine.loader import iter_weights, read_model_dir, shard_weights
 from kvrelay.ranks.engine.model import LlamaForCausalLM
+from kvrelay.ranks.engine.model_runner import ModelRunner
 from kvrelay.ranks.engine.parallel import TPGroup
 from kvrelay.ranks.engine.sharding import KVMove, TPShard, check_tp, kv_head_range, regroup_kv, valid_tp
 from kvrelay.ranks.engine.spec import ModelSpec, RopeSpec
@@ -161,3 +164,46 @@ def test_every_rank_reads_only_its_slices(tiny_models, tp):
             replicated_kv += max(0, tp - spec.num_kv_heads) * 2 * spec.head_dim * spec.num_layers
         norms = sum(t.numel() for n, t in whole.items() if n.endswith("norm.weight"))
         assert total == sum(t.numel() for t in whole.values()) + replicated_kv + (tp - 1) * norms, arch
+
+
+def _runner(spec: ModelSpec, rank: int, size: int) -> ModelRunner:
+    cfg = {"model_type": spec.arch, "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
+           "intermediate_size": spec.intermediate_size, "num_hidden_layers": spec.num_layers,
+           "num_attention_heads": spec.num_heads, "num_key_value_heads": spec.num_kv_heads,
+           "head_dim": spec.head_dim, "tie_word_embeddings": False}
+    group = TPGroup() if size == 1 else TPGroup(rank, size, backend=object())
+    weights = shard_weights(random_weights(cfg, torch.float32), TPShard.of(spec, rank, size))
+    runner = ModelRunner(spec, weights, torch.float32, torch.device("cpu"), block_size=4, max_model_len=32,
+                         max_seqs=2, max_batch_tokens=32, cuda_graphs=False, tp=group)
+    runner.allocate(12)
+    return runner
+
+
+@pytest.mark.parametrize("kv_heads,src_size,dst_size", [(8, 2, 1), (8, 2, 4), (8, 4, 2), (8, 1, 8), (2, 1, 4), (2, 4, 2), (2, 4, 1)])
+def test_regrouped_handoff_rebuilds_the_destination_shards(kv_heads, src_size, dst_size):
+    """Prefill ranks pack the head ranges regroup_kv names; decode ranks unpack them at the named
+    offsets into other block ids: every decode rank's cache then holds its own heads of the KV."""
+    spec = replace(TINY, num_heads=8, num_kv_heads=kv_heads, num_layers=2)
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(spec.num_layers, 2, 13, 4, kv_heads, spec.head_dim, generator=g)  # [layers, k/v, blocks, ...]
+    src_blocks, dst_blocks = [3, 7, 1], [10, 0, 5]
+    src = [_runner(spec, r, src_size) for r in range(src_size)]
+    for r, runner in enumerate(src):
+        h0, h1 = kv_head_range(kv_heads, r, src_size)
+        for layer, (k, v) in enumerate(runner.kv_caches):
+            k.copy_(full[layer, 0, :, :, h0:h1])
+            v.copy_(full[layer, 1, :, :, h0:h1])
+    dst = [_runner(spec, r, dst_size) for r in range(dst_size)]
+    for m in regroup_kv(kv_heads, src_size, dst_size):
+        count = m.heads[1] - m.heads[0]
+        sent = src[m.src].pack_kv(src_blocks, (m.src_offset, count))
+        buf = dst[m.dst].kv_buffer(len(dst_blocks), count)
+        buf.copy_(sent)  # the transport's part
+        dst[m.dst].unpack_kv(buf, dst_blocks, m.dst_offset)
+    for r, runner in enumerate(dst):
+        h0, h1 = kv_head_range(kv_heads, r, dst_size)
+        for layer, (k, v) in enumerate(runner.kv_caches):
+            assert torch.equal(k[dst_blocks], full[layer, 0, src_blocks, :, h0:h1])
+            assert torch.equal(v[dst_blocks], full[layer, 1, src_blocks, :, h0:h1])
+            others = [b for b in range(13) if b not in dst_blocks]
+            assert not k[others].any() and not v[others].any()

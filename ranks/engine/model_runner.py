@@ -230,16 +230,33 @@ class ModelRunner:
 
     # ---- one step --------------------------------------------------------------------------------
 
-    def pack_kv(self, block_ids: list[int]) -> torch.Tensor:
-        """The KV of `block_ids` in one contiguous buffer, to hand off."""
-        return pack_blocks(self.kv_caches, block_ids)
+    # Under tensor parallelism each rank hands off its own KV heads. Between groups of unequal tp
+    # (sharding.regroup_kv) a rank sends a range of its heads and receives a range into its heads;
+    # `heads` is (first, count) among this rank's KV heads, None for all of them.
 
-    def kv_buffer(self, num_blocks: int) -> torch.Tensor:
-        """An empty buffer for the packed KV of `num_blocks` blocks, to receive into."""
-        return torch.empty(packed_shape(self.kv_caches, num_blocks), dtype=self.dtype, device=self.device)
+    def pack_kv(self, block_ids: list[int], heads: tuple[int, int] | None = None) -> torch.Tensor:
+        """The KV of `block_ids` in one contiguous buffer, to hand off: [n, layers, 2, block_size, heads, head_dim]."""
+        buf = pack_blocks(self.kv_caches, block_ids)
+        if heads is None or heads == (0, buf.shape[-2]):
+            return buf
+        return buf[..., heads[0] : heads[0] + heads[1], :].contiguous()
 
-    def unpack_kv(self, buf: torch.Tensor, block_ids: list[int]) -> None:
-        unpack_blocks(buf, self.kv_caches, block_ids)
+    def kv_buffer(self, num_blocks: int, num_heads: int | None = None) -> torch.Tensor:
+        """An empty buffer for the packed KV of `num_blocks` blocks (of `num_heads` KV heads), to receive into."""
+        shape = packed_shape(self.kv_caches, num_blocks)
+        if num_heads is not None:
+            shape = (*shape[:-2], num_heads, shape[-1])
+        return torch.empty(shape, dtype=self.dtype, device=self.device)
+
+    def unpack_kv(self, buf: torch.Tensor, block_ids: list[int], first_head: int = 0) -> None:
+        """Write packed KV into `block_ids`, its heads from this rank's KV head `first_head` on."""
+        n = buf.shape[-2]
+        if first_head == 0 and n == self.kv_caches[0][0].shape[2]:
+            unpack_blocks(buf, self.kv_caches, block_ids)
+            return
+        # Head-range views are strided, which only the torch copy serves.
+        views = [(k[:, :, first_head : first_head + n], v[:, :, first_head : first_head + n]) for k, v in self.kv_caches]
+        unpack_blocks(buf, views, block_ids, impl="torch")
 
     def transfer_s(self, num_tokens: int) -> float:
         """Extra wall time a handoff is held for: none on a real device (simulated runners model it)."""

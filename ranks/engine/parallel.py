@@ -34,9 +34,10 @@ _TIMEOUT = timedelta(minutes=10)
 class TPGroup:
     """rank and size of this process in its tensor-parallel group; size 1 is a no-op group."""
 
-    def __init__(self, rank: int = 0, size: int = 1, backend: object | None = None):
+    def __init__(self, rank: int = 0, size: int = 1, backend: object | None = None, store: object | None = None):
         assert (size == 1) == (backend is None) and 0 <= rank < size, (rank, size, backend)
         self.rank, self.size, self._pg = rank, size, backend
+        self._store = store  # held as long as the group: the leader's store serves the others' rendezvous
 
     @classmethod
     def from_mpi(cls, comm, device: torch.device) -> TPGroup:
@@ -46,7 +47,7 @@ class TPGroup:
         import torch.distributed as dist
 
         if comm.rank == 0:
-            host = socket.gethostname() if device.type == "cuda" else "127.0.0.1"
+            host = socket.gethostname()
             store = dist.TCPStore(host, 0, comm.size, is_master=True, wait_for_workers=False, timeout=_TIMEOUT)
             comm.bcast((host, store.port), root=0)
         else:
@@ -62,10 +63,7 @@ class TPGroup:
             backend = dist.ProcessGroupNCCL(store, comm.rank, comm.size, opts)
         else:
             backend = dist.ProcessGroupGloo(store, comm.rank, comm.size, _TIMEOUT)
-        # Keep the store alive as long as the group: its rank 0 serves the others' rendezvous.
-        group = cls(comm.rank, comm.size, backend)
-        group._store = store
-        return group
+        return cls(comm.rank, comm.size, backend, store)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:  # any shape; summed over the group in place
         if self._pg is not None:

@@ -239,6 +239,7 @@ class ModelRunner:
         buf = pack_blocks(self.kv_caches, block_ids)
         if heads is None or heads == (0, buf.shape[-2]):
             return buf
+        # The one-launch kernel packs whole blocks; the head range then costs one more copy of what is sent.
         return buf[..., heads[0] : heads[0] + heads[1], :].contiguous()
 
     def kv_buffer(self, num_blocks: int, num_heads: int | None = None) -> torch.Tensor:

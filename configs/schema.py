@@ -54,10 +54,20 @@ class SchedulerSection(_Section):
     chunked_prefill: bool = True
 
 
+Role = Literal["prefill", "decode", "aggregated"]
+
+
 class RolesSection(_Section):
     prefill: int = Field(0, ge=0)
     decode: int = Field(0, ge=0)
     aggregated: int = Field(1, ge=0)
+    # Tensor parallelism: each worker is a group of this many ranks on one node. Whether the model's
+    # heads and FFN split that many ways is checked against config.json when a worker starts
+    # (ranks/engine/sharding.check_tp), before it reads any weight.
+    tp: int = Field(1, ge=1, description="ranks per worker (tensor-parallel group), every role")
+    prefill_tp: int | None = Field(None, ge=1, description="ranks per prefill worker; default: roles.tp")
+    decode_tp: int | None = Field(None, ge=1, description="ranks per decode worker; default: roles.tp")
+    aggregated_tp: int | None = Field(None, ge=1, description="ranks per aggregated worker; default: roles.tp")
 
     @model_validator(mode="after")
     def _shape(self) -> RolesSection:
@@ -70,6 +80,20 @@ class RolesSection(_Section):
     @property
     def num_workers(self) -> int:
         return self.prefill + self.decode + self.aggregated
+
+    def tp_of(self, role: Role) -> int:
+        """Ranks per worker of `role`: its own key, else roles.tp."""
+        own = getattr(self, f"{role}_tp")
+        return self.tp if own is None else own
+
+    def tp_key(self, role: Role) -> str:
+        """The config key that sets `role`'s tp, for error messages."""
+        return f"roles.{role}_tp" if getattr(self, f"{role}_tp") is not None else "roles.tp"
+
+    @property
+    def num_worker_ranks(self) -> int:
+        """Ranks of all workers: each worker is a group of its role's tp ranks."""
+        return sum(getattr(self, role) * self.tp_of(role) for role in get_args(Role))
 
 
 class RouterSection(_Section):

@@ -7,13 +7,14 @@ that says what to fix.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from kvrelay.core.model_files import ModelConfigError, read_json
+from kvrelay.ranks.engine.sharding import TPShard
 from kvrelay.ranks.engine.spec import ModelSpec
 from kvrelay.core.tokenizer import tokenizer_file
 
@@ -65,18 +66,35 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def iter_weights(
-    files: list[Path], dtype: torch.dtype, device: torch.device | str
+    files: list[Path], dtype: torch.dtype, device: torch.device | str, shard: TPShard | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor on `device`) for every weight, one at a time, so host memory holds one tensor.
 
-    Floating-point tensors come converted to `dtype`; others (rare integer buffers) keep theirs.
+    With `shard` (a tensor-parallel rank's), only its slice of each tensor is read from the file, so
+    a rank's host memory holds a slice of one tensor at a time and the rank reads about 1/tp of the
+    checkpoint. Floating-point tensors come converted to `dtype`; others (rare integer buffers) keep theirs.
     """
     for file in files:
         # Opening on the target device reads straight into it, without a host copy of the whole file.
         with safe_open(file, framework="pt", device=str(device)) as f:
             for name in f.keys():
-                t = f.get_tensor(name)
+                cut = shard.slice_of(name) if shard is not None else None
+                if cut is None:
+                    t = f.get_tensor(name)
+                else:
+                    dim, start, stop = cut
+                    t = f.get_slice(name)[(slice(None),) * dim + (slice(start, stop),)]
                 yield name, t.to(dtype) if t.is_floating_point() else t
+
+
+def shard_weights(
+    weights: Iterable[tuple[str, torch.Tensor]], shard: TPShard
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """A rank's slices of whole tensors already in memory (random benchmark weights, a test's state
+    dict): the same cuts as iter_weights makes in the files."""
+    for name, t in weights:
+        cut = shard.slice_of(name)
+        yield name, t if cut is None else t.narrow(cut[0], cut[1], cut[2] - cut[1])
 
 
 def check_dtype(dtype_name: str, device: torch.device | str, spec: ModelSpec) -> torch.dtype:

@@ -11,6 +11,13 @@ from a float32 table, residual adds in the same places) so that float32 greedy o
 run as the fused Triton kernels of kernels/fused.py, which round the same way. q/k/v and gate/up
 are fused into one matmul each;
 `load_weights` maps the Hugging Face tensor names onto row ranges of the fused weights.
+
+Under tensor parallelism (a `TPGroup` of more than one rank) each rank holds the slices that its
+`TPShard` (ranks/engine/sharding.py) names, in the Megatron pattern: q/k/v and gate/up are
+column-parallel (this rank's heads and FFN rows), o_proj and down_proj row-parallel (one all-reduce
+each per layer; their biases added once, after it), the embedding vocab-parallel (a masked lookup and
+an all-reduce) and the LM head too (each rank's vocab slice of the logits, then an all-gather). A
+group of one runs the single-device code, op for op.
 """
 
 from __future__ import annotations
@@ -25,16 +32,25 @@ from torch import nn
 from kvrelay.kernels import fused
 from kvrelay.ranks.engine.attention_backend import AttentionMetadata, attend
 from kvrelay.core.model_files import ModelConfigError
+from kvrelay.ranks.engine.parallel import TPGroup
+from kvrelay.ranks.engine.sharding import TPShard
 from kvrelay.ranks.engine.spec import ModelSpec, RopeSpec
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v: [num_blocks, block_size, kv_heads, head_dim]
 
 
 def allocate_kv_cache(
-    spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str
+    spec: ModelSpec,
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    shard: TPShard | None = None,
 ) -> list[KVCache]:
-    """One (k, v) pair per layer, each [num_blocks, block_size, kv_heads, head_dim]."""
-    shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+    """One (k, v) pair per layer, each [num_blocks, block_size, kv_heads, head_dim]: the KV heads of
+    `shard` (a tensor-parallel rank's), all of them without one."""
+    kv_heads = spec.num_kv_heads if shard is None else shard.num_kv_heads
+    shape = (num_blocks, block_size, kv_heads, spec.head_dim)
     # Zeros, not empty: a kernel that loads a whole block and masks the tail multiplies the unused
     # slots' V by a zero weight, and NaN garbage there would survive as NaN.
     return [
@@ -117,12 +133,21 @@ def _linear(n_in: int, n_out: int, bias: bool, dtype: torch.dtype, device: torch
     return nn.utils.skip_init(nn.Linear, n_in, n_out, bias=bias, dtype=dtype, device=device)
 
 
+def row_parallel(linear: nn.Linear, x: torch.Tensor, tp: TPGroup) -> torch.Tensor:  # [T, in / tp] -> [T, out]
+    """A row-parallel linear: each rank's partial product, summed over the group, then the bias once."""
+    if tp.size == 1:
+        return linear(x)
+    y = tp.all_reduce(F.linear(x, linear.weight))
+    return y if linear.bias is None else y + linear.bias
+
+
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device):
+    def __init__(self, spec: ModelSpec, shard: TPShard, tp: TPGroup, dtype: torch.dtype, device: torch.device):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        self.q_size = spec.num_heads * spec.head_dim
-        self.kv_size = spec.num_kv_heads * spec.head_dim
+        self.tp = tp
+        self.num_heads, self.num_kv_heads, self.head_dim = shard.num_heads, shard.num_kv_heads, spec.head_dim
+        self.q_size = self.num_heads * spec.head_dim
+        self.kv_size = self.num_kv_heads * spec.head_dim
         self.qkv_proj = _linear(spec.hidden_size, self.q_size + 2 * self.kv_size, spec.qkv_bias, dtype, device)
         self.o_proj = _linear(self.q_size, spec.hidden_size, spec.o_bias, dtype, device)
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps, dtype, device) if spec.qk_norm else None
@@ -151,28 +176,29 @@ class Attention(nn.Module):
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = attend(q, k, v, kv_cache, meta, self.scale, self.sliding_window)  # [T, heads, head_dim]
-        return self.o_proj(o.view(T, self.q_size))
+        return row_parallel(self.o_proj, o.view(T, self.q_size), self.tp)
 
 
 class MLP(nn.Module):
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device):
+    def __init__(self, spec: ModelSpec, shard: TPShard, tp: TPGroup, dtype: torch.dtype, device: torch.device):
         super().__init__()
-        self.gate_up_proj = _linear(spec.hidden_size, 2 * spec.intermediate_size, spec.mlp_bias, dtype, device)
-        self.down_proj = _linear(spec.intermediate_size, spec.hidden_size, spec.mlp_bias, dtype, device)
+        self.tp = tp
+        self.gate_up_proj = _linear(spec.hidden_size, 2 * shard.ffn_size, spec.mlp_bias, dtype, device)
+        self.down_proj = _linear(shard.ffn_size, spec.hidden_size, spec.mlp_bias, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
-        gate_up = self.gate_up_proj(x)
+        gate_up = self.gate_up_proj(x)  # [T, 2 * ffn / tp]: this rank's gate rows, then its up rows
         if use_fused(gate_up):
-            return self.down_proj(fused.silu_mul(gate_up))
+            return row_parallel(self.down_proj, fused.silu_mul(gate_up), self.tp)
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return row_parallel(self.down_proj, F.silu(gate) * up, self.tp)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device):
+    def __init__(self, spec: ModelSpec, shard: TPShard, tp: TPGroup, dtype: torch.dtype, device: torch.device):
         super().__init__()
-        self.self_attn = Attention(spec, dtype, device)
-        self.mlp = MLP(spec, dtype, device)
+        self.self_attn = Attention(spec, shard, tp, dtype, device)
+        self.mlp = MLP(spec, shard, tp, dtype, device)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
 
@@ -193,12 +219,12 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device):
+    def __init__(self, spec: ModelSpec, shard: TPShard, tp: TPGroup, dtype: torch.dtype, device: torch.device):
         super().__init__()
         self.embed_tokens = nn.utils.skip_init(
-            nn.Embedding, spec.vocab_size, spec.hidden_size, dtype=dtype, device=device
+            nn.Embedding, shard.vocab_rows, spec.hidden_size, dtype=dtype, device=device
         )
-        self.layers = nn.ModuleList(DecoderLayer(spec, dtype, device) for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, shard, tp, dtype, device) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype, device)
 
 
@@ -209,20 +235,33 @@ class LlamaForCausalLM(nn.Module):
     on `device` like transformers computes cos/sin on the input's device.
     """
 
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        tp: TPGroup | None = None,
+    ):
         super().__init__()
         # None means the current default device, so `with torch.device("cuda"):` places the model.
         device = torch.get_default_device() if device is None else torch.device(device)
         if spec.head_dim % 2:
             raise ModelConfigError(f"head_dim must be even for rotary embeddings, got {spec.head_dim}")
         self.spec = spec
-        self.model = LlamaModel(spec, dtype, device)
+        self.tp = tp or TPGroup()
+        self.shard = TPShard.of(spec, self.tp.rank, self.tp.size)  # raises for a tp that does not split the model
+        self.model = LlamaModel(spec, self.shard, self.tp, dtype, device)
+        vocab_rows = self.model.embed_tokens.weight.shape[0]
         if spec.tie_word_embeddings:
             # Built on meta only to be handed the embedding's weight: no second vocab x hidden matrix.
-            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, device="meta")
+            self.lm_head = nn.Linear(spec.hidden_size, vocab_rows, bias=False, device="meta")
             self.lm_head.weight = self.model.embed_tokens.weight
         else:
-            self.lm_head = _linear(spec.hidden_size, spec.vocab_size, False, dtype, device)
+            self.lm_head = _linear(spec.hidden_size, vocab_rows, False, dtype, device)
+        # The last rank's vocab slice is padded to vocab_rows: zero rows embed nothing and give logits
+        # that the gather cuts off.
+        for param in {id(p): p for p in (self.model.embed_tokens.weight, self.lm_head.weight)}.values():
+            param.data[self.shard.vocab[1] - self.shard.vocab[0] :].zero_()
         inv_freq = rope_inv_freq(spec.rope, spec.head_dim).to(device)
         freqs = torch.arange(spec.max_position_embeddings, device=device).float()[:, None] * inv_freq
         self.register_buffer("rope_cos", freqs.cos(), persistent=False)  # [max_pos, head_dim // 2] f32
@@ -236,7 +275,7 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         kv_caches: list[KVCache],  # one per layer
     ) -> torch.Tensor:  # [T, hidden], after the final norm
-        h = self.model.embed_tokens(input_ids)
+        h = self.embed(input_ids)
         # HF computes cos/sin in f32 and casts them to the activation dtype before the rotation.
         cos = self.rope_cos[positions].to(h.dtype)[:, None, :]  # [T, 1, head_dim // 2]
         sin = self.rope_sin[positions].to(h.dtype)[:, None, :]
@@ -245,11 +284,35 @@ class LlamaForCausalLM(nn.Module):
             h, residual = layer(h, residual, cos, sin, meta, kv_cache)
         return self.model.norm.add_forward(h, residual)[0]
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] int64 -> [T, hidden]
+        """The embedding rows of `input_ids`; vocab-parallel: each rank looks up the ids in its
+        slice, zeros the others, and the all-reduce sums the one nonzero row of each token."""
+        if self.tp.size == 1:
+            return self.model.embed_tokens(input_ids)
+        start, stop = self.shard.vocab
+        outside = (input_ids < start) | (input_ids >= stop)  # [T] bool
+        h = self.model.embed_tokens((input_ids - start).masked_fill_(outside, 0))
+        return self.tp.all_reduce(h.masked_fill_(outside[:, None], 0))
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, hidden] -> [N, vocab] f32
-        return self.lm_head(hidden).float()
+        """Logits on every rank of the group.
+
+        NOTE: an all-gather of the vocab slices, not a gather to the leader: NCCL has no gather
+        (torch builds one from point-to-point sends), and the leader receives (tp - 1) / tp of the
+        logits either way, so the all-gather costs the leader no more time, is one collective, and
+        keeps the ranks symmetric (any rank may sample; a check can compare them). The slices are
+        gathered in the model's dtype and widened after, so bf16 moves half the bytes of f32.
+        """
+        if self.tp.size == 1:
+            return self.lm_head(hidden).float()
+        logits = self.tp.all_gather(self.lm_head(hidden))  # [N, tp * vocab_rows]
+        return logits[:, : self.spec.vocab_size].float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face named tensors into the parameters; every parameter must be covered.
+
+        Under tensor parallelism each tensor must be this rank's slice of it (`TPShard.slice_of`;
+        loader.iter_weights reads only those from the files, loader.shard_weights cuts full tensors).
 
         Raises ModelConfigError listing missing tensors, unexpected tensors and shape mismatches.
         Like transformers, a tied model ignores a checkpoint's lm_head.weight, and the stale
@@ -284,12 +347,16 @@ class LlamaForCausalLM(nn.Module):
             )
 
     def _fused_shards(self) -> dict[str, list[tuple[str, int]]]:
-        """Fused module -> the Hugging Face modules whose weights it stacks along dim 0, in row order."""
-        spec = self.spec
-        q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        """Module -> the Hugging Face modules whose weights it stacks along dim 0, in row order (this
+        rank's rows of each); modules not named here take their parameter's rows."""
+        shard, head_dim = self.shard, self.spec.head_dim
+        q, kv = shard.num_heads * head_dim, shard.num_kv_heads * head_dim
+        vocab = shard.vocab[1] - shard.vocab[0]  # the checkpoint's rows; the parameter may have padding past them
         return {
             "qkv_proj": [("q_proj", q), ("k_proj", kv), ("v_proj", kv)],
-            "gate_up_proj": [("gate_proj", spec.intermediate_size), ("up_proj", spec.intermediate_size)],
+            "gate_up_proj": [("gate_proj", shard.ffn_size), ("up_proj", shard.ffn_size)],
+            "embed_tokens": [("embed_tokens", vocab)],
+            "lm_head": [("lm_head", vocab)],
         }
 
     def _checkpoint_targets(self) -> dict[str, tuple[nn.Parameter, int, int]]:
@@ -304,7 +371,7 @@ class LlamaForCausalLM(nn.Module):
             for hf_module, rows in fused.get(module, [(module, param.shape[0])]):
                 targets[f"{parent}{dot}{hf_module}.{leaf}"] = (param, start, rows)
                 start += rows
-            assert start == param.shape[0], name
+            assert start == param.shape[0] or module in ("embed_tokens", "lm_head"), name
         return targets
 
 

@@ -27,6 +27,7 @@ import torch
 from kvrelay.kernels.kv_pack import pack_blocks, packed_shape, unpack_blocks
 from kvrelay.ranks.engine.attention_backend import AttentionMetadata
 from kvrelay.ranks.engine.model import LlamaForCausalLM, allocate_kv_cache
+from kvrelay.ranks.engine.parallel import TPGroup
 from kvrelay.ranks.engine.scheduler import ScheduledSeq
 from kvrelay.core.model_files import ModelConfigError
 from kvrelay.core.block_hash import num_blocks as blocks_for  # `num_blocks` is the cache's size here
@@ -88,6 +89,7 @@ class ModelRunner:
         max_seqs: int,
         max_batch_tokens: int,
         cuda_graphs: bool = True,
+        tp: TPGroup | None = None,
     ) -> None:
         self.spec = spec
         self.dtype = dtype
@@ -101,7 +103,7 @@ class ModelRunner:
         self.is_cuda = device.type == "cuda"
         self.use_graphs = cuda_graphs and self.is_cuda
         with torch.device(device):
-            self.model = LlamaForCausalLM(spec, dtype=dtype)
+            self.model = LlamaForCausalLM(spec, dtype=dtype, tp=tp)
         self.model.load_weights(weights)
         self.model.eval()
         self.memory = MemoryReport()
@@ -126,7 +128,10 @@ class ModelRunner:
         self.last_step_graph = False
 
     def block_bytes(self) -> int:
-        return self.spec.kv_bytes_per_token * self.block_size * torch.empty((), dtype=self.dtype).element_size()
+        """Bytes of one block of this rank's KV cache (its KV heads only, under tensor parallelism)."""
+        shard = self.model.shard
+        per_token = 2 * self.spec.num_layers * shard.num_kv_heads * shard.head_dim
+        return per_token * self.block_size * torch.empty((), dtype=self.dtype).element_size()
 
     # ---- memory ----------------------------------------------------------------------------------
 
@@ -181,7 +186,9 @@ class ModelRunner:
     def allocate(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self.scratch_slot = num_blocks * self.block_size
-        self.kv_caches = allocate_kv_cache(self.spec, num_blocks + 1, self.block_size, self.dtype, self.device)
+        self.kv_caches = allocate_kv_cache(
+            self.spec, num_blocks + 1, self.block_size, self.dtype, self.device, self.model.shard
+        )
         self.memory.kv_blocks = num_blocks
         self.memory.kv_gib = num_blocks * self.block_bytes() / _GIB
 
@@ -225,16 +232,34 @@ class ModelRunner:
 
     # ---- one step --------------------------------------------------------------------------------
 
-    def pack_kv(self, block_ids: list[int]) -> torch.Tensor:
-        """The KV of `block_ids` in one contiguous buffer, to hand off."""
-        return pack_blocks(self.kv_caches, block_ids)
+    # Under tensor parallelism each rank hands off its own KV heads. Between groups of unequal tp
+    # (sharding.regroup_kv) a rank sends a range of its heads and receives a range into its heads;
+    # `heads` is (first, count) among this rank's KV heads, None for all of them.
 
-    def kv_buffer(self, num_blocks: int) -> torch.Tensor:
-        """An empty buffer for the packed KV of `num_blocks` blocks, to receive into."""
-        return torch.empty(packed_shape(self.kv_caches, num_blocks), dtype=self.dtype, device=self.device)
+    def pack_kv(self, block_ids: list[int], heads: tuple[int, int] | None = None) -> torch.Tensor:
+        """The KV of `block_ids` in one contiguous buffer, to hand off: [n, layers, 2, block_size, heads, head_dim]."""
+        buf = pack_blocks(self.kv_caches, block_ids)
+        if heads is None or heads == (0, buf.shape[-2]):
+            return buf
+        # The one-launch kernel packs whole blocks; the head range then costs one more copy of what is sent.
+        return buf[..., heads[0] : heads[0] + heads[1], :].contiguous()
 
-    def unpack_kv(self, buf: torch.Tensor, block_ids: list[int]) -> None:
-        unpack_blocks(buf, self.kv_caches, block_ids)
+    def kv_buffer(self, num_blocks: int, num_heads: int | None = None) -> torch.Tensor:
+        """An empty buffer for the packed KV of `num_blocks` blocks (of `num_heads` KV heads), to receive into."""
+        shape = packed_shape(self.kv_caches, num_blocks)
+        if num_heads is not None:
+            shape = (*shape[:-2], num_heads, shape[-1])
+        return torch.empty(shape, dtype=self.dtype, device=self.device)
+
+    def unpack_kv(self, buf: torch.Tensor, block_ids: list[int], first_head: int = 0) -> None:
+        """Write packed KV into `block_ids`, its heads from this rank's KV head `first_head` on."""
+        n = buf.shape[-2]
+        if first_head == 0 and n == self.kv_caches[0][0].shape[2]:
+            unpack_blocks(buf, self.kv_caches, block_ids)
+            return
+        # Head-range views are strided, which only the torch copy serves.
+        views = [(k[:, :, first_head : first_head + n], v[:, :, first_head : first_head + n]) for k, v in self.kv_caches]
+        unpack_blocks(buf, views, block_ids, impl="torch")
 
     def transfer_s(self, num_tokens: int) -> float:
         """Extra wall time a handoff is held for: none on a real device (simulated runners model it)."""

@@ -22,7 +22,6 @@ from pathlib import Path
 
 from kvrelay.configs.schema import ConfigError, JobConfig, load_config
 from kvrelay.core.layout import LaunchError, Layout
-from kvrelay.core.model_files import ModelConfigError
 from kvrelay.launch.preflight import USER_ERRORS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

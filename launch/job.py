@@ -16,10 +16,8 @@ import logging
 import os
 import signal
 import sys
-import time
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 

@@ -144,7 +144,7 @@ def _worker(cfg: JobConfig, world, workers, role: str) -> None:
         torch.cuda.set_device(device)
     else:
         # Ranks sharing a CPU node split its cores instead of each spawning a thread per core.
-        torch.set_num_threads(cpu_threads(world.Split_type(MPI.COMM_TYPE_SHARED).size))
+        torch.set_num_threads(cpu_threads(local.size + 1))  # + the router, on the first node
         log.info("rank %d: %d CPU threads", world.rank, torch.get_num_threads())
     worker = Worker(cfg, world, workers, role, device)
     worker.run()

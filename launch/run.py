@@ -134,14 +134,46 @@ def local_mpiexec(n: int, argv: list[str]) -> int:
         if proc is None:
             pending.append(signum)
         else:
-            proc.send_signal(signum)
+            signal_job(proc.pid, signum)
 
     previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
     try:
         proc = subprocess.Popen(cmd, env=env)
         for signum in pending:
-            proc.send_signal(signum)
-        return proc.wait()
+            signal_job(proc.pid, signum)
+        while True:
+            # NOTE: never one blocking wait: the kernel may hand a signal to another thread (torch
+            # starts some), and then a blocked waitpid is not interrupted and the handler waits
+            # for mpiexec, which would not end.
+            try:
+                return proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def signal_job(mpiexec_pid: int, signum: int) -> None:
+    """Send a signal to mpiexec and to every process under it (its proxies and the ranks).
+
+    NOTE: the ranks themselves get it: MPICH's mpiexec did not always pass a TERM on (seen here:
+    an mpiexec that took TERM mid-run and left its 4 ranks running), and Hydra starts each rank in
+    a session of its own, out of reach of a process-group kill."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, tree = [mpiexec_pid], []
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    for pid in tree:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass

@@ -22,6 +22,15 @@ class Layout:
 
     @classmethod
     def from_roles(cls, roles: RolesSection) -> Layout:
+        # NOTE: the sharded model, its checks and the KV-head regrouping between groups exist
+        # (ranks/engine/sharding.py, parallel.py, step_sync.py), but the job does not yet run a
+        # worker as a group of ranks; until it does, a tp > 1 would silently run one rank per
+        # worker, so it stops here, before any rank starts.
+        wide = [f"{roles.tp_key(r)}={roles.tp_of(r)}" for r in ("prefill", "decode", "aggregated")
+                if getattr(roles, r) and roles.tp_of(r) > 1]
+        if wide:
+            raise LaunchError(f"{', '.join(dict.fromkeys(wide))}: tensor-parallel worker groups do not run in a job yet; "
+                              "set roles.tp (and roles.prefill_tp/decode_tp/aggregated_tp) to 1, with a model that fits one device")
         return cls(roles.prefill, roles.decode, roles.aggregated)
 
     @property

@@ -207,3 +207,14 @@ def test_regrouped_handoff_rebuilds_the_destination_shards(kv_heads, src_size, d
             assert torch.equal(v[dst_blocks], full[layer, 1, src_blocks, :, h0:h1])
             others = [b for b in range(13) if b not in dst_blocks]
             assert not k[others].any() and not v[others].any()
+
+
+def test_a_job_refuses_tp_until_groups_run(tmp_path):
+    """tp > 1 stops the job before any rank starts, naming the key, instead of running one rank per worker."""
+    from kvrelay.core.layout import LaunchError, Layout
+
+    cfg = load_config(overrides=["roles.prefill=1", "roles.decode=1", "roles.aggregated=0", "roles.decode_tp=2"])
+    with pytest.raises(LaunchError, match="roles.decode_tp=2"):
+        Layout.from_roles(cfg.roles)
+    # A tp for a role without workers runs nothing wider.
+    assert Layout.from_roles(load_config(overrides=["roles.prefill_tp=2"]).roles).world_size == 2

@@ -120,23 +120,34 @@ class KvAware:
     # each line goes to the less loaded of them, and a third copy follows when both are (1 + A) * p
     # ahead of another worker. The queue still counts in full (no max(0, ...) floor), so the
     # imbalance the cache can buy is bounded by the prefix's size, never by the queue.
+    # One exception: an idle worker (nothing in the books or its window) while another worker
+    # holds more than half its fair share of router.max_inflight gets no affinity against it
+    # (the plain cost decides). Without it a long hot prefix never reached some workers at all:
+    # with max_inflight spread over W workers, a holder's lead stays below (1 + A) * p, and on
+    # B6's few-shot file at W=16 two workers ran nothing. A burst's first lines do not trip it:
+    # a document's questions are far fewer than half a worker's share of max_inflight.
     def __init__(self, prefill_load_scale: float, overlap_credit: float, block_size: int, seed: int,
-                 cache_affinity: float = 0.0) -> None:
+                 cache_affinity: float = 0.0, max_inflight: int = 512) -> None:
         assert prefill_load_scale >= 0 and overlap_credit >= 0 and block_size > 0 and cache_affinity >= 0
         self.scale = prefill_load_scale
         self.credit = overlap_credit
         self.affinity = cache_affinity
+        self.max_inflight = max_inflight
         self.block_size = block_size
         self.rng = random.Random(seed)
 
     def choose(self, workers: list[WorkerState], num_prompt_blocks: int, cached_blocks: Callable[[int], int]) -> int:
         assert workers, "no candidate workers"
         n = num_prompt_blocks
-        use_cache = self.scale > 0 and (self.credit > 0 or self.affinity > 0) and n > 0
+        affinity = self.affinity
+        if affinity and 2 * len(workers) * max(w.load for w in workers) > self.max_inflight and \
+                any(w.load == 0 for w in workers):
+            affinity = 0.0  # an idle worker beside a busy one: see the NOTE above
+        use_cache = self.scale > 0 and (self.credit > 0 or affinity > 0) and n > 0
         # Visit workers by the lowest cost they could reach with a full hit (the same offset for
         # all, so the order of their loads) and read the cache table only of those that could
         # still win or tie.
-        full_hit = self.scale * (max(0.0, n - self.credit * n) - self.affinity * n) if use_cache else self.scale * n
+        full_hit = self.scale * (max(0.0, n - self.credit * n) - affinity * n) if use_cache else self.scale * n
         floors = sorted(
             ((self.scale * w.queued_prefill_blocks(self.block_size) + w.decode_blocks, i) for i, w in enumerate(workers)),
         )
@@ -147,7 +158,7 @@ class KvAware:
                 break
             w = workers[i]
             cached = min(cached_blocks(w.rank), n) if use_cache else 0
-            cost = floor + self.scale * (max(0.0, n - self.credit * cached) - self.affinity * cached)
+            cost = floor + self.scale * (max(0.0, n - self.credit * cached) - affinity * cached)
             best = min(best, cost)
             scored.append(((cost, w.load), w))
         return _argmin(scored, self.rng)
@@ -201,7 +212,8 @@ class RandomChoice:
 
 
 _POLICIES: dict[str, Callable[[RouterSection, int, float], Policy]] = {
-    "kv_aware": lambda cfg, bs, aff: KvAware(cfg.prefill_load_scale, cfg.overlap_credit, bs, cfg.seed, aff),
+    "kv_aware": lambda cfg, bs, aff: KvAware(cfg.prefill_load_scale, cfg.overlap_credit, bs, cfg.seed, aff,
+                                             cfg.max_inflight),
     "least_loaded": lambda cfg, bs, aff: LeastLoaded(cfg.seed),
     "round_robin": lambda cfg, bs, aff: RoundRobin(),
     "random": lambda cfg, bs, aff: RandomChoice(cfg.seed),

@@ -282,6 +282,28 @@ def test_prefixes_in_flight_keep_a_document_together_and_a_hot_prefix_replicates
     assert min(Counter(chosen).values()) > 60, Counter(chosen)
 
 
+def test_no_worker_stays_idle_beside_holders_of_a_long_hot_prefix():
+    # 16 workers, 64 requests in flight (the oldest finishes first), one 96-block prefix: the
+    # holders' lead stays below (1 + 4) x 96 blocks, yet an idle worker must still get lines.
+    from kvrelay.router.books import Books
+
+    ws = workers(range(1, 17))
+    books = Books({w.rank: w for w in ws})
+    policy = kv_aware(cache_affinity=4.0, max_inflight=64)
+    order: deque[str] = deque()
+    counts: Counter[int] = Counter()
+    for i in range(1000):
+        hashes = list(range(96)) + [10**6 + i]
+        if len(order) == 64:
+            books.finished(order.popleft(), 0)
+        inflight = books.prefixes.prefix_lengths(hashes)
+        r = policy.choose(ws, len(hashes), lambda r: inflight.get(r, 0))
+        books.place(str(i), r, None, (len(hashes) - inflight.get(r, 0)) * BS, len(hashes), hashes)
+        order.append(str(i))
+        counts[r] += 1
+    assert len(counts) == 16 and min(counts.values()) > 1000 / 16 / 3, counts
+
+
 def test_cache_affinity_defaults_by_input_kind():
     from kvrelay.configs.schema import load_config
 

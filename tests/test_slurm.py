@@ -281,7 +281,10 @@ def rank_nodes(job_id: str, ranks: int, restart: int = 0, timeout: float = 180) 
     raise AssertionError(f"job {job_id}: saw ranks {found} in {timeout} s, not {ranks}")
 
 
-@pytest.mark.skipif(_two_nodes_here() is not None, reason=f"{_two_nodes_here()}")
+_WHY_NOT_TWO = _two_nodes_here()
+
+
+@pytest.mark.skipif(_WHY_NOT_TWO is not None, reason=str(_WHY_NOT_TWO))
 def test_two_node_job_hands_off_across_nodes_requeues_and_matches_the_single_process_run(
         jobs, model, long_input, tmp_path):
     """`multi_node.sbatch` for real on two Slurm nodes: the router and the prefill worker on the

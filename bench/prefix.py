@@ -11,6 +11,8 @@ placement policy. Files (all seeded):
 - docqa-ref-{adjacent,shuffled}: issue 14's reference, 32 documents of 2,048 tokens x 8 questions
   of 48 tokens, 32 tokens out; the questions of a document next to each other, or the file shuffled.
 - docqa-{adjacent,shuffled}: 32 documents of 2k-8k tokens with 4-16 questions each (uniform).
+- docqa-8k: issue 14's GPU batch, 48 documents of 8,192 tokens x 8 adjacent questions (not in the
+  default set: it is sized for real GPUs).
 - fewshot: one 1,536-token few-shot prefix over --fewshot-queries short queries (32-96 tokens).
 - multiturn: --conversations chats of 6 turns flattened one line per turn (each line resends the
   chat so far: ~200 user tokens and ~150 reply tokens a turn), chat after chat.
@@ -82,6 +84,8 @@ def multiturn(conversations: int, vocab: int, turns: int = 6, seed: int = 0) -> 
 
 def make_file(name: str, args: argparse.Namespace) -> list[dict]:
     v = args.vocab
+    if name == "docqa-8k":
+        return docqa(48, (8192, 8192), (8, 8), False, v)
     if name.startswith("docqa-ref"):
         return docqa(32, (2048, 2048), (8, 8), name.endswith("shuffled"), v)
     if name.startswith("docqa"):
@@ -90,7 +94,7 @@ def make_file(name: str, args: argparse.Namespace) -> list[dict]:
         return fewshot(args.fewshot_queries, v)
     if name == "multiturn":
         return multiturn(args.conversations, v)
-    raise SystemExit(f"unknown B6 file {name!r}; allowed: {', '.join(FILES)}")
+    raise SystemExit(f"unknown B6 file {name!r}; allowed: {', '.join(FILES)}, docqa-8k")
 
 
 def run_one(args: argparse.Namespace, path: Path, workers: int, policy: str, workdir: Path) -> dict:

@@ -7,7 +7,7 @@
         for result in out.finished: ...
 
 Callers (ranks/worker.py, ranks/local.py, benchmarks) use only this surface: requests in, one
-StepOutput per step, the KV surface of a handoff (`kv_bytes`, `reserve`, `pack_kv`,
+StepOutput per step, the KV surface of a handoff (`kv_blocks`, `kv_bytes`, `reserve`, `pack_kv`,
 `staging_buffer`, `unpack_kv`, `free_kv`, `transfer_s`, `add_received`), `load()` for the window
 and `report()` for the job summary. The scheduler, the KV-cache manager and the runner stay inside.
 """
@@ -220,6 +220,10 @@ class Engine:
 
     # --- the KV surface of a handoff (ranks/handoff.py drives it) --------------------------------
 
+    def kv_blocks(self, num_tokens: int) -> int:
+        """Blocks that hold the KV of `num_tokens` tokens."""
+        return num_blocks(num_tokens, self.kv.block_size)
+
     def kv_bytes(self, num_tokens: int) -> int:
         """Bytes of the packed KV of `num_tokens` tokens (whole blocks)."""
         return num_blocks(num_tokens, self.kv.block_size) * self.runner.block_bytes()
@@ -229,10 +233,12 @@ class Engine:
         are not free now (the caller asks again later)."""
         return self.kv.reserve(num_tokens)
 
-    def pack_kv(self, request_id: str) -> torch.Tensor:  # packed KV (kernels/kv_pack.py) on the runner's device
-        """The KV of a handed-off sequence, packed into one contiguous buffer to send."""
+    def pack_kv(self, request_id: str, first: int, count: int) -> torch.Tensor:  # packed KV (kernels/kv_pack.py) on the runner's device
+        """Blocks [first, first + count) of a handed-off sequence's KV, packed into one contiguous
+        buffer to send (one chunk of the handoff)."""
         seq = self.sending[request_id]
-        return self.runner.pack_kv(seq.block_ids[: num_blocks(seq.num_tokens - 1, self.kv.block_size)])
+        assert first + count <= num_blocks(seq.num_tokens - 1, self.kv.block_size)
+        return self.runner.pack_kv(seq.block_ids[first : first + count])
 
     def staging_buffer(self, n: int) -> torch.Tensor:  # packed KV of n blocks, uninitialized, on the runner's device
         """A buffer that receives `n` blocks of packed KV."""

@@ -186,10 +186,12 @@ class Engine:
         )
         need = num_blocks(max_model_len, cfg.cache.block_size)
         if cache_blocks < need:
-            raise ModelConfigError(
-                f"the KV cache holds {cache_blocks} blocks of {cfg.cache.block_size} tokens, fewer than one "
-                f"sequence of model.max_model_len={max_model_len} needs ({need}); lower model.max_model_len "
-                "or give the cache more memory"
+            # NOTE: not an error: the job serves what fits, and the router answers a longer request
+            # with an error line (router/frontend.py, `_check_kv`) instead of losing the whole job.
+            log.warning(
+                "the KV cache holds %d blocks of %d tokens, fewer than one sequence of model.max_model_len=%d "
+                "needs (%d): longer requests get error lines; lower model.max_model_len or give the cache more "
+                "memory", cache_blocks, cfg.cache.block_size, max_model_len, need,
             )
         runner.allocate(cache_blocks)
         runner.capture_graphs()

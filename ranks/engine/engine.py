@@ -53,6 +53,7 @@ class EngineStats:
     output_tokens: int = 0
     steps: int = 0
     preemptions: int = 0
+    held_back: int = 0  # waiting sequences held back for a prefix another one was computing, summed over steps
     # Host time of the steps (schedule, metadata, launches, postprocess; not the wait for the GPU),
     # in all and in the steps where every sequence ran one token.
     host_s: float = 0.0
@@ -362,6 +363,7 @@ class Engine:
                 out.first_tokens.append(seq.request_id)
         self.stats.steps += 1
         self.stats.preemptions = self.scheduler.num_preemptions
+        self.stats.held_back = self.scheduler.num_held_back
         host = t1 - t0 + time.perf_counter() - t2
         self.stats.host_s += host
         if all(item.num_new_tokens == 1 for item in batch):

@@ -111,27 +111,32 @@ def test_mpi_job_matches_the_single_rank_run(roles, n, tiny_models, shared_prefi
 BLOCK_BYTES = 4096
 
 
-def test_handoffs_go_in_chunks_within_a_tiny_staging_budget_and_change_nothing(tiny_models, shared_prefix_input,
-                                                                               tmp_path):
-    # A staging budget of two blocks (2**-17 GiB): each prompt's KV (4 to 6 blocks) goes in chunks of
-    # two, both sides stage at most two blocks at once, and every answer is the single-rank one.
+@pytest.mark.parametrize("prefill,decode", [(1, 1), (2, 2)], ids=["1-prefill-1-decode", "2-prefill-2-decode"])
+def test_handoffs_go_in_chunks_within_a_tiny_staging_budget_and_change_nothing(prefill, decode, tiny_models,
+                                                                               shared_prefix_input, tmp_path):
+    # A staging budget of two blocks (2**-17 GiB): each prompt's KV (several blocks) goes in chunks of
+    # two, both sides stage at most two blocks at once, and every answer is the single-rank one; with
+    # two of each, chunks of several pairs interleave on every worker.
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(shared_prefix_input.read_text().splitlines(keepends=True)[:24]))
     single = tmp_path / "single.jsonl"
     proc = run([*CLI, "run", "-i", str(inp), "-o", str(single), "--model", str(tiny_models["llama"]), *SETTINGS])
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out.jsonl"
-    proc = run([*CLI, "run", "--local", "3", "-i", str(inp), "-o", str(out),
-                "--model", str(tiny_models["llama"]), *SETTINGS, "--set", "roles.aggregated=0", "--set", "roles.prefill=1",
-                "--set", "roles.decode=1", "--set", f"cache.handoff_buffer_gib={2 ** -17}"])
+    proc = run([*CLI, "run", "--local", str(1 + prefill + decode), "-i", str(inp), "-o", str(out),
+                "--model", str(tiny_models["llama"]), *SETTINGS, "--set", "roles.aggregated=0",
+                "--set", f"roles.prefill={prefill}", "--set", f"roles.decode={decode}",
+                "--set", f"cache.handoff_buffer_gib={2 ** -17}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = outputs(out)
     assert len(got) == 24 and got == outputs(single)
-    workers = {w["role"]: w for w in json.loads((tmp_path / "out.summary.json").read_text())["backend"]["workers"]}
-    prefill, decode = workers["prefill"], workers["decode"]
-    assert decode["handoffs_received"] == prefill["handoffs_sent"] == len(got)
-    assert prefill["chunks_sent"] == decode["chunks_received"] >= 2 * len(got)
-    assert max(prefill["max_staged_bytes"], decode["max_staged_bytes"]) <= 2 * BLOCK_BYTES
+    workers = json.loads((tmp_path / "out.summary.json").read_text())["backend"]["workers"]
+    sent = sum(w["handoffs_sent"] for w in workers if w["role"] == "prefill")
+    received = sum(w["handoffs_received"] for w in workers if w["role"] == "decode")
+    chunks_sent = sum(w["chunks_sent"] for w in workers if w["role"] == "prefill")
+    chunks_received = sum(w["chunks_received"] for w in workers if w["role"] == "decode")
+    assert sent == received == len(got) and chunks_sent == chunks_received >= 2 * len(got)
+    assert max(w["max_staged_bytes"] for w in workers) <= 2 * BLOCK_BYTES
 
 
 def test_a_request_larger_than_the_kv_cache_is_an_error_line_and_the_job_goes_on(tiny_models, tmp_path):

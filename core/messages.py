@@ -30,7 +30,7 @@ class Tag(enum.IntEnum):
     RESULT = 2  # worker -> router: a finished request
     PREFILLED = 3  # worker -> router: a request's prompt is done (prefill: its KV is on the way; aggregated: it decodes on)
     HANDOFF = 4  # prefill -> decode: a request whose KV is ready to send
-    READY = 5  # decode -> prefill: blocks reserved, receive posted: send the KV now
+    READY = 5  # decode -> prefill: blocks reserved, a chunk's receive posted: send that chunk now
     SHUTDOWN = 6  # router -> worker: no more requests; finish and report
     STATS = 7  # worker -> router: final counters, the reply to SHUTDOWN
 
@@ -136,17 +136,20 @@ class Handoff:
 
 @dataclass
 class Ready:
-    """Decode -> prefill: transfer `xfer`'s blocks are reserved and its receive is posted."""
+    """Decode -> prefill: transfer `xfer`'s blocks are reserved and the receive of its blocks
+    [first, first + count) (one chunk, indices into the transfer's blocks) is posted."""
 
     TAG: ClassVar[Tag] = Tag.READY
     xfer: int
+    first: int
+    count: int
 
     def to_wire(self) -> dict:
-        return {"xfer": self.xfer}
+        return {"xfer": self.xfer, "first": self.first, "count": self.count}
 
     @classmethod
     def from_wire(cls, d: dict) -> Ready:
-        return cls(d["xfer"])
+        return cls(d["xfer"], d["first"], d["count"])
 
 
 @dataclass

@@ -18,6 +18,9 @@ class LocalBackend:
     def submit(self, request: Request) -> None:
         self.engine.add_request(request)
 
+    def kv_capacity_tokens(self) -> int:
+        return self.engine.kv.num_blocks * self.engine.kv.block_size
+
     def poll(self) -> list[RequestResult]:
         if not self.engine.has_work():
             return []

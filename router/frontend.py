@@ -3,8 +3,14 @@ into a bounded look-ahead (router/lookahead.py), places lines from it in prefix 
 bounded number of requests is in flight on a backend, and writes each result as it arrives.
 
 The backend is whatever runs requests: one in-process engine (`LocalBackend`), or the MPI workers.
-It needs only `submit(request)` and `poll() -> finished results`; `poll` makes progress (runs an
-engine step, or receives messages) and may return nothing.
+It needs `submit(request)`, `poll() -> finished results` (it makes progress: runs an engine step,
+or receives messages, and may return nothing) and `kv_capacity_tokens()`.
+
+NOTE: a request the KV caches cannot hold becomes an error line here, at admission, and the job goes
+on: a sequence longer than a worker's whole cache would preempt itself forever on that worker. The
+bound is the smallest worker cache, because placement may choose any worker of a stage; the
+workers of one job have equal caches unless their devices differ. A line without max_tokens gets
+at most what the cache leaves after its prompt, as it gets at most what the context leaves.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ class Backend(Protocol):
     def poll(self) -> list[RequestResult]: ...
 
     def stats(self) -> dict: ...
+
+    def kv_capacity_tokens(self) -> int:
+        """Tokens of KV that a sequence can hold on every worker (blocks of the smallest cache x block size)."""
 
 
 class InputError(ValueError):
@@ -180,6 +189,7 @@ class Frontend:
         self.time_scale = cfg.sim.speed if cfg.sim.enabled else 1.0
         self.timings: list[dict] = []
         self.summary: Summary | None = None  # the running job's, also when a stop signal ends `run`
+        self.kv_tokens = 0  # the backend's kv_capacity_tokens(), read when `run` starts
 
     def run(self, backend: Backend) -> Summary:
         cfg = self.cfg
@@ -188,6 +198,7 @@ class Frontend:
         if Path(cfg.input.path).resolve() == Path(cfg.output.path).resolve():
             raise InputError("the output file must not be the input file")
         summary = self.summary = Summary(input=cfg.input.path, output=cfg.output.path, time_scale=self.time_scale)
+        self.kv_tokens = backend.kv_capacity_tokens()
         source = self._source()
         progress = Progress(cfg.job.progress)
         self.start = time.time()
@@ -281,15 +292,29 @@ class Frontend:
             writer.write(error_line(parsed.custom_id, "invalid_request", str(e)))
             self._count_error(s, "invalid_request")
             return None
-        err = check_prompt(parsed, ids, self.max_model_len, self.vocab_size)
+        err = check_prompt(parsed, ids, self.max_model_len, self.vocab_size) or self._check_kv(parsed, len(ids))
         if err is not None:
             writer.write(error_line(err.custom_id, err.code, err.message))
             self._count_error(s, err.code)
             return None
-        sampling = resolve_sampling(parsed, len(ids), self.max_model_len)
+        sampling = resolve_sampling(parsed, len(ids), min(self.max_model_len, self.kv_tokens))
         request_id = f"kvrelay-{xxhash.xxh3_64_hexdigest(parsed.custom_id.encode('utf-8', 'surrogatepass'))}"
         parsed.prompt_token_ids = ids
         return Request(request_id, ids, sampling), parsed, due
+
+    def _check_kv(self, parsed: ParsedLine, num_prompt_tokens: int) -> LineError | None:
+        """A prompt and at least one output token (all of max_tokens where the line gives it) must
+        fit in every worker's KV cache; None when they do."""
+        need = num_prompt_tokens + (parsed.max_tokens or 1)
+        if need <= self.kv_tokens:
+            return None
+        bs = self.cfg.cache.block_size
+        asked = f" and max_tokens={parsed.max_tokens}" if parsed.max_tokens else " and one output token"
+        return LineError(parsed.line_no, parsed.custom_id, "kv_cache_exceeded",
+                         f"the prompt's {num_prompt_tokens} tokens{asked} need {-(-need // bs)} KV blocks of {bs} "
+                         f"tokens; a worker's KV cache holds {self.kv_tokens // bs} ({self.kv_tokens} tokens): "
+                         "lower max_tokens or shorten the prompt, or give the cache more memory "
+                         "(cache.gpu_memory_fraction, cache.cpu_kv_gib or cache.num_blocks)")
 
     def _submit(self, request: Request, parsed: ParsedLine, due: float | None, backend: Backend) -> None:
         """Place a request; a batch line is due when placed, so its latencies exclude the look-ahead."""

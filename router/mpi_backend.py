@@ -125,6 +125,19 @@ class MPIBackend:
         self.books.place(request.request_id, rank, decode, tokens, nblocks, hash_list)
         self.max_inflight_prefix_blocks = max(self.max_inflight_prefix_blocks, len(inflight))
 
+    def kv_capacity_tokens(self) -> int:
+        """Tokens of KV that the smallest worker cache holds, from the window headers (a worker
+        publishes its total blocks after its first loop turn: wait for every one)."""
+        deadline = time.monotonic() + STATS_TIMEOUT_S
+        self._refresh_loads()
+        while not all(s.total_blocks for s in self.states.values()):
+            if time.monotonic() > deadline:
+                missing = sorted(r for r, s in self.states.items() if not s.total_blocks)
+                raise RuntimeError(f"workers {missing} published no load header in {STATS_TIMEOUT_S:.0f} s")
+            time.sleep(IDLE_SLEEP_S)
+            self._refresh_loads()
+        return min(s.total_blocks for s in self.states.values()) * self.block_size
+
     def poll(self) -> list[RequestResult]:
         self.outbox.progress()
         results = []

@@ -84,6 +84,13 @@ def decode_step_ms(runner: ModelRunner) -> float:
 
 
 def worker(rank: int, size: int, queues, cpu: bool) -> None:
+    # The engine builds and runs its runner under inference mode (graph buffers are inference
+    # tensors): so does this check.
+    with torch.inference_mode():
+        _worker(rank, size, queues, cpu)
+
+
+def _worker(rank: int, size: int, queues, cpu: bool) -> None:
     try:
         device = torch.device("cpu") if cpu else torch.device("cuda", rank)
         if cpu:

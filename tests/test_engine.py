@@ -132,3 +132,17 @@ def test_stop_conditions(tiny_models):
     # Below min_tokens the stop token is banned, so the run diverges after it would have stopped.
     m = results["m"].output_token_ids
     assert stop_at not in m[:8] and len(m) >= 8
+
+
+def test_requests_sharing_a_prefix_submitted_at_once_compute_it_once(tiny_models):
+    # Four prompts of one 48-token prefix (6 blocks of 8) and their own 10 tokens, all queued before
+    # the first step; prefills of 32 tokens a step. The later three wait for the first to register
+    # the prefix instead of computing it beside it, and their outputs do not move.
+    g = torch.Generator().manual_seed(5)
+    prefix = torch.randint(3, 256, (48,), generator=g).tolist()
+    ps = [prefix + torch.randint(3, 256, (10,), generator=g).tolist() for _ in range(4)]
+    engine = make_engine(tiny_models["llama"])
+    got = generate(engine, ps)
+    assert engine.stats.cached_prompt_tokens == (len(ps) - 1) * 48
+    assert engine.stats.held_back > 0
+    assert got == generate(make_engine(tiny_models["llama"], **{"cache.enable_prefix_caching": False}), ps)

@@ -98,3 +98,27 @@ def test_the_manager_and_the_scheduler_import_no_torch():
     code = ("import sys; import kvrelay.ranks.engine.kv_cache, kvrelay.ranks.engine.scheduler; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_blocks_in_the_making_are_known_by_hash_until_registered_or_freed():
+    kv = KVCacheManager(32, 4, SEED)
+    prefix = list(range(12))
+    a, b, c = make_seq("a", prefix + [50, 51]), make_seq("b", prefix + [60]), make_seq("c", list(range(90, 99)))
+    hits = kv.match_prefix(a)
+    assert kv.admit(a, hits, 8)  # first chunk: 2 blocks taken, all 3 full blocks in the making
+    assert kv.computing == dict.fromkeys(a.block_hashes, a)
+    assert kv.computed_elsewhere(b, kv.match_prefix(b)) and not kv.computed_elsewhere(c, kv.match_prefix(c))
+    assert not kv.computed_elsewhere(a, [])  # its own blocks do not hold it back
+    computed(kv, a, 8)
+    hits = kv.match_prefix(b)
+    assert len(hits) == 2 and kv.computed_elsewhere(b, hits)  # block 2 is still a's to compute
+    assert list(kv.computing) == a.block_hashes[2:]
+    kv.free(a)  # preempted: nobody computes block 2 now
+    assert kv.computing == {} and not kv.computed_elsewhere(b, kv.match_prefix(b))
+
+
+def test_without_prefix_caching_nothing_is_held_back():
+    kv = KVCacheManager(32, 4, SEED, enable_caching=False)
+    a, b = make_seq("a", list(range(12))), make_seq("b", list(range(12)))
+    assert kv.admit(a, kv.match_prefix(a), 12)
+    assert kv.computing == {} and not kv.computed_elsewhere(b, kv.match_prefix(b))

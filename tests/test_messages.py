@@ -20,7 +20,7 @@ RECORDS_TO_CHECK = [
     Prefilled("r1"),
     Handoff(7, SeqState(REQ, [5], 64, 1.5, LPS, b"\x00\x01gen")),
     Handoff(0, SeqState(REQ, [5], 0, None)),
-    Ready(7),
+    Ready(7, 128, 64),
     Shutdown(),
     Stats({"rank": 1, "role": "decode", "sim": {"modeled_s": 1.5}}),
 ]

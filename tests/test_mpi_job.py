@@ -107,18 +107,59 @@ def test_mpi_job_matches_the_single_rank_run(roles, n, tiny_models, shared_prefi
         assert all(w["requests"] > 0 for w in workers)
 
 
-def test_handoffs_wait_for_staging_room_and_change_nothing(tiny_models, shared_prefix_input, single_rank, tmp_path):
-    # A staging budget of one byte: each worker stages one packed KV at a time (sends and
-    # receives queue for room in READY order), and every answer is still the single-rank one.
+# Packed KV of one block of the tiny llama at cache.block_size=8: 2 (K, V) x 2 layers x 2 heads x 16 x 4 bytes x 8.
+BLOCK_BYTES = 4096
+
+
+@pytest.mark.parametrize("prefill,decode", [(1, 1), (2, 2)], ids=["1-prefill-1-decode", "2-prefill-2-decode"])
+def test_handoffs_go_in_chunks_within_a_tiny_staging_budget_and_change_nothing(prefill, decode, tiny_models,
+                                                                               shared_prefix_input, tmp_path):
+    # A staging budget of two blocks (2**-17 GiB): each prompt's KV (several blocks) goes in chunks of
+    # two, both sides stage at most two blocks at once, and every answer is the single-rank one; with
+    # two of each, chunks of several pairs interleave on every worker.
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(shared_prefix_input.read_text().splitlines(keepends=True)[:24]))
+    single = tmp_path / "single.jsonl"
+    proc = run([*CLI, "run", "-i", str(inp), "-o", str(single), "--model", str(tiny_models["llama"]), *SETTINGS])
+    assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "out.jsonl"
-    proc = run([*CLI, "run", "--local", "4", "-i", str(shared_prefix_input), "-o", str(out),
-                "--model", str(tiny_models["llama"]), *SETTINGS, "--set", "roles.aggregated=0", "--set", "roles.prefill=1",
-                "--set", "roles.decode=2", "--set", "cache.handoff_buffer_gib=1e-9"])
+    proc = run([*CLI, "run", "--local", str(1 + prefill + decode), "-i", str(inp), "-o", str(out),
+                "--model", str(tiny_models["llama"]), *SETTINGS, "--set", "roles.aggregated=0",
+                "--set", f"roles.prefill={prefill}", "--set", f"roles.decode={decode}",
+                "--set", f"cache.handoff_buffer_gib={2 ** -17}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = outputs(out)
-    assert got == single_rank
+    assert len(got) == 24 and got == outputs(single)
     workers = json.loads((tmp_path / "out.summary.json").read_text())["backend"]["workers"]
-    assert sum(w["handoffs_received"] for w in workers if w["role"] == "decode") == len(got)
+    sent = sum(w["handoffs_sent"] for w in workers if w["role"] == "prefill")
+    received = sum(w["handoffs_received"] for w in workers if w["role"] == "decode")
+    chunks_sent = sum(w["chunks_sent"] for w in workers if w["role"] == "prefill")
+    chunks_received = sum(w["chunks_received"] for w in workers if w["role"] == "decode")
+    assert sent == received == len(got) and chunks_sent == chunks_received >= 2 * len(got)
+    assert max(w["max_staged_bytes"] for w in workers) <= 2 * BLOCK_BYTES
+
+
+def test_a_request_larger_than_the_kv_cache_is_an_error_line_and_the_job_goes_on(tiny_models, tmp_path):
+    # Caches of 6 blocks of 8 tokens (48 tokens) on the prefill and the decode worker.
+    inp = tmp_path / "in.jsonl"
+    lines = [
+        {"custom_id": "fits", "prompt_token_ids": list(range(5, 25)), "max_tokens": 4},
+        {"custom_id": "prompt-too-long", "prompt_token_ids": list(range(5, 53)), "max_tokens": 1},
+        {"custom_id": "max-tokens-too-many", "prompt_token_ids": list(range(5, 25)), "max_tokens": 40},
+    ]
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "out.jsonl"
+    proc = run([*CLI, "run", "--local", "3", "-i", str(inp), "-o", str(out), "--model", str(tiny_models["llama"]),
+                *SETTINGS, "--set", "cache.num_blocks=6", "--set", "roles.aggregated=0", "--set", "roles.prefill=1",
+                "--set", "roles.decode=1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = {d["custom_id"]: d for d in map(json.loads, out.read_text().splitlines())}
+    assert res.keys() == {x["custom_id"] for x in lines}
+    for cid in ("prompt-too-long", "max-tokens-too-many"):
+        err = res[cid]["error"]
+        assert err["code"] == "kv_cache_exceeded" and "lower max_tokens" in err["message"], err
+        assert "holds 6 (48 tokens)" in err["message"], err
+    assert res["fits"]["response"]["body"]["usage"]["completion_tokens"] == 4
 
 
 def test_kv_aware_keeps_prefix_hits_that_round_robin_loses(tiny_models, tmp_path):

@@ -86,6 +86,24 @@ def test_bad_lines_become_error_lines_and_good_lines_are_answered(tiny_models, t
     assert summary["this_run"]["skipped_answered"] == 9 and summary["this_run"]["succeeded"] == 0
 
 
+def test_the_kv_cache_bounds_a_request_as_the_context_does(tiny_models, tmp_path):
+    # A cache of 6 blocks of 8 tokens (48 tokens), smaller than the context (256): the job starts,
+    # a request that cannot fit is an error line, and a line without max_tokens gets what fits.
+    inp = write_jsonl(tmp_path / "in.jsonl", [
+        {"custom_id": "too-long", "prompt_token_ids": list(range(5, 53))},
+        {"custom_id": "capped", "prompt_token_ids": list(range(5, 45))},  # 16 tokens by default; 8 fit
+        {"custom_id": "too-many", "prompt_token_ids": [5, 6, 7], "max_tokens": 46},
+    ])
+    out = tmp_path / "out.jsonl"
+    kvrelay("run", "-i", str(inp), "-o", str(out), "--model", str(tiny_models["llama"]), *SETTINGS,
+            "--set", "cache.num_blocks=6", "--set", "defaults.ignore_eos=true")
+    res = read_out(out)
+    assert res["capped"]["response"]["body"]["usage"]["completion_tokens"] == 8
+    for cid in ("too-long", "too-many"):
+        assert res[cid]["error"]["code"] == "kv_cache_exceeded", res[cid]
+        assert "give the cache more memory" in res[cid]["error"]["message"]
+
+
 def test_nothing_succeeded_exits_nonzero(tiny_models, tmp_path):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x", "temperature": -2}, b"{\n"])
     proc = kvrelay("run", "-i", str(inp), "-o", str(tmp_path / "o.jsonl"),

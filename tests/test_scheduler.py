@@ -112,3 +112,36 @@ def test_preemption_recomputes_and_keeps_outputs():
     while s.has_work():
         run_step(s)
     assert b.num_output_tokens == 8 and b.output_token_ids == [7] * 8
+
+
+def test_a_sequence_waits_for_a_shared_prefix_in_the_making_and_later_ones_go_first():
+    # a computes a 16-token prefix (4 blocks) in chunks; b and c share it, d does not.
+    prefix = list(range(16))
+    s = Scheduler(KVCacheManager(64, 4, SEED), max_batch_tokens=10, max_seqs=8)
+    a, b, c = (make_seq(r, prefix + [100 + i, 200 + i]) for i, r in enumerate("abc"))
+    d = make_seq("d", list(range(300, 305)))
+    s.add(a)
+    assert run_step(s) == [("a", 10)]
+    for seq in (b, c, d):
+        s.add(seq)
+    # b's next uncached block (tokens 8-11) is a's to compute: b and c are held back, d goes first.
+    assert run_step(s) == [("a", 8), ("d", 2)]
+    assert list(s.waiting) == [b, c] and s.num_held_back == 2
+    # a registered the whole prefix: b and c start after it, each computing only its own tail.
+    assert run_step(s) == [("a", 1), ("d", 3), ("b", 2), ("c", 2)]
+    assert b.num_cached_tokens == c.num_cached_tokens == 16 and not s.waiting
+
+
+def test_a_held_sequence_is_never_stuck_when_the_one_computing_its_prefix_is_preempted():
+    # 8 blocks of 4 tokens. x decodes; a computes a 20-token prefix that b shares, so b is held
+    # back; x's growth preempts a (admitted after it), which goes back to the head of the queue
+    # with its claims dropped. Everything finishes, and b still computes only its own token.
+    s = Scheduler(KVCacheManager(8, 4, SEED), max_batch_tokens=8, max_seqs=8)
+    x = make_seq("x", list(range(50, 58)), max_tokens=12)
+    a, b = make_seq("a", list(range(20)), max_tokens=2), make_seq("b", list(range(20)) + [99], max_tokens=1)
+    for seq in (x, a, b):
+        s.add(seq)
+    for _ in range(30):
+        run_step(s)
+    assert not s.has_work() and s.num_preemptions == 1 and s.num_held_back > 0
+    assert b.num_output_tokens == 1 and b.num_cached_tokens == 20 and s.kv.computing == {}

@@ -7,7 +7,7 @@
         for result in out.finished: ...
 
 Callers (ranks/worker.py, ranks/local.py, benchmarks) use only this surface: requests in, one
-StepOutput per step, the KV surface of a handoff (`kv_bytes`, `reserve`, `pack_kv`,
+StepOutput per step, the KV surface of a handoff (`kv_blocks`, `kv_bytes`, `reserve`, `pack_kv`,
 `staging_buffer`, `unpack_kv`, `free_kv`, `transfer_s`, `add_received`), `load()` for the window
 and `report()` for the job summary. The scheduler, the KV-cache manager and the runner stay inside.
 """
@@ -53,6 +53,7 @@ class EngineStats:
     output_tokens: int = 0
     steps: int = 0
     preemptions: int = 0
+    held_back: int = 0  # waiting sequences held back for a prefix another one was computing, summed over steps
     # Host time of the steps (schedule, metadata, launches, postprocess; not the wait for the GPU),
     # in all and in the steps where every sequence ran one token.
     host_s: float = 0.0
@@ -186,10 +187,12 @@ class Engine:
         )
         need = num_blocks(max_model_len, cfg.cache.block_size)
         if cache_blocks < need:
-            raise ModelConfigError(
-                f"the KV cache holds {cache_blocks} blocks of {cfg.cache.block_size} tokens, fewer than one "
-                f"sequence of model.max_model_len={max_model_len} needs ({need}); lower model.max_model_len "
-                "or give the cache more memory"
+            # NOTE: not an error: the job serves what fits, and the router answers a longer request
+            # with an error line (router/frontend.py, `_check_kv`) instead of losing the whole job.
+            log.warning(
+                "the KV cache holds %d blocks of %d tokens, fewer than one sequence of model.max_model_len=%d "
+                "needs (%d): longer requests get error lines; lower model.max_model_len or give the cache more "
+                "memory", cache_blocks, cfg.cache.block_size, max_model_len, need,
             )
         runner.allocate(cache_blocks)
         runner.capture_graphs()
@@ -220,6 +223,10 @@ class Engine:
 
     # --- the KV surface of a handoff (ranks/handoff.py drives it) --------------------------------
 
+    def kv_blocks(self, num_tokens: int) -> int:
+        """Blocks that hold the KV of `num_tokens` tokens."""
+        return num_blocks(num_tokens, self.kv.block_size)
+
     def kv_bytes(self, num_tokens: int) -> int:
         """Bytes of the packed KV of `num_tokens` tokens (whole blocks)."""
         return num_blocks(num_tokens, self.kv.block_size) * self.runner.block_bytes()
@@ -229,10 +236,12 @@ class Engine:
         are not free now (the caller asks again later)."""
         return self.kv.reserve(num_tokens)
 
-    def pack_kv(self, request_id: str) -> torch.Tensor:  # packed KV (kernels/kv_pack.py) on the runner's device
-        """The KV of a handed-off sequence, packed into one contiguous buffer to send."""
+    def pack_kv(self, request_id: str, first: int, count: int) -> torch.Tensor:  # packed KV (kernels/kv_pack.py) on the runner's device
+        """Blocks [first, first + count) of a handed-off sequence's KV, packed into one contiguous
+        buffer to send (one chunk of the handoff)."""
         seq = self.sending[request_id]
-        return self.runner.pack_kv(seq.block_ids[: num_blocks(seq.num_tokens - 1, self.kv.block_size)])
+        assert first + count <= num_blocks(seq.num_tokens - 1, self.kv.block_size)
+        return self.runner.pack_kv(seq.block_ids[first : first + count])
 
     def staging_buffer(self, n: int) -> torch.Tensor:  # packed KV of n blocks, uninitialized, on the runner's device
         """A buffer that receives `n` blocks of packed KV."""
@@ -354,6 +363,7 @@ class Engine:
                 out.first_tokens.append(seq.request_id)
         self.stats.steps += 1
         self.stats.preemptions = self.scheduler.num_preemptions
+        self.stats.held_back = self.scheduler.num_held_back
         host = t1 - t0 + time.perf_counter() - t2
         self.stats.host_s += host
         if all(item.num_new_tokens == 1 for item in batch):

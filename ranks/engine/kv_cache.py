@@ -10,6 +10,12 @@ passes through here:
     on_evict(block_id, block_hash) a cached block is about to be reused: its KV is still intact,
                                    so this is the one place a host tier copies it out first
 
+Blocks in the making: `computing` maps the hash of each full block that an admitted sequence will
+compute (past its cache hits) to that sequence, from admission until the block is registered or
+the sequence lets its blocks go (finished, preempted). The scheduler holds back a waiting sequence
+whose next uncached block is in there (`computed_elsewhere`), so two sequences never compute one
+prefix side by side: one dict lookup per waiting sequence, no scan of the running ones.
+
 NOTE: eviction happens only inside `allocate`, and always through `on_evict`, so "the block is
 leaving the cache" is one distinct moment with the block's bytes still readable. A tier (issue 15)
 hooks there, and a sequence whose blocks are on their way in can be given blocks by `reserve`
@@ -35,6 +41,7 @@ class KVCacheManager:
         self.hash_seed = hash_seed
         self.on_cache: CacheHook | None = None
         self.on_evict: EvictHook | None = None
+        self.computing: dict[int, Sequence] = {}  # block hash -> the admitted sequence computing it
 
     @property
     def num_blocks(self) -> int:
@@ -63,6 +70,15 @@ class KVCacheManager:
         hashes = self.extend_hashes(seq)
         return self.pool.match_prefix(hashes[: (seq.num_tokens - 1) // self.block_size])
 
+    def computed_elsewhere(self, seq: Sequence, hits: list[int]) -> bool:
+        """Another sequence is computing the block that follows `seq`'s cache hits (a prefix they
+        share): `seq` should wait for it to be registered rather than compute it too."""
+        i = len(hits)
+        if not self.pool.enable_caching or i >= (seq.num_tokens - 1) // self.block_size:
+            return False
+        owner = self.computing.get(seq.block_hashes[i])
+        return owner is not None and owner is not seq
+
     # --- blocks -------------------------------------------------------------------------------
 
     def allocate(self, n: int) -> list[int]:
@@ -86,6 +102,9 @@ class KVCacheManager:
             return False
         self.pool.touch(hits)
         seq.block_ids = hits + self.allocate(need)
+        if self.pool.enable_caching:
+            for h in seq.block_hashes[len(hits) :]:
+                self.computing.setdefault(h, seq)  # the first to compute a block keeps it (as BlockPool.register)
         return True
 
     def grow(self, seq: Sequence, num_tokens: int) -> bool:
@@ -105,6 +124,8 @@ class KVCacheManager:
             self.extend_hashes(seq)
         for i in range(before // self.block_size, min(full, len(seq.block_hashes))):
             self.register(seq.block_ids[i], seq.block_hashes[i])
+            if self.computing.get(seq.block_hashes[i]) is seq:
+                del self.computing[seq.block_hashes[i]]
 
     def reserve(self, num_tokens: int) -> list[int] | None:
         """Blocks for the KV of `num_tokens` tokens that arrive from elsewhere (another worker's
@@ -118,6 +139,10 @@ class KVCacheManager:
         self.cache_computed(seq, 0)
 
     def free(self, seq: Sequence) -> None:
-        """Give a sequence's blocks back, tail first (see BlockPool.unref)."""
+        """Give a sequence's blocks back, tail first (see BlockPool.unref); the blocks it was still
+        to compute are no longer in the making."""
+        for h in seq.block_hashes[seq.num_computed_tokens // self.block_size :]:
+            if self.computing.get(h) is seq:
+                del self.computing[h]
         self.pool.unref(seq.block_ids[::-1])
         seq.block_ids = []

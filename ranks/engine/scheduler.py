@@ -6,6 +6,12 @@ compute, running sequences first (one token for a decoding sequence, the next ch
 in prefill), then waiting ones in arrival order while the budget and the blocks last. This is
 vLLM v1's scheduling model: decode latency stays low and long prompts never stall the batch.
 
+A waiting sequence whose next uncached block another admitted sequence is computing (a prefix they
+share, e.g. questions on one document) is held back, and later waiting ones that fit go first: it
+is admitted once that block is registered, with the hits, or once the other sequence lets its
+blocks go (finished or preempted). So one worker computes a shared prefix once, as SGLang's engine
+does; the other sequence is running, so it makes progress every step and the hold ends.
+
 When a running sequence needs a block and none is free, the most recently admitted sequence is
 preempted: its blocks are freed (their hashes stay findable until reused) and it starts again
 from the waiting queue's head, recomputing what the cache no longer holds.
@@ -48,6 +54,7 @@ class Scheduler:
         self.arrived: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_held_back = 0  # waiting sequences held back for a prefix in the making, summed over steps
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -101,9 +108,15 @@ class Scheduler:
                 self._preempt(seq)
                 preempted = True
         # NOTE: admitting new work in a step that had to preempt would only thrash the cache.
+        held: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_seqs and not preempted:
             seq = self.waiting[0]
-            n = self._admit(seq, budget, first_in_batch=not batch)
+            assert not seq.block_ids and seq.num_computed_tokens == 0
+            hits = self.kv.match_prefix(seq)
+            if self.kv.computed_elsewhere(seq, hits):
+                held.append(self.waiting.popleft())
+                continue
+            n = self._admit(seq, hits, budget, first_in_batch=not batch)
             if n == 0:
                 break
             self.waiting.popleft()
@@ -111,12 +124,12 @@ class Scheduler:
             self.running.append(seq)
             batch.append(ScheduledSeq(seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(held))  # they keep their places at the head
+        self.num_held_back += len(held)
         return batch
 
-    def _admit(self, seq: Sequence, budget: int, first_in_batch: bool) -> int:
-        """Match the prefix cache, take blocks for the first chunk; 0 if it does not fit now."""
-        assert not seq.block_ids and seq.num_computed_tokens == 0
-        hits = self.kv.match_prefix(seq)
+    def _admit(self, seq: Sequence, hits: list[int], budget: int, first_in_batch: bool) -> int:
+        """Take the prefix cache hits `hits` and blocks for the first chunk; 0 if it does not fit now."""
         computed = len(hits) * self.block_size
         n = seq.num_tokens - computed
         if n > budget:

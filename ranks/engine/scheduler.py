@@ -117,13 +117,15 @@ class Scheduler:
         """Match the prefix cache, take blocks for the first chunk; 0 if it does not fit now."""
         assert not seq.block_ids and seq.num_computed_tokens == 0
         hits = self.kv.match_prefix(seq)
-        computed = len(hits) * self.block_size
+        host = self.kv.match_host(seq, len(hits))  # blocks brought in from the host tier
+        computed = (len(hits) + len(host)) * self.block_size
         n = seq.num_tokens - computed
         if n > budget:
             if not self.chunked_prefill and not first_in_batch:
+                self.kv.admit_failed(host)
                 return 0
             n = budget if self.chunked_prefill else n
-        if not self.kv.admit(seq, hits, computed + n):
+        if not self.kv.admit(seq, hits, computed + n, host):
             return 0
         seq.num_computed_tokens = computed
         if seq.num_cached_tokens < 0:

@@ -294,6 +294,15 @@ class Engine:
         """Listeners of the prefix cache: a block became findable; a cached block is evicted."""
         self.kv.on_cache, self.kv.on_evict = on_cache, on_evict
 
+    @property
+    def host_blocks(self) -> int:
+        """Blocks the host KV tier holds at most (0: no host tier)."""
+        return self.host.num_slots if self.host is not None else 0
+
+    def watch_host(self, on_add: CacheHook, on_drop: CacheHook) -> None:
+        """Listeners of the host tier: a block hash entered it; one left it."""
+        self.host.on_add, self.host.on_drop = on_add, on_drop
+
     def load(self) -> EngineLoad:
         free = self.kv.num_free
         return EngineLoad(

@@ -96,6 +96,16 @@ class TimingModel(_Strict):
         in from the host tier instead of recomputed (negative when the copy costs more)."""
         return self.prefill_s(num_tokens, cached) - self.host_copy_s(num_tokens)
 
+    def host_credit(self, block_size: int, gpu_blocks: int, host_blocks: int) -> float:
+        """What `host_blocks` blocks from the host tier after `gpu_blocks` GPU hits are worth, in
+        blocks recomputed: the recompute they save less their copy-in, over the recompute time of
+        one of them (placement credits a GPU block as 1). 0 when bringing them in costs more."""
+        if host_blocks == 0:
+            return 0.0
+        new, cached = host_blocks * block_size, gpu_blocks * block_size
+        recompute = self.prefill_s(new, cached)
+        return max(0.0, self.host_hit_saving_s(new, cached)) / recompute * host_blocks if recompute else 0.0
+
     def handoff_s(self, num_tokens: int) -> float:
         h = self.handoff
         return num_tokens * self.model.kv_bytes_per_token / (h.bandwidth_gb_s * 1e9) + h.latency_s

@@ -147,3 +147,33 @@ def test_greedy_outputs_with_the_host_tier_equal_transformers(tiny_models):
             assert report["host_hit_tokens"] >= 40 and report["host_onload_bytes"] > 0
         else:
             assert report["host_hit_tokens"] == 0
+
+
+def test_router_probes_gpu_then_host_and_credits_host_blocks_by_what_they_save():
+    from kvrelay.core.timing import TimingModel, DEFAULT_TIMING
+    from kvrelay.core.window import BucketTable, TableSnapshot, WAYS
+    from kvrelay.router.books import InflightPrefixes, leading_blocks
+    import numpy as np
+
+    chain = [101, 102, 103, 104, 105, 106]
+    snap = TableSnapshot({1: 4, 2: 4}, {2: 8})
+    gpu1, gpu2 = BucketTable(snap.slots[4][0]), BucketTable(snap.slots[4][1])
+    host2 = BucketTable(snap.host_slots[8][0])
+    for h in chain[:2]:
+        gpu1.insert(h)
+    gpu2.insert(chain[0])
+    for h in chain[1:5] + [999]:
+        host2.insert(h)
+    hashes = np.array(chain, np.uint64)
+    assert snap.tier_lengths(hashes) == {1: (2, 0), 2: (1, 4)}
+    assert snap.host_slots[8].shape == (1, 8 * WAYS)
+    timing = TimingModel.load(DEFAULT_TIMING)
+    credit = timing.host_credit(64, 1, 4)
+    # A 64-token block of the 8B shape: ~0.15 ms to bring in against ms to recompute.
+    assert 0.8 * 4 < credit < 4
+    window, cached, worth = leading_blocks(snap, InflightPrefixes([1, 2]), hashes, chain,
+                                           lambda g, h: timing.host_credit(64, g, h))
+    assert window == cached == {1: 2, 2: 5}
+    assert worth == {1: 2, 2: 1 + credit}
+    slow = timing.model_copy(update={"host": timing.host.model_copy(update={"bandwidth_gb_s": 1e-3})})
+    assert slow.host_credit(64, 1, 4) == 0.0  # a copy slower than the recompute is worth nothing

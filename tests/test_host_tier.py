@@ -177,3 +177,22 @@ def test_router_probes_gpu_then_host_and_credits_host_blocks_by_what_they_save()
     assert worth == {1: 2, 2: 1 + credit}
     slow = timing.model_copy(update={"host": timing.host.model_copy(update={"bandwidth_gb_s": 1e-3})})
     assert slow.host_credit(64, 1, 4) == 0.0  # a copy slower than the recompute is worth nothing
+
+
+def test_simulated_worker_runs_the_host_tier_and_models_its_copies():
+    engine = Engine.from_config(load_config(**{
+        "sim.enabled": True, "sim.speed": 1000.0, "cache.block_size": 16, "cache.num_blocks": 24,
+        "cache.host_kv_gib": 1.0, "scheduler.max_batch_tokens": 256, "scheduler.max_seqs": 4,
+    }))
+    shared = list(range(1000, 1100))  # 6 full blocks + 4 tokens
+    waves = [[shared + [1]], [list(range(i * 200 + 2000, i * 200 + 2150)) for i in range(3)], [shared + [2, 3]]]
+    for i, wave in enumerate(waves):
+        for j, ids in enumerate(wave):
+            engine.add_request(Request(f"r{i}-{j}", ids, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)))
+        while engine.has_work():
+            engine.step()
+    report = engine.report()
+    assert report["host_hit_tokens"] == 6 * 16 and report["host_onload_bytes"] == 6 * engine.runner.block_bytes()
+    assert report["host_offload_bytes"] > 0
+    copies = engine.runner.timing.host_copy_s
+    assert report["sim"]["host_copy_s"] >= copies(6 * 16) > 0

@@ -106,8 +106,8 @@ class MPIBackend:
                 cached.update(c)
                 worth.update(v)
 
-        def cached_blocks(r: int) -> float:  # what the leading blocks the window shows (either tier) or
-            probe()                          # the books hold in flight are worth, in GPU blocks
+        def cached_blocks(r: int) -> float:  # worth of the leading blocks held (window or books), in GPU blocks
+            probe()
             return worth[r]
 
         def uncached_tokens(r: int) -> int:  # what worker r must compute: at least the last token

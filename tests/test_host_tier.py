@@ -53,7 +53,6 @@ def test_evicted_blocks_go_to_the_host_and_come_back_into_fresh_blocks():
     # b's blocks left first (copy-outs before copy-ins), then a's bytes came into c's first blocks.
     assert len(out) == 3 and [s for s, _ in inn] == slots
     assert [b for _, b in inn] == again.taken[:3]
-    assert kv.host_hit_blocks == 3 and kv.gpu_hit_blocks == 0
     assert not host.pinned
     # Registered on arrival: a fourth sequence finds them on the GPU.
     hits, slots = run_prompt(kv, make_seq("d", list(range(13))))

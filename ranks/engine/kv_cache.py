@@ -41,7 +41,7 @@ class KVCacheManager:
         self.block_size = block_size
         self.hash_seed = hash_seed
         self.host = host if enable_caching else None
-        self.gpu_hit_blocks = 0  # prefix hits at admission, per tier
+        self.gpu_hit_blocks = 0  # prefix hits at first admission, per tier (`count_hits`)
         self.host_hit_blocks = 0
         self.on_cache: CacheHook | None = None
         self.on_evict: EvictHook | None = None
@@ -112,9 +112,12 @@ class KVCacheManager:
         for i, (slot, block_id) in enumerate(zip(host_slots, fresh)):
             self.host.onload(slot, block_id)
             self.register(block_id, seq.block_hashes[len(hits) + i])
-        self.gpu_hit_blocks += len(hits)
-        self.host_hit_blocks += len(host_slots)
         return True
+
+    def count_hits(self, gpu_blocks: int, host_blocks: int) -> None:
+        """A sequence's prefix hits at its first admission, per tier (the job summary's)."""
+        self.gpu_hit_blocks += gpu_blocks
+        self.host_hit_blocks += host_blocks
 
     def admit_failed(self, host_slots: list[int]) -> None:
         """The sequence matched `host_slots` but is not admitted now: unpin them."""

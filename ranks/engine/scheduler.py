@@ -128,8 +128,9 @@ class Scheduler:
         if not self.kv.admit(seq, hits, computed + n, host):
             return 0
         seq.num_computed_tokens = computed
-        if seq.num_cached_tokens < 0:
+        if seq.num_cached_tokens < 0:  # first admission: a preempted sequence's hits are not new
             seq.num_cached_tokens = min(computed, seq.num_prompt_tokens)
+            self.kv.count_hits(len(hits), len(host))
         return n
 
     def _preempt(self, seq: Sequence) -> None:

@@ -171,7 +171,7 @@ def isolated_decision_us(lines: list[dict], workers: int, block_size: int, kv_bl
     for i, h in enumerate(hashes[half:]):
         arr = np.array(h, np.uint64)
         t0 = time.perf_counter()
-        _, cached = leading_blocks(snap, books.prefixes, arr, h)
+        _, cached, _ = leading_blocks(snap, books.prefixes, arr, h)
         r = policy.choose([states[x] for x in ranks], len(h), cached.__getitem__)
         if half + i >= three:
             times.append(time.perf_counter() - t0)

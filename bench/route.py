@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replay the requests that arrive in the first SEC modeled seconds (0: all)")
     p.add_argument("--max-requests", type=int, default=None, help="replay at most the first N requests")
     p.add_argument("--block-size", type=int, default=64, help="cache.block_size")
+    p.add_argument("--host-kv-gib", type=float, default=0.0,
+                   help="cache.host_kv_gib: a host KV tier of this size per worker (0 = none); the oracle pools it too")
     p.add_argument("--timing", default=None, help="timing model YAML (default: configs/sim/h100-llama8b.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config key, for every run")
     p.add_argument("--workdir", default=None, help="where the runs' outputs go (default: a temporary directory)")
@@ -73,7 +75,7 @@ def run_one(args, workers: int, policy: str, limit: int, workdir: Path) -> dict:
     sets = [
         "sim.enabled=true", f"sim.speed={args.speed}", "input.format=trace", f"input.time_scale={time_scale}",
         f"input.limit={limit}", f"roles.aggregated={workers}", f"router.policy={policy}",
-        f"cache.block_size={args.block_size}", "job.progress=false", *args.set,
+        f"cache.block_size={args.block_size}", f"cache.host_kv_gib={args.host_kv_gib}", "job.progress=false", *args.set,
     ]
     if args.timing:
         sets.append(f"sim.timing={args.timing}")
@@ -98,6 +100,11 @@ def run_one(args, workers: int, policy: str, limit: int, workdir: Path) -> dict:
         "requests": s["succeeded"],
         "errors": s["errors"],
         "kv_blocks_per_worker": ws[0]["kv_blocks"],
+        "host_kv_blocks_per_worker": ws[0].get("host_kv_blocks", 0),
+        "gpu_hit_tokens": b["gpu_hit_tokens"],
+        "host_hit_tokens": b["host_hit_tokens"],
+        "host_offload_bytes": b["host_offload_bytes"],
+        "host_onload_bytes": b["host_onload_bytes"],
         "hit_ratio": s["prefix_hit_ratio"],
         "ttft_p50_s": s["latency"]["ttft_s"]["p50"],
         "ttft_p90_s": s["latency"]["ttft_s"]["p90"],
@@ -245,13 +252,15 @@ def run(args: argparse.Namespace) -> int:
         orc = None
         for policy in policies:
             r = run_one(args, w, policy, limit, workdir)
-            if orc is None:  # the same requests into one pool of all W workers' blocks
-                orc = oracle(read_trace(args.trace, limit), args.block_size, w * r["kv_blocks_per_worker"])
+            if orc is None:  # the same requests into one pool of all W workers' blocks (GPU and host)
+                per_worker = r["kv_blocks_per_worker"] + r["host_kv_blocks_per_worker"]
+                orc = oracle(read_trace(args.trace, limit), args.block_size, w * per_worker)
                 iso = isolated_decision_us(args.trace, w, args.block_size, r["kv_blocks_per_worker"])
             r["oracle_hit_ratio"] = orc.hit_ratio
             r["decision_isolated_us"] = iso
             results.append(r)
-            print(f"W={w} {policy}: {r['requests']} requests, hit {r['hit_ratio']:.3f} (oracle {orc.hit_ratio:.3f}), "
+            print(f"W={w} {policy}: {r['requests']} requests, hit {r['hit_ratio']:.3f} (oracle {orc.hit_ratio:.3f}; "
+                  f"host tier {r['host_hit_tokens']} of {r['gpu_hit_tokens'] + r['host_hit_tokens']} hit tokens), "
                   f"TTFT p50 {r['ttft_p50_s']:.2f} s, decision p50 {r['decision_us']['p50']:.0f} us, "
                   f"wall {r['wall_s']:.0f} s", flush=True)
     compare(results)

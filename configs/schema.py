@@ -41,6 +41,7 @@ class CacheSection(_Section):
     gpu_memory_fraction: float = Field(0.9, gt=0.0, le=1.0)
     cpu_kv_gib: float = Field(1.0, gt=0.0, description="KV cache size on a CPU worker")
     num_blocks: int | None = Field(None, ge=1, description="overrides the size computed from memory")
+    host_kv_gib: float = Field(0.0, ge=0.0, description="host-memory KV tier per worker below its cache; 0 = off")
     enable_prefix_caching: bool = True
     salt: str = Field("", description="mixed into block hashes; jobs with different salts share no cache")
     handoff_buffer_gib: float = Field(

@@ -35,6 +35,15 @@ class HandoffCoefficients(_Strict):
     latency_s: float = Field(ge=0.0)
 
 
+class HostCoefficients(_Strict):
+    bandwidth_gb_s: float = Field(gt=0.0, description="KV bytes per second between host memory and the device, in GB/s")
+    latency_s: float = Field(0.0, ge=0.0, description="fixed cost of one batch of copies")
+
+
+# Pinned host <-> device copies measured on an H200 (issue 15, 2026-11-27, 1 GiB copies).
+DEFAULT_HOST = HostCoefficients(bandwidth_gb_s=55.0, latency_s=0.0)
+
+
 class SimModel(_Strict):
     name: str
     vocab_size: int = Field(gt=1)
@@ -51,6 +60,7 @@ class TimingModel(_Strict):
     prefill: PrefillCoefficients
     decode: DecodeCoefficients
     handoff: HandoffCoefficients
+    host: HostCoefficients = DEFAULT_HOST
 
     @classmethod
     def load(cls, path: str | Path) -> TimingModel:
@@ -74,6 +84,27 @@ class TimingModel(_Strict):
         `decodes[i]` context tokens each."""
         base = max(self.prefill.base_s if chunks else 0.0, self.decode.base_s if decodes else 0.0)
         return base + sum(self.prefill_s(n, c) for n, c in chunks) + self.decode_s(len(decodes), sum(decodes))
+
+    def host_copy_s(self, num_tokens: int) -> float:
+        """Modeled time of one batch of host <-> device copies of `num_tokens` tokens' KV."""
+        if num_tokens == 0:
+            return 0.0
+        return num_tokens * self.model.kv_bytes_per_token / (self.host.bandwidth_gb_s * 1e9) + self.host.latency_s
+
+    def host_hit_saving_s(self, num_tokens: int, cached: int) -> float:
+        """What a prefill of `num_tokens` tokens after `cached` ones saves when their KV is brought
+        in from the host tier instead of recomputed (negative when the copy costs more)."""
+        return self.prefill_s(num_tokens, cached) - self.host_copy_s(num_tokens)
+
+    def host_credit(self, block_size: int, gpu_blocks: int, host_blocks: int) -> float:
+        """What `host_blocks` blocks from the host tier after `gpu_blocks` GPU hits are worth, in
+        blocks recomputed: the recompute they save less their copy-in, over the recompute time of
+        one of them (placement credits a GPU block as 1). 0 when bringing them in costs more."""
+        if host_blocks == 0:
+            return 0.0
+        new, cached = host_blocks * block_size, gpu_blocks * block_size
+        recompute = self.prefill_s(new, cached)
+        return max(0.0, self.host_hit_saving_s(new, cached)) / recompute * host_blocks if recompute else 0.0
 
     def handoff_s(self, num_tokens: int) -> float:
         h = self.handoff

@@ -7,8 +7,14 @@ never interrupts a worker. Layout of one window, in 8-byte words:
     [0:8]   header (int64): version, free_blocks, total_blocks, queued_prefill_tokens,
             running_seqs, active_decode_blocks, step, role (ROLE_CODES)
     [8:]    table (uint64): n_buckets x WAYS block hashes, bucket = key % n_buckets, 0 = empty
+    [8 + n_buckets * WAYS:]
+            host table (uint64): host_buckets x WAYS, the same format, only on a worker with a
+            host KV tier (host_buckets = 0 otherwise): the blocks its host tier holds
 
-The table mirrors the prefix cache through the KV-cache manager's `on_cache` / `on_evict` hooks.
+The table mirrors the prefix cache through the KV-cache manager's `on_cache` / `on_evict` hooks,
+the host table the host tier through its `on_add` / `on_drop` hooks. A block in both tiers is in
+both tables: the router's probe takes the GPU's leading run, then the host's from there, as the
+worker's own match does (`TableSnapshot.tier_lengths`).
 A full bucket drops its oldest entry (FIFO within the bucket): the router may miss a cached
 block (a recompute), never sees one that was not cached. A block hash of 0 is stored and looked
 up as 1 (`table_key`), since 0 marks an empty slot; a worker holding hash 0 therefore also
@@ -128,11 +134,11 @@ class WorkerLoad:
     role: str
 
 
-def _allocate(comm: MPI.Comm, n_buckets: int) -> tuple[MPI.Win, list[int]]:
+def _allocate(comm: MPI.Comm, n_buckets: int, host_buckets: int = 0) -> tuple[MPI.Win, list[tuple[int, int]]]:
     """The collective part of both sides, one code path so the calls always match: every rank
-    tells its table size (0 for the router), allocates, and opens the one long epoch."""
-    sizes = comm.allgather(n_buckets)
-    nwords = HEADER_WORDS + n_buckets * WAYS if n_buckets else 0
+    tells its tables' sizes (0 for the router), allocates, and opens the one long epoch."""
+    sizes = comm.allgather((n_buckets, host_buckets))
+    nwords = HEADER_WORDS + (n_buckets + host_buckets) * WAYS if n_buckets else 0
     win = MPI.Win.Allocate(nwords * 8, disp_unit=8, comm=comm)
     if win.Get_attr(MPI.WIN_MODEL) != MPI.WIN_UNIFIED:
         win.Free()
@@ -154,25 +160,30 @@ class CacheWindow:
     """Owner side: one worker's window. Plug `on_cache` / `on_evict` into its engine's KV-cache
     manager (`Engine.watch_cache`) and call `publish` once per loop iteration."""
 
-    def __init__(self, win: MPI.Win, n_buckets: int, role: str) -> None:
+    def __init__(self, win: MPI.Win, n_buckets: int, role: str, host_buckets: int = 0) -> None:
         words = np.frombuffer(win.tomemory(), dtype=np.int64)
-        assert words.size == HEADER_WORDS + n_buckets * WAYS
+        assert words.size == HEADER_WORDS + (n_buckets + host_buckets) * WAYS
         self.win = win
         self.header = words[:HEADER_WORDS]
         self.header[:] = 0
         self.header[HEADER_FIELDS.index("role")] = ROLE_CODES[role]
-        self.table = BucketTable(words[HEADER_WORDS:].view(np.uint64))
+        split = HEADER_WORDS + n_buckets * WAYS
+        self.table = BucketTable(words[HEADER_WORDS:split].view(np.uint64))
+        self.host_table = BucketTable(words[split:].view(np.uint64)) if host_buckets else None
         self.version = 0
 
     @classmethod
-    def create(cls, comm: MPI.Comm, num_blocks: int, role: str, n_buckets: int | None = None) -> CacheWindow:
+    def create(cls, comm: MPI.Comm, num_blocks: int, role: str, n_buckets: int | None = None,
+               host_blocks: int = 0) -> CacheWindow:
         """COLLECTIVE over `comm`: the router calls `WindowReader.create` at the same point.
-        `n_buckets` overrides the size derived from `num_blocks` (tests)."""
+        `n_buckets` overrides the size derived from `num_blocks` (tests); `host_blocks` sizes the
+        host table (0: no host tier)."""
         if role not in ROLE_CODES:
             raise ValueError(f"unknown worker role {role!r}; valid roles: {', '.join(ROLE_CODES)}")
         n_buckets = n_buckets or n_buckets_for(num_blocks)
-        win, _ = _allocate(comm, n_buckets)
-        self = cls(win, n_buckets, role)
+        host_buckets = n_buckets_for(host_blocks) if host_blocks else 0
+        win, _ = _allocate(comm, n_buckets, host_buckets)
+        self = cls(win, n_buckets, role, host_buckets)
         _open(win, comm)
         return self
 
@@ -184,6 +195,12 @@ class CacheWindow:
 
     def on_evict(self, block_hash: int) -> None:
         self.table.remove(block_hash)
+
+    def on_host_add(self, block_hash: int) -> None:
+        self.host_table.insert(block_hash)
+
+    def on_host_drop(self, block_hash: int) -> None:
+        self.host_table.remove(block_hash)
 
     def publish(self, *, free_blocks: int, total_blocks: int, queued_prefill_tokens: int, running_seqs: int,
                 active_decode_blocks: int, step: int) -> None:
@@ -203,19 +220,20 @@ class WindowReader:
     """Router side: passive-target reads of the workers' windows. Wraps an open window (e.g. one's
     own `CacheWindow.win` on a single rank); `create` makes the usual one."""
 
-    def __init__(self, win: MPI.Win, n_buckets: dict[int, int]) -> None:
+    def __init__(self, win: MPI.Win, n_buckets: dict[int, int], host_buckets: dict[int, int] | None = None) -> None:
         self.win = win
         self.n_buckets = n_buckets  # worker rank -> its table's buckets
+        self.host_buckets = host_buckets or {}  # worker rank -> its host table's buckets, if it has one
 
     @classmethod
     def create(cls, comm: MPI.Comm, worker_ranks: list[int]) -> WindowReader:
         """COLLECTIVE over `comm`: every worker calls `CacheWindow.create` at the same point."""
         win, sizes = _allocate(comm, 0)
         _open(win, comm)
-        missing = [r for r in worker_ranks if not sizes[r]]
+        missing = [r for r in worker_ranks if not sizes[r][0]]
         if missing:
             raise RuntimeError(f"ranks {missing} are listed as workers but published no cache window")
-        return cls(win, {r: sizes[r] for r in worker_ranks})
+        return cls(win, {r: sizes[r][0] for r in worker_ranks}, {r: sizes[r][1] for r in worker_ranks if sizes[r][1]})
 
     def loads(self) -> dict[int, WorkerLoad]:
         """All workers: every Get is posted before one Flush_all, so the latencies overlap."""
@@ -228,11 +246,15 @@ class WindowReader:
 
     def snapshot(self) -> TableSnapshot:
         """A copy of every worker's table: one Get each, all posted before one Flush_all."""
-        snap = TableSnapshot(self.n_buckets)
+        snap = TableSnapshot(self.n_buckets, self.host_buckets)
         for nb, ranks in snap.groups.items():
             rows = snap.slots[nb].view(np.int64)
             for i, r in enumerate(ranks):
                 self.win.Get([rows[i], WORD], r, (HEADER_WORDS, nb * WAYS, WORD))
+        for hb, ranks in snap.host_groups.items():
+            rows = snap.host_slots[hb].view(np.int64)
+            for i, r in enumerate(ranks):
+                self.win.Get([rows[i], WORD], r, (HEADER_WORDS + self.n_buckets[r] * WAYS, hb * WAYS, WORD))
         self.win.Flush_all()
         return snap
 
@@ -259,11 +281,11 @@ class TableSnapshot:
     computed since then are found by the next snapshot, or by the worker itself on arrival.
     """
 
-    def __init__(self, n_buckets: dict[int, int]) -> None:
-        self.groups: dict[int, list[int]] = {}  # n_buckets -> the ranks with that table size
-        for r, nb in n_buckets.items():
-            self.groups.setdefault(nb, []).append(r)
+    def __init__(self, n_buckets: dict[int, int], host_buckets: dict[int, int] | None = None) -> None:
+        self.groups = _groups(n_buckets)  # n_buckets -> the ranks with that table size
         self.slots = {nb: np.zeros((len(rs), nb * WAYS), np.uint64) for nb, rs in self.groups.items()}
+        self.host_groups = _groups(host_buckets or {})  # the same for the host tables
+        self.host_slots = {hb: np.zeros((len(rs), hb * WAYS), np.uint64) for hb, rs in self.host_groups.items()}
         assert WAYS == 8, "prefix_lengths reads a bucket's WAYS match flags as one 8-byte word"
 
     def prefix_lengths(self, hashes: np.ndarray) -> dict[int, int]:
@@ -290,8 +312,32 @@ class TableSnapshot:
             out.update(zip(ranks, lengths.tolist()))
         return out
 
+    def tier_lengths(self, hashes: np.ndarray) -> dict[int, tuple[int, int]]:
+        """Per worker, (g, h): the leading `hashes` in its GPU table, then the run after them in
+        its host table, which is what the worker's own match would take from each tier."""
+        gpu = self.prefix_lengths(hashes)
+        out = {r: (g, 0) for r, g in gpu.items()}
+        n = hashes.size
+        if n == 0:
+            return out
+        keys = np.where(hashes == 0, np.uint64(1), hashes)
+        for hb, ranks in self.host_groups.items():
+            table = self.host_slots[hb].reshape(len(ranks), hb, WAYS)
+            found = _found(table[:, (keys % np.uint64(hb)).astype(np.intp)], keys)
+            g = np.array([gpu[r] for r in ranks])
+            h = _leading(found | (np.arange(n)[None, :] < g[:, None])) - g
+            out.update(zip(ranks, zip(g.tolist(), h.tolist())))
+        return out
+
 
 PROBE_HEAD = 16
+
+
+def _groups(sizes: dict[int, int]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for r, n in sizes.items():
+        out.setdefault(n, []).append(r)
+    return out
 
 
 def _found(ways: np.ndarray, keys: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ prefix is credited with them at once rather than one window refresh and one pref
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,15 +99,27 @@ class InflightPrefixes:
                     masks.pop(h, None)
 
 
+HostCredit = Callable[[int, int], float]  # (GPU blocks, host blocks after them) -> worth in GPU blocks
+
+
 def leading_blocks(snapshot: TableSnapshot, prefixes: InflightPrefixes, hashes: np.ndarray,
-                   hash_list: list[int]) -> tuple[dict[int, int], dict[int, int]]:
-    """Per worker, a prompt's leading blocks that its window shows, and those that it holds by the
-    window or by the books (`hashes` as [n] uint64 and as a list: the two probes want both)."""
-    window = snapshot.prefix_lengths(hashes)
+                   hash_list: list[int], host_credit: HostCredit | None = None
+                   ) -> tuple[dict[int, int], dict[int, int], dict[int, float]]:
+    """Per worker, a prompt's leading blocks that its window shows (GPU, then host tier), those
+    that it holds by the window or by the books, and what those are worth in GPU blocks (GPU hits
+    and blocks in flight 1 each, a run of h host blocks after g GPU ones `host_credit(g, h)`; 1
+    each without `host_credit`). `hashes` as [n] uint64 and as a list: the two probes want both."""
+    if snapshot.host_groups:
+        tiers = snapshot.tier_lengths(hashes)
+    else:
+        tiers = {r: (g, 0) for r, g in snapshot.prefix_lengths(hashes).items()}
+    window = {r: g + h for r, (g, h) in tiers.items()}
+    worth = {r: g + (host_credit(g, h) if host_credit else h) for r, (g, h) in tiers.items()}
     cached = dict(window)
     for rank, n in prefixes.prefix_lengths(hash_list).items():
         cached[rank] = max(n, window[rank])
-    return window, cached
+        worth[rank] = max(n, worth[rank])
+    return window, cached, worth
 
 
 class Books:

@@ -12,12 +12,14 @@ windows, and the decision itself (probing the copy and the books, the policy).
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import numpy as np
 from mpi4py import MPI
 
 from kvrelay.configs.schema import JobConfig
 from kvrelay.core.layout import Layout
+from kvrelay.core.timing import load_timing
 from kvrelay.core.messages import Assign, Outbox, Shutdown, Tag, poll
 from kvrelay.core.window import TableSnapshot, WindowReader
 from kvrelay.core.block_hash import block_hashes, num_blocks
@@ -27,6 +29,7 @@ from kvrelay.router.placement import WorkerState, make_decode_policy, make_polic
 from kvrelay.core.request import Request, RequestResult
 
 IDLE_SLEEP_S = 0.0002
+TIER_KEYS = ("gpu_hit_tokens", "host_hit_tokens", "host_offload_bytes", "host_onload_bytes")
 STATS_TIMEOUT_S = 60.0
 
 
@@ -40,6 +43,9 @@ class MPIBackend:
         self.reader = WindowReader.create(world, layout.workers)
         self.outbox = Outbox(world)
         self.policy = make_policy(cfg.router, self.block_size, cfg.cache_affinity)
+        # A block in a worker's host tier is credited by what it saves (timing model), not as a GPU block.
+        timing = load_timing(cfg)
+        self.host_credit = partial(timing.host_credit, self.block_size) if self.reader.host_buckets else None
         self.decode_policy = make_decode_policy(cfg.router)
         # Conditional disaggregation: the decode worker that would prefill a request locally is
         # chosen as an aggregated worker would be (cached prefix against prefill and decode load).
@@ -91,16 +97,22 @@ class MPIBackend:
         t2 = time.perf_counter()
         window: dict[int, int] = {}
         cached: dict[int, int] = {}
+        worth: dict[int, float] = {}
 
-        def cached_blocks(r: int) -> int:  # leading blocks the window shows or the books hold in flight
+        def probe() -> None:
             if not cached:
-                w, c = leading_blocks(self.snapshot, inflight, hashes, hash_list)
+                w, c, v = leading_blocks(self.snapshot, inflight, hashes, hash_list, self.host_credit)
                 window.update(w)
                 cached.update(c)
-            return cached[r]
+                worth.update(v)
+
+        def cached_blocks(r: int) -> float:  # worth of the leading blocks held (window or books), in GPU blocks
+            probe()
+            return worth[r]
 
         def uncached_tokens(r: int) -> int:  # what worker r must compute: at least the last token
-            return len(ids) - min(cached_blocks(r) * self.block_size, len(ids) - 1)
+            probe()
+            return len(ids) - min(cached[r] * self.block_size, len(ids) - 1)
 
         rank = decode = None
         if self.decoders and self.local_prefill_max_tokens > 0:
@@ -191,6 +203,8 @@ class MPIBackend:
             "policy": type(self.policy).__name__,
             "workers": [workers[r] for r in sorted(workers)],
             "handoff_bytes": sent,
+            # Prefix hits per tier (tokens) and the host tiers' traffic, over all workers.
+            **{k: sum(w.get(k, 0) for w in workers.values()) for k in TIER_KEYS},
             "local_prefills": self.local_prefills,
             "handoff_gb_per_s": sent / secs / 1e9 if secs else None,
             "decision_us": us(self.decision_s),

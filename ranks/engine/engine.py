@@ -24,6 +24,7 @@ import torch
 import xxhash
 
 from kvrelay.configs.schema import JobConfig
+from kvrelay.ranks.engine.host_tier import HostTier
 from kvrelay.ranks.engine.kv_cache import EvictHook, CacheHook, KVCacheManager
 from kvrelay.ranks.engine.loader import check_dtype, iter_weights, read_model_dir
 from kvrelay.ranks.engine.model_runner import ModelRunner
@@ -139,7 +140,13 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids)
         if tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
-        self.kv = KVCacheManager(cache_blocks, cfg.cache.block_size, job_hash_seed(cfg), cfg.cache.enable_prefix_caching)
+        host_slots = int(cfg.cache.host_kv_gib * (1 << 30)) // runner.block_bytes()
+        self.host = HostTier(host_slots) if host_slots and cfg.cache.enable_prefix_caching else None
+        if self.host is not None:
+            runner.allocate_host(host_slots)
+        self.kv = KVCacheManager(
+            cache_blocks, cfg.cache.block_size, job_hash_seed(cfg), cfg.cache.enable_prefix_caching, self.host
+        )
         # NOTE: launch/run.py logs the pool's size; everything else goes through the KV surface.
         self.pool = self.kv.pool
         self.scheduler = Scheduler(
@@ -248,6 +255,7 @@ class Engine:
         return self.runner.kv_buffer(n)
 
     def unpack_kv(self, buf: torch.Tensor, block_ids: list[int]) -> None:
+        self._move_kv()  # `reserve` may have evicted these blocks: their copy-outs go first
         self.runner.unpack_kv(buf, block_ids)
 
     def transfer_s(self, num_tokens: int) -> float:
@@ -295,6 +303,15 @@ class Engine:
         """Listeners of the prefix cache: a block became findable; a cached block is evicted."""
         self.kv.on_cache, self.kv.on_evict = on_cache, on_evict
 
+    @property
+    def host_blocks(self) -> int:
+        """Blocks the host KV tier holds at most (0: no host tier)."""
+        return self.host.num_slots if self.host is not None else 0
+
+    def watch_host(self, on_add: CacheHook, on_drop: CacheHook) -> None:
+        """Listeners of the host tier: a block hash entered it; one left it."""
+        self.host.on_add, self.host.on_drop = on_add, on_drop
+
     def load(self) -> EngineLoad:
         free = self.kv.num_free
         return EngineLoad(
@@ -310,11 +327,32 @@ class Engine:
         """The engine's part of the job summary: counters, and the runner's memory (real) or its
         modeled clock (simulated)."""
         out = {"device": str(self.runner.device), "kv_blocks": self.kv.num_blocks,
-               "block_size": self.kv.block_size, **vars(self.stats)}
+               "block_size": self.kv.block_size, **vars(self.stats), **self.tier_report()}
         if self.runner.simulated:
             out["sim"] = vars(self.runner.stats)
         else:
             out["memory"] = self.runner.memory_report()
+        return out
+
+    def _move_kv(self) -> None:
+        """Issue the host tier's queued copies: evicted blocks out, then host hits in, both ahead of
+        whatever writes or reads those blocks next (ranks/engine/host_memory.py)."""
+        if self.host is None:
+            return
+        out, inn = self.host.take_copies()
+        if out:
+            self.runner.copy_out(*map(list, zip(*out)))
+        if inn:
+            self.runner.copy_in(*map(list, zip(*inn)))
+
+    def tier_report(self) -> dict:
+        """Prefix hits per tier (tokens) and the host tier's traffic (bytes)."""
+        bs, bb = self.kv.block_size, self.runner.block_bytes()
+        out = {"gpu_hit_tokens": self.kv.gpu_hit_blocks * bs, "host_hit_tokens": self.kv.host_hit_blocks * bs}
+        if self.host is not None:
+            s = self.host.stats
+            out |= {"host_kv_blocks": self.host.num_slots, "host_offload_bytes": s.offloaded_blocks * bb,
+                    "host_onload_bytes": s.onloaded_blocks * bb, "host_dropped_blocks": s.dropped_blocks}
         return out
 
     def _make_generator(self, req: Request) -> torch.Generator | None:
@@ -333,6 +371,7 @@ class Engine:
         if not batch:
             return out
         sampling = [item.seq for item in batch if item.samples]
+        self._move_kv()
         logits = self.runner.execute(batch)
         for item in batch:
             self.scheduler.on_computed(item)

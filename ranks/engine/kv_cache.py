@@ -20,6 +20,11 @@ NOTE: eviction happens only inside `allocate`, and always through `on_evict`, so
 leaving the cache" is one distinct moment with the block's bytes still readable. A tier (issue 15)
 hooks there, and a sequence whose blocks are on their way in can be given blocks by `reserve`
 and registered by `adopt` when they land, as handed-off KV is today.
+
+With a host tier (ranks/engine/host_tier.py), every eviction is offered to it before the hook,
+`match_host` extends a GPU prefix match into it, and `admit` queues the copy-in of those blocks
+into the sequence's first fresh blocks and registers them at once: the engine issues the copies
+before the step's forward, on the same stream, so any reader of the block runs after its bytes land.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from collections.abc import Callable
 
 from kvrelay.core.block_hash import block_hashes, num_blocks
 from kvrelay.ranks.engine.block_pool import BlockPool
+from kvrelay.ranks.engine.host_tier import HostTier
 from kvrelay.ranks.engine.sequence import Sequence
 
 EvictHook = Callable[[int, int], None]  # (block id, block hash), before the block is reused
@@ -35,10 +41,14 @@ CacheHook = Callable[[int], None]  # (block hash), once the block is findable
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, hash_seed: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, hash_seed: int, enable_caching: bool = True,
+                 host: HostTier | None = None) -> None:
         self.pool = BlockPool(num_blocks, block_size, enable_caching)
         self.block_size = block_size
         self.hash_seed = hash_seed
+        self.host = host if enable_caching else None
+        self.gpu_hit_blocks = 0  # prefix hits at first admission, per tier (`count_hits`)
+        self.host_hit_blocks = 0
         self.on_cache: CacheHook | None = None
         self.on_evict: EvictHook | None = None
         self.computing: dict[int, Sequence] = {}  # block hash -> the admitted sequence computing it
@@ -79,13 +89,22 @@ class KVCacheManager:
         owner = self.computing.get(seq.block_hashes[i])
         return owner is not None and owner is not seq
 
+    def match_host(self, seq: Sequence, num_gpu_hits: int) -> list[int]:
+        """Host slots of the blocks that follow the sequence's `num_gpu_hits` GPU hits, pinned;
+        pass them to `admit` (which onloads or unpins them)."""
+        if self.host is None:
+            return []
+        return self.host.match(self.extend_hashes(seq)[num_gpu_hits : (seq.num_tokens - 1) // self.block_size])
+
     # --- blocks -------------------------------------------------------------------------------
 
     def allocate(self, n: int) -> list[int]:
         """`n` free blocks, coldest first; cached blocks among them are evicted through `on_evict`."""
         blocks, evicted = self.pool.take(n)
-        if self.on_evict is not None:
-            for block_id, block_hash in evicted:
+        for block_id, block_hash in evicted:
+            if self.host is not None:
+                self.host.offload(block_id, block_hash)
+            if self.on_evict is not None:
                 self.on_evict(block_id, block_hash)
         return blocks
 
@@ -93,19 +112,36 @@ class KVCacheManager:
         if self.pool.register(block_id, block_hash) and self.on_cache is not None:
             self.on_cache(block_hash)
 
-    def admit(self, seq: Sequence, hits: list[int], num_tokens: int) -> bool:
-        """Give a new sequence the cache hits `hits` and fresh blocks up to `num_tokens` tokens;
-        False (nothing taken) if the free blocks do not cover them."""
+    def admit(self, seq: Sequence, hits: list[int], num_tokens: int, host_slots: list[int] = ()) -> bool:
+        """Give a new sequence the cache hits `hits` and fresh blocks up to `num_tokens` tokens,
+        the first of them filled from `host_slots` (from `match_host`); False (nothing taken, the
+        slots unpinned) if the free blocks do not cover them."""
         assert not seq.block_ids
         need = self.blocks_for(num_tokens) - len(hits)
         if need > self.pool.num_free_after_touch(hits):
+            self.admit_failed(host_slots)
             return False
+        assert len(host_slots) <= need
         self.pool.touch(hits)
-        seq.block_ids = hits + self.allocate(need)
+        fresh = self.allocate(need)
+        seq.block_ids = hits + fresh
+        for i, (slot, block_id) in enumerate(zip(host_slots, fresh)):
+            self.host.onload(slot, block_id)
+            self.register(block_id, seq.block_hashes[len(hits) + i])
         if self.pool.enable_caching:
-            for h in seq.block_hashes[len(hits) :]:
+            for h in seq.block_hashes[len(hits) + len(host_slots) :]:
                 self.computing.setdefault(h, seq)  # the first to compute a block keeps it (as BlockPool.register)
         return True
+
+    def count_hits(self, gpu_blocks: int, host_blocks: int) -> None:
+        """A sequence's prefix hits at its first admission, per tier (the job summary's)."""
+        self.gpu_hit_blocks += gpu_blocks
+        self.host_hit_blocks += host_blocks
+
+    def admit_failed(self, host_slots: list[int]) -> None:
+        """The sequence matched `host_slots` but is not admitted now: unpin them."""
+        if host_slots:
+            self.host.unpin(list(host_slots))
 
     def grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Blocks for the sequence's first `num_tokens` tokens; False if too few are free."""

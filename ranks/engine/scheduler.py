@@ -129,18 +129,22 @@ class Scheduler:
         return batch
 
     def _admit(self, seq: Sequence, hits: list[int], budget: int, first_in_batch: bool) -> int:
-        """Take the prefix cache hits `hits` and blocks for the first chunk; 0 if it does not fit now."""
-        computed = len(hits) * self.block_size
+        """Take the prefix cache hits `hits`, the blocks that follow them in the host tier, and blocks
+        for the first chunk; 0 if it does not fit now."""
+        host = self.kv.match_host(seq, len(hits))  # blocks brought in from the host tier
+        computed = (len(hits) + len(host)) * self.block_size
         n = seq.num_tokens - computed
         if n > budget:
             if not self.chunked_prefill and not first_in_batch:
+                self.kv.admit_failed(host)
                 return 0
             n = budget if self.chunked_prefill else n
-        if not self.kv.admit(seq, hits, computed + n):
+        if not self.kv.admit(seq, hits, computed + n, host):
             return 0
         seq.num_computed_tokens = computed
-        if seq.num_cached_tokens < 0:
+        if seq.num_cached_tokens < 0:  # first admission: a preempted sequence's hits are not new
             seq.num_cached_tokens = min(computed, seq.num_prompt_tokens)
+            self.kv.count_hits(len(hits), len(host))
         return n
 
     def _preempt(self, seq: Sequence) -> None:

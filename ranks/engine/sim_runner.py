@@ -12,6 +12,7 @@ fits them on a real engine):
     decode(batch, kv)    = e * batch + f * kv                        (kv = context tokens read)
     step                 = max(a if the step prefills, d if it decodes) + the terms above
     handoff(tokens)      = tokens * kv_bytes_per_token / bandwidth + latency
+    host copies(tokens)  = tokens * kv_bytes_per_token / host bandwidth + latency   (added to the next step)
 
 NOTE: one step may mix prefill chunks and decodes (chunked prefill); its fixed part is the larger
 of the two base costs (both mostly read the weights once), not their sum.
@@ -37,6 +38,7 @@ class SimStats:
     slept_s: float = 0.0  # wall time spent sleeping for them
     late_steps: int = 0  # steps that began more than a step late on the modeled clock (caught up later)
     slip_s: float = 0.0  # wall time the modeled clock lost for good (behind by more than MAX_LAG_S)
+    host_copy_s: float = 0.0  # modeled time of host tier copies (part of modeled_s)
 
 
 class SimRunner:
@@ -55,6 +57,18 @@ class SimRunner:
         self.stats = SimStats()
         self._last_end = 0.0
         self._idle = True
+        self._copies_s = 0.0  # modeled host tier copies issued since the last step
+
+    def allocate_host(self, num_slots: int) -> None:
+        """The host tier holds no bytes here: its copies only take modeled time."""
+
+    # NOTE: the real runner issues host tier copies on the step's stream before its forward, so
+    # their modeled time is added to the next step's, not overlapped with it.
+    def copy_out(self, block_ids: list[int], slots: list[int]) -> None:
+        self._copies_s += self.timing.host_copy_s(len(block_ids) * self.block_size)
+
+    def copy_in(self, slots: list[int], block_ids: list[int]) -> None:
+        self._copies_s += self.timing.host_copy_s(len(block_ids) * self.block_size)
 
     def block_bytes(self) -> int:
         return self.timing.model.kv_bytes_per_token * self.block_size
@@ -74,7 +88,9 @@ class SimRunner:
                 decodes.append(seq.num_computed_tokens + item.num_new_tokens)
             else:
                 chunks.append((item.num_new_tokens, seq.num_computed_tokens))
-        modeled = self.timing.step_s(chunks, decodes)
+        modeled = self.timing.step_s(chunks, decodes) + self._copies_s
+        self.stats.host_copy_s += self._copies_s
+        self._copies_s = 0.0
         self.stats.modeled_s += modeled
         wall = modeled / self.speed
         now = time.perf_counter()

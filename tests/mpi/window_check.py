@@ -8,7 +8,9 @@ meanwhile reads the load headers (`loads()`) and table copies (`snapshot()`, pro
 matches) in a loop, as the router does, and checks what must hold even on torn reads: versions never
 go back, a chain never inserted never matches. After a barrier the reader's view of each table must
 equal the owner's, the owner's table must be a subset of its pool's cached hashes, and equal to it
-on rank 3, whose table is sized so that no bucket overflows. Prints the median latency of `loads()`,
+on rank 3, whose table is sized so that no bucket overflows. Every owner has a host tier below its
+pool (its evictions go there); the reader's host tables and tier probe (`tier_lengths`) must match
+the owners' after the barrier too. Prints the median latency of `loads()`,
 of `snapshot()` and of one probe, then "window_check OK".
 """
 
@@ -23,10 +25,12 @@ import traceback
 import numpy as np
 from mpi4py import MPI
 
+from kvrelay.ranks.engine.host_tier import HostTier
 from kvrelay.ranks.engine.kv_cache import KVCacheManager
 from kvrelay.core.window import CacheWindow, WindowReader, table_key
 
 NUM_BLOCKS = 64
+HOST_BLOCKS = 96  # fewer than the hashes evicted: the host tier drops some too
 FAMILIES, DEPTH = 16, 24  # prompt families, each a chain of DEPTH block hashes
 STEPS = 20000
 ROLES = {1: "prefill", 2: "decode", 3: "aggregated"}
@@ -56,7 +60,8 @@ def us(xs: list[float]) -> str:
 
 def owner(comm: MPI.Comm) -> None:
     rank = comm.rank
-    window = CacheWindow.create(comm, NUM_BLOCKS, ROLES[rank], n_buckets=None if rank != ROOMY else 1024)
+    window = CacheWindow.create(comm, NUM_BLOCKS, ROLES[rank], n_buckets=None if rank != ROOMY else 1024,
+                                host_blocks=HOST_BLOCKS)
     evictions = 0
 
     def on_evict(block_id: int, h: int) -> None:
@@ -64,7 +69,9 @@ def owner(comm: MPI.Comm) -> None:
         evictions += 1
         window.on_evict(h)
 
-    kv = KVCacheManager(NUM_BLOCKS, block_size=4, hash_seed=0)
+    host = HostTier(HOST_BLOCKS)
+    host.on_add, host.on_drop = window.on_host_add, window.on_host_drop
+    kv = KVCacheManager(NUM_BLOCKS, block_size=4, hash_seed=0, host=host)
     kv.on_cache, kv.on_evict = window.on_cache, on_evict
     pool = kv.pool
     rng = random.Random(rank)
@@ -84,10 +91,12 @@ def owner(comm: MPI.Comm) -> None:
             pool.unref(running.pop(rng.randrange(len(running)))[::-1])
         load = dict(free_blocks=pool.num_free, total_blocks=NUM_BLOCKS, queued_prefill_tokens=rng.randrange(4096),
                     running_seqs=len(running), active_decode_blocks=NUM_BLOCKS - pool.num_free, step=step)
+        host.take_copies()  # an engine issues these copies before its next forward
         window.publish(**load)
         comm.Iprobe()  # a worker loop enters MPI every step
     comm.Ibarrier().Wait()  # quiescence: the reader stops its concurrent loop
     comm.send(dict(table=window.table.keys(), cached=pool.cached_hashes(), drops=window.table.drops,
+                   host_table=window.host_table.keys(), host=host.hashes(), host_drops=window.host_table.drops,
                    evictions=evictions, load=load, version=window.version), dest=0)
     idle = comm.Ibarrier()  # the reader times reads of idle windows; idle like a worker: asleep
     while not idle.Test():
@@ -128,11 +137,13 @@ def reader(comm: MPI.Comm) -> None:
         snap = timed(snap_s, reader.snapshot)
         assert all(0 <= m <= DEPTH for m in timed_match(snap, CHAINS[rng.randrange(FAMILIES)]).values())
         assert not any(snap.prefix_lengths(never).values()), "a hash never cached matched"
+        assert not any(g or h for g, h in snap.tier_lengths(never).values()), "a hash never held matched"
     churn_s = time.perf_counter() - t0
     churn = f"loads() {us(loads_s)}, snapshot() {us(snap_s)}, probe {us(probe_s)}"
 
     # Quiescent: the reader's view must be exactly the owners' tables.
     drops = {}
+    host_runs = 0  # chain probes that continued into a host table
     snap = reader.snapshot()
     loads = reader.loads()
     for r in owners:
@@ -145,18 +156,29 @@ def reader(comm: MPI.Comm) -> None:
         assert len(cached - table) <= got["drops"], (r, len(cached - table), got["drops"])
         if r == ROOMY:
             assert got["drops"] == 0 and table == cached, f"rank {r}: {got['drops']} drops"
+        hb = reader.host_buckets[r]
+        row = snap.host_slots[hb][snap.host_groups[hb].index(r)]
+        host_table = set(row[row != 0].tolist())
+        host = {table_key(h) for h in got["host"]}
+        assert host_table == got["host_table"], f"rank {r}: reader sees {len(host_table)} host keys, owner holds {len(got['host_table'])}"
+        assert host_table <= host and len(host - host_table) <= got["host_drops"], (r, len(host - host_table))
+        assert len(host) == HOST_BLOCKS, f"rank {r}: the host tier never filled"
         assert got["evictions"] > 1000, f"rank {r}: only {got['evictions']} evictions"
         ld = loads[r]
         assert (ld.version, ld.step) == (got["version"], STEPS) and vars(ld).items() >= got["load"].items(), ld
         for chain in CHAINS:
             m = snap.prefix_lengths(np.array(chain, np.uint64))[r]
             assert m == longest_prefix(table, chain)
+            g, h = snap.tier_lengths(np.array(chain, np.uint64))[r]
+            assert g == m and h == longest_prefix(host_table, chain[g:]), (r, g, h)
+            host_runs += h > 0
             if r == ROOMY:
                 assert m == longest_prefix(cached, chain)
         drops[r] = got["drops"]
         print(f"rank {r} ({ROLES[r]}): {got['evictions']} evictions, {len(table)} keys in the table, "
-              f"{len(cached)} cached, {got['drops']} bucket drops", flush=True)
+              f"{len(cached)} cached, {got['drops']} bucket drops; host table {len(host_table)} keys", flush=True)
     assert sum(drops[r] for r in owners if r != ROOMY) > 0, "no bucket overflowed: the FIFO drop went untested"
+    assert host_runs > 0, "no probe reached a host table"
 
     for times in (loads_s, snap_s, probe_s):
         times.clear()

@@ -1,0 +1,197 @@
+"""The host KV tier: its bookkeeping on plain ints, its copies on real tensors (no kernel: the torch
+pack path on CPU), and greedy outputs with the tier on equal to transformers' on a cache small
+enough that prefixes come back from the host."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvrelay.configs.schema import load_config
+from kvrelay.core.block_hash import hash_seed
+from kvrelay.core.request import Request, SamplingParams
+from kvrelay.ranks.engine.engine import Engine
+from kvrelay.ranks.engine.host_memory import HostKVMemory
+from kvrelay.ranks.engine.host_tier import HostTier
+from kvrelay.ranks.engine.kv_cache import KVCacheManager
+from kvrelay.ranks.engine.sequence import Sequence
+
+SEED = hash_seed("test-model", 4)
+
+
+def make_seq(rid: str, tokens: list[int]) -> Sequence:
+    return Sequence.from_request(Request(rid, tokens, SamplingParams(max_tokens=4, temperature=0)), 1024)
+
+
+def run_prompt(kv: KVCacheManager, seq: Sequence) -> tuple[list[int], list[int]]:
+    """Admit with GPU and host hits, compute the whole prompt, free it; the (GPU hits, host slots).
+    The sequence's blocks are left in `seq.taken`."""
+    hits = kv.match_prefix(seq)
+    host = kv.match_host(seq, len(hits))
+    assert kv.admit(seq, hits, seq.num_tokens, host)
+    before, seq.num_computed_tokens = (len(hits) + len(host)) * 4, seq.num_tokens
+    kv.cache_computed(seq, before)
+    seq.taken = list(seq.block_ids)
+    kv.free(seq)
+    return hits, host
+
+
+def test_evicted_blocks_go_to_the_host_and_come_back_into_fresh_blocks():
+    host = HostTier(8)
+    kv = KVCacheManager(4, 4, SEED, host=host)
+    a = make_seq("a", list(range(13)))  # 3 full blocks + 1 token
+    run_prompt(kv, a)
+    a_hashes = list(a.block_hashes)
+    run_prompt(kv, make_seq("b", list(range(100, 113))))  # takes all 4 blocks: a's 3 are evicted
+    out, inn = host.take_copies()
+    assert sorted(s for _, s in out) == [0, 1, 2] and not inn
+    assert all(h in host for h in a_hashes)
+    again = make_seq("c", list(range(13)))
+    hits, slots = run_prompt(kv, again)
+    assert hits == [] and len(slots) == 3  # the last token runs; 3 blocks precede it
+    out, inn = host.take_copies()
+    # b's blocks left first (copy-outs before copy-ins), then a's bytes came into c's first blocks.
+    assert len(out) == 3 and [s for s, _ in inn] == slots
+    assert [b for _, b in inn] == again.taken[:3]
+    assert not host.pinned
+    # Registered on arrival: a fourth sequence finds them on the GPU.
+    hits, slots = run_prompt(kv, make_seq("d", list(range(13))))
+    assert len(hits) == 3 and slots == []
+
+
+def test_full_tier_drops_its_coldest_unpinned_block():
+    host = HostTier(2)
+    dropped = []
+    host.on_drop = dropped.append
+    host.offload(0, 10)
+    host.offload(1, 11)
+    assert host.match([10]) == [0]  # pinned and most recent
+    host.offload(2, 12)  # 11 is the coldest unpinned
+    assert dropped == [11] and 10 in host and 12 in host
+    host.offload(3, 13)  # 10 is pinned, so 12 goes
+    assert dropped == [11, 12]
+    host.unpin([0])
+    assert not host.pinned
+
+
+def test_failed_admission_unpins():
+    host = HostTier(8)
+    kv = KVCacheManager(4, 4, SEED, host=host)
+    run_prompt(kv, make_seq("a", list(range(13))))
+    run_prompt(kv, make_seq("b", list(range(100, 113))))
+    hog = make_seq("hog", list(range(200, 208)))
+    assert kv.admit(hog, [], 8)  # 2 of 4 blocks held
+    big = make_seq("big", list(range(13)) + list(range(300, 320)))
+    slots = kv.match_host(big, 0)
+    assert len(slots) == 3 and host.pinned
+    assert not kv.admit(big, [], big.num_tokens, slots)
+    assert not host.pinned
+
+
+def test_block_offloaded_evicted_and_brought_back_holds_the_same_bytes():
+    g = torch.Generator().manual_seed(0)
+    shape = (6, 4, 2, 8)  # [num_blocks, block_size, kv_heads, head_dim] f32 cpu
+    caches = [(torch.randn(shape, generator=g), torch.randn(shape, generator=g)) for _ in range(3)]
+    mem = HostKVMemory(caches, num_slots=5)
+    mem.chunk_slots = 2  # several chunks, allocated as they are written
+    mem.chunks = [None] * 3
+    before = [(k[[1, 4]].clone(), v[[1, 4]].clone()) for k, v in caches]
+    mem.copy_out(caches, [1, 4], [4, 1])
+    assert mem.chunks[1] is None  # slot 2-3's chunk was never written
+    for k, v in caches:  # the GPU blocks are reused
+        k[[1, 4]] = 0.0
+        v[[1, 4]] = 0.0
+    mem.copy_in(caches, [4, 1], [0, 5])
+    for (k, v), (bk, bv) in zip(caches, before):
+        assert torch.equal(k[[0, 5]], bk) and torch.equal(v[[0, 5]], bv)
+
+
+def make_engine(model_dir, host_kv_gib: float) -> Engine:
+    return Engine.from_config(load_config(**{
+        "model.path": str(model_dir), "job.device": "cpu", "model.dtype": "float32",
+        "cache.block_size": 8, "cache.num_blocks": 20, "model.max_model_len": 128,
+        "scheduler.max_batch_tokens": 32, "scheduler.max_seqs": 2, "cache.host_kv_gib": host_kv_gib,
+    }))
+
+
+def test_greedy_outputs_with_the_host_tier_equal_transformers(tiny_models):
+    transformers = pytest.importorskip("transformers")
+    model_dir = tiny_models["llama"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    g = torch.Generator().manual_seed(1)
+    vocab = hf.config.vocab_size
+    shared = torch.randint(3, vocab, (41,), generator=g).tolist()  # 5 full blocks + 1
+    # A conversation's first turn, unrelated prompts that push it out of the 20-block cache, its second turn.
+    waves = [[shared + torch.randint(3, vocab, (9,), generator=g).tolist()],
+             [torch.randint(3, vocab, (60,), generator=g).tolist() for _ in range(3)],
+             [shared + torch.randint(3, vocab, (12,), generator=g).tolist()]]
+    expected = {}
+    for i, ids in enumerate(p for wave in waves for p in wave):
+        with torch.no_grad():
+            gen = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+        expected[f"r{i}"] = gen[0, len(ids):].tolist()
+    for gib in (0.0, 0.001):
+        engine = make_engine(model_dir, gib)
+        got, i = {}, 0
+        for wave in waves:
+            for ids in wave:
+                engine.add_request(Request(f"r{i}", ids, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)))
+                i += 1
+            while engine.has_work():
+                got |= {r.request_id: r.output_token_ids for r in engine.step().finished}
+        assert got == expected, f"host_kv_gib={gib}"
+        report = engine.report()
+        if gib:
+            assert report["host_hit_tokens"] >= 40 and report["host_onload_bytes"] > 0
+        else:
+            assert report["host_hit_tokens"] == 0
+
+
+def test_router_probes_gpu_then_host_and_credits_host_blocks_by_what_they_save():
+    from kvrelay.core.timing import TimingModel, DEFAULT_TIMING
+    from kvrelay.core.window import BucketTable, TableSnapshot, WAYS
+    from kvrelay.router.books import InflightPrefixes, leading_blocks
+    import numpy as np
+
+    chain = [101, 102, 103, 104, 105, 106]
+    snap = TableSnapshot({1: 4, 2: 4}, {2: 8})
+    gpu1, gpu2 = BucketTable(snap.slots[4][0]), BucketTable(snap.slots[4][1])
+    host2 = BucketTable(snap.host_slots[8][0])
+    for h in chain[:2]:
+        gpu1.insert(h)
+    gpu2.insert(chain[0])
+    for h in chain[1:5] + [999]:
+        host2.insert(h)
+    hashes = np.array(chain, np.uint64)
+    assert snap.tier_lengths(hashes) == {1: (2, 0), 2: (1, 4)}
+    assert snap.host_slots[8].shape == (1, 8 * WAYS)
+    timing = TimingModel.load(DEFAULT_TIMING)
+    credit = timing.host_credit(64, 1, 4)
+    # A 64-token block of the 8B shape: ~0.15 ms to bring in against ms to recompute.
+    assert 0.8 * 4 < credit < 4
+    window, cached, worth = leading_blocks(snap, InflightPrefixes([1, 2]), hashes, chain,
+                                           lambda g, h: timing.host_credit(64, g, h))
+    assert window == cached == {1: 2, 2: 5}
+    assert worth == {1: 2, 2: 1 + credit}
+    slow = timing.model_copy(update={"host": timing.host.model_copy(update={"bandwidth_gb_s": 1e-3})})
+    assert slow.host_credit(64, 1, 4) == 0.0  # a copy slower than the recompute is worth nothing
+
+
+def test_simulated_worker_runs_the_host_tier_and_models_its_copies():
+    engine = Engine.from_config(load_config(**{
+        "sim.enabled": True, "sim.speed": 1000.0, "cache.block_size": 16, "cache.num_blocks": 24,
+        "cache.host_kv_gib": 1.0, "scheduler.max_batch_tokens": 256, "scheduler.max_seqs": 4,
+    }))
+    shared = list(range(1000, 1100))  # 6 full blocks + 4 tokens
+    waves = [[shared + [1]], [list(range(i * 200 + 2000, i * 200 + 2150)) for i in range(3)], [shared + [2, 3]]]
+    for i, wave in enumerate(waves):
+        for j, ids in enumerate(wave):
+            engine.add_request(Request(f"r{i}-{j}", ids, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)))
+        while engine.has_work():
+            engine.step()
+    report = engine.report()
+    assert report["host_hit_tokens"] == 6 * 16 and report["host_onload_bytes"] == 6 * engine.runner.block_bytes()
+    assert report["host_offload_bytes"] > 0
+    copies = engine.runner.timing.host_copy_s
+    assert report["sim"]["host_copy_s"] >= copies(6 * 16) > 0

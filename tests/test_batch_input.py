@@ -126,11 +126,11 @@ def test_penalties_and_logit_bias():
     s = parse(plain(prompt="x", presence_penalty=None, frequency_penalty=0, repetition_penalty=1)).sampling
     assert not s.penalized and s.logit_bias == {}
     # The wire form (msgpack between ranks) keeps them.
-    from kvrelay.core.messages import decode, encode
+    from kvrelay.core.messages import Assign, Tag, decode, encode
     from kvrelay.core.request import Request
 
     req = Request("r", [1], p.sampling)
-    assert Request.from_wire(decode(encode(req.to_wire()))) == req
+    assert decode(Tag.REQUEST, encode(Assign(req))).request == req
 
 
 def test_structured_output_fields():

@@ -132,3 +132,37 @@ def test_split_layout_hands_off_once_and_forks_on_the_decode_engine(tiny_models)
         assert r.cumulative_logprob == pytest.approx(want[k].cumulative_logprob, abs=1e-4)
         assert [lp.token_id for lp in r.logprobs] == r.output_token_ids
     assert decode.stats.prompt_tokens == 0 and decode.kv.num_free == decode.kv.num_blocks
+
+
+def test_each_sample_follows_the_grammar_through_a_handoff(tiny_models):
+    """Per-sample matchers: built at the fork, and on the decode engine by replaying each sample's
+    first token; every sample's text is one of the choices."""
+    pytest.importorskip("xgrammar")
+    import json
+
+    from kvrelay.core.request import StructuredOutput
+
+    model = tiny_models["llama"]
+    choices = ["alpha", "beta", "gamma delta"]
+    sp = SamplingParams(max_tokens=20, temperature=1.0, seed=3, n=4, best_of=4,
+                        structured=StructuredOutput("choice", json.dumps(choices)))
+    ids = [5, 17, 33, 9, 100, 7, 12, 40, 41, 3, 22]
+    aggregated = make_engine(model)
+    want = run(aggregated, [Request("r0", ids, sp)])
+    assert not aggregated.grammars.matchers
+    prefill, decode = make_engine(model), make_engine(model)
+    prefill.add_request(Request("r0", ids, sp), handoff=True)
+    states = []
+    while prefill.has_work():
+        states += prefill.step().handoffs
+    got = {}
+    for state in states:
+        blocks = decode.reserve(state.num_kv_tokens)
+        decode.unpack_kv(prefill.pack_kv("r0"), blocks)
+        prefill.free_kv("r0")
+        decode.add_received(state, blocks)
+    while decode.has_work():
+        got.update({(r.request_id, r.index): r for r in decode.step().finished})
+    assert {k: r.output_token_ids for k, r in got.items()} == {k: r.output_token_ids for k, r in want.items()}
+    tok = aggregated.tokenizer
+    assert all(tok.decode(r.output_token_ids) in choices for r in want.values())

@@ -3,6 +3,7 @@
     kvrelay bench throughput --size 8b-shape --peer both --json runs/b1.json          # B1 on a GPU
     kvrelay bench throughput --workload b5 --size 8b-shape --peer tuned --json runs/b5.json   # B5
     python -m kvrelay.bench.throughput --size 8b-shape --peer none --json runs/b1.json  # ours only
+    python -m kvrelay.bench.throughput --size 8b-shape --peer none --n 8 --json runs/b1-n8.json  # n=8 per prompt
     kvrelay bench throughput --size tiny --device cpu --num-prompts 6 --input-len 24 --output-len 6 \\
         --peer defaults --json runs/smoke.json                                          # CPU smoke
 
@@ -139,14 +140,17 @@ def random_prompts(n: int, length: int | list[int], vocab: int, seed: int) -> li
 
 
 def run_engine(
-    engine: Engine, prompts: list[list[int]], output_len: int | list[int], tag: str, phases: dict | None = None
+    engine: Engine, prompts: list[list[int]], output_len: int | list[int], tag: str, phases: dict | None = None,
+    samples: int = 1,
 ) -> tuple[dict[str, list[int]], float]:
-    """Greedy outputs by request id and the wall seconds (prompt i generates output_len tokens, or
-    output_len[i]); `phases` gets the seconds of the steps where every sequence ran one token
-    ("decode_s") and of the others ("prefill_mixed_s")."""
+    """Greedy outputs by request id (sample i > 0 of a request with `samples` > 1: "<id>#<i>") and
+    the wall seconds (prompt i generates output_len tokens, or output_len[i], in each sample);
+    `phases` gets the seconds of the steps where every sequence ran one token ("decode_s") and of
+    the others ("prefill_mixed_s")."""
     lens = [output_len] * len(prompts) if isinstance(output_len, int) else output_len
     for i, (p, n) in enumerate(zip(prompts, lens, strict=True)):
-        engine.add_request(Request(f"{tag}{i}", p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)))
+        sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, n=samples, best_of=samples)
+        engine.add_request(Request(f"{tag}{i}", p, sp))
     out = {}
     split = {"decode_s": 0.0, "prefill_mixed_s": 0.0}
     sync(engine.runner.device)
@@ -154,7 +158,7 @@ def run_engine(
     while engine.has_work():
         decode_steps, t = engine.stats.decode_steps, time.perf_counter()
         for r in engine.step().finished:
-            out[r.request_id] = r.output_token_ids
+            out[r.request_id if r.index == 0 else f"{r.request_id}#{r.index}"] = r.output_token_ids
         split["decode_s" if engine.stats.decode_steps > decode_steps else "prefill_mixed_s"] += time.perf_counter() - t
     sync(engine.runner.device)
     if phases is not None:
@@ -210,15 +214,17 @@ def ours(args, model_dir: Path, cfg: dict, dtype: torch.dtype, device: torch.dev
     run_engine(engine, random_prompts(min(8, len(prompts)), min(map(len, prompts)), vocab, args.seed + 1), 4, "warm")
     engine.stats = type(engine.stats)()
     phases: dict = {}
-    outputs, wall = run_engine(engine, prompts, output_lens, "", phases)
+    outputs, wall = run_engine(engine, prompts, output_lens, "", phases, args.n)
     s = copy.copy(engine.stats)  # the workload's alone: the runs below add to the engine's
     n_out = sum(len(v) for v in outputs.values())
-    assert len(outputs) == len(prompts) and n_out == sum(output_lens), "every request runs to its output length"
+    assert len(outputs) == args.n * len(prompts) and n_out == args.n * sum(output_lens), "every sample runs to its output length"
     b1_step = batch1_decode(engine, prompts[0], args.batch1_tokens)
     logits = first_step_logits(engine, prompts[:LOGIT_PROMPTS], LOGIT_STEPS)
     result = {
         "wall_s": wall, **phases, "build_s": build_s, "steps": s.steps, "decode_steps": s.decode_steps,
         "graph_steps": s.graph_steps, "preemptions": s.preemptions, "cached_prompt_tokens": s.cached_prompt_tokens,
+        "prompt_tokens": s.prompt_tokens, "computed_tokens": s.computed_tokens, "output_tokens": n_out,
+        "output_tok_s": n_out / wall,
         "host_ms_per_step": 1e3 * s.host_s / max(s.steps, 1),
         "host_ms_per_decode_step": 1e3 * s.decode_host_s / max(s.decode_steps, 1),
         "batch1_decode_ms": 1e3 * b1_step, "batch1_decode_tok_s": 1 / b1_step,
@@ -344,9 +350,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--matmul-n", type=int, default=None, help="default: 8192 on GPU, 512 on CPU")
     ap.add_argument("--copy-mib", type=int, default=None, help="default: 2048 on GPU, 64 on CPU")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n", type=int, default=1, help="samples per prompt from one prefill (n = best_of; greedy, so "
+                    "the samples are equal: the cost of n > 1, not its variety); with --peer none")
     ap.add_argument("--json", help="write all results here")
     args = ap.parse_args(argv)
     args.num_prompts = args.num_prompts or (1024 if args.workload == "b5" else 512)
+    if args.n > 1 and args.peer != "none":
+        ap.error("--n > 1 runs only kvrelay: add --peer none")
     if args.workload == "b5" and not 0 < args.b5_min <= args.b5_max:
         ap.error(f"--b5-min and --b5-max must satisfy 0 < min <= max, got {args.b5_min} and {args.b5_max}")
 
@@ -413,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_table(report: dict, args, input_lens: list[int], output_lens: list[int]) -> None:
     n = args.num_prompts
-    total, out = sum(input_lens) + sum(output_lens), sum(output_lens)
+    out = args.n * sum(output_lens)  # every sample's tokens; the floor is the n=1 workload's
+    total = sum(input_lens) + out
     floor_s = report["floor"]["floor_s"]
     ours_s = report["kvrelay"]["wall_s"]
     rows = [("kvrelay", ours_s)] + [
@@ -422,7 +433,8 @@ def print_table(report: dict, args, input_lens: list[int], output_lens: list[int
     ] + [("floor", floor_s)]
     shape = (f"{args.input_len} in, {args.output_len} out" if args.workload == "b1"
              else f"{args.b5_min}-{args.b5_max} in and out (mean {sum(input_lens) / n:.0f} in, {out / n:.0f} out)")
-    print(f"\n{args.workload.upper()} run on {report['device']}: {n} prompts x {shape}, {args.size}")
+    samples = f", n={args.n} samples each (x floor: against the n=1 floor)" if args.n > 1 else ""
+    print(f"\n{args.workload.upper()} run on {report['device']}: {n} prompts x {shape}{samples}, {args.size}")
     print(f"{'engine':<24}{'wall s':>9}{'total tok/s':>13}{'out tok/s':>11}{'x peer':>9}{'x floor':>9}")
     for name, wall in rows:
         x_peer = f"{wall / ours_s:.2f}" if name.startswith("transformers") else ""

@@ -82,6 +82,29 @@ class Prefilled:
 
 
 @dataclass
+class SampleStart:
+    """Another sample of a handed-off request (best_of > 1): its first token and sampler state.
+    Its prompt KV is the lead sample's; the decode worker forks it from there."""
+
+    index: int
+    token_id: int
+    logprob: TokenLogprob | None
+    generator_state: bytes | None
+    cumulative_logprob: float | None
+
+    def to_wire(self) -> dict:
+        return {"index": self.index, "token_id": self.token_id,
+                "logprob": asdict(self.logprob) if self.logprob is not None else None,
+                "generator_state": self.generator_state, "cumulative_logprob": self.cumulative_logprob}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> SampleStart:
+        lp = d["logprob"]
+        lp = TokenLogprob(lp["token_id"], lp["logprob"], [tuple(t) for t in lp["top"]]) if lp is not None else None
+        return cls(d["index"], d["token_id"], lp, d["generator_state"], d["cumulative_logprob"])
+
+
+@dataclass
 class SeqState:
     """A sequence that stopped after its first token on a prefill worker: everything a decode
     worker needs, besides the KV, to go on where the prefill engine stopped. The prompt travels
@@ -93,6 +116,9 @@ class SeqState:
     first_token_time: float | None
     logprobs: list[TokenLogprob] | None = None
     generator_state: bytes | None = None  # the torch generator of a seeded or random sampler
+    index: int = 0  # which sample this is (best_of > 1: the lead of those still running)
+    cumulative_logprob: float | None = None
+    forks: list[SampleStart] = field(default_factory=list)  # the request's other running samples
 
     @property
     def request_id(self) -> str:
@@ -107,7 +133,8 @@ class SeqState:
         return {"request": self.request.to_wire(), "output_token_ids": self.output_token_ids,
                 "num_cached_tokens": self.num_cached_tokens, "first_token_time": self.first_token_time,
                 "logprobs": [asdict(lp) for lp in self.logprobs] if self.logprobs is not None else None,
-                "generator_state": self.generator_state}
+                "generator_state": self.generator_state, "index": self.index,
+                "cumulative_logprob": self.cumulative_logprob, "forks": [f.to_wire() for f in self.forks]}
 
     @classmethod
     def from_wire(cls, d: dict) -> SeqState:
@@ -115,7 +142,8 @@ class SeqState:
         if logprobs is not None:
             logprobs = [TokenLogprob(lp["token_id"], lp["logprob"], [tuple(t) for t in lp["top"]]) for lp in logprobs]
         return cls(Request.from_wire(d["request"]), list(d["output_token_ids"]), d["num_cached_tokens"],
-                   d["first_token_time"], logprobs, d["generator_state"])
+                   d["first_token_time"], logprobs, d["generator_state"], d["index"], d["cumulative_logprob"],
+                   [SampleStart.from_wire(f) for f in d["forks"]])
 
 
 @dataclass

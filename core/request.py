@@ -40,6 +40,13 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # transformers': on tokens of prompt or output, logit / p if > 0, else * p
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     structured: StructuredOutput | None = None
+    n: int = 1  # completions returned
+    best_of: int = 1  # samples drawn from the one prefill (>= n); the n of highest cumulative logprob return
+
+    @property
+    def tracks_logprob(self) -> bool:
+        """Sums each sample's logprobs to rank best_of samples."""
+        return self.best_of > self.n
 
     @property
     def greedy(self) -> bool:
@@ -103,6 +110,8 @@ class RequestResult:
     # finished, on the worker that did it: TTFT and inter-token latency for benchmarks.
     first_token_time: float | None = None
     finish_time: float | None = None
+    index: int = 0  # which of the request's best_of samples
+    cumulative_logprob: float | None = None  # sum of the sampled tokens' logprobs (best_of > n)
 
     def to_wire(self) -> dict:
         return asdict(self)

@@ -43,10 +43,6 @@ STRUCTURED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_c
 # Fields kvrelay does not implement: each is accepted with one of its no-op values (compared with
 # type, so true is not 1); any other value gives the error, which says what to do instead.
 _UNSUPPORTED = {
-    "n": ((1,), "n={v} is not supported: kvrelay returns one completion per line; repeat the line "
-                "with other custom_ids (and seeds) for more samples"),
-    "best_of": ((1,), "best_of={v} is not supported: kvrelay returns one completion per line; repeat "
-                      "the line with other custom_ids and seeds, with logprobs to rank them"),
     "stream": ((False,), "stream={v} is not supported in a batch; remove it"),
     "echo": ((False,), "echo={v} is not supported: the output holds only the completion; prepend "
                        "the prompt yourself"),
@@ -80,7 +76,10 @@ _UNSUPPORTED = {
                                "guided_regex or guided_choice"),
 }
 _SAMPLING_FIELDS = frozenset({"logprobs", "model", "presence_penalty", "frequency_penalty",
-                              "repetition_penalty", "logit_bias"})
+                              "repetition_penalty", "logit_bias", "n", "best_of"})
+# NOTE: every sample of a line is a running sequence on one worker (it counts against
+# scheduler.max_seqs) and a choice in one output line; 128 is OpenAI's cap on n.
+MAX_SAMPLES = 128
 LOGIT_BIAS_MAX = 100.0  # OpenAI's range for a bias: [-100, 100]
 _COMMON_FIELDS = DEFAULTABLE | _SAMPLING_FIELDS | IGNORED_FIELDS | _UNSUPPORTED.keys() | set(STRUCTURED_FIELDS)
 _KIND_FIELDS = {
@@ -447,12 +446,16 @@ def _sampling(body: dict, kind: str, defaults: dict) -> tuple[SamplingParams, in
     presence = _number(*pick("presence_penalty", 0.0), penalty, lambda x: -2 <= x <= 2)
     frequency = _number(*pick("frequency_penalty", 0.0), penalty, lambda x: -2 <= x <= 2)
     repetition = _number(*pick("repetition_penalty", 1.0), "a number > 0 (1 = off)", lambda x: x > 0)
+    n = 1 if body.get("n") is None else _int(_integral(body["n"]), "n", 1, MAX_SAMPLES)
+    best_of = n if body.get("best_of") is None else _int(_integral(body["best_of"]), "best_of", 1, MAX_SAMPLES)
+    if best_of < n:
+        raise _Bad(f"best_of ({best_of}) must be >= n ({n})")
     sampling = SamplingParams(
         max_tokens=max_tokens or 0, min_tokens=min_tokens, temperature=temperature, top_p=top_p,
         top_k=max(top_k, 0), min_p=min_p, seed=seed, stop=stop, stop_token_ids=stop_ids,
         ignore_eos=ignore_eos, logprobs=logprobs, presence_penalty=presence, frequency_penalty=frequency,
         repetition_penalty=repetition, logit_bias=_logit_bias(body.get("logit_bias")),
-        structured=_structured(body),
+        structured=_structured(body), n=n, best_of=best_of,
     )
     if sampling.structured is not None and min_tokens > 0:
         raise _Bad(f"min_tokens ({min_tokens}) cannot be combined with structured output: the grammar "
@@ -578,6 +581,11 @@ def _int(v, label: str, lo: int, hi: int | None = None, what: str | None = None)
             what = f"an integer >= {lo}" if hi is None else f"an integer from {lo} to {hi}"
         raise _Bad(f"{label} must be {what}, got {_show(v)}")
     return v
+
+
+def _integral(v):
+    """1.0 as 1: OpenAI's and vLLM's servers take a whole float where an integer goes."""
+    return int(v) if type(v) is float and v.is_integer() else v
 
 
 def _number(v, label: str, what: str, ok) -> float:

@@ -46,19 +46,50 @@ META = "kvrelay"  # the output line's record of what it answered (router/answere
 
 def success_line(
     parsed: ParsedLine,
-    result: RequestResult,
-    text: str,
+    results: list[RequestResult],
+    texts: list[str],
     token_texts: Callable[[list[int]], list[str]] | None,
     created: int,
     model_name: str,
 ) -> dict:
-    """The output line for a finished request.
+    """The output line for a finished request: `results` holds each of its best_of samples once.
 
-    `text` is the decoded output, already cut at a stop string. `token_texts(ids)` gives each
-    token's text piece; it is needed (and called once) only when the line asked for logprobs.
+    `texts[i]` is the decoded output of `results[i]`, already cut at a stop string. `token_texts(ids)`
+    gives each token's text piece; it is needed only when the line asked for logprobs. The choices
+    are the n samples of highest cumulative logprob when best_of > n (vLLM's rule), else every
+    sample in index order; the usage counts the prompt once and the tokens of every sample drawn.
     """
-    rid = result.request_id
-    choice: dict = {"index": 0}
+    rid = results[0].request_id
+    assert len(results) == parsed.sampling.best_of and {r.request_id for r in results} == {rid}
+    order = sorted(range(len(results)), key=lambda i: results[i].index)
+    if parsed.sampling.tracks_logprob:
+        order.sort(key=lambda i: -results[i].cumulative_logprob)  # stable: ties keep index order
+    choices = [_choice(parsed, j, results[i], texts[i], token_texts) for j, i in enumerate(order[: parsed.sampling.n])]
+    n_prompt = results[0].num_prompt_tokens
+    n_out = sum(len(r.output_token_ids) for r in results)
+    body = {
+        "id": ("chatcmpl-" if parsed.kind == "chat" else "cmpl-") + rid,
+        "object": "chat.completion" if parsed.kind == "chat" else "text_completion",
+        "created": created,
+        "model": model_name,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": n_prompt,
+            "completion_tokens": n_out,
+            "total_tokens": n_prompt + n_out,
+            "prompt_tokens_details": {"cached_tokens": results[0].num_cached_tokens},
+        },
+    }
+    return {
+        "id": f"batch_req_{rid}",
+        "custom_id": parsed.custom_id,
+        "response": {"status_code": 200, "request_id": rid, "body": body},
+        "error": None,
+    }
+
+
+def _choice(parsed: ParsedLine, index: int, result: RequestResult, text: str, token_texts) -> dict:
+    choice: dict = {"index": index}
     if parsed.kind == "chat":
         choice["message"] = {"role": "assistant", "content": text}
     else:
@@ -74,26 +105,7 @@ def success_line(
     choice["stop_reason"] = result.stop_reason  # vLLM's field: the stop string or token id
     if parsed.return_token_ids:
         choice["token_ids"] = list(result.output_token_ids)
-    n_out = len(result.output_token_ids)
-    body = {
-        "id": ("chatcmpl-" if parsed.kind == "chat" else "cmpl-") + rid,
-        "object": "chat.completion" if parsed.kind == "chat" else "text_completion",
-        "created": created,
-        "model": model_name,
-        "choices": [choice],
-        "usage": {
-            "prompt_tokens": result.num_prompt_tokens,
-            "completion_tokens": n_out,
-            "total_tokens": result.num_prompt_tokens + n_out,
-            "prompt_tokens_details": {"cached_tokens": result.num_cached_tokens},
-        },
-    }
-    return {
-        "id": f"batch_req_{rid}",
-        "custom_id": parsed.custom_id,
-        "response": {"status_code": 200, "request_id": rid, "body": body},
-        "error": None,
-    }
+    return choice
 
 
 def error_line(custom_id: str, code: str, message: str) -> dict:

@@ -184,6 +184,7 @@ class Frontend:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.inflight: dict[str, ParsedLine] = {}
+        self.samples: dict[str, list[RequestResult]] = {}  # request id -> its samples' results so far
         # request id -> (wall time it was due: its trace time, or when read; when it was submitted)
         self.due: dict[str, tuple[float, float]] = {}
         self.time_scale = cfg.sim.speed if cfg.sim.enabled else 1.0
@@ -333,38 +334,51 @@ class Frontend:
         return self.tokenizer.encode(parsed.prompt, add_special_tokens=True)
 
     def _finish(self, result: RequestResult, writer: OutputWriter, s: Summary) -> None:
-        parsed = self.inflight.pop(result.request_id)
+        """One sample's result; the line is written once all best_of samples of its request are in."""
+        parsed = self.inflight[result.request_id]
+        results = self.samples.setdefault(result.request_id, [])
+        results.append(result)
+        if len(results) < parsed.sampling.best_of:
+            return
+        del self.inflight[result.request_id], self.samples[result.request_id]
+        line = success_line(
+            parsed, results, [self._text(r) for r in results], self._token_texts, int(time.time()), self.model_name
+        )
+        writer.write(line)
+        self._record_timing(parsed, results)
+        s.succeeded += 1
+        s.prompt_tokens += result.num_prompt_tokens
+        s.cached_prompt_tokens += result.num_cached_tokens
+        s.output_tokens += sum(len(r.output_token_ids) for r in results)
+
+    def _text(self, result: RequestResult) -> str:
         text = self.tokenizer.decode(result.output_token_ids)
         if isinstance(result.stop_reason, str):
             cut = text.find(result.stop_reason)
             if cut >= 0:
                 text = text[:cut]
-        line = success_line(
-            parsed, result, text, self._token_texts, int(time.time()), self.model_name
-        )
-        writer.write(line)
-        self._record_timing(parsed, result)
-        s.succeeded += 1
-        s.prompt_tokens += result.num_prompt_tokens
-        s.cached_prompt_tokens += result.num_cached_tokens
-        s.output_tokens += len(result.output_token_ids)
+        return text
 
-    def _record_timing(self, parsed: ParsedLine, result: RequestResult) -> None:
-        due, submitted = self.due.pop(result.request_id)
-        if result.first_token_time is None or result.finish_time is None:
+    def _record_timing(self, parsed: ParsedLine, results: list[RequestResult]) -> None:
+        """A line's times: its samples' first first token and last finish; the inter-token latency
+        over its longest sample (samples decode side by side)."""
+        due, submitted = self.due.pop(results[0].request_id)
+        if any(r.first_token_time is None or r.finish_time is None for r in results):
             return
         k = self.time_scale
-        n = len(result.output_token_ids)
+        first = min(r.first_token_time for r in results)
+        finish = max(r.finish_time for r in results)
+        longest = max(len(r.output_token_ids) for r in results)
         self.timings.append({
             "custom_id": parsed.custom_id,
             "arrival_s": (due - self.start) * k,
             "router_lag_s": (submitted - due) * k,  # the router was late by this much
-            "ttft_s": (result.first_token_time - due) * k,
-            "itl_s": (result.finish_time - result.first_token_time) * k / (n - 1) if n > 1 else None,
-            "e2e_s": (result.finish_time - due) * k,
-            "prompt_tokens": result.num_prompt_tokens,
-            "cached_tokens": result.num_cached_tokens,
-            "output_tokens": n,
+            "ttft_s": (first - due) * k,
+            "itl_s": (finish - first) * k / (longest - 1) if longest > 1 else None,
+            "e2e_s": (finish - due) * k,
+            "prompt_tokens": results[0].num_prompt_tokens,
+            "cached_tokens": results[0].num_cached_tokens,
+            "output_tokens": sum(len(r.output_token_ids) for r in results),
         })
 
     def _token_texts(self, ids: list[int]) -> list[str]:

@@ -75,10 +75,12 @@ class MPIBackend:
         self.seen_cached_blocks = 0
         self.placed_cached_blocks = 0
         self.placed_inflight_blocks = 0
+        self.samples_left: dict[str, int] = {}  # request id -> samples whose result has not come
         self.max_inflight_prefix_blocks = 0
 
     def submit(self, request: Request) -> None:
         t0 = time.perf_counter()
+        self.samples_left[request.request_id] = request.sampling.best_of
         ids = request.prompt_token_ids
         nblocks = num_blocks(len(ids), self.block_size)
         hash_list = block_hashes(ids, self.block_size, self.hash_seed)
@@ -157,7 +159,12 @@ class MPIBackend:
             tag, src, payload = msg
             if tag is Tag.RESULT:
                 result = payload.result
-                self.books.finished(result.request_id, src)
+                # A request with best_of samples leaves the books with its last sample's result.
+                left = self.samples_left.pop(result.request_id) - 1
+                if left:
+                    self.samples_left[result.request_id] = left
+                else:
+                    self.books.finished(result.request_id, src)
                 results.append(result)
             elif tag is Tag.PREFILLED:
                 self.books.prefilled(payload.request_id)

@@ -208,8 +208,10 @@ BAD = [
     (batch({"prompt": "x"}, prompt="y"), "invalid_request",
      "unknown field 'prompt' at the top level of a batch line"),
     (batch({"prompt": "x", "foo": 1}), "invalid_request", "unknown field 'foo'; supported fields: "),
-    (plain(prompt="x", best_of=2), "invalid_request", "best_of=2 is not supported: kvrelay returns one "
-     "completion per line; repeat the line with other custom_ids and seeds"),
+    (plain(prompt="x", n=3, best_of=2), "invalid_request", "best_of (2) must be >= n (3)"),
+    (plain(prompt="x", n=0), "invalid_request", "n must be an integer from 1 to 128, got 0"),
+    (plain(prompt="x", best_of=129), "invalid_request", "best_of must be an integer from 1 to 128, got 129"),
+    (plain(prompt="x", n=True), "invalid_request", "n must be an integer from 1 to 128, got true"),
     (plain(prompt="x", n=1.0, echo=True), "invalid_request", "echo=true is not supported: the output holds "
      "only the completion; prepend the prompt yourself"),
     (plain(messages=MSG, tools=[{"type": "function"}]), "invalid_request", "tools are not supported (no "
@@ -293,7 +295,7 @@ BAD = [
     (plain(messages=MSG, top_logprobs=3), "invalid_request", "top_logprobs needs logprobs: true"),
     (plain(messages=MSG, logprobs=True, top_logprobs=21), "invalid_request",
      "top_logprobs must be an integer from 0 to 20, got 21"),
-    (plain(prompt="x", n=2), "invalid_request", "n=2 is not supported: kvrelay returns one completion per line"),
+    (plain(prompt="x", n=129), "invalid_request", "n must be an integer from 1 to 128, got 129"),
     (plain(prompt="x", stream=True), "invalid_request", "stream=true is not supported in a batch; remove it"),
     (plain(prompt="x", frequency_penalty=2.5), "invalid_request",
      "frequency_penalty must be a number from -2 to 2, got 2.5"),
@@ -398,3 +400,13 @@ def test_a_non_utf8_line_keeps_its_custom_id():
     assert line_custom_id(plain(custom_id="r1", prompt="x"), 1) == "r1"
     assert line_custom_id(plain(prompt="x"), 4) == "line-4"
     assert line_custom_id(plain(custom_id=5, prompt="x"), 4) == "line-4"
+
+
+def test_n_and_best_of():
+    """best_of defaults to n; a whole float counts as its integer, as in vLLM's server."""
+    for fields, n, best_of in (({}, 1, 1), ({"n": 4}, 4, 4), ({"n": 2, "best_of": 5}, 2, 5), ({"n": 3.0}, 3, 3),
+                               ({"n": None, "best_of": 3}, 1, 3)):
+        p = parse(plain(prompt="x", **fields))
+        assert (p.sampling.n, p.sampling.best_of) == (n, best_of), fields
+    assert parse(plain(prompt="x", n=2, best_of=3)).sampling.tracks_logprob
+    assert not parse(plain(prompt="x", n=3)).sampling.tracks_logprob

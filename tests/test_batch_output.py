@@ -42,8 +42,22 @@ USAGE = {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5,
          "prompt_tokens_details": {"cached_tokens": 1}}
 
 
+def test_n_choices_in_index_order_and_best_of_by_cumulative_logprob():
+    # Results arrive in any order; choices follow the sample index, the usage counts the prompt once.
+    res = [result(out=[i] * (i + 1), index=i) for i in (2, 0, 1)]
+    body = success_line(parsed(prompt="Hi", n=3), res, ["c", "a", "b"], None, 0, "m")["response"]["body"]
+    assert [(c["index"], c["text"]) for c in body["choices"]] == [(0, "a"), (1, "b"), (2, "c")]
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 6, "total_tokens": 8,
+                             "prompt_tokens_details": {"cached_tokens": 1}}
+    # best_of 4, n 2: the two highest cumulative logprobs, best first; a tie keeps index order.
+    res = [result(index=i, cumulative_logprob=lp) for i, lp in enumerate([-3.0, -1.0, -5.0, -1.0])]
+    body = success_line(parsed(prompt="Hi", n=2, best_of=4), res, ["a", "b", "c", "d"], None, 0, "m")["response"]["body"]
+    assert [(c["index"], c["text"]) for c in body["choices"]] == [(0, "b"), (1, "d")]
+    assert body["usage"]["completion_tokens"] == 12
+
+
 def test_completion_line():
-    line = success_line(parsed(prompt="Hi"), result(), "abc", None, 1700, "tiny")
+    line = success_line(parsed(prompt="Hi"), [result()], ["abc"], None, 1700, "tiny")
     assert line == {
         "id": "batch_req_q1", "custom_id": "r1",
         "response": {"status_code": 200, "request_id": "q1", "body": {
@@ -58,7 +72,7 @@ def test_completion_line():
 def test_completion_line_with_token_ids():
     res = result()
     res.finish_reason, res.stop_reason = "stop", "\n"
-    line = success_line(parsed(prompt="Hi", return_token_ids=True), res, "abc", None, 0, "m")
+    line = success_line(parsed(prompt="Hi", return_token_ids=True), [res], ["abc"], None, 0, "m")
     choice = line["response"]["body"]["choices"][0]
     assert choice["token_ids"] == [7, 8, 9]
     assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", "\n")
@@ -66,7 +80,7 @@ def test_completion_line_with_token_ids():
 
 def test_chat_line():
     p = parsed(messages=[{"role": "user", "content": "Hi"}], return_token_ids=True)
-    body = success_line(p, result(), "Hello!", None, 5, "m")["response"]["body"]
+    body = success_line(p, [result()], ["Hello!"], None, 5, "m")["response"]["body"]
     assert body["id"] == "chatcmpl-q1" and body["object"] == "chat.completion"
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hello!"},
                                 "logprobs": None, "finish_reason": "length", "stop_reason": None,
@@ -88,7 +102,7 @@ def test_completion_logprobs():
         calls.append(ids)
         return ["é" if i == 8 else pieces([i])[0] for i in ids]
 
-    line = success_line(parsed(prompt="Hi", logprobs=1), result(logprobs=LOGPROBS), "t7ét9",
+    line = success_line(parsed(prompt="Hi", logprobs=1), [result(logprobs=LOGPROBS)], ["t7ét9"],
                         texts, 0, "m")
     assert len(calls) == 1  # one call to the tokenizer per line
     lp = line["response"]["body"]["choices"][0]["logprobs"]
@@ -102,7 +116,7 @@ def test_completion_logprobs():
 
 
 def test_completion_logprobs_zero_alternatives():
-    line = success_line(parsed(prompt="Hi", logprobs=0), result(logprobs=LOGPROBS), "x",
+    line = success_line(parsed(prompt="Hi", logprobs=0), [result(logprobs=LOGPROBS)], ["x"],
                         pieces, 0, "m")
     lp = line["response"]["body"]["choices"][0]["logprobs"]
     assert lp["top_logprobs"] == [{"t7": -0.5}, {"t8": -9999.0}, {"t9": -0.25}]
@@ -110,7 +124,7 @@ def test_completion_logprobs_zero_alternatives():
 
 def test_chat_logprobs():
     p = parsed(messages=[{"role": "user", "content": "Hi"}], logprobs=True, top_logprobs=2)
-    line = success_line(p, result(logprobs=LOGPROBS), "x", pieces, 0, "m")
+    line = success_line(p, [result(logprobs=LOGPROBS)], ["x"], pieces, 0, "m")
     content = line["response"]["body"]["choices"][0]["logprobs"]["content"]
     assert content[0] == {
         "token": "t7", "logprob": -0.5, "bytes": [116, 55],

@@ -92,6 +92,28 @@ def test_grow_adds_blocks_only_when_needed():
     assert not kv.grow(seq, 9) and len(seq.block_ids) == 2
 
 
+def test_fork_shares_full_prompt_blocks_and_copies_a_partly_filled_one():
+    for prompt_len, copies in ((10, 1), (8, 0)):
+        kv = KVCacheManager(8, 4, SEED)
+        parent = make_seq("r", list(range(1, prompt_len + 1)))
+        assert kv.admit(parent, [], prompt_len)
+        computed(kv, parent, prompt_len)
+        children = [parent.fork(i) for i in (1, 2)]
+        made = [kv.fork(parent, c) for c in children]
+        full = prompt_len // 4
+        for c, copy in zip(children, made):
+            assert c.block_ids[:full] == parent.block_ids[:full] and c.num_computed_tokens == prompt_len
+            if copies:
+                assert copy == (parent.block_ids[full], c.block_ids[full]) and c.block_ids[full] != parent.block_ids[full]
+            else:
+                assert copy is None and len(c.block_ids) == full
+        assert all(kv.pool.ref_counts[b] == 3 for b in parent.block_ids[:full])
+        assert kv.num_free == 8 - len(parent.block_ids) - 2 * copies
+        for s in (parent, *children):
+            kv.free(s)
+        assert kv.num_free == 8
+
+
 def test_the_manager_and_the_scheduler_import_no_torch():
     import subprocess
 

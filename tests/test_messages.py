@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvrelay.core.messages import (RECORDS, Assign, Handoff, Prefilled, Ready, Result, SeqState, Shutdown, Stats, Tag,
+from kvrelay.core.messages import (RECORDS, Assign, Handoff, Prefilled, Ready, Result, SampleStart, SeqState, Shutdown, Stats, Tag,
                                    decode, encode)
 from kvrelay.core.request import Request, RequestResult, SamplingParams, TokenLogprob
 
@@ -20,6 +20,11 @@ RECORDS_TO_CHECK = [
     Prefilled("r1"),
     Handoff(7, SeqState(REQ, [5], 64, 1.5, LPS, b"\x00\x01gen")),
     Handoff(0, SeqState(REQ, [5], 0, None)),
+    # best_of 3: the lead sample 1 and the request's other running samples, with their sampler states
+    Handoff(2, SeqState(Request("r2", PROMPT[:9], SamplingParams(n=2, best_of=3, logprobs=1)), [7], 0, 1.5, LPS,
+                        b"g1", index=1, cumulative_logprob=-0.5,
+                        forks=[SampleStart(0, 5, LPS[0], b"g0", -0.5), SampleStart(2, 9, None, None, -1.25)])),
+    Result(RequestResult("r2", [7, 8], "stop", 9, 0, index=2, cumulative_logprob=-3.5)),
     Ready(7, 128, 64),
     Shutdown(),
     Stats({"rank": 1, "role": "decode", "sim": {"modeled_s": 1.5}}),

@@ -36,7 +36,7 @@ def run(engine: Engine, token_lists: list[list[int]], **sampling) -> list[list[i
         engine.add_request(Request(f"r{i}", ids, SamplingParams(**params)))
     out = {}
     while engine.has_work():
-        out.update({r.request_id: r.output_token_ids for r in engine.step()})
+        out.update({r.request_id: r.output_token_ids for r in engine.step().finished})
     assert not engine.history.slots, "finished sequences let go of their history rows"
     return [out[f"r{i}"] for i in range(len(token_lists))]
 
@@ -94,7 +94,7 @@ def test_mixed_batch_rows_keep_their_own_settings(tiny_models):
         engine.add_request(Request(f"r{i}", ids, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, **kw)))
     together = {}
     while engine.has_work():
-        together.update({r.request_id: r.output_token_ids for r in engine.step()})
+        together.update({r.request_id: r.output_token_ids for r in engine.step().finished})
     for i, (ids, kw) in enumerate(zip(ps, kinds)):
         assert together[f"r{i}"] == run(make_engine(model, **{"scheduler.max_seqs": 1}), [ids], **kw)[0]
     # Presence 2.0 on a random model: fewer repeats than without.

@@ -61,7 +61,7 @@ def run(engine: Engine, specs: list[StructuredOutput], **sampling) -> list:
         engine.add_request(Request(f"r{i}", [5 + i, 17, 33, 9, 100 + i], params))
     out = {}
     while engine.has_work():
-        out.update({r.request_id: r for r in engine.step()})
+        out.update({r.request_id: r for r in engine.step().finished})
     assert not engine.grammars.matchers, "finished sequences let go of their matchers"
     return [out[f"r{i}"] for i in range(len(specs))]
 

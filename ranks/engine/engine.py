@@ -32,7 +32,7 @@ from kvrelay.ranks.engine.penalties import TokenHistory
 from kvrelay.ranks.engine.sampler import SampleRow, request_generator, sample
 from kvrelay.ranks.engine.scheduler import Scheduler
 from kvrelay.ranks.engine.structured import Grammars
-from kvrelay.ranks.engine.sequence import Sequence
+from kvrelay.ranks.engine.sequence import Sequence, SeqStatus, sample_key
 from kvrelay.ranks.engine.sim_runner import SimRunner
 from kvrelay.core.tokenizer import SimTokenizer
 from kvrelay.core.timing import load_timing, sim_max_model_len
@@ -40,8 +40,8 @@ from kvrelay.core.model_files import ModelConfigError
 from kvrelay.ranks.engine.spec import ModelSpec
 from kvrelay.core.tokenizer import Tokenizer
 from kvrelay.core.block_hash import hash_seed, num_blocks
-from kvrelay.core.messages import SeqState
-from kvrelay.core.request import Request, RequestResult
+from kvrelay.core.messages import SampleStart, SeqState
+from kvrelay.core.request import Request, RequestResult, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class EngineStats:
     requests: int = 0
+    # Tokens whose KV the steps computed (prompt chunks, recomputation, one per decode token):
+    # a request with best_of samples computes its prompt once.
+    computed_tokens: int = 0
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     output_tokens: int = 0
@@ -221,7 +224,8 @@ class Engine:
         """Queue a request. With `handoff`, it stops after its first token and comes back in
         `StepOutput.handoffs`, holding its blocks until `free_kv` (a prefill worker's requests)."""
         assert 0 < len(req.prompt_token_ids) < self.max_model_len, "the router checks prompt lengths"
-        self._make_generator(req)
+        assert 1 <= req.sampling.n <= req.sampling.best_of, "the router checks n and best_of"
+        self._make_generator(req.request_id, req.sampling)
         self.scheduler.add(Sequence.from_request(req, self.max_model_len, handoff))
         self.stats.requests += 1
 
@@ -276,26 +280,72 @@ class Engine:
         if seq.logprobs is not None:
             seq.logprobs = list(state.logprobs)
         seq.block_ids = block_ids
-        gen = self._make_generator(state.request)
-        if gen is not None and state.generator_state is not None:
-            gen.set_state(torch.frombuffer(bytearray(state.generator_state), dtype=torch.uint8))
+        seq.index, seq.cumulative_logprob = state.index, state.cumulative_logprob
+        self._set_generator_state(state.request, seq.index, state.generator_state)
         self.scheduler.add_arrived(seq)
         self.stats.requests += 1
+        # The request's other samples: forked here from the lead's prompt KV, as on a worker that
+        # computed the prompt itself.
+        forks = []
+        for f in state.forks:
+            child = Sequence.from_request(state.request, self.max_model_len)
+            child.token_ids.append(f.token_id)
+            child.index, child.cumulative_logprob = f.index, f.cumulative_logprob
+            child.num_cached_tokens, child.first_token_time = seq.num_cached_tokens, seq.first_token_time
+            if child.logprobs is not None:
+                child.logprobs.append(f.logprob)
+            self._set_generator_state(state.request, f.index, f.generator_state)
+            forks.append(child)
+        self._start_forks(seq, forks)
 
-    def _handoff(self, seq: Sequence) -> SeqState:
-        """Detach a sequence that stopped after its first token; its blocks wait for `free_kv`."""
-        self.scheduler.detach(seq)
+    def _set_generator_state(self, req: Request, index: int, state: bytes | None) -> None:
+        gen = self._make_generator(req.request_id, req.sampling, index)
+        if gen is not None and state is not None:
+            gen.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+
+    def _generator_state(self, seq: Sequence) -> bytes | None:
+        gen = self.generators.get(seq.key)
+        return gen.get_state().numpy().tobytes() if gen is not None else None
+
+    def _handoff(self, seq: Sequence, forks: list[Sequence]) -> SeqState:
+        """A sequence (and the request's other samples, `forks`) that stopped after its first
+        token, already out of the batch; its blocks wait for `free_kv`."""
         self.sending[seq.request_id] = seq
-        gen = self.generators.get(seq.request_id)
-        self._drop_sampler_state(seq.request_id)
-        return SeqState(
+        state = SeqState(
             request=Request(seq.request_id, seq.token_ids[: seq.num_prompt_tokens], seq.sampling),
             output_token_ids=seq.output_token_ids,
             num_cached_tokens=max(seq.num_cached_tokens, 0),
             first_token_time=seq.first_token_time,
             logprobs=seq.logprobs,
-            generator_state=gen.get_state().numpy().tobytes() if gen is not None else None,
+            generator_state=self._generator_state(seq),
+            index=seq.index,
+            cumulative_logprob=seq.cumulative_logprob,
+            forks=[SampleStart(c.index, c.token_ids[-1], c.logprobs[-1] if c.logprobs else None,
+                               self._generator_state(c), c.cumulative_logprob) for c in forks],
         )
+        for s in (seq, *forks):
+            self._drop_sampler_state(s.key)
+        return state
+
+    def _start_forks(self, parent: Sequence, forks: list[Sequence]) -> None:
+        """Samples that drew their first token from `parent`'s prompt join the batch on its KV
+        (kv_cache.py, `fork`); one without a free block for its copy waits, and recomputes its
+        prompt from the prefix cache when admitted (as a preempted sequence does: it never draws
+        its first token again)."""
+        copies = []
+        for child in forks:
+            if not self.kv.can_fork(parent):
+                self.scheduler.add(child)
+                continue
+            copy = self.kv.fork(parent, child)
+            if copy is not None:
+                copies.append(copy)
+            self.scheduler.add_arrived(child)
+        if copies:
+            # NOTE: now, not at the next step: the prompt's KV is written (this step's forward, or
+            # an unpacked handoff, queued before on the same stream), and the source block cannot
+            # be freed and taken again before this copy is queued.
+            self.runner.copy_blocks([c[0] for c in copies], [c[1] for c in copies])
 
     # --- the worker's view --------------------------------------------------------------------
 
@@ -355,13 +405,17 @@ class Engine:
                     "host_onload_bytes": s.onloaded_blocks * bb, "host_dropped_blocks": s.dropped_blocks}
         return out
 
-    def _make_generator(self, req: Request) -> torch.Generator | None:
-        if req.sampling.greedy:
+    def _make_generator(self, request_id: str, sp: SamplingParams, index: int = 0) -> torch.Generator | None:
+        """Sample 0 draws from the line's seed (else one from the request id and the job seed);
+        sample i > 0 from a seed derived from that one and i, so a rerun reproduces every sample."""
+        if sp.greedy:
             return None
-        seed = req.sampling.seed
+        seed = sp.seed
         if seed is None:
-            seed = xxhash.xxh3_64_intdigest(req.request_id.encode(), seed=self.cfg.job.seed)
-        gen = self.generators[req.request_id] = request_generator(seed, self.runner.device)
+            seed = xxhash.xxh3_64_intdigest(request_id.encode(), seed=self.cfg.job.seed)
+        if index:
+            seed = xxhash.xxh3_64_intdigest(index.to_bytes(8, "little"), seed=seed & 0xFFFF_FFFF_FFFF_FFFF)
+        gen = self.generators[sample_key(request_id, index)] = request_generator(seed, self.runner.device)
         return gen
 
     def step(self) -> StepOutput:
@@ -375,29 +429,55 @@ class Engine:
         logits = self.runner.execute(batch)
         for item in batch:
             self.scheduler.on_computed(item)
+            self.stats.computed_tokens += item.num_new_tokens
+        # A request with best_of > 1 draws every sample's first token from its prompt's one logits
+        # row; samples 1.. are forked from it here (sample 0 is the sequence that ran the prompt).
+        forks: dict[Sequence, list[Sequence]] = {}
+        for seq in sampling:
+            if seq.sampling.best_of > 1 and seq.num_output_tokens == 0:
+                forks[seq] = [seq.fork(i) for i in range(1, seq.sampling.best_of)]
+                for child in forks[seq]:
+                    self._make_generator(seq.request_id, seq.sampling, child.index)
+        drawing = [s for seq in sampling for s in (seq, *forks.get(seq, ()))]
         t1 = time.perf_counter()
         if self.runner.simulated:
-            tokens, logprobs = self.runner.sample(len(sampling)), [None] * len(sampling)
+            tokens, logprobs = self.runner.sample(len(drawing)), [None] * len(drawing)
         else:
-            rows = [self._sample_row(s) for s in sampling]
+            if forks:
+                rows = [j for j, seq in enumerate(sampling) for _ in range(1 + len(forks.get(seq, ())))]
+                logits = logits.index_select(0, torch.tensor(rows).to(logits.device, non_blocking=True))
+            rows = [self._sample_row(s) for s in drawing]
             tokens, logprobs = sample(logits, rows, self.history, self.grammars)  # the step's one wait for the GPU: the sampled ids
         t2 = time.perf_counter()
         now = time.time()
-        for seq, token, lp in zip(sampling, tokens, logprobs):
-            if seq.num_output_tokens == 0:  # this engine computed the prompt
-                self.stats.prompt_tokens += seq.num_prompt_tokens
-                self.stats.cached_prompt_tokens += seq.num_cached_tokens
+        for seq, token, lp in zip(drawing, tokens, logprobs):
+            if seq.num_output_tokens == 0:
+                if seq.index == 0:  # this engine computed the prompt
+                    self.stats.prompt_tokens += seq.num_prompt_tokens
+                    self.stats.cached_prompt_tokens += seq.num_cached_tokens
                 seq.first_token_time = now
             seq.token_ids.append(token)
             if seq.logprobs is not None:
                 seq.logprobs.append(lp)
-            if self._check_stop(seq):
-                self.scheduler.finish(seq)
-                self._drop_sampler_state(seq.request_id)
-                self.stats.output_tokens += seq.num_output_tokens
-                out.finished.append(seq.result())
+            if seq.cumulative_logprob is not None and lp is not None:
+                seq.cumulative_logprob += lp.logprob
+        for seq, children in forks.items():
+            live = [c for c in children if not self._stopped(c, out)]
+            forks[seq] = live
+            if not seq.handoff:
+                self._start_forks(seq, live)
+        for seq in sampling:
+            live = forks.get(seq, [])
+            if self._stopped(seq, out, free=not (seq.handoff and live)):
+                if seq.handoff and live:
+                    # The first live sample leads the handoff and takes the prompt's blocks along.
+                    lead = live.pop(0)
+                    lead.block_ids, lead.block_hashes, seq.block_ids = seq.block_ids, seq.block_hashes, []
+                    lead.num_computed_tokens = seq.num_computed_tokens
+                    out.handoffs.append(self._handoff(lead, live))
             elif seq.handoff:
-                out.handoffs.append(self._handoff(seq))
+                self.scheduler.detach(seq)
+                out.handoffs.append(self._handoff(seq, live))
             elif seq.num_output_tokens == 1:
                 out.first_tokens.append(seq.request_id)
         self.stats.steps += 1
@@ -413,21 +493,35 @@ class Engine:
             self.runner.idle()  # the next step starts a new busy period on the modeled clock
         return out
 
+    def _stopped(self, seq: Sequence, out: StepOutput, free: bool = True) -> bool:
+        """If the sequence's last token ends it: its result goes out, and (with `free`) its blocks
+        go back; a fork that never joined the batch holds none."""
+        if not self._check_stop(seq):
+            return False
+        if seq.status is not SeqStatus.WAITING:
+            self.scheduler.detach(seq)
+        if free:
+            self.kv.free(seq)
+        self._drop_sampler_state(seq.key)
+        self.stats.output_tokens += seq.num_output_tokens
+        out.finished.append(seq.result())
+        return True
+
     def _sample_row(self, seq: Sequence) -> SampleRow:
         sp = seq.sampling
         history = None
         if sp.penalized:
-            history = self.history.slot(seq.request_id, seq.token_ids, seq.num_prompt_tokens, self.runner.device)
+            history = self.history.slot(seq.key, seq.token_ids, seq.num_prompt_tokens, self.runner.device)
         matcher = None
         if sp.structured is not None:
-            matcher = self.grammars.matcher(seq.request_id, sp.structured, seq.output_token_ids)
-        return SampleRow(sp, self.generators.get(seq.request_id), self._banned(seq), seq.request_id, history, matcher)
+            matcher = self.grammars.matcher(seq.key, sp.structured, seq.output_token_ids)
+        return SampleRow(sp, self.generators.get(seq.key), self._banned(seq), seq.key, history, matcher)
 
-    def _drop_sampler_state(self, request_id: str) -> None:
+    def _drop_sampler_state(self, key: str) -> None:
         """A sequence that samples no more here (finished or handed off) lets go of its state."""
-        self.generators.pop(request_id, None)
-        self.history.release(request_id)
-        self.grammars.release(request_id)
+        self.generators.pop(key, None)
+        self.history.release(key)
+        self.grammars.release(key)
 
     def _banned(self, seq: Sequence) -> list[int]:
         if seq.num_output_tokens >= seq.sampling.min_tokens:
@@ -443,7 +537,7 @@ class Engine:
         if seq.num_tokens >= seq.max_total_tokens:
             seq.finish_reason = "length"
             return True
-        if self.grammars.is_terminated(seq.request_id):  # it took a stop token the grammar allowed
+        if self.grammars.is_terminated(seq.key):  # it took a stop token the grammar allowed
             seq.finish_reason = "stop"
             return True
         if seq.num_output_tokens < sp.min_tokens:

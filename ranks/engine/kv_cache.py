@@ -174,6 +174,31 @@ class KVCacheManager:
         assert seq.block_ids
         self.cache_computed(seq, 0)
 
+    def fork(self, parent: Sequence, child: Sequence) -> tuple[int, int] | None:
+        """Give `child` the KV of `parent`'s computed prompt: its full blocks shared (one more
+        reference each), its partly filled last block in a fresh block of the child's own. Returns
+        the (source, destination) block copy the runner must make, or None when the prompt ends
+        on a block boundary. Call only when `can_fork(parent)`.
+
+        NOTE: copy-on-write degenerates to copy-at-fork here: every sample writes its next token
+        into the partly filled block on its next step, so each would copy it then anyway."""
+        assert not child.block_ids and parent.num_computed_tokens == parent.num_prompt_tokens
+        full, partial = divmod(parent.num_prompt_tokens, self.block_size)
+        shared = parent.block_ids[:full]
+        self.pool.touch(shared)
+        child.block_ids = list(shared)
+        child.block_hashes = parent.block_hashes[:full]
+        child.num_computed_tokens = parent.num_prompt_tokens
+        if not partial:
+            return None
+        (dst,) = self.allocate(1)
+        child.block_ids.append(dst)
+        return parent.block_ids[full], dst
+
+    def can_fork(self, parent: Sequence) -> bool:
+        """A free block for a fork's copy of the partly filled last block, if it needs one."""
+        return parent.num_prompt_tokens % self.block_size == 0 or self.pool.num_free > 0
+
     def free(self, seq: Sequence) -> None:
         """Give a sequence's blocks back, tail first (see BlockPool.unref); the blocks it was still
         to compute are no longer in the making."""

@@ -275,6 +275,16 @@ class ModelRunner:
         views = [(k[:, :, first_head : first_head + n], v[:, :, first_head : first_head + n]) for k, v in self.kv_caches]
         unpack_blocks(buf, views, block_ids, impl="torch")
 
+    @torch.inference_mode()
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """Copy block src[i] into dst[i] in every layer's K and V: the partly filled last prompt
+        block of each forked sample (ranks/engine/kv_cache.py, `fork`)."""
+        s = torch.tensor(src, device=self.device)  # [c] int64
+        d = torch.tensor(dst, device=self.device)  # [c] int64
+        for k, v in self.kv_caches:  # each [num_blocks + 1, block_size, kv_heads, head_dim]
+            k.index_copy_(0, d, k.index_select(0, s))
+            v.index_copy_(0, d, v.index_select(0, s))
+
     def transfer_s(self, num_tokens: int) -> float:
         """Extra wall time a handoff is held for: none on a real device (simulated runners model it)."""
         return 0.0

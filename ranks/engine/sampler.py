@@ -11,7 +11,8 @@ logit_bias, then the penalties (ranks/engine/penalties.py), each applied to the 
 with batched tensor ops, never a device op per row.
 
 Logprobs are those of the model's distribution before any sampling transform but the grammar's
-mask, as in vLLM.
+mask, as in vLLM. Rows of a request with best_of > n get the sampled token's logprob even when the
+request asked for no logprobs (no alternatives then): the engine sums them to rank the samples.
 """
 
 from __future__ import annotations
@@ -51,7 +52,9 @@ def sample(
         bitmask = grammars.fill_bitmask([rows[i].request_id for i in structured], structured, len(rows), logits.device)
         apply_bitmask(logits, bitmask, structured)
     want_logprobs = [r.params.logprobs for r in rows]
-    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(n is not None for n in want_logprobs) else None
+    # best_of rows need the sampled token's logprob to rank their samples, even without logprobs.
+    need_raw = [n is not None or r.params.tracks_logprob for n, r in zip(want_logprobs, rows)]
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(need_raw) else None
 
     for i, r in enumerate(rows):
         if r.banned:
@@ -87,13 +90,13 @@ def sample(
     if raw_logprobs is not None:
         # One gather and one top-k for the whole batch, so the host waits once, not once per row.
         chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0].tolist()
-        k = max(n for n in want_logprobs if n is not None)
+        k = max((n for n in want_logprobs if n is not None), default=0)
         top_vals, top_ids = (raw_logprobs.topk(k, dim=-1) if k > 0 else (tokens[:, None], tokens[:, None]))
         top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
         for i, n in enumerate(want_logprobs):
-            if n is None:
+            if not need_raw[i]:
                 continue
-            top = list(zip(top_ids[i][:n], top_vals[i][:n]))
+            top = list(zip(top_ids[i][:n], top_vals[i][:n])) if n is not None else []
             out_logprobs[i] = TokenLogprob(token_list[i], chosen[i], top)
     return token_list, out_logprobs
 

@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 from kvrelay.core.request import Request, RequestResult, SamplingParams, TokenLogprob
 
 
+def sample_key(request_id: str, index: int) -> str:
+    """Names sample `index` of a request in the engine's per-sequence tables."""
+    return request_id if index == 0 else f"{request_id}#{index}"
+
+
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -34,6 +39,13 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     first_token_time: float | None = None  # time.time() when the first output token was sampled
+    index: int = 0  # sample i of a request with best_of > 1; sample 0 computes the prompt
+    cumulative_logprob: float | None = None  # summed logprobs of its tokens, when best_of > n
+
+    @property
+    def key(self) -> str:
+        """Names the sequence in the engine's per-sequence tables (generator, history, grammar)."""
+        return sample_key(self.request_id, self.index)
 
     @classmethod
     def from_request(cls, req: Request, max_model_len: int, handoff: bool = False) -> Sequence:
@@ -45,6 +57,17 @@ class Sequence:
             sampling=req.sampling,
             max_total_tokens=min(max_model_len, len(req.prompt_token_ids) + req.sampling.max_tokens),
             logprobs=[] if req.sampling.logprobs is not None else None,
+            cumulative_logprob=0.0 if req.sampling.tracks_logprob else None,
+        )
+
+    def fork(self, index: int) -> Sequence:
+        """Sample `index` of this request, before its first token: the prompt, no blocks yet."""
+        assert self.index == 0 and self.num_output_tokens == 0
+        return Sequence(
+            request_id=self.request_id, token_ids=list(self.token_ids), num_prompt_tokens=self.num_prompt_tokens,
+            sampling=self.sampling, max_total_tokens=self.max_total_tokens, num_cached_tokens=self.num_cached_tokens,
+            logprobs=None if self.logprobs is None else [], index=index,
+            cumulative_logprob=None if self.cumulative_logprob is None else 0.0,
         )
 
     @property
@@ -71,4 +94,6 @@ class Sequence:
             logprobs=self.logprobs,
             first_token_time=self.first_token_time,
             finish_time=time.time(),
+            index=self.index,
+            cumulative_logprob=self.cumulative_logprob,
         )

@@ -117,6 +117,9 @@ class SimRunner:
         """The engine ran out of work: the next step starts a new busy period at its own time."""
         self._idle = True
 
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """A forked sample's block copy: simulated KV has no bytes to copy."""
+
     def sample(self, num_rows: int) -> list[int]:
         return [SIM_TOKEN] * num_rows
 

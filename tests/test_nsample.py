@@ -119,7 +119,7 @@ def test_split_layout_hands_off_once_and_forks_on_the_decode_engine(tiny_models)
     assert [f.index for f in state.forks] == [1, 2, 3] and state.num_kv_tokens == 21
     state = SeqState.from_wire(state.to_wire())
     blocks = decode.reserve(state.num_kv_tokens)
-    decode.unpack_kv(prefill.pack_kv("r0"), blocks)
+    decode.unpack_kv(prefill.pack_kv("r0", 0, len(blocks)), blocks)
     prefill.free_kv("r0")
     assert prefill.kv.num_free == prefill.kv.num_blocks
     decode.add_received(state, blocks)
@@ -158,7 +158,7 @@ def test_each_sample_follows_the_grammar_through_a_handoff(tiny_models):
     got = {}
     for state in states:
         blocks = decode.reserve(state.num_kv_tokens)
-        decode.unpack_kv(prefill.pack_kv("r0"), blocks)
+        decode.unpack_kv(prefill.pack_kv("r0", 0, len(blocks)), blocks)
         prefill.free_kv("r0")
         decode.add_received(state, blocks)
     while decode.has_work():

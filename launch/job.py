@@ -114,7 +114,7 @@ def _router(cfg: JobConfig, world, layout: Layout) -> tuple[int, Summary]:
         log.info("%s; placement %s", layout.describe(), cfg.router.policy)
         summary = frontend.run(backend)
     except Stopped as stop:
-        record_stop(cfg, stop.signum, frontend)
+        record_stop(cfg, stop.signum, frontend, who=f"rank {world.rank}: ")
         raise
     assert cfg.output.path is not None
     log.info("summary written to %s", write_summary(summary, cfg.output.path, frontend.timings if cfg.input.format == "trace" else None))

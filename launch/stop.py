@@ -71,9 +71,10 @@ def stop_marker(output_path: str | os.PathLike) -> Path:
     return path.with_name(path.name.removesuffix(".jsonl") + ".stopped")
 
 
-def record_stop(cfg: JobConfig, signum: int, frontend=None) -> None:
+def record_stop(cfg: JobConfig, signum: int, frontend=None, who: str = "") -> None:
     """What the router (or the single process) leaves when a stop signal ends the job: the
-    summary of the whole output file so far, and OUT.stopped naming the signal."""
+    summary of the whole output file so far, and OUT.stopped naming the signal. `who` prefixes the
+    log line ("rank 0: " in an MPI job, whose log interleaves every rank's)."""
     from kvrelay.router.frontend import write_summary
 
     if cfg.output.path is None:
@@ -84,4 +85,4 @@ def record_stop(cfg: JobConfig, signum: int, frontend=None) -> None:
         write_summary(summary, cfg.output.path)
     name = signal.Signals(signum).name
     stop_marker(cfg.output.path).write_text(f"{name}\n")
-    log.warning("%s: the output file holds every answer so far; rerun to resume", name)
+    log.warning("%s%s: the output file holds every answer so far; rerun to resume", who, name)

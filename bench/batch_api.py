@@ -86,9 +86,17 @@ def run(engine: Engine, lines: list[tuple[str, list[int], SamplingParams]]) -> t
     return out, wall, counters
 
 
-def arm(args, model_dir, cfg, dtype, device, lines, max_len) -> tuple[dict, dict]:
+def arm(args, model_dir, cfg, dtype, device, lines, max_len, profile: bool = False) -> tuple[dict, dict]:
     engine = build(args, model_dir, cfg, dtype, device, max_len)
-    out, wall, counters = run(engine, lines)
+    if profile:  # the host's time by function (cProfile slows the host: the wall is not comparable)
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        out, wall, counters = prof.runcall(run, engine, lines)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    else:
+        out, wall, counters = run(engine, lines)
     del engine
     gc.collect()
     if device.type == "cuda":
@@ -119,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-memory-fraction", type=float, default=0.9)
     ap.add_argument("--cpu-kv-gib", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", action="store_true", help="run arm B again under cProfile and print its host hot spots")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     if args.n < 2 and args.compare == "separate":
@@ -185,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         ratio = {"wall_b_over_a": b["wall_s"] / a["wall_s"], "output_tok_s_b_over_a": b["output_tok_s"] / a["output_tok_s"],
                  "per_token_b_over_a": b["wall_ms_per_output_token"] / a["wall_ms_per_output_token"]}
         emit("ratio", ratio)
+        if args.profile:
+            arm(args, model_dir, cfg, dtype, device, b_lines, max_len, profile=True)
     print(f"\n{args.compare} on {report['device']}: {args.num_prompts} prompts x {args.input_len} in, {args.output_len} out, {args.size}")
     print(f"{'arm':<28}{'wall s':>9}{'out tok':>9}{'out tok/s':>11}{'ms/out tok':>12}{'computed':>10}")
     for r in (a, b):

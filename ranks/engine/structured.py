@@ -65,6 +65,18 @@ class Grammars:
         if self.json[request_id]:
             self.last_token[request_id] = token
 
+    def accept_batch(self, request_ids: list[str], tokens: list[int]) -> None:
+        """accept() for many sequences in one call (xgrammar runs them on its threads)."""
+        import xgrammar as xgr
+
+        self._batch = self._batch or xgr.BatchGrammarMatcher()
+        accepted = self._batch.batch_accept_token([self.matchers[r] for r in request_ids], tokens)
+        for r, t, ok in zip(request_ids, tokens, accepted, strict=True):
+            if not ok:
+                raise RuntimeError(f"request {r}: token {t} does not follow its grammar")
+            if self.json[r]:
+                self.last_token[r] = t
+
     def is_terminated(self, request_id: str) -> bool:
         m = self.matchers.get(request_id)
         return m is not None and m.is_terminated()

@@ -12,7 +12,7 @@ from kvrelay.core.block_hash import hash_seed
 from kvrelay.core.request import Request, SamplingParams
 from kvrelay.ranks.engine.engine import Engine
 from kvrelay.ranks.engine.host_memory import HostKVMemory
-from kvrelay.ranks.engine.host_tier import HostTier
+from kvrelay.ranks.engine.host_tier import CopyBatch, HostTier
 from kvrelay.ranks.engine.kv_cache import KVCacheManager
 from kvrelay.ranks.engine.sequence import Sequence
 
@@ -24,39 +24,75 @@ def make_seq(rid: str, tokens: list[int]) -> Sequence:
 
 
 def run_prompt(kv: KVCacheManager, seq: Sequence) -> tuple[list[int], list[int]]:
-    """Admit with GPU and host hits, compute the whole prompt, free it; the (GPU hits, host slots).
-    The sequence's blocks are left in `seq.taken`."""
+    """Admit with GPU and host hits (loading the host blocks: one copy batch, completed at once, as
+    on the CPU), compute the whole prompt, free it; the (GPU hits, host slots). The sequence's
+    blocks are left in `seq.taken`, the copy batches in `kv.batches`."""
     hits = kv.match_prefix(seq)
     host = kv.match_host(seq, len(hits))
-    assert kv.admit(seq, hits, seq.num_tokens, host)
-    before, seq.num_computed_tokens = (len(hits) + len(host)) * 4, seq.num_tokens
-    kv.cache_computed(seq, before)
+    computed = (len(hits) + len(host)) * 4
+    assert kv.admit(seq, hits, computed if host else seq.num_tokens, host)
+    batch = kv.host.take_batch()
+    kv.batches.append(batch)
+    if host:
+        assert kv.landed() == []  # registered only once the copy-ins land
+        other = make_seq("other", seq.token_ids)  # shares the prefix: waits for the load, no recompute
+        assert kv.computed_elsewhere(other, kv.match_prefix(other))
+    if batch is not None:
+        kv.host.done(batch.number)
+    if host:
+        assert kv.landed() == [seq] and kv.grow(seq, seq.num_tokens)
+    seq.num_computed_tokens = seq.num_tokens
+    kv.cache_computed(seq, computed)
     seq.taken = list(seq.block_ids)
     kv.free(seq)
     return hits, host
 
 
+def make_kv(num_blocks: int, host: HostTier) -> KVCacheManager:
+    kv = KVCacheManager(num_blocks, 4, SEED, host=host)
+    kv.batches = []
+    return kv
+
+
 def test_evicted_blocks_go_to_the_host_and_come_back_into_fresh_blocks():
     host = HostTier(8)
-    kv = KVCacheManager(4, 4, SEED, host=host)
+    kv = make_kv(4, host)
     a = make_seq("a", list(range(13)))  # 3 full blocks + 1 token
     run_prompt(kv, a)
     a_hashes = list(a.block_hashes)
     run_prompt(kv, make_seq("b", list(range(100, 113))))  # takes all 4 blocks: a's 3 are evicted
-    out, inn = host.take_copies()
-    assert sorted(s for _, s in out) == [0, 1, 2] and not inn
+    batch = kv.batches[-1]
+    assert sorted(s for _, s in batch.out) == [0, 1, 2] and not batch.inn
     assert all(h in host for h in a_hashes)
     again = make_seq("c", list(range(13)))
     hits, slots = run_prompt(kv, again)
     assert hits == [] and len(slots) == 3  # the last token runs; 3 blocks precede it
-    out, inn = host.take_copies()
-    # b's blocks left first (copy-outs before copy-ins), then a's bytes came into c's first blocks.
-    assert len(out) == 3 and [s for s, _ in inn] == slots
-    assert [b for _, b in inn] == again.taken[:3]
+    batch = kv.batches[-1]
+    # Two of b's blocks left first (copy-outs before copy-ins; c takes 3 blocks to load into, and
+    # b's partly filled last block, coldest, holds no hash), then a's bytes came into c's first blocks.
+    assert len(batch.out) == 2 and [s for s, _ in batch.inn] == slots
+    assert [b for _, b in batch.inn] == again.taken[:3]
     assert not host.pinned
     # Registered on arrival: a fourth sequence finds them on the GPU.
     hits, slots = run_prompt(kv, make_seq("d", list(range(13))))
     assert len(hits) == 3 and slots == []
+
+
+def test_blocks_written_ahead_are_not_copied_again_and_a_taken_block_waits_for_its_copy():
+    host = HostTier(8)
+    kv = make_kv(4, host)
+    run_prompt(kv, make_seq("a", list(range(13))))  # 3 cached blocks, all free
+    # The three coldest free blocks, freed tail first: a's partly filled block (no hash: no copy),
+    # then its blocks 2 and 1.
+    kv.write_ahead(3)
+    batch = host.take_batch()
+    assert len(batch.out) == 2 and host.stats.written_ahead_blocks == 2
+    kv.write_ahead(3)
+    assert host.take_batch() is None  # held by the host already: no second copy
+    run_prompt(kv, make_seq("b", list(range(100, 113))))  # evicts a's 3 blocks: one copy, two deduped
+    assert host.stats.deduped_blocks == 2 and host.stats.offloaded_blocks == 3
+    # b took the written-ahead blocks before their batch completed: the compute stream must wait.
+    assert kv.barrier == batch.number and not host.writing  # (run_prompt completed every batch since)
 
 
 def test_full_tier_drops_its_coldest_unpinned_block():
@@ -76,7 +112,7 @@ def test_full_tier_drops_its_coldest_unpinned_block():
 
 def test_failed_admission_unpins():
     host = HostTier(8)
-    kv = KVCacheManager(4, 4, SEED, host=host)
+    kv = make_kv(4, host)
     run_prompt(kv, make_seq("a", list(range(13))))
     run_prompt(kv, make_seq("b", list(range(100, 113))))
     hog = make_seq("hog", list(range(200, 208)))
@@ -96,12 +132,13 @@ def test_block_offloaded_evicted_and_brought_back_holds_the_same_bytes():
     mem.chunk_slots = 2  # several chunks, allocated as they are written
     mem.chunks = [None] * 3
     before = [(k[[1, 4]].clone(), v[[1, 4]].clone()) for k, v in caches]
-    mem.copy_out(caches, [1, 4], [4, 1])
+    mem.issue(CopyBatch(0, out=[(1, 4), (4, 1)]))
     assert mem.chunks[1] is None  # slot 2-3's chunk was never written
     for k, v in caches:  # the GPU blocks are reused
         k[[1, 4]] = 0.0
         v[[1, 4]] = 0.0
-    mem.copy_in(caches, [4, 1], [0, 5])
+    mem.issue(CopyBatch(1, inn=[(4, 0), (1, 5)]))
+    assert mem.completed() == 1  # the CPU copies at once
     for (k, v), (bk, bv) in zip(caches, before):
         assert torch.equal(k[[0, 5]], bk) and torch.equal(v[[0, 5]], bv)
 
@@ -195,3 +232,37 @@ def test_simulated_worker_runs_the_host_tier_and_models_its_copies():
     assert report["host_offload_bytes"] > 0
     copies = engine.runner.timing.host_copy_s
     assert report["sim"]["host_copy_s"] >= copies(6 * 16) > 0
+
+
+def test_a_loading_sequence_waits_for_its_copies_while_others_step():
+    from kvrelay.ranks.engine.scheduler import Scheduler
+
+    host = HostTier(8)
+    kv = make_kv(8, host)
+    sched = Scheduler(kv, max_batch_tokens=64, max_seqs=4)
+    run_prompt(kv, make_seq("a", list(range(13))))
+    run_prompt(kv, make_seq("b", list(range(100, 129))))  # 8 blocks: a's 3 go to the host
+    host.done(kv.batches[-1].number)
+    other = make_seq("r", list(range(200, 205)))
+    sched.add(other)
+
+    def step() -> list[tuple[Sequence, int]]:  # schedule, and compute as the engine would
+        batch = sched.schedule()
+        for item in batch:
+            samples = item.samples
+            sched.on_computed(item)
+            if samples:
+                item.seq.token_ids.append(9)
+        return [(i.seq, i.num_new_tokens) for i in batch]
+
+    assert step() == [(other, 5)]
+    c = make_seq("c", list(range(13)) + [7, 7])
+    sched.add(c)
+    assert step() == [(other, 1)] and sched.loading == [c] and sched.has_work()
+    copies = host.take_batch()
+    assert len(copies.inn) == 3
+    for _ in range(2):  # the copy stream has not finished: c waits, the other sequence steps
+        assert step() == [(other, 1)] and sched.loading == [c]
+    host.done(copies.number)
+    assert step() == [(other, 1), (c, 3)]  # 12 of its 15 tokens came from the host
+    assert c.num_cached_tokens == 12 and kv.host_hit_blocks == 3 and not sched.loading

@@ -155,12 +155,17 @@ class Engine:
         self.scheduler = Scheduler(
             self.kv, cfg.scheduler.max_batch_tokens, cfg.scheduler.max_seqs, cfg.scheduler.chunked_prefill
         )
+        # Free blocks at the cold end whose copy-out starts ahead of their eviction: what a few
+        # steps can take, or a sixteenth of the cache (a host tier hit takes its blocks at once).
+        self.write_ahead_blocks = max(4 * num_blocks(cfg.scheduler.max_batch_tokens, cfg.cache.block_size),
+                                      cache_blocks // 16)
         self.generators: dict[str, torch.Generator] = {}
         self.history = TokenHistory(vocab_size)  # token counts of sequences with penalties
         self.grammars = Grammars(cfg.model.path, vocab_size, sorted(self.eos_token_ids))  # structured output
         # Handed-off sequences whose KV is being sent: they hold their blocks until `free_kv`.
         self.sending: dict[str, Sequence] = {}
         self.stats = EngineStats()
+        self.host_barriers = 0  # compute stream writes that had to wait for a copy-out in flight
 
     @classmethod
     def from_config(
@@ -342,6 +347,7 @@ class Engine:
                 copies.append(copy)
             self.scheduler.add_arrived(child)
         if copies:
+            self._move_kv()  # the copy's destination may be a block whose copy-out is in flight
             # NOTE: now, not at the next step: the prompt's KV is written (this step's forward, or
             # an unpacked handoff, queued before on the same stream), and the source block cannot
             # be freed and taken again before this copy is queued.
@@ -385,15 +391,17 @@ class Engine:
         return out
 
     def _move_kv(self) -> None:
-        """Issue the host tier's queued copies: evicted blocks out, then host hits in, both ahead of
-        whatever writes or reads those blocks next (ranks/engine/host_memory.py)."""
+        """Issue the host tier's queued copies on the copy stream (ranks/engine/host_memory.py), and
+        order the compute stream's next write after any copy-out of a block it was just given."""
         if self.host is None:
             return
-        out, inn = self.host.take_copies()
-        if out:
-            self.runner.copy_out(*map(list, zip(*out)))
-        if inn:
-            self.runner.copy_in(*map(list, zip(*inn)))
+        batch = self.host.take_batch()
+        if batch is not None:
+            self.runner.host.issue(batch)
+        if self.kv.barrier > self.host.completed:
+            self.runner.host.order_before_write(self.kv.barrier)
+            self.host_barriers += 1
+        self.kv.barrier = -1
 
     def tier_report(self) -> dict:
         """Prefix hits per tier (tokens) and the host tier's traffic (bytes)."""
@@ -402,7 +410,11 @@ class Engine:
         if self.host is not None:
             s = self.host.stats
             out |= {"host_kv_blocks": self.host.num_slots, "host_offload_bytes": s.offloaded_blocks * bb,
-                    "host_onload_bytes": s.onloaded_blocks * bb, "host_dropped_blocks": s.dropped_blocks}
+                    "host_onload_bytes": s.onloaded_blocks * bb, "host_dropped_blocks": s.dropped_blocks,
+                    "host_written_ahead_blocks": s.written_ahead_blocks, "host_deduped_blocks": s.deduped_blocks,
+                    "host_write_barriers": self.host_barriers}
+            if not self.runner.simulated:
+                out |= {"host_copy_" + k: v for k, v in vars(self.runner.host.stats).items()}
         return out
 
     def _make_generator(self, request_id: str, sp: SamplingParams, index: int = 0) -> torch.Generator | None:
@@ -421,11 +433,19 @@ class Engine:
     def step(self) -> StepOutput:
         t0 = time.perf_counter()
         out = StepOutput()
+        if self.host is not None:
+            self.host.done(self.runner.host.completed())
         batch = self.scheduler.schedule()
+        if self.host is not None:
+            self.kv.write_ahead(self.write_ahead_blocks)
+            self._move_kv()
         if not batch:
+            if self.scheduler.loading:  # nothing to run until a load lands: wait for the oldest
+                self.runner.host.wait(min(self.kv.loading[s][0] for s in self.scheduler.loading))
+                if self.runner.simulated:
+                    self.runner.idle()  # the wait is not a late step
             return out
         sampling = [item.seq for item in batch if item.samples]
-        self._move_kv()
         logits = self.runner.execute(batch)
         for item in batch:
             self.scheduler.on_computed(item)

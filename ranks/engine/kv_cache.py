@@ -22,14 +22,19 @@ hooks there, and a sequence whose blocks are on their way in can be given blocks
 and registered by `adopt` when they land, as handed-off KV is today.
 
 With a host tier (ranks/engine/host_tier.py), every eviction is offered to it before the hook,
-`match_host` extends a GPU prefix match into it, and `admit` queues the copy-in of those blocks
-into the sequence's first fresh blocks and registers them at once: the engine issues the copies
-before the step's forward, on the same stream, so any reader of the block runs after its bytes land.
+`write_ahead` copies out the cached blocks nearest the free list's cold end before they are
+evicted, `match_host` extends a GPU prefix match into it, and `admit` queues the copy-in of those
+blocks into the sequence's first fresh blocks. The copies run on a side stream; the sequence is
+*loading* until their batch completes (`landed` then registers the blocks, so no other sequence
+reads them early; until then their hashes are in `computing`, and a sequence sharing them waits).
+A block taken while its copy-out is in flight raises `barrier`: the engine orders the compute
+stream's next write after that batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import islice
 
 from kvrelay.core.block_hash import block_hashes, num_blocks
 from kvrelay.ranks.engine.block_pool import BlockPool
@@ -51,7 +56,9 @@ class KVCacheManager:
         self.host_hit_blocks = 0
         self.on_cache: CacheHook | None = None
         self.on_evict: EvictHook | None = None
-        self.computing: dict[int, Sequence] = {}  # block hash -> the admitted sequence computing it
+        self.computing: dict[int, Sequence] = {}  # block hash -> the admitted sequence computing (or loading) it
+        self.loading: dict[Sequence, tuple[int, int, int]] = {}  # -> (copy batch, first block, blocks) coming in
+        self.barrier = -1  # the copy batch the compute stream's next write of a taken block must follow
 
     @property
     def num_blocks(self) -> int:
@@ -101,6 +108,8 @@ class KVCacheManager:
     def allocate(self, n: int) -> list[int]:
         """`n` free blocks, coldest first; cached blocks among them are evicted through `on_evict`."""
         blocks, evicted = self.pool.take(n)
+        if self.host is not None:
+            self.barrier = max([self.barrier, *(self.host.reuse(b) for b in blocks)])
         for block_id, block_hash in evicted:
             if self.host is not None:
                 self.host.offload(block_id, block_hash)
@@ -125,13 +134,34 @@ class KVCacheManager:
         self.pool.touch(hits)
         fresh = self.allocate(need)
         seq.block_ids = hits + fresh
-        for i, (slot, block_id) in enumerate(zip(host_slots, fresh)):
-            self.host.onload(slot, block_id)
-            self.register(block_id, seq.block_hashes[len(hits) + i])
+        for slot, block_id in zip(host_slots, fresh):
+            batch = self.host.onload(slot, block_id)
+        if host_slots:
+            self.loading[seq] = (batch, len(hits), len(host_slots))
         if self.pool.enable_caching:
-            for h in seq.block_hashes[len(hits) + len(host_slots) :]:
+            for h in seq.block_hashes[len(hits) :]:
                 self.computing.setdefault(h, seq)  # the first to compute a block keeps it (as BlockPool.register)
         return True
+
+    def landed(self) -> list[Sequence]:
+        """Loading sequences whose blocks' copy-ins completed: their blocks are registered now."""
+        done = [seq for seq, (batch, _, _) in self.loading.items() if batch <= self.host.completed]
+        for seq in done:
+            _, first, count = self.loading.pop(seq)
+            for i in range(first, first + count):
+                self.register(seq.block_ids[i], seq.block_hashes[i])
+                if self.computing.get(seq.block_hashes[i]) is seq:
+                    del self.computing[seq.block_hashes[i]]
+        return done
+
+    def write_ahead(self, n: int) -> None:
+        """Copy out the cached blocks among the `n` coldest free ones (the next to be evicted)
+        that the host tier does not hold yet, so their eviction costs no copy on the step's path."""
+        if self.host is not None:
+            for b in islice(self.pool.free, n):
+                h = self.pool.hash_of[b]
+                if h is not None:
+                    self.host.write_ahead(b, h)
 
     def count_hits(self, gpu_blocks: int, host_blocks: int) -> None:
         """A sequence's prefix hits at its first admission, per tier (the job summary's)."""
@@ -202,6 +232,7 @@ class KVCacheManager:
     def free(self, seq: Sequence) -> None:
         """Give a sequence's blocks back, tail first (see BlockPool.unref); the blocks it was still
         to compute are no longer in the making."""
+        assert seq not in self.loading, "a loading sequence keeps its blocks until they land"
         for h in seq.block_hashes[seq.num_computed_tokens // self.block_size :]:
             if self.computing.get(h) is seq:
                 del self.computing[h]

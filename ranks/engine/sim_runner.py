@@ -12,7 +12,7 @@ fits them on a real engine):
     decode(batch, kv)    = e * batch + f * kv                        (kv = context tokens read)
     step                 = max(a if the step prefills, d if it decodes) + the terms above
     handoff(tokens)      = tokens * kv_bytes_per_token / bandwidth + latency
-    host copies(tokens)  = tokens * kv_bytes_per_token / host bandwidth + latency   (added to the next step)
+    host copies(tokens)  = tokens * kv_bytes_per_token / host bandwidth + latency   (on a copy stream)
 
 NOTE: one step may mix prefill chunks and decodes (chunked prefill); its fixed part is the larger
 of the two base costs (both mostly read the weights once), not their sum.
@@ -38,7 +38,8 @@ class SimStats:
     slept_s: float = 0.0  # wall time spent sleeping for them
     late_steps: int = 0  # steps that began more than a step late on the modeled clock (caught up later)
     slip_s: float = 0.0  # wall time the modeled clock lost for good (behind by more than MAX_LAG_S)
-    host_copy_s: float = 0.0  # modeled time of host tier copies (part of modeled_s)
+    host_copy_s: float = 0.0  # modeled time of host tier copies, on their own stream
+    copy_stall_s: float = 0.0  # modeled time steps waited for a copy-out to free a block (part of modeled_s)
 
 
 class SimRunner:
@@ -57,18 +58,12 @@ class SimRunner:
         self.stats = SimStats()
         self._last_end = 0.0
         self._idle = True
-        self._copies_s = 0.0  # modeled host tier copies issued since the last step
+        self._stall_s = 0.0  # modeled wait for copies before the next step's forward
+        self.host: SimHostCopies | None = None
 
     def allocate_host(self, num_slots: int) -> None:
         """The host tier holds no bytes here: its copies only take modeled time."""
-
-    # NOTE: the real runner issues host tier copies on the step's stream before its forward, so
-    # their modeled time is added to the next step's, not overlapped with it.
-    def copy_out(self, block_ids: list[int], slots: list[int]) -> None:
-        self._copies_s += self.timing.host_copy_s(len(block_ids) * self.block_size)
-
-    def copy_in(self, slots: list[int], block_ids: list[int]) -> None:
-        self._copies_s += self.timing.host_copy_s(len(block_ids) * self.block_size)
+        self.host = SimHostCopies(self)
 
     def block_bytes(self) -> int:
         return self.timing.model.kv_bytes_per_token * self.block_size
@@ -88,9 +83,9 @@ class SimRunner:
                 decodes.append(seq.num_computed_tokens + item.num_new_tokens)
             else:
                 chunks.append((item.num_new_tokens, seq.num_computed_tokens))
-        modeled = self.timing.step_s(chunks, decodes) + self._copies_s
-        self.stats.host_copy_s += self._copies_s
-        self._copies_s = 0.0
+        modeled = self.timing.step_s(chunks, decodes) + self._stall_s
+        self.stats.copy_stall_s += self._stall_s
+        self._stall_s = 0.0
         self.stats.modeled_s += modeled
         wall = modeled / self.speed
         now = time.perf_counter()
@@ -137,3 +132,40 @@ class SimRunner:
     def transfer_s(self, num_tokens: int) -> float:
         """Wall seconds that a handoff of `num_tokens` tokens' KV takes."""
         return self.timing.handoff_s(num_tokens) / self.speed
+
+
+class SimHostCopies:
+    """The copy stream of a simulated host tier (HostKVMemory's surface): batches run one after
+    another on a wall clock of their modeled time / speed, overlapping the steps; a step pays
+    only when it must write a block whose copy-out has not finished (`order_before_write`)."""
+
+    def __init__(self, runner: SimRunner) -> None:
+        self.runner = runner
+        self.free_at = 0.0  # wall time the stream finishes its last batch
+        self.in_flight: list[tuple[int, float]] = []  # (batch, wall time it ends), oldest first
+        self.issued = -1
+
+    def issue(self, batch) -> None:
+        r = self.runner
+        modeled = r.timing.host_copy_s((len(batch.out) + len(batch.inn)) * r.block_size)
+        r.stats.host_copy_s += modeled
+        self.free_at = max(time.perf_counter(), self.free_at) + modeled / r.speed
+        self.in_flight.append((batch.number, self.free_at))
+        self.issued = batch.number
+
+    def completed(self) -> int:
+        now = time.perf_counter()
+        while self.in_flight and self.in_flight[0][1] <= now:
+            self.in_flight.pop(0)
+        return self.in_flight[0][0] - 1 if self.in_flight else self.issued
+
+    def _end(self, batch: int) -> float:
+        return next((end for number, end in self.in_flight if number >= batch), 0.0)
+
+    def order_before_write(self, batch: int) -> None:
+        self.runner._stall_s += max(0.0, self._end(batch) - time.perf_counter()) * self.runner.speed
+
+    def wait(self, batch: int) -> None:
+        left = self._end(batch) - time.perf_counter()
+        if left > 0:
+            time.sleep(left)

@@ -91,7 +91,9 @@ def owner(comm: MPI.Comm) -> None:
             pool.unref(running.pop(rng.randrange(len(running)))[::-1])
         load = dict(free_blocks=pool.num_free, total_blocks=NUM_BLOCKS, queued_prefill_tokens=rng.randrange(4096),
                     running_seqs=len(running), active_decode_blocks=NUM_BLOCKS - pool.num_free, step=step)
-        host.take_copies()  # an engine issues these copies before its next forward
+        batch = host.take_batch()  # an engine issues these copies; on the CPU they complete at once
+        if batch is not None:
+            host.done(batch.number)
         window.publish(**load)
         comm.Iprobe()  # a worker loop enters MPI every step
     comm.Ibarrier().Wait()  # quiescence: the reader stops its concurrent loop

@@ -10,6 +10,9 @@ never interrupts a worker. Layout of one window, in 8-byte words:
     [8 + n_buckets * WAYS:]
             host table (uint64): host_buckets x WAYS, the same format, only on a worker with a
             host KV tier (host_buckets = 0 otherwise): the blocks its host tier holds
+    [.. + host_buckets * WAYS:]
+            host log, with the host table only: a head word (stores so far), then a ring of
+            LOG_ENTRIES (slot, value) pairs, every store into the host table in order
 
 The table mirrors the prefix cache through the KV-cache manager's `on_cache` / `on_evict` hooks,
 the host table the host tier through its `on_add` / `on_drop` hooks. A block in both tiers is in
@@ -28,6 +31,15 @@ where it matters, since an update runs on every cache and evict. Measured here (
 cores): a whole table update, bookkeeping included, ~0.45 us; one `Accumulate(REPLACE)` or
 `Fetch_and_op` + `Flush` on self alone 3-25 us. Every update writes one aligned word, so a reader
 sees the old or the new hash, never a mix.
+
+NOTE (host log): a host table is 4-16x a GPU table (512 KiB for a 256 GiB tier of 8B blocks), and
+copying all of them at every refresh cost the router 8.8 ms on B2 (0.5 ms without). Its contents
+change slowly (a few stores per ms), so the router keeps its own copy and replays the stores since
+its last read from the owner's log: `loads()` reads each log's head with the headers, `snapshot()`
+gets only the new entries. A reader that fell behind by most of the ring (or a first read past it)
+copies the whole table instead. The replay is exact once the owner is quiet, and a hint while it
+writes (an entry overwritten mid-read is a wrong slot until the next full copy: a miss or a
+false hit that the worker's own match corrects), as every read of the window is.
 
 NOTE (MPICH progress): with MPICH on one node, `Win.Allocate` memory is shared memory and a `Get`
 inside the `Lock_all` epoch is a copy that needs nothing from the target (~2.5 us while the owner
@@ -55,6 +67,7 @@ HEADER_WORDS = len(HEADER_FIELDS)
 WAYS = 8  # slots per bucket: one bucket is one 64-byte Get
 FULL = (1 << WAYS) - 1
 WORD = MPI.LONG  # numpy int64; INT64_T as a target type fails in Open MPI
+LOG_ENTRIES = 8192  # host log ring: 128 KiB; a refresh every 5 ms replays ~tens of entries
 
 
 def table_key(block_hash: int) -> int:
@@ -84,6 +97,7 @@ class BucketTable:
         self.born = np.zeros(slots.size, np.int64)  # insertion count per slot: the FIFO order
         self.inserts = 0
         self.drops = 0  # entries pushed out of full buckets (diagnostics)
+        self.log: StoreLog | None = None  # every store into `slots`, for readers that replay them
 
     def insert(self, block_hash: int) -> int | None:
         """Store a hash; return the key it pushed out of a full bucket, if any."""
@@ -105,8 +119,13 @@ class BucketTable:
         self.inserts += 1
         self.born[slot] = self.inserts
         self.where[key] = slot
-        self.slots[slot] = key  # one aligned word: a reader sees the dropped key or the new one
+        self._store(slot, key)
         return dropped
+
+    def _store(self, slot: int, key: int) -> None:
+        self.slots[slot] = key  # one aligned word: a reader sees the old key or the new one
+        if self.log is not None:
+            self.log.record(slot, key)
 
     def remove(self, block_hash: int) -> None:
         """Forget a hash; a no-op for one the table never held or already dropped."""
@@ -115,10 +134,38 @@ class BucketTable:
             return
         b, way = divmod(slot, WAYS)
         self.used[b] &= ~(1 << way)
-        self.slots[slot] = 0
+        self._store(slot, 0)
 
     def keys(self) -> set[int]:
         return set(self.slots[self.slots != 0].tolist())
+
+
+class StoreLog:
+    """Owner side of a host log: `ring` ([LOG_ENTRIES, 2] uint64 window memory) gets (slot, value)
+    per store, `head` ([1] int64) the count, written after the entry (a reader that saw the count
+    finds the entry complete)."""
+
+    def __init__(self, words: np.ndarray) -> None:
+        assert words.size == 1 + 2 * LOG_ENTRIES
+        self.head = words[:1].view(np.int64)
+        self.ring = words[1:].view(np.uint64).reshape(LOG_ENTRIES, 2)
+        words[:] = 0
+        self.n = 0
+
+    def record(self, slot: int, value: int) -> None:
+        self.ring[self.n % LOG_ENTRIES] = (slot, value)
+        self.n += 1
+        self.head[0] = self.n
+
+
+def replay(table: np.ndarray, entries: np.ndarray) -> None:
+    """Apply logged stores ([k, 2] uint64 (slot, value), oldest first) to a copy of a table; a slot
+    stored twice keeps the later value (numpy leaves the order of repeated indices open)."""
+    if not entries.size:
+        return
+    slots = entries[::-1, 0].astype(np.intp)
+    slots, last = np.unique(slots, return_index=True)
+    table[slots] = entries[::-1, 1][last]
 
 
 @dataclass
@@ -138,7 +185,7 @@ def _allocate(comm: MPI.Comm, n_buckets: int, host_buckets: int = 0) -> tuple[MP
     """The collective part of both sides, one code path so the calls always match: every rank
     tells its tables' sizes (0 for the router), allocates, and opens the one long epoch."""
     sizes = comm.allgather((n_buckets, host_buckets))
-    nwords = HEADER_WORDS + (n_buckets + host_buckets) * WAYS if n_buckets else 0
+    nwords = HEADER_WORDS + (n_buckets + host_buckets) * WAYS + _log_words(host_buckets) if n_buckets else 0
     win = MPI.Win.Allocate(nwords * 8, disp_unit=8, comm=comm)
     if win.Get_attr(MPI.WIN_MODEL) != MPI.WIN_UNIFIED:
         win.Free()
@@ -148,6 +195,10 @@ def _allocate(comm: MPI.Comm, n_buckets: int, host_buckets: int = 0) -> tuple[MP
     # nodes would otherwise need the target's progress.
     win.Lock_all(MPI.MODE_NOCHECK)
     return win, sizes
+
+
+def _log_words(host_buckets: int) -> int:
+    return 1 + 2 * LOG_ENTRIES if host_buckets else 0
 
 
 def _open(win: MPI.Win, comm: MPI.Comm) -> None:
@@ -162,14 +213,18 @@ class CacheWindow:
 
     def __init__(self, win: MPI.Win, n_buckets: int, role: str, host_buckets: int = 0) -> None:
         words = np.frombuffer(win.tomemory(), dtype=np.int64)
-        assert words.size == HEADER_WORDS + (n_buckets + host_buckets) * WAYS
+        split = HEADER_WORDS + n_buckets * WAYS
+        end = split + host_buckets * WAYS
+        assert words.size == end + _log_words(host_buckets)
         self.win = win
         self.header = words[:HEADER_WORDS]
         self.header[:] = 0
         self.header[HEADER_FIELDS.index("role")] = ROLE_CODES[role]
-        split = HEADER_WORDS + n_buckets * WAYS
         self.table = BucketTable(words[HEADER_WORDS:split].view(np.uint64))
-        self.host_table = BucketTable(words[split:].view(np.uint64)) if host_buckets else None
+        self.host_table = None
+        if host_buckets:
+            self.host_table = BucketTable(words[split:end].view(np.uint64))
+            self.host_table.log = StoreLog(words[end:])
         self.version = 0
 
     @classmethod
@@ -224,6 +279,12 @@ class WindowReader:
         self.win = win
         self.n_buckets = n_buckets  # worker rank -> its table's buckets
         self.host_buckets = host_buckets or {}  # worker rank -> its host table's buckets, if it has one
+        # The host tables are kept here and brought up to date from the owners' logs (NOTE above).
+        self.host_snap = TableSnapshot({}, self.host_buckets)
+        self.log_heads = np.zeros(len(self.host_buckets), np.int64)  # as read with the last loads()
+        self.log_seen = dict.fromkeys(self.host_buckets, 0)  # stores replayed (or copied) per worker
+        self.host_full_reads = 0
+        self.host_log_entries = 0
 
     @classmethod
     def create(cls, comm: MPI.Comm, worker_ranks: list[int]) -> WindowReader:
@@ -241,22 +302,46 @@ class WindowReader:
         out = np.empty((len(ranks), HEADER_WORDS), np.int64)
         for i, r in enumerate(ranks):
             self.win.Get([out[i], WORD], r, (0, HEADER_WORDS, WORD))
+        for i, r in enumerate(self.host_buckets):
+            self.win.Get([self.log_heads[i : i + 1], WORD], r, (self._log_at(r), 1, WORD))
         self.win.Flush_all()
         return {r: self._load(r, row) for r, row in zip(ranks, out.tolist())}
 
     def snapshot(self) -> TableSnapshot:
-        """A copy of every worker's table: one Get each, all posted before one Flush_all."""
-        snap = TableSnapshot(self.n_buckets, self.host_buckets)
+        """A copy of every worker's GPU table (one Get each) and its host table brought up to the
+        log head that the last `loads()` saw (the new log entries, or the whole table for a worker
+        whose log ran too far ahead), all posted before one Flush_all."""
+        snap = TableSnapshot(self.n_buckets)
+        snap.host_groups, snap.host_slots = self.host_snap.host_groups, self.host_snap.host_slots
         for nb, ranks in snap.groups.items():
             rows = snap.slots[nb].view(np.int64)
             for i, r in enumerate(ranks):
                 self.win.Get([rows[i], WORD], r, (HEADER_WORDS, nb * WAYS, WORD))
-        for hb, ranks in snap.host_groups.items():
-            rows = snap.host_slots[hb].view(np.int64)
-            for i, r in enumerate(ranks):
-                self.win.Get([rows[i], WORD], r, (HEADER_WORDS + self.n_buckets[r] * WAYS, hb * WAYS, WORD))
+        replays = []
+        for head, r in zip(self.log_heads.tolist(), self.host_buckets):
+            seen, self.log_seen[r] = self.log_seen[r], head
+            hb = self.host_buckets[r]
+            row = snap.host_slots[hb][snap.host_groups[hb].index(r)]
+            if head - seen > LOG_ENTRIES * 3 // 4:  # behind by most of the ring: copy the table
+                self.win.Get([row.view(np.int64), WORD], r, (HEADER_WORDS + self.n_buckets[r] * WAYS, hb * WAYS, WORD))
+                self.host_full_reads += 1
+            elif head > seen:
+                entries = np.empty((head - seen, 2), np.uint64)
+                first, n = seen % LOG_ENTRIES, head - seen
+                part = min(n, LOG_ENTRIES - first)  # the ring wraps at most once here
+                for at, dst in ((first, entries[:part]), (0, entries[part:])):
+                    if dst.size:
+                        self.win.Get([dst.view(np.int64), WORD], r, (self._log_at(r) + 1 + 2 * at, dst.size, WORD))
+                replays.append((row, entries))
+                self.host_log_entries += n
         self.win.Flush_all()
+        for row, entries in replays:
+            replay(row, entries)
         return snap
+
+    def _log_at(self, rank: int) -> int:
+        """Word offset of a worker's host log in its window."""
+        return HEADER_WORDS + (self.n_buckets[rank] + self.host_buckets[rank]) * WAYS
 
     def close(self) -> None:
         """COLLECTIVE over the creating communicator (the workers close their CacheWindows)."""

@@ -9,8 +9,8 @@ matches) in a loop, as the router does, and checks what must hold even on torn r
 go back, a chain never inserted never matches. After a barrier the reader's view of each table must
 equal the owner's, the owner's table must be a subset of its pool's cached hashes, and equal to it
 on rank 3, whose table is sized so that no bucket overflows. Every owner has a host tier below its
-pool (its evictions go there); the reader's host tables and tier probe (`tier_lengths`) must match
-the owners' after the barrier too. Prints the median latency of `loads()`,
+pool (its evictions go there); the reader's host tables (replayed from the owners' store logs) and
+tier probe (`tier_lengths`) must match the owners' after the barrier too. Prints the median latency of `loads()`,
 of `snapshot()` and of one probe, then "window_check OK".
 """
 
@@ -27,6 +27,7 @@ from mpi4py import MPI
 
 from kvrelay.ranks.engine.host_tier import HostTier
 from kvrelay.ranks.engine.kv_cache import KVCacheManager
+from kvrelay.core import window as window_module
 from kvrelay.core.window import CacheWindow, WindowReader, table_key
 
 NUM_BLOCKS = 64
@@ -146,8 +147,8 @@ def reader(comm: MPI.Comm) -> None:
     # Quiescent: the reader's view must be exactly the owners' tables.
     drops = {}
     host_runs = 0  # chain probes that continued into a host table
+    loads = reader.loads()  # the host logs' heads, which the snapshot replays up to
     snap = reader.snapshot()
-    loads = reader.loads()
     for r in owners:
         got = comm.recv(source=r)
         row = snap.slots[reader.n_buckets[r]][snap.groups[reader.n_buckets[r]].index(r)]
@@ -181,6 +182,10 @@ def reader(comm: MPI.Comm) -> None:
               f"{len(cached)} cached, {got['drops']} bucket drops; host table {len(host_table)} keys", flush=True)
     assert sum(drops[r] for r in owners if r != ROOMY) > 0, "no bucket overflowed: the FIFO drop went untested"
     assert host_runs > 0, "no probe reached a host table"
+    assert reader.host_log_entries > 0, "the host tables were never brought up to date from the logs"
+    assert reader.host_full_reads > 0, "the reader never fell behind a host log"
+    print(f"host tables: {reader.host_log_entries} logged stores replayed, {reader.host_full_reads} whole copies",
+          flush=True)
 
     for times in (loads_s, snap_s, probe_s):
         times.clear()
@@ -201,6 +206,9 @@ def main() -> None:
     comm = MPI.COMM_WORLD
     if comm.size != 4:
         raise SystemExit(f"run with 4 ranks (mpiexec -n 4), not {comm.size}")
+    # A short host log ring, on every rank: the reader falls behind it at times and copies whole
+    # host tables, and replays the logs otherwise; both paths must end equal to the owners' tables.
+    window_module.LOG_ENTRIES = 256
     if comm.rank == 0:
         reader(comm)
         print("window_check OK", flush=True)

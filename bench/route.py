@@ -105,6 +105,12 @@ def run_one(args, workers: int, policy: str, limit: int, workdir: Path) -> dict:
         "host_hit_tokens": b["host_hit_tokens"],
         "host_offload_bytes": b["host_offload_bytes"],
         "host_onload_bytes": b["host_onload_bytes"],
+        # Copy-outs made ahead of their eviction, evictions the host held already, and the modeled
+        # time steps waited for a copy-out before writing a block (the copies' own time overlaps).
+        "host_written_ahead_blocks": sum(w.get("host_written_ahead_blocks", 0) for w in ws),
+        "host_deduped_blocks": sum(w.get("host_deduped_blocks", 0) for w in ws),
+        "host_copy_s": sum(w["sim"].get("host_copy_s", 0.0) for w in ws),
+        "host_copy_stall_s": sum(w["sim"].get("copy_stall_s", 0.0) for w in ws),
         "hit_ratio": s["prefix_hit_ratio"],
         "ttft_p50_s": s["latency"]["ttft_s"]["p50"],
         "ttft_p90_s": s["latency"]["ttft_s"]["p90"],

@@ -143,11 +143,11 @@ def test_block_offloaded_evicted_and_brought_back_holds_the_same_bytes():
         assert torch.equal(k[[0, 5]], bk) and torch.equal(v[[0, 5]], bv)
 
 
-def make_engine(model_dir, host_kv_gib: float) -> Engine:
+def make_engine(model_dir, host_kv_gib: float, **settings) -> Engine:
     return Engine.from_config(load_config(**{
         "model.path": str(model_dir), "job.device": "cpu", "model.dtype": "float32",
         "cache.block_size": 8, "cache.num_blocks": 20, "model.max_model_len": 128,
-        "scheduler.max_batch_tokens": 32, "scheduler.max_seqs": 2, "cache.host_kv_gib": host_kv_gib,
+        "scheduler.max_batch_tokens": 32, "scheduler.max_seqs": 2, "cache.host_kv_gib": host_kv_gib, **settings,
     }))
 
 
@@ -266,3 +266,68 @@ def test_a_loading_sequence_waits_for_its_copies_while_others_step():
     host.done(copies.number)
     assert step() == [(other, 1), (c, 3)]  # 12 of its 15 tokens came from the host
     assert c.num_cached_tokens == 12 and kv.host_hit_blocks == 3 and not sched.loading
+
+
+def run_waves(engine: Engine, waves: list[list[list[int]]], first: int = 0) -> dict[str, list[int]]:
+    got, i = {}, first
+    for wave in waves:
+        for ids in wave:
+            engine.add_request(Request(f"r{i}", ids, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)))
+            i += 1
+        while engine.has_work():
+            got |= {r.request_id: r.output_token_ids for r in engine.step().finished}
+        if engine.disk is not None:
+            while engine.disk_store.in_flight:  # the spills of this wave are on disk before the next
+                engine._poll_tiers(wait_s=1.0)
+    return got
+
+
+def test_greedy_outputs_with_host_and_disk_tiers_equal_transformers_and_a_corrupt_file_is_recomputed(
+        tiny_models, tmp_path, caplog):
+    transformers = pytest.importorskip("transformers")
+    model_dir = tiny_models["llama"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None
+    g = torch.Generator().manual_seed(2)
+    vocab = hf.config.vocab_size
+    shared = [torch.randint(3, vocab, (41,), generator=g).tolist() for _ in range(2)]  # two chats, 5 blocks + 1
+    # Each chat's first turn; unrelated prompts that push them out of the GPU cache and then out of a
+    # host tier of a few blocks (onto disk); each chat's second turn, read back from disk.
+    waves = [[s + torch.randint(3, vocab, (9,), generator=g).tolist() for s in shared],
+             [torch.randint(3, vocab, (60,), generator=g).tolist() for _ in range(8)],
+             [shared[0] + torch.randint(3, vocab, (12,), generator=g).tolist()],
+             [torch.randint(3, vocab, (60,), generator=g).tolist() for _ in range(4)],
+             [shared[1] + torch.randint(3, vocab, (12,), generator=g).tolist()]]
+    expected = {}
+    for i, ids in enumerate(p for wave in waves for p in wave):
+        with torch.no_grad():
+            gen = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+        expected[f"r{i}"] = gen[0, len(ids):].tolist()
+    probe = make_engine(model_dir, 0.0)
+    host_gib = 16 * probe.runner.block_bytes() / (1 << 30)  # a host tier of 16 blocks
+    cfg = {"cache.disk_kv_path": str(tmp_path / "kv"), "cache.disk_kv_gib": 0.01}
+    engine = make_engine(model_dir, host_gib, **cfg)
+    got = run_waves(engine, waves[:3])
+    report = engine.report()
+    assert report["disk_hit_tokens"] >= 40 and report["disk_read_bytes"] > 0 and report["disk_write_bytes"] > 0
+    assert report["disk_failed_reads"] == 0
+    got |= run_waves(engine, waves[3:4], first=11)
+    files = list((tmp_path / "kv").glob("*/*.kv"))
+    assert files
+    for f in files:  # flip one byte of every block's payload: the checksums must catch it
+        data = bytearray(f.read_bytes())
+        data[-1] ^= 0xFF
+        f.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        got |= run_waves(engine, waves[4:], first=15)
+    assert got == expected
+    report = engine.report()
+    assert report["disk_failed_reads"] > 0 and "failed its checksum" in caplog.text
+    assert report["disk_hit_tokens"] == 40 + 0  # the second chat's disk hits failed and were taken back
+
+
+def test_disk_tier_needs_a_path_and_a_host_tier():
+    with pytest.raises(Exception, match="needs cache.disk_kv_path"):
+        load_config(**{"cache.disk_kv_gib": 1.0, "cache.host_kv_gib": 1.0})
+    with pytest.raises(Exception, match="needs cache.host_kv_gib"):
+        load_config(**{"cache.disk_kv_gib": 1.0, "cache.disk_kv_path": "/tmp"})

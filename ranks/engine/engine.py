@@ -24,6 +24,7 @@ import torch
 import xxhash
 
 from kvrelay.configs.schema import JobConfig
+from kvrelay.ranks.engine.disk_tier import DiskStore, DiskTier
 from kvrelay.ranks.engine.host_tier import HostTier
 from kvrelay.ranks.engine.kv_cache import EvictHook, CacheHook, KVCacheManager
 from kvrelay.ranks.engine.loader import check_dtype, iter_weights, read_model_dir
@@ -147,8 +148,16 @@ class Engine:
         self.host = HostTier(host_slots) if host_slots and cfg.cache.enable_prefix_caching else None
         if self.host is not None:
             runner.allocate_host(host_slots)
+        disk_blocks = int(cfg.cache.disk_kv_gib * (1 << 30)) // runner.block_bytes()
+        self.disk = DiskTier(disk_blocks) if disk_blocks and self.host is not None else None
+        if self.disk is not None:
+            if runner.simulated:
+                raise ModelConfigError("cache.disk_kv_gib: the disk tier runs on real workers only (its files hold "
+                                       "the KV bytes); set it to 0 with sim.enabled")
+            self.disk_store = DiskStore(cfg.cache.disk_kv_path, runner.host.slot_bytes)
         self.kv = KVCacheManager(
-            cache_blocks, cfg.cache.block_size, job_hash_seed(cfg), cfg.cache.enable_prefix_caching, self.host
+            cache_blocks, cfg.cache.block_size, job_hash_seed(cfg), cfg.cache.enable_prefix_caching, self.host,
+            self.disk,
         )
         # NOTE: launch/run.py logs the pool's size; everything else goes through the KV surface.
         self.pool = self.kv.pool
@@ -156,9 +165,10 @@ class Engine:
             self.kv, cfg.scheduler.max_batch_tokens, cfg.scheduler.max_seqs, cfg.scheduler.chunked_prefill
         )
         # Free blocks at the cold end whose copy-out starts ahead of their eviction: what a few
-        # steps can take, or a sixteenth of the cache (a host tier hit takes its blocks at once).
-        self.write_ahead_blocks = max(4 * num_blocks(cfg.scheduler.max_batch_tokens, cfg.cache.block_size),
-                                      cache_blocks // 16)
+        # steps can take, or a sixteenth of the cache (a host tier hit takes its blocks at once),
+        # but at most a quarter of the host tier, whose coldest blocks each copy pushes out.
+        self.write_ahead_blocks = min(max(4 * num_blocks(cfg.scheduler.max_batch_tokens, cfg.cache.block_size),
+                                          cache_blocks // 16), host_slots // 4)
         self.generators: dict[str, torch.Generator] = {}
         self.history = TokenHistory(vocab_size)  # token counts of sequences with penalties
         self.grammars = Grammars(cfg.model.path, vocab_size, sorted(self.eos_token_ids))  # structured output
@@ -403,10 +413,46 @@ class Engine:
             self.host_barriers += 1
         self.kv.barrier = -1
 
+    def _poll_tiers(self, wait_s: float = 0.0) -> None:
+        """Take in what the copy stream and the disk thread finished (`wait_s`: wait that long for
+        the disk's first result)."""
+        self.host.done(self.runner.host.completed())
+        if self.disk is not None:
+            for op, h, slot, ok in self.disk_store.poll(wait_s):
+                self.kv.disk_done(op, h, slot, ok)
+
+    def _issue_disk_jobs(self) -> None:
+        for op, h, slot in self.kv.take_disk_jobs():
+            if op == "w":
+                self.disk_store.write(h, slot)
+            elif op == "r":
+                self.disk_store.read(h, slot)
+            else:
+                self.disk_store.remove(h)
+
+    def _wait_loads(self) -> None:
+        """Nothing runs until a load lands: wait for a disk read if one is pending, else for the
+        oldest copy batch (the next step takes in what finished)."""
+        loads = [self.kv.loading[s] for s in self.scheduler.loading]
+        if any(ld.reads_left for ld in loads):
+            self._poll_tiers(wait_s=0.01)
+            self._issue_disk_jobs()
+            self._move_kv()
+            return
+        self.runner.host.wait(min(ld.batch for ld in loads))
+        if self.runner.simulated:
+            self.runner.idle()  # the wait is not a late step
+
     def tier_report(self) -> dict:
         """Prefix hits per tier (tokens) and the host tier's traffic (bytes)."""
         bs, bb = self.kv.block_size, self.runner.block_bytes()
         out = {"gpu_hit_tokens": self.kv.gpu_hit_blocks * bs, "host_hit_tokens": self.kv.host_hit_blocks * bs}
+        if self.disk is not None:
+            d, io = self.disk.stats, self.disk_store.stats
+            out |= {"disk_hit_tokens": self.kv.disk_hit_blocks * bs, "disk_kv_blocks": self.disk.num_blocks,
+                    "disk_write_bytes": io.write_bytes, "disk_read_bytes": io.read_bytes,
+                    "disk_write_s": io.write_s, "disk_read_s": io.read_s, "disk_failed_reads": d.failed_reads,
+                    "disk_dropped_blocks": d.dropped_blocks}
         if self.host is not None:
             s = self.host.stats
             out |= {"host_kv_blocks": self.host.num_slots, "host_offload_bytes": s.offloaded_blocks * bb,
@@ -434,16 +480,17 @@ class Engine:
         t0 = time.perf_counter()
         out = StepOutput()
         if self.host is not None:
-            self.host.done(self.runner.host.completed())
+            self._poll_tiers()
         batch = self.scheduler.schedule()
         if self.host is not None:
             self.kv.write_ahead(self.write_ahead_blocks)
+            if self.disk is not None:
+                self.kv.spill(self.write_ahead_blocks)
+                self._issue_disk_jobs()
             self._move_kv()
         if not batch:
-            if self.scheduler.loading:  # nothing to run until a load lands: wait for the oldest
-                self.runner.host.wait(min(self.kv.loading[s][0] for s in self.scheduler.loading))
-                if self.runner.simulated:
-                    self.runner.idle()  # the wait is not a late step
+            if self.scheduler.loading:
+                self._wait_loads()
             return out
         sampling = [item.seq for item in batch if item.samples]
         logits = self.runner.execute(batch)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kvrelay.kernels.kv_pack import pack_blocks, packed_shape, unpack_blocks
@@ -61,6 +62,9 @@ class HostKVMemory:
             n = min(self.chunk_slots, self.num_slots - c * self.chunk_slots)
             self.chunks[c] = torch.empty((n, *self.block_shape), dtype=self.dtype, pin_memory=self.pin)
         return self.chunks[c][i]
+
+    def slot_bytes(self, s: int) -> np.ndarray:  # [block_bytes] uint8, the slot's memory (for the disk thread)
+        return self.slot(s).view(torch.uint8).reshape(-1).numpy()
 
     def issue(self, batch: CopyBatch) -> None:
         """Start a batch's copies (on the CPU: run them)."""

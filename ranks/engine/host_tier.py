@@ -11,6 +11,9 @@ block hashes -> slots, the copies the engine must issue, and which copies are st
     match(hashes)                  host slots of the leading `hashes`, pinned until copied in
     onload(slot, block_id)         queue host -> GPU for a block a sequence was given
     take_batch()                   the queued copies as one numbered batch (copy-outs first)
+    spill_candidates(n)            with a disk tier: the coldest held blocks, once the tier is
+                                   nearly full, whose copy-outs completed (written to disk ahead)
+    reserve()                      a scratch slot, pinned, for a block read back from disk
     reuse(block_id)                the GPU cache hands the block to a new owner: the batch whose
                                    copy-out of it the next write must wait for (-1: none)
     done(batch)                    every batch up to `batch` has completed on the copy stream
@@ -26,6 +29,7 @@ first. A hash may be on the GPU and on the host at once; evicting it then costs 
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import islice
 from dataclasses import dataclass, field
 
 
@@ -58,6 +62,8 @@ class HostTier:
         self.completed = -1  # every batch up to this one has completed
         self.writing: dict[int, int] = {}  # GPU block id -> batch of its copy-out, until it completes
         self.reading: list[tuple[int, list[int]]] = []  # (batch, slots its copy-ins read), in order
+        self.filled: dict[int, int] = {}  # slot -> the batch of the copy-out that filled it
+        self.scratch: set[int] = set()  # reserved slots (disk reads), freed when unpinned
         self.stats = HostTierStats()
         self.on_add = None  # (block hash) -> None: the window's host table
         self.on_drop = None
@@ -86,6 +92,7 @@ class HostTier:
         if slot is None:
             return False  # every slot is pinned by onloads in flight: the block is dropped
         self.lru[block_hash] = slot
+        self.filled[slot] = self.queued.number
         self.queued.out.append((block_id, slot))
         self.writing[block_id] = self.queued.number
         self.stats.offloaded_blocks += 1
@@ -106,11 +113,33 @@ class HostTier:
             out.append(slot)
         return out
 
+    def pin(self, slot: int) -> None:
+        self.pinned[slot] = self.pinned.get(slot, 0) + 1
+
     def unpin(self, slots: list[int]) -> None:
         for s in slots:
             self.pinned[s] -= 1
             if not self.pinned[s]:
                 del self.pinned[s]
+                if s in self.scratch:
+                    self.scratch.remove(s)
+                    self.free_slots.append(s)
+
+    def reserve(self) -> int | None:
+        """A pinned slot outside the LRU (a disk read lands there, then is copied in); it returns to
+        the free slots once unpinned. None if every slot is pinned."""
+        slot = self._free_slot(settled=True)
+        if slot is not None:
+            self.scratch.add(slot)
+            self.pin(slot)
+        return slot
+
+    def spill_candidates(self, n: int) -> list[tuple[int, int]]:
+        """(hash, slot) of the `n` coldest blocks held, if the tier is within `n` slots of full (the
+        next to be dropped), whose copy-outs completed; none otherwise."""
+        if len(self.lru) + n < self.num_slots:
+            return []
+        return [(h, s) for h, s in islice(self.lru.items(), n) if self.filled[s] <= self.completed]
 
     def onload(self, slot: int, block_id: int) -> int:
         """Queue host `slot` -> GPU `block_id`; the batch that will carry it."""
@@ -143,11 +172,13 @@ class HostTier:
         while self.reading and self.reading[0][0] <= batch:
             self.unpin(self.reading.pop(0)[1])
 
-    def _free_slot(self) -> int | None:
+    def _free_slot(self, settled: bool = False) -> int | None:
+        """A free slot, else the coldest unpinned one's (dropping its block); with `settled`, only
+        one that no copy-out in flight or queued still writes (the disk thread writes it next)."""
         if self.free_slots:
             return self.free_slots.pop()
         for h, slot in self.lru.items():  # coldest first; pinned slots are few (onloads in flight)
-            if slot not in self.pinned:
+            if slot not in self.pinned and (not settled or self.filled[slot] <= self.completed):
                 del self.lru[h]
                 self.stats.dropped_blocks += 1
                 if self.on_drop is not None:

@@ -16,7 +16,7 @@ When a running sequence needs a block and none is free, the most recently admitt
 preempted: its blocks are freed (their hashes stay findable until reused) and it starts again
 from the waiting queue's head, recomputing what the cache no longer holds.
 
-A waiting sequence whose prefix continues in the host tier is admitted with the blocks that hold
+A waiting sequence whose prefix continues in the host (or disk) tier is admitted with the blocks that hold
 its hits and those the host copies into (no chunk yet) and waits in `loading` while other
 sequences step; once the copies land (`kv.landed`) it joins the running batch and computes the rest.
 
@@ -146,19 +146,20 @@ class Scheduler:
         0 if it does not fit now. With blocks that follow the hits in the host tier, take blocks for
         those alone and return -1: the sequence loads them (no chunk this step)."""
         host = self.kv.match_host(seq, len(hits))  # blocks brought in from the host tier
-        computed = (len(hits) + len(host)) * self.block_size
-        n = 0 if host else seq.num_tokens - computed
+        disk = self.kv.match_disk(seq, len(hits) + len(host))  # and from disk, through the host tier
+        computed = (len(hits) + len(host) + len(disk)) * self.block_size
+        n = 0 if host or disk else seq.num_tokens - computed
         if n > budget:
             if not self.chunked_prefill and not first_in_batch:
                 return 0
             n = budget if self.chunked_prefill else n
-        if not self.kv.admit(seq, hits, computed + n, host):
+        if not self.kv.admit(seq, hits, computed + n, host, disk):
             return 0
         seq.num_computed_tokens = computed
         if seq.num_cached_tokens < 0:  # first admission: a preempted sequence's hits are not new
             seq.num_cached_tokens = min(computed, seq.num_prompt_tokens)
-            self.kv.count_hits(len(hits), len(host))
-        if host:
+            self.kv.count_hits(seq, len(hits), len(host), len(disk))
+        if host or disk:
             seq.status = SeqStatus.LOADING
             return -1
         return n

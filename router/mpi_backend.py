@@ -29,7 +29,8 @@ from kvrelay.router.placement import WorkerState, make_decode_policy, make_polic
 from kvrelay.core.request import Request, RequestResult
 
 IDLE_SLEEP_S = 0.0002
-TIER_KEYS = ("gpu_hit_tokens", "host_hit_tokens", "host_offload_bytes", "host_onload_bytes")
+TIER_KEYS = ("gpu_hit_tokens", "host_hit_tokens", "host_offload_bytes", "host_onload_bytes", "disk_hit_tokens",
+             "disk_write_bytes", "disk_read_bytes", "disk_failed_reads")
 STATS_TIMEOUT_S = 60.0
 
 
@@ -210,7 +211,7 @@ class MPIBackend:
             "policy": type(self.policy).__name__,
             "workers": [workers[r] for r in sorted(workers)],
             "handoff_bytes": sent,
-            # Prefix hits per tier (tokens) and the host tiers' traffic, over all workers.
+            # Prefix hits per tier (tokens) and the host and disk tiers' traffic, over all workers.
             **{k: sum(w.get(k, 0) for w in workers.values()) for k in TIER_KEYS},
             "local_prefills": self.local_prefills,
             "handoff_gb_per_s": sent / secs / 1e9 if secs else None,

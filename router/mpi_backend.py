@@ -44,9 +44,9 @@ class MPIBackend:
         self.reader = WindowReader.create(world, layout.workers)
         self.outbox = Outbox(world)
         self.policy = make_policy(cfg.router, self.block_size, cfg.cache_affinity)
-        # A block in a worker's host tier is credited by what it saves (timing model), not as a GPU block.
+        # A block in a worker's host or disk tier is credited by what it saves (timing model), not as a GPU block.
         timing = load_timing(cfg)
-        self.host_credit = partial(timing.host_credit, self.block_size) if self.reader.host_buckets else None
+        self.tier_credit = partial(timing.tier_credit, self.block_size) if self.reader.host_buckets else None
         self.decode_policy = make_decode_policy(cfg.router)
         # Conditional disaggregation: the decode worker that would prefill a request locally is
         # chosen as an aggregated worker would be (cached prefix against prefill and decode load).
@@ -104,7 +104,7 @@ class MPIBackend:
 
         def probe() -> None:
             if not cached:
-                w, c, v = leading_blocks(self.snapshot, inflight, hashes, hash_list, self.host_credit)
+                w, c, v = leading_blocks(self.snapshot, inflight, hashes, hash_list, self.tier_credit)
                 window.update(w)
                 cached.update(c)
                 worth.update(v)

@@ -185,34 +185,40 @@ def test_greedy_outputs_with_the_host_tier_equal_transformers(tiny_models):
             assert report["host_hit_tokens"] == 0
 
 
-def test_router_probes_gpu_then_host_and_credits_host_blocks_by_what_they_save():
+def test_router_probes_gpu_then_host_then_disk_and_credits_blocks_by_what_they_save():
     from kvrelay.core.timing import TimingModel, DEFAULT_TIMING
     from kvrelay.core.window import BucketTable, TableSnapshot, WAYS
     from kvrelay.router.books import InflightPrefixes, leading_blocks
     import numpy as np
 
     chain = [101, 102, 103, 104, 105, 106]
-    snap = TableSnapshot({1: 4, 2: 4}, {2: 8})
+    snap = TableSnapshot({1: 4, 2: 4}, {2: 8}, {2: 4})
     gpu1, gpu2 = BucketTable(snap.slots[4][0]), BucketTable(snap.slots[4][1])
     host2 = BucketTable(snap.host_slots[8][0])
+    disk2 = BucketTable(snap.lower["disk"][1][4][0])
     for h in chain[:2]:
         gpu1.insert(h)
     gpu2.insert(chain[0])
-    for h in chain[1:5] + [999]:
+    for h in chain[1:4] + [999]:
         host2.insert(h)
+    for h in chain[2:6]:  # the disk holds some of the host's blocks too: the run continues after the host's
+        disk2.insert(h)
     hashes = np.array(chain, np.uint64)
-    assert snap.tier_lengths(hashes) == {1: (2, 0), 2: (1, 4)}
+    assert snap.tier_lengths(hashes) == {1: (2, 0, 0), 2: (1, 3, 2)}
     assert snap.host_slots[8].shape == (1, 8 * WAYS)
     timing = TimingModel.load(DEFAULT_TIMING)
-    credit = timing.host_credit(64, 1, 4)
+    host_only = timing.tier_credit(64, 1, 4)
     # A 64-token block of the 8B shape: ~0.15 ms to bring in against ms to recompute.
-    assert 0.8 * 4 < credit < 4
+    assert 0.8 * 4 < host_only < 4
+    # From disk a block costs its read (3 GB/s) as well: worth less than from the host, more than nothing.
+    credit = timing.tier_credit(64, 1, 3, 2)
+    assert 0 < credit < host_only
     window, cached, worth = leading_blocks(snap, InflightPrefixes([1, 2]), hashes, chain,
-                                           lambda g, h: timing.host_credit(64, g, h))
-    assert window == cached == {1: 2, 2: 5}
+                                           lambda g, h, d: timing.tier_credit(64, g, h, d))
+    assert window == cached == {1: 2, 2: 6}
     assert worth == {1: 2, 2: 1 + credit}
     slow = timing.model_copy(update={"host": timing.host.model_copy(update={"bandwidth_gb_s": 1e-3})})
-    assert slow.host_credit(64, 1, 4) == 0.0  # a copy slower than the recompute is worth nothing
+    assert slow.tier_credit(64, 1, 4) == 0.0  # a copy slower than the recompute is worth nothing
 
 
 def test_simulated_worker_runs_the_host_tier_and_models_its_copies():

@@ -378,6 +378,15 @@ class Engine:
         """Listeners of the host tier: a block hash entered it; one left it."""
         self.host.on_add, self.host.on_drop = on_add, on_drop
 
+    @property
+    def disk_blocks(self) -> int:
+        """Blocks the disk KV tier holds at most (0: no disk tier)."""
+        return self.disk.num_blocks if self.disk is not None else 0
+
+    def watch_disk(self, on_add: CacheHook, on_drop: CacheHook) -> None:
+        """Listeners of the disk tier: a block hash was written; one was removed."""
+        self.disk.on_add, self.disk.on_drop = on_add, on_drop
+
     def load(self) -> EngineLoad:
         free = self.kv.num_free
         return EngineLoad(

@@ -143,6 +143,29 @@ def test_block_offloaded_evicted_and_brought_back_holds_the_same_bytes():
         assert torch.equal(k[[0, 5]], bk) and torch.equal(v[[0, 5]], bv)
 
 
+def run_waves(engine: Engine, waves: list[list[list[int]]], first: int = 0) -> dict[str, list[int]]:
+    got, i = {}, first
+    for wave in waves:
+        for ids in wave:
+            engine.add_request(Request(f"r{i}", ids, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)))
+            i += 1
+        while engine.has_work():
+            got |= {r.request_id: r.output_token_ids for r in engine.step().finished}
+        if engine.disk is not None:
+            while engine.disk_store.in_flight:  # the spills of this wave are on disk before the next
+                engine._poll_tiers(wait_s=1.0)
+    return got
+
+
+def transformers_outputs(hf, waves: list[list[list[int]]]) -> dict[str, list[int]]:
+    expected = {}
+    for i, ids in enumerate(p for wave in waves for p in wave):
+        with torch.no_grad():
+            gen = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+        expected[f"r{i}"] = gen[0, len(ids):].tolist()
+    return expected
+
+
 def make_engine(model_dir, host_kv_gib: float, **settings) -> Engine:
     return Engine.from_config(load_config(**{
         "model.path": str(model_dir), "job.device": "cpu", "model.dtype": "float32",
@@ -163,21 +186,10 @@ def test_greedy_outputs_with_the_host_tier_equal_transformers(tiny_models):
     waves = [[shared + torch.randint(3, vocab, (9,), generator=g).tolist()],
              [torch.randint(3, vocab, (60,), generator=g).tolist() for _ in range(3)],
              [shared + torch.randint(3, vocab, (12,), generator=g).tolist()]]
-    expected = {}
-    for i, ids in enumerate(p for wave in waves for p in wave):
-        with torch.no_grad():
-            gen = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)
-        expected[f"r{i}"] = gen[0, len(ids):].tolist()
+    expected = transformers_outputs(hf, waves)
     for gib in (0.0, 0.001):
         engine = make_engine(model_dir, gib)
-        got, i = {}, 0
-        for wave in waves:
-            for ids in wave:
-                engine.add_request(Request(f"r{i}", ids, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)))
-                i += 1
-            while engine.has_work():
-                got |= {r.request_id: r.output_token_ids for r in engine.step().finished}
-        assert got == expected, f"host_kv_gib={gib}"
+        assert run_waves(engine, waves) == expected, f"host_kv_gib={gib}"
         report = engine.report()
         if gib:
             assert report["host_hit_tokens"] >= 40 and report["host_onload_bytes"] > 0
@@ -274,20 +286,6 @@ def test_a_loading_sequence_waits_for_its_copies_while_others_step():
     assert c.num_cached_tokens == 12 and kv.host_hit_blocks == 3 and not sched.loading
 
 
-def run_waves(engine: Engine, waves: list[list[list[int]]], first: int = 0) -> dict[str, list[int]]:
-    got, i = {}, first
-    for wave in waves:
-        for ids in wave:
-            engine.add_request(Request(f"r{i}", ids, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)))
-            i += 1
-        while engine.has_work():
-            got |= {r.request_id: r.output_token_ids for r in engine.step().finished}
-        if engine.disk is not None:
-            while engine.disk_store.in_flight:  # the spills of this wave are on disk before the next
-                engine._poll_tiers(wait_s=1.0)
-    return got
-
-
 def test_greedy_outputs_with_host_and_disk_tiers_equal_transformers_and_a_corrupt_file_is_recomputed(
         tiny_models, tmp_path, caplog):
     transformers = pytest.importorskip("transformers")
@@ -304,11 +302,7 @@ def test_greedy_outputs_with_host_and_disk_tiers_equal_transformers_and_a_corrup
              [shared[0] + torch.randint(3, vocab, (12,), generator=g).tolist()],
              [torch.randint(3, vocab, (60,), generator=g).tolist() for _ in range(4)],
              [shared[1] + torch.randint(3, vocab, (12,), generator=g).tolist()]]
-    expected = {}
-    for i, ids in enumerate(p for wave in waves for p in wave):
-        with torch.no_grad():
-            gen = hf.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)
-        expected[f"r{i}"] = gen[0, len(ids):].tolist()
+    expected = transformers_outputs(hf, waves)
     probe = make_engine(model_dir, 0.0)
     host_gib = 16 * probe.runner.block_bytes() / (1 << 30)  # a host tier of 16 blocks
     cfg = {"cache.disk_kv_path": str(tmp_path / "kv"), "cache.disk_kv_gib": 0.01}

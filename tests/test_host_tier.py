@@ -323,6 +323,10 @@ def test_greedy_outputs_with_host_and_disk_tiers_equal_transformers_and_a_corrup
     assert got == expected
     report = engine.report()
     assert report["disk_failed_reads"] > 0 and "failed its checksum" in caplog.text
+    failed = {int(r.getMessage().split("/")[-1].split(".kv")[0], 16) for r in caplog.records if "checksum" in r.getMessage()}
+    assert failed and not any(h in engine.disk for h in failed)  # a failed block leaves the tier, its file goes too
+    assert failed <= {h for op, h, _ in engine.kv.disk_jobs if op == "d"} | {
+        int(f.stem, 16) for f in files if not f.exists()}
     assert report["disk_hit_tokens"] == 40 + 0  # the second chat's disk hits failed and were taken back
 
 

@@ -98,8 +98,9 @@ class DiskTier:
             out.append(h)
         return out
 
-    def read_done(self, block_hash: int, ok: bool | None) -> None:
-        """A read finished (`ok`), or was given up before it was issued (None)."""
+    def read_done(self, block_hash: int, ok: bool | None) -> bool:
+        """A read finished (`ok`), or was given up before it was issued (None); True if the block's
+        file failed and left the tier (the caller removes it)."""
         self.reading[block_hash] -= 1
         if not self.reading[block_hash]:
             del self.reading[block_hash]
@@ -109,6 +110,8 @@ class DiskTier:
             self.stats.failed_reads += 1
             if block_hash in self.lru:
                 self._drop(block_hash)
+                return True
+        return False
 
     def _drop(self, block_hash: int) -> None:
         del self.lru[block_hash]

@@ -232,7 +232,8 @@ class KVCacheManager:
         seq, i = self.reads.pop(slot)
         ld = self.loading[seq]
         ld.reads_left -= 1
-        self.disk.read_done(block_hash, ok)
+        if self.disk.read_done(block_hash, ok):
+            self.disk_jobs.append(("d", block_hash, -1))
         if not ok:
             ld.count = min(ld.count, i - ld.first)
         if ok and i < ld.first + ld.count:

@@ -42,14 +42,15 @@ class HostCoefficients(_Strict):
 
 class DiskCoefficients(_Strict):
     read_gb_s: float = Field(gt=0.0, description="KV bytes per second read from the disk tier's files, in GB/s")
-    latency_s: float = Field(0.0, ge=0.0, description="fixed cost of one batch of reads")
+    write_gb_s: float = Field(gt=0.0, description="KV bytes per second written to them, in GB/s")
+    latency_s: float = Field(0.0, ge=0.0, description="fixed cost of one block's read or write")
 
 
 # Pinned host <-> device copies measured on an H200 (issue 15, 2026-11-27, 1 GiB copies).
 DEFAULT_HOST = HostCoefficients(bandwidth_gb_s=55.0, latency_s=0.0)
 # NOTE: not measured here: the sequential read of one datacenter NVMe drive (PCIe 4, ~3 GB/s per
 # drive is the low end of what GPU nodes' local scratch gives); set `disk:` in the YAML to calibrate.
-DEFAULT_DISK = DiskCoefficients(read_gb_s=3.0, latency_s=0.0)
+DEFAULT_DISK = DiskCoefficients(read_gb_s=3.0, write_gb_s=2.0, latency_s=0.0)
 
 
 class SimModel(_Strict):
@@ -100,11 +101,12 @@ class TimingModel(_Strict):
             return 0.0
         return num_tokens * self.model.kv_bytes_per_token / (self.host.bandwidth_gb_s * 1e9) + self.host.latency_s
 
-    def disk_read_s(self, num_tokens: int) -> float:
-        """Modeled time of reading `num_tokens` tokens' KV from the disk tier."""
+    def disk_io_s(self, num_tokens: int, write: bool = False) -> float:
+        """Modeled time of reading (or writing) `num_tokens` tokens' KV from (to) the disk tier."""
         if num_tokens == 0:
             return 0.0
-        return num_tokens * self.model.kv_bytes_per_token / (self.disk.read_gb_s * 1e9) + self.disk.latency_s
+        rate = self.disk.write_gb_s if write else self.disk.read_gb_s
+        return num_tokens * self.model.kv_bytes_per_token / (rate * 1e9) + self.disk.latency_s
 
     def tier_credit(self, block_size: int, gpu_blocks: int, host_blocks: int, disk_blocks: int = 0) -> float:
         """What `host_blocks` blocks from the host tier and then `disk_blocks` from disk, after
@@ -117,7 +119,7 @@ class TimingModel(_Strict):
             return 0.0
         new, cached = n * block_size, gpu_blocks * block_size
         recompute = self.prefill_s(new, cached)
-        bring_in = self.host_copy_s(new) + self.disk_read_s(disk_blocks * block_size)
+        bring_in = self.host_copy_s(new) + self.disk_io_s(disk_blocks * block_size)
         return max(0.0, recompute - bring_in) / recompute * n if recompute else 0.0
 
     def handoff_s(self, num_tokens: int) -> float:

@@ -335,3 +335,19 @@ def test_disk_tier_needs_a_path_and_a_host_tier():
         load_config(**{"cache.disk_kv_gib": 1.0, "cache.host_kv_gib": 1.0})
     with pytest.raises(Exception, match="needs cache.host_kv_gib"):
         load_config(**{"cache.disk_kv_gib": 1.0, "cache.disk_kv_path": "/tmp"})
+
+
+def test_simulated_worker_runs_the_disk_tier(tmp_path):
+    engine = Engine.from_config(load_config(**{
+        "sim.enabled": True, "sim.speed": 1000.0, "cache.block_size": 16, "cache.num_blocks": 24,
+        "cache.host_kv_gib": 32 * 16 * 131072 / (1 << 30), "cache.disk_kv_gib": 1.0,
+        "cache.disk_kv_path": str(tmp_path), "scheduler.max_batch_tokens": 256, "scheduler.max_seqs": 4,
+    }))
+    assert engine.host_blocks == 32 and engine.runner.block_bytes() == 16 * 131072
+    shared = list(range(1000, 1100))  # 6 full blocks + 4 tokens
+    # The shared prompt leaves the GPU cache, then the host tier (onto disk), then comes back.
+    waves = [[shared + [1]], [list(range(i * 200 + 2000, i * 200 + 2150)) for i in range(8)], [shared + [2, 3]]]
+    run_waves(engine, waves)
+    report = engine.report()
+    assert report["disk_hit_tokens"] >= 16 and report["disk_read_bytes"] > 0 and report["disk_write_bytes"] > 0, report
+    assert report["gpu_hit_tokens"] + report["host_hit_tokens"] + report["disk_hit_tokens"] == 6 * 16

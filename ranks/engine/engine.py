@@ -34,7 +34,7 @@ from kvrelay.ranks.engine.sampler import SampleRow, request_generator, sample
 from kvrelay.ranks.engine.scheduler import Scheduler
 from kvrelay.ranks.engine.structured import Grammars
 from kvrelay.ranks.engine.sequence import Sequence, SeqStatus, sample_key
-from kvrelay.ranks.engine.sim_runner import SimRunner
+from kvrelay.ranks.engine.sim_runner import SimDiskStore, SimRunner
 from kvrelay.core.tokenizer import SimTokenizer
 from kvrelay.core.timing import load_timing, sim_max_model_len
 from kvrelay.core.model_files import ModelConfigError
@@ -151,10 +151,8 @@ class Engine:
         disk_blocks = int(cfg.cache.disk_kv_gib * (1 << 30)) // runner.block_bytes()
         self.disk = DiskTier(disk_blocks) if disk_blocks and self.host is not None else None
         if self.disk is not None:
-            if runner.simulated:
-                raise ModelConfigError("cache.disk_kv_gib: the disk tier runs on real workers only (its files hold "
-                                       "the KV bytes); set it to 0 with sim.enabled")
-            self.disk_store = DiskStore(cfg.cache.disk_kv_path, runner.host.slot_bytes)
+            self.disk_store = SimDiskStore(runner) if runner.simulated else \
+                DiskStore(cfg.cache.disk_kv_path, runner.host.slot_bytes)
         self.kv = KVCacheManager(
             cache_blocks, cfg.cache.block_size, job_hash_seed(cfg), cfg.cache.enable_prefix_caching, self.host,
             self.disk,

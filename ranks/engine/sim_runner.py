@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from kvrelay.core.timing import TimingModel
+from kvrelay.ranks.engine.disk_tier import DiskIOStats
 from kvrelay.ranks.engine.scheduler import ScheduledSeq
 
 SIM_TOKEN = 1  # every simulated sampled token; 0 < id < any vocab
@@ -169,3 +170,49 @@ class SimHostCopies:
         left = self._end(batch) - time.perf_counter()
         if left > 0:
             time.sleep(left)
+
+
+class SimDiskStore:
+    """The disk thread of a simulated disk tier (DiskStore's surface): no files, each job takes its
+    modeled time / speed of wall time, one after another, and every read succeeds."""
+
+    def __init__(self, runner: SimRunner) -> None:
+        self.runner = runner
+        self.free_at = 0.0
+        self.queue: list[tuple[float, tuple[str, int, int, bool]]] = []  # (wall time it ends, result), in order
+        self.stats = DiskIOStats()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.queue)
+
+    def _add(self, op: str, block_hash: int, slot: int) -> None:
+        r = self.runner
+        modeled = r.timing.disk_io_s(r.block_size, write=op == "w")
+        self.free_at = max(time.perf_counter(), self.free_at) + modeled / r.speed
+        self.queue.append((self.free_at, (op, block_hash, slot, True)))
+        nbytes = r.block_bytes()
+        if op == "w":
+            self.stats.write_bytes += nbytes
+            self.stats.write_s += modeled
+        else:
+            self.stats.read_bytes += nbytes
+            self.stats.read_s += modeled
+
+    def write(self, block_hash: int, slot: int) -> None:
+        self._add("w", block_hash, slot)
+
+    def read(self, block_hash: int, slot: int) -> None:
+        self._add("r", block_hash, slot)
+
+    def remove(self, block_hash: int) -> None:
+        """Nothing to remove: simulated blocks have no files."""
+
+    def poll(self, wait_s: float = 0.0) -> list[tuple[str, int, int, bool]]:
+        if wait_s and self.queue:
+            time.sleep(max(0.0, min(wait_s, self.queue[0][0] - time.perf_counter())))
+        now = time.perf_counter()
+        n = next((i for i, (end, _) in enumerate(self.queue) if end > now), len(self.queue))
+        out = [res for _, res in self.queue[:n]]
+        del self.queue[:n]
+        return out

@@ -42,15 +42,38 @@ ms in some runs). One node does not need it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 from mpi4py import MPI
 
+
+@dataclass
+class Load:
+    """A worker's load: what its engine reports (`Engine.load()`) and its window publishes."""
+
+    free_blocks: int
+    total_blocks: int
+    queued_prefill_tokens: int
+    running_seqs: int
+    active_decode_blocks: int
+    step: int
+
+
+@dataclass
+class WorkerLoad:
+    """One window's header as the router reads it: whose it is, how fresh (`version` counts the
+    owner's publishes; 0: none yet), and the load."""
+
+    rank: int
+    role: str
+    version: int
+    load: Load
+
+
 ROLE_CODES = {"aggregated": 0, "prefill": 1, "decode": 2}
 ROLE_NAMES = {code: name for name, code in ROLE_CODES.items()}
-HEADER_FIELDS = ("version", "free_blocks", "total_blocks", "queued_prefill_tokens", "running_seqs",
-                 "active_decode_blocks", "step", "role")
+HEADER_FIELDS = ("version", *(f.name for f in fields(Load)), "role")
 HEADER_WORDS = len(HEADER_FIELDS)
 WAYS = 8  # slots per bucket: one bucket is one 64-byte Get
 FULL = (1 << WAYS) - 1
@@ -121,19 +144,6 @@ class BucketTable:
         return set(self.slots[self.slots != 0].tolist())
 
 
-@dataclass
-class WorkerLoad:
-    rank: int
-    version: int
-    free_blocks: int
-    total_blocks: int
-    queued_prefill_tokens: int
-    running_seqs: int
-    active_decode_blocks: int
-    step: int
-    role: str
-
-
 def _allocate(comm: MPI.Comm, n_buckets: int, host_buckets: int = 0) -> tuple[MPI.Win, list[tuple[int, int]]]:
     """The collective part of both sides, one code path so the calls always match: every rank
     tells its tables' sizes (0 for the router), allocates, and opens the one long epoch."""
@@ -202,12 +212,10 @@ class CacheWindow:
     def on_host_drop(self, block_hash: int) -> None:
         self.host_table.remove(block_hash)
 
-    def publish(self, *, free_blocks: int, total_blocks: int, queued_prefill_tokens: int, running_seqs: int,
-                active_decode_blocks: int, step: int) -> None:
+    def publish(self, load: Load) -> None:
         """Write the load header; its Sync also publishes the table updates since the last call."""
         self.version += 1
-        self.header[:HEADER_WORDS - 1] = (self.version, free_blocks, total_blocks, queued_prefill_tokens,
-                                          running_seqs, active_decode_blocks, step)
+        self.header[:HEADER_WORDS - 1] = (self.version, *vars(load).values())
         self.win.Sync()
 
     def close(self) -> None:
@@ -265,8 +273,8 @@ class WindowReader:
 
     @staticmethod
     def _load(rank: int, words: list[int]) -> WorkerLoad:
-        *fields, role = words
-        return WorkerLoad(rank, *fields, role=ROLE_NAMES[role])
+        version, *load, role = words
+        return WorkerLoad(rank, ROLE_NAMES[role], version, Load(*load))
 
 
 class TableSnapshot:

@@ -175,8 +175,8 @@ class MPIBackend:
         return results
 
     def _refresh_loads(self) -> None:
-        for rank, load in self.reader.loads().items():
-            s = self.states[rank]
+        for rank, header in self.reader.loads().items():
+            s, load = self.states[rank], header.load
             s.total_blocks, s.free_blocks = load.total_blocks, load.free_blocks
             s.queued_prefill_tokens, s.running_seqs = load.queued_prefill_tokens, load.running_seqs
             s.active_decode_blocks = load.active_decode_blocks

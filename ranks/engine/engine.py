@@ -42,6 +42,7 @@ from kvrelay.core.tokenizer import Tokenizer
 from kvrelay.core.block_hash import hash_seed, num_blocks
 from kvrelay.core.messages import SampleStart, SeqState
 from kvrelay.core.request import Request, RequestResult, SamplingParams
+from kvrelay.core.window import Load
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +78,6 @@ class StepOutput:
     # Prefill worker: sequences that sampled their first token and stopped; their blocks stay
     # held until `free_kv(request_id)`, once their KV has been sent.
     handoffs: list[SeqState] = field(default_factory=list)
-
-
-@dataclass
-class EngineLoad:
-    """The load the worker publishes in its window (core/window.py header fields)."""
-
-    free_blocks: int
-    total_blocks: int
-    queued_prefill_tokens: int
-    running_seqs: int
-    active_decode_blocks: int
-    step: int
 
 
 def pick_device(name: str) -> torch.device:
@@ -362,9 +351,9 @@ class Engine:
         """Listeners of the host tier: a block hash entered it; one left it."""
         self.host.on_add, self.host.on_drop = on_add, on_drop
 
-    def load(self) -> EngineLoad:
+    def load(self) -> Load:
         free = self.kv.num_free
-        return EngineLoad(
+        return Load(
             free_blocks=free,
             total_blocks=self.kv.num_blocks,
             queued_prefill_tokens=self.scheduler.num_queued_prefill_tokens,

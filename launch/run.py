@@ -70,9 +70,10 @@ def run_local(cfg: JobConfig) -> Summary:
         engine = Engine.from_config(cfg)
         # The engine has read the model dir and the tokenizer already: the frontend shares them.
         frontend = Frontend(cfg, engine.tokenizer, engine.max_model_len, engine.vocab_size, model_name(cfg))
+        report = engine.report()
         log.info(
             "model %s on %s: %d KV blocks of %d tokens, context %d",
-            model_name(cfg), engine.runner.device, engine.pool.num_blocks, cfg.cache.block_size, engine.max_model_len,
+            model_name(cfg), report["device"], report["kv_blocks"], report["block_size"], engine.max_model_len,
         )
         summary = frontend.run(LocalBackend(engine))
     except Stopped as stop:

@@ -139,8 +139,6 @@ class Engine:
         self.kv = KVCacheManager(
             cache_blocks, cfg.cache.block_size, job_hash_seed(cfg), cfg.cache.enable_prefix_caching, self.host
         )
-        # NOTE: launch/run.py logs the pool's size; everything else goes through the KV surface.
-        self.pool = self.kv.pool
         self.scheduler = Scheduler(
             self.kv, cfg.scheduler.max_batch_tokens, cfg.scheduler.max_seqs, cfg.scheduler.chunked_prefill
         )
@@ -350,6 +348,12 @@ class Engine:
     def watch_host(self, on_add: CacheHook, on_drop: CacheHook) -> None:
         """Listeners of the host tier: a block hash entered it; one left it."""
         self.host.on_add, self.host.on_drop = on_add, on_drop
+
+    def drop_running(self) -> None:
+        """Finish every running sequence now, without a result, freeing its blocks: how a benchmark
+        that holds a decode batch at a fixed size (bench/calibrate.py) lets it go."""
+        for seq in list(self.scheduler.running):
+            self.scheduler.finish(seq)
 
     def load(self) -> Load:
         free = self.kv.num_free

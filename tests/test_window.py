@@ -138,3 +138,28 @@ def test_one_rank_window_reads_itself():
         assert reader.loads()[0].version == 2
     finally:
         cw.close()
+
+
+def test_snapshot_probe_matches_a_set_per_worker_on_tables_with_gaps():
+    # The router's probe (two numpy stages) against the plain definition: the leading hashes that
+    # a worker's table holds. Tables of two sizes, chains with holes (an evicted or dropped block
+    # mid-prefix), hash 0, and workers that hold nothing.
+    from kvrelay.core.window import TableSnapshot
+
+    rng = random.Random(5)
+    sizes = {1: 8, 2: 8, 3: 16, 4: 8, 5: 16}
+    snap = TableSnapshot(sizes)
+    chains = [[rng.getrandbits(64) for _ in range(rng.randrange(0, 40))] for _ in range(30)] + [[0, 7, 9]]
+    held: dict[int, set[int]] = {}
+    for nb, ranks in snap.groups.items():
+        for i, r in enumerate(ranks):
+            t = BucketTable(np.zeros(nb * WAYS, np.uint64))
+            for chain in rng.sample(chains, 6):
+                for h in chain[: rng.randrange(len(chain) + 1)]:
+                    if rng.random() > 0.05:
+                        t.insert(h)
+            snap.slots[nb][i] = t.slots
+            held[r] = t.keys()
+    for chain in chains:
+        want = {r: next((k for k, h in enumerate(chain) if table_key(h) not in keys), len(chain)) for r, keys in held.items()}
+        assert snap.prefix_lengths(np.array(chain, np.uint64)) == want

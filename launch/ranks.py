@@ -113,6 +113,10 @@ class Watch(threading.Thread):
                 watched[os.pidfd_open(r.pid)] = r
             except ProcessLookupError:
                 gone.append(r)
+            except (AttributeError, OSError):  # no pidfds (Linux < 5.3): the launcher names no rank
+                for fd in watched:
+                    os.close(fd)
+                return
         if gone:
             self.ended.append(gone)
         poller = select.poll()

@@ -310,12 +310,12 @@ class TableSnapshot:
             out.update(dict.fromkeys(ranks, 0))
             if n == 0:
                 continue
-            # [workers, nb] buckets of 64 bytes: a gather moves whole buckets, 8x fewer items.
-            buckets = self.slots[nb].view(BUCKET)
             first = int(keys[0])
-            holders = np.flatnonzero(_found(_ways(buckets[:, first % nb : first % nb + 1]), keys[:1])[:, 0])
+            holders = np.flatnonzero((self.slots[nb].reshape(len(ranks), nb, WAYS)[:, first % nb] == first).any(axis=1))
             if not holders.size:
                 continue
+            # [workers, nb] buckets of 64 bytes: a gather moves whole buckets, 8x fewer items.
+            buckets = self.slots[nb].view(BUCKET)
             rest = keys[1:]
             found = _found(_ways(buckets[holders[:, None], (rest % np.uint64(nb)).astype(np.intp)]), rest)
             lengths = 1 + _leading(found)

@@ -249,30 +249,24 @@ def job_processes(sid: int, out: Path) -> list[str]:
             if len(f) == 4 and (f[1] == str(sid) or str(out) in f[3]) and not f[2].startswith("Z")]
 
 
-def test_sigterm_to_the_local_launcher_reaches_every_rank(tiny_models, shared_prefix_input, tmp_path):
-    # Issue 13, defect 1: TERM to `kvrelay run --local 4` alone (not its process group, as a
-    # scheduler or `kill PID` sends it) used to kill the launcher and leave mpiexec and every rank
-    # writing; the rerun then wrote the same ids a second time.
-    import signal
+def start_split_job(tiny_models, shared_prefix_input: Path, out: Path) -> tuple[subprocess.Popen, list[str]]:
+    """`kvrelay run --local 4` (1 prefill, 2 decode) in a session of its own, once it has written
+    10 lines; returns the launcher and its arguments (the rerun's)."""
     import time
 
-    out = tmp_path / "out.jsonl"
     args = [*CLI, "run", "--local", "4", "-i", str(shared_prefix_input), "-o", str(out), "--model", str(tiny_models["llama"]),
             *SETTINGS, "--set", "roles.aggregated=0", "--set", "roles.prefill=1", "--set", "roles.decode=2",
             "--set", "router.max_inflight=2", "--set", "defaults.max_tokens=24"]
-    proc = subprocess.Popen(args, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(args, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 10):
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
-        assert proc.returncode != 0
-        assert job_processes(proc.pid, out) == [], "ranks outlived the launcher"
-    finally:
-        for p in job_processes(proc.pid, out):
-            os.kill(int(p.split()[0]), signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 10):
+        time.sleep(0.02)
+    return proc, args
+
+
+def rerun_completes(out: Path, args: list[str]) -> None:
+    """The job stopped part way; the same command answers the rest, every line exactly once."""
     done = out.read_text().count("\n")
     assert 10 <= done < 208
     rerun = run(args)
@@ -280,22 +274,35 @@ def test_sigterm_to_the_local_launcher_reaches_every_rank(tiny_models, shared_pr
     assert len(outputs(out)) == 208  # outputs() asserts one line per custom_id
 
 
+def test_sigterm_to_the_local_launcher_reaches_every_rank(tiny_models, shared_prefix_input, tmp_path):
+    # Issue 13, defect 1: TERM to `kvrelay run --local 4` alone (not its process group, as a
+    # scheduler or `kill PID` sends it) used to kill the launcher and leave mpiexec and every rank
+    # writing; the rerun then wrote the same ids a second time.
+    import signal
+
+    out = tmp_path / "out.jsonl"
+    proc, args = start_split_job(tiny_models, shared_prefix_input, out)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        assert proc.returncode != 0
+        assert job_processes(proc.pid, out) == [], "ranks outlived the launcher"
+    finally:
+        for p in job_processes(proc.pid, out):
+            os.kill(int(p.split()[0]), signal.SIGKILL)
+    rerun_completes(out, args)
+
+
 def test_a_killed_worker_ends_the_job_in_seconds_and_is_named(tiny_models, shared_prefix_input, tmp_path):
-    # Issue 13, item 9: mpiexec kills the survivors of a SIGKILLed rank before they can say a word;
-    # the launcher names the dead rank from mpiexec's report and the job's rank table.
+    # Issue 13, item 9: mpiexec kills the survivors of a SIGKILLed rank before they can say a word
+    # (and its own report names another rank); the launcher watches the ranks of the job's rank
+    # table and names the one that died first.
     import signal
     import time
 
     out = tmp_path / "out.jsonl"
-    args = [*CLI, "run", "--local", "4", "-i", str(shared_prefix_input), "-o", str(out), "--model", str(tiny_models["llama"]),
-            *SETTINGS, "--set", "roles.aggregated=0", "--set", "roles.prefill=1", "--set", "roles.decode=2",
-            "--set", "router.max_inflight=2", "--set", "defaults.max_tokens=24"]
-    proc = subprocess.Popen(args, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc, args = start_split_job(tiny_models, shared_prefix_input, out)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 10):
-            time.sleep(0.02)
         # The ranks, found by their command line (the launcher and mpiexec are of the job's session).
         rank_pids = {int(p.split()[0]) for p in job_processes(proc.pid, out) if "mpiexec" not in p and "--local" not in p}
         table = {r["pid"]: r for r in json.loads(out.with_name("out.ranks.json").read_text())}
@@ -311,8 +318,4 @@ def test_a_killed_worker_ends_the_job_in_seconds_and_is_named(tiny_models, share
     assert proc.returncode != 0
     assert took < 10, f"the job outlived its dead rank by {took:.1f} s"
     assert f"rank 3 (decode, host {socket.gethostname()}, pid {victim}) died first" in stderr, stdout + stderr
-    done = out.read_text().count("\n")
-    assert 10 <= done < 208
-    rerun = run(args)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert len(outputs(out)) == 208  # outputs() asserts one line per custom_id
+    rerun_completes(out, args)

@@ -109,12 +109,10 @@ class Timer:
     def decode(self, batch: int, context: int, repeats: int) -> float:
         for _ in range(batch):
             self.add(self.tokens(context), 10_000)
-        sched = self.engine.scheduler
-        while sched.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in sched.running):
+        while self.engine.load().queued_prefill_tokens:  # every prompt computed: the batch decodes
             self.engine.step()
         times = [self.step() for _ in range(repeats + 1)][1:]
-        for seq in list(sched.running):
-            sched.finish(seq)
+        self.engine.drop_running()
         return statistics.median(times)
 
 

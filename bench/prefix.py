@@ -3,6 +3,7 @@
     python -m kvrelay.bench.prefix --workers 4,8,16 --json runs/b6.json           # simulated workers
     python -m kvrelay.bench.prefix --files docqa-ref-adjacent --workers 4 --policy kv_aware   # quick
     python -m kvrelay.bench.prefix --workers 4 --model PATH --set job.device=cuda ...          # real GPUs
+    python -m kvrelay.bench.prefix --workers 16 --isolated-only    # the router's decision time alone, no jobs
 
 Writes the batch files (token ids, so simulated workers can run them; ids below --vocab so a real
 model can too), then runs each as `mpiexec -n W+1 kvrelay run` with W aggregated workers, per
@@ -172,7 +173,7 @@ def isolated_decision_us(lines: list[dict], workers: int, block_size: int, kv_bl
         arr = np.array(h, np.uint64)
         t0 = time.perf_counter()
         _, cached, _ = leading_blocks(snap, books.prefixes, arr, h)
-        r = policy.choose([states[x] for x in ranks], len(h), cached.__getitem__)
+        r = policy.choose([states[x] for x in ranks], len(h), cached.__getitem__, max(cached.values()))
         if half + i >= three:
             times.append(time.perf_counter() - t0)
         books.place(str(i), r, None, 64 * (len(h) - cached[r]), len(h), h)
@@ -212,6 +213,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="write all results here")
     p.add_argument("--workdir", default=None, help="files and outputs (default: a temporary directory)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    p.add_argument("--isolated-only", action="store_true",
+                   help="only the isolated decision time per file and W (no jobs): a quick check of the router's cost")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -225,6 +228,10 @@ def run(args: argparse.Namespace) -> int:
         orc = oracle_prompts((x["prompt_token_ids"] for x in lines), args.block_size, None)
         for w in (int(x) for x in args.workers.split(",")):
             iso = isolated_decision_us(lines, w, args.block_size)
+            if args.isolated_only:
+                print(f"{name} W={w}: isolated decision p50 {iso['p50']:.1f} us, p99 {iso['p99']:.1f} us", flush=True)
+                results.append({"file": name, "workers": w, "decision_isolated_us": iso})
+                continue
             for policy in args.policy.split(","):
                 r = run_one(args, path, w, policy, workdir)
                 r["oracle_hit_ratio"] = orc.hit_ratio
@@ -234,11 +241,13 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{name} W={w} {policy}: {r['requests']} lines, hit {r['hit_ratio']:.3f} (oracle "
                       f"{orc.hit_ratio:.3f}, {r['fraction_of_oracle']:.2f}), elapsed {r['elapsed_s']:.2f} s, "
                       f"decision p50 {r['decision_us']['p50']:.0f} us, wall {r['wall_s']:.0f} s", flush=True)
-    by = {(r["file"], r["workers"], r["policy"]): r for r in results}
+    by = {(r["file"], r["workers"], r.get("policy")): r for r in results}
     for r in results:
         rr = by.get((r["file"], r["workers"], "round_robin"))
-        r["throughput_vs_round_robin"] = r["total_tokens_per_s"] / rr["total_tokens_per_s"] if rr else None
-    print(table(results))
+        if not args.isolated_only:
+            r["throughput_vs_round_robin"] = r["total_tokens_per_s"] / rr["total_tokens_per_s"] if rr else None
+    if not args.isolated_only:
+        print(table(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"args": vars(args), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

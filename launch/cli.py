@@ -52,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.local != layout.world_size:
             raise LaunchError(f"--local {args.local} starts {args.local} ranks but the config asks for {layout.describe()}; "
                               f"pass --local {layout.world_size} or change roles.prefill/decode/aggregated")
-        return local_mpiexec(args.local, _without_local(args.argv))
+        return local_mpiexec(args.local, _without_local(args.argv), cfg.output.path)
     if launched_by_mpi():
         from kvrelay.launch.job import run_mpi
 
@@ -92,7 +92,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = CONFIGS / "demo.yaml"
     cfg = load_config(config)
     n = Layout.from_roles(cfg.roles).world_size
-    rc = local_mpiexec(n, [str(config), "--model", str(model), "-i", str(CONFIGS / "examples" / "demo.jsonl"), "-o", str(out)])
+    rc = local_mpiexec(n, [str(config), "--model", str(model), "-i", str(CONFIGS / "examples" / "demo.jsonl"), "-o", str(out)], out)
     if not out.exists():
         return rc
     print(f"\noutput: {out}")

@@ -4,8 +4,9 @@
     kvrelay run --local 6 configs/disagg.yaml -i prompts.jsonl -o out.jsonl   # starts mpiexec itself
 
 Rank 0 routes (reads the JSONL, places, writes the output); the others are workers. An exception
-on any rank is printed with its rank and host and aborts the whole job at once, so a dead rank
-never leaves the others hanging.
+on any rank is printed with its rank and host, beside the ranks of its host that died (the rank
+table, launch/ranks.py), and aborts the whole job at once, so a dead rank never leaves the others
+hanging.
 
 Stop signals (SIGTERM, SIGUSR2, SIGINT): launch/stop.py.
 """
@@ -23,6 +24,7 @@ import torch
 
 from kvrelay.configs.schema import JobConfig
 from kvrelay.core.layout import LaunchError, Layout
+from kvrelay.launch import ranks
 from kvrelay.launch.environment import cpu_threads, hostname
 from kvrelay.launch.stop import STOP_SIGNALS, Stopped, on_stop, on_stop_worker, record_stop, release_node_segments, stop_marker
 from kvrelay.router.frontend import Summary
@@ -55,6 +57,9 @@ def run_mpi(cfg: JobConfig, after_stop: Callable[[int], None] | None = None) -> 
     if not _preflight(cfg, world):
         return 2, None
     role = layout.role(rank)
+    table = ranks.gather(world, role, hostname())
+    if rank == 0:
+        ranks.record(table, cfg.output.path)
     workers = world.Split(0 if rank == 0 else 1, rank)
     try:
         if role == "router":
@@ -74,6 +79,9 @@ def run_mpi(cfg: JobConfig, after_stop: Callable[[int], None] | None = None) -> 
         os._exit(128 + stop.signum)
     except BaseException:
         sys.stderr.write(f"kvrelay: rank {rank} ({role}) on {hostname()} failed:\n{traceback.format_exc()}")
+        # A failed transfer or message is often another rank's death seen from this side: say so.
+        for dead in ranks.dead_on_this_host(table, hostname()):
+            sys.stderr.write(f"kvrelay: {dead.describe()} died\n")
         sys.stderr.flush()
         world.Abort(1)
     return 1, None

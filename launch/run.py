@@ -20,6 +20,7 @@ import torch
 
 from kvrelay.configs.schema import JobConfig
 from kvrelay.core.layout import LaunchError, Layout
+from kvrelay.launch import ranks
 from kvrelay.launch.environment import cpu_threads
 from kvrelay.launch.stop import STOP_SIGNALS, Stopped, on_stop, record_stop, stop_marker
 from kvrelay.launch.preflight import check_and_lock
@@ -69,9 +70,10 @@ def run_local(cfg: JobConfig) -> Summary:
         engine = Engine.from_config(cfg)
         # The engine has read the model dir and the tokenizer already: the frontend shares them.
         frontend = Frontend(cfg, engine.tokenizer, engine.max_model_len, engine.vocab_size, model_name(cfg))
+        report = engine.report()
         log.info(
             "model %s on %s: %d KV blocks of %d tokens, context %d",
-            model_name(cfg), engine.runner.device, engine.pool.num_blocks, cfg.cache.block_size, engine.max_model_len,
+            model_name(cfg), report["device"], report["kv_blocks"], report["block_size"], engine.max_model_len,
         )
         summary = frontend.run(LocalBackend(engine))
     except Stopped as stop:
@@ -110,11 +112,15 @@ def find_mpiexec() -> tuple[str, bool]:
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
 
-def local_mpiexec(n: int, argv: list[str]) -> int:
+def local_mpiexec(n: int, argv: list[str], output: str | os.PathLike | None = None) -> int:
     """Run `kvrelay run ARGV` as an n-rank MPI job on this machine; returns its exit code.
 
     TERM, INT and USR2 sent to this process go on to mpiexec, which passes them to every rank, and
-    this process waits for mpiexec to end: killing the launcher never leaves ranks writing behind it."""
+    this process waits for mpiexec to end: killing the launcher never leaves ranks writing behind it.
+
+    When a rank dies, mpiexec kills the others before they can say anything: this process watches
+    the ranks of the job's rank table (written beside `output`, launch/ranks.py) and names the one
+    that died first."""
     exe, open_mpi = find_mpiexec()
     env = dict(os.environ)
     cmd = [exe, "-n", str(n)]
@@ -128,9 +134,11 @@ def local_mpiexec(n: int, argv: list[str]) -> int:
     cmd += [sys.executable, "-m", "kvrelay.launch.cli", "run", *argv]
     log.info("starting: %s", " ".join(cmd))
     pending: list[int] = []  # signals that came before mpiexec started
+    forwarded: list[int] = []
     proc: subprocess.Popen | None = None
 
     def forward(signum, frame):
+        forwarded.append(signum)
         if proc is None:
             pending.append(signum)
         else:
@@ -139,6 +147,9 @@ def local_mpiexec(n: int, argv: list[str]) -> int:
     previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
     try:
         proc = subprocess.Popen(cmd, env=env)
+        watch = ranks.Watch(output, lambda: proc.poll() is None) if output is not None else None
+        if watch is not None:
+            watch.start()
         for signum in pending:
             signal_job(proc.pid, signum)
         while True:
@@ -146,12 +157,18 @@ def local_mpiexec(n: int, argv: list[str]) -> int:
             # starts some), and then a blocked waitpid is not interrupted and the handler waits
             # for mpiexec, which would not end.
             try:
-                return proc.wait(timeout=0.2)
+                rc = proc.wait(timeout=0.2)
+                break
             except subprocess.TimeoutExpired:
                 pass
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if watch is not None and rc not in (0, 1, 2) and not forwarded:  # not an exit kvrelay chose
+        watch.join(timeout=2)
+        if (first := watch.first()) is not None:
+            log.error("%s died first; mpiexec ended the job (exit status %d). Rerun the same command to resume", first, rc)
+    return rc
 
 
 def signal_job(mpiexec_pid: int, signum: int) -> None:

@@ -80,7 +80,7 @@ def _check_tag(tag: int) -> int:
 
 
 class _MPIPending:
-    def __init__(self, requests: list[MPI.Request], sizes: list[int], buf: torch.Tensor, peer: int, receive: bool):
+    def __init__(self, requests: list[MPI.Request], sizes: list[int], buf: torch.Tensor, peer: str, receive: bool):
         self.requests, self.sizes, self.peer, self.receive = requests, sizes, peer, receive
         self.buf = buf  # NOTE: holds the memory MPI reads or writes until the transfer is over
         self.statuses = [MPI.Status() for _ in requests]
@@ -99,9 +99,13 @@ class _MPIPending:
     def _call(self, test_or_wait) -> bool:
         try:
             return test_or_wait(self.requests, self.statuses)
-        except MPI.Exception as e:  # MPI_ERR_TRUNCATE when the message is longer than the buffer
+        except MPI.Exception as e:
             errors = {MPI.Get_error_string(s.Get_error()) for s in self.statuses if s.Get_error() != MPI.SUCCESS}
-            raise self._mismatch(f"failed ({'; '.join(sorted(errors)) or e})") from e
+            what = f"failed ({'; '.join(sorted(errors)) or e})"
+            if e.Get_error_class() == MPI.ERR_TRUNCATE:  # the message is longer than the buffer
+                raise self._mismatch(what) from e
+            # Anything else is the connection to the peer: most often the peer died.
+            raise RuntimeError(f"KV {self._side()} {what}: is {self.peer} still alive?") from e
 
     def _finish(self) -> None:
         self.completed, self.buf = True, None
@@ -109,10 +113,12 @@ class _MPIPending:
         if self.receive and got != self.sizes:
             raise self._mismatch(f"got pieces of {got} bytes, expected {self.sizes}")
 
+    def _side(self) -> str:
+        return f"receive from {self.peer}" if self.receive else f"send to {self.peer}"
+
     def _mismatch(self, what: str) -> RuntimeError:
-        side = f"receive from worker {self.peer}" if self.receive else f"send to worker {self.peer}"
         return RuntimeError(
-            f"KV {side} {what}: the two sides disagree on the buffer size or posted their transfers in different orders"
+            f"KV {self._side()} {what}: the two sides disagree on the buffer size or posted their transfers in different orders"
         )
 
 
@@ -121,6 +127,10 @@ class MPITransport:
 
     def __init__(self, comm: MPI.Comm):
         self.comm = comm.Dup()  # collective; see the module docstring on tags
+        group, world = self.comm.Get_group(), MPI.COMM_WORLD.Get_group()
+        self.world_ranks = MPI.Group.Translate_ranks(group, range(group.size), world)
+        group.Free()
+        world.Free()
 
     def send(self, buf: torch.Tensor, peer: int, tag: int) -> Pending:
         return self._start(buf, peer, tag, receive=False)
@@ -135,7 +145,11 @@ class MPITransport:
         pieces = [data[s : s + MAX_MESSAGE_BYTES] for s in starts]
         post = self.comm.Irecv if receive else self.comm.Isend
         requests = [post([p, MPI.BYTE], peer, _check_tag(tag)) for p in pieces]
-        return _MPIPending(requests, [len(p) for p in pieces], buf, peer, receive)
+        return _MPIPending(requests, [len(p) for p in pieces], buf, self._name(peer), receive)
+
+    def _name(self, peer: int) -> str:
+        """"rank 3", the peer's rank in the job (the log and the rank table speak of these)."""
+        return f"rank {self.world_ranks[peer]}"
 
     def close(self) -> None:
         self.comm.Free()

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
-
 import torch
 from mpi4py import MPI
 
@@ -77,7 +75,7 @@ class Worker:
                 self._send_step(out)
                 self.step_wall_s += time.perf_counter() - t0
                 busy = True
-            self.window.publish(**asdict(self.engine.load()))
+            self.window.publish(self.engine.load())
             if self.shutdown and not (self.engine.has_work() or self.handoffs.busy()):
                 break
             if busy:

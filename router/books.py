@@ -12,8 +12,11 @@ prefix is credited with them at once rather than one window refresh and one pref
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import accumulate, takewhile
+from operator import and_, neg
 
 import numpy as np
 
@@ -36,7 +39,7 @@ class Placed:
 class InflightPrefixes:
     """Block hashes placed on workers and not yet shown by their windows, as one dict from hash
     to a bit mask of workers, so the leading in-flight blocks of a prompt on every worker cost one
-    dict lookup per block, up to the block where no worker has it (one lookup for a new prefix).
+    dict lookup per block (in C), up to the block where no worker has it (one for a new prefix).
 
     NOTE (lifetime and bound): a request's blocks enter when it is placed. The request that first
     brought a block to a worker owns it there; when that request's prompt is computed (PREFILLED,
@@ -69,18 +72,22 @@ class InflightPrefixes:
 
     def prefix_lengths(self, hashes: list[int]) -> dict[int, int]:
         """Leading `hashes` in flight on each worker that has at least the first one."""
+        # NOTE: the walk runs in C (map, accumulate, takewhile): run[i] is the mask of the workers
+        # that hold hashes[0..i], ending before the first block no worker holds to there. Each
+        # mask is a subset of the one before, hence numerically no larger: the blocks where a
+        # worker drops out are found by bisection, one per distinct mask (few: workers drop out
+        # in groups), never by a Python step per block.
+        run = list(takewhile(bool, accumulate(takewhile(bool, map(self.masks.get, hashes)), and_)))
         out: dict[int, int] = {}
-        alive = self.masks.get(hashes[0], 0) if hashes else 0
         i = 0
-        while alive:
-            i += 1
-            m = self.masks.get(hashes[i], 0) if i < len(hashes) else 0
-            gone = alive & ~m
+        while i < len(run):
+            alive = run[i]
+            i = bisect_right(run, -alive, lo=i, key=neg)  # past the last block this mask holds
+            gone = alive & ~run[i] if i < len(run) else alive
             while gone:
                 low = gone & -gone
                 out[self.rank_of_bit[low]] = i
                 gone ^= low
-            alive &= m
         return out
 
     def retire(self, owned: list[tuple[int, list[int]]]) -> None:
@@ -110,15 +117,19 @@ def leading_blocks(snapshot: TableSnapshot, prefixes: InflightPrefixes, hashes: 
     blocks (GPU hits and blocks in flight 1 each, a run of h host and d disk blocks after g GPU
     ones `tier_credit(g, h, d)`; 1 each without `tier_credit`). `hashes` as [n] uint64 and as a
     list: the two probes want both."""
-    if snapshot.host_groups:
+    if snapshot.host_groups:  # a disk tier sits below a host tier: no host tables, no lower tiers
         tiers = snapshot.tier_lengths(hashes)
+        window = {r: sum(t) for r, t in tiers.items()}
+        worth = {r: g + (tier_credit(g, h, d) if tier_credit else h + d) for r, (g, h, d) in tiers.items()}
     else:
-        tiers = {r: (g, 0, 0) for r, g in snapshot.prefix_lengths(hashes).items()}
-    window = {r: sum(t) for r, t in tiers.items()}
-    worth = {r: g + (tier_credit(g, h, d) if tier_credit else h + d) for r, (g, h, d) in tiers.items()}
+        window, worth = snapshot.prefix_lengths(hashes), None  # every held block is worth 1
     cached = dict(window)
-    for rank, n in prefixes.prefix_lengths(hash_list).items():
+    inflight = prefixes.prefix_lengths(hash_list)
+    for rank, n in inflight.items():
         cached[rank] = max(n, window[rank])
+    if worth is None:
+        return window, cached, cached
+    for rank, n in inflight.items():
         worth[rank] = max(n, worth[rank])
     return window, cached, worth
 

@@ -98,38 +98,31 @@ class MPIBackend:
             inflight.drop_retired(retiring)
             self.table_read_s.append(self.snapshot_time - t)
         t2 = time.perf_counter()
-        window: dict[int, int] = {}
-        cached: dict[int, int] = {}
-        worth: dict[int, float] = {}
-
-        def probe() -> None:
-            if not cached:
-                w, c, v = leading_blocks(self.snapshot, inflight, hashes, hash_list, self.tier_credit)
-                window.update(w)
-                cached.update(c)
-                worth.update(v)
-
-        def cached_blocks(r: int) -> float:  # worth of the leading blocks held (window or books), in GPU blocks
-            probe()
-            return worth[r]
+        # Per worker: leading blocks its window shows, those it holds (window or books), and their
+        # worth in GPU blocks (host-tier hits count less): one numpy probe of the table copies and
+        # one walk of the books for all workers, which every decision needs.
+        window, cached, worth = leading_blocks(self.snapshot, inflight, hashes, hash_list, self.tier_credit)
 
         def uncached_tokens(r: int) -> int:  # what worker r must compute: at least the last token
-            probe()
             return len(ids) - min(cached[r] * self.block_size, len(ids) - 1)
+
+        def choose(policy, candidates: list[int]) -> int:
+            return policy.choose([self.states[r] for r in candidates], nblocks, worth.__getitem__,
+                                 max(worth[r] for r in candidates))
 
         rank = decode = None
         if self.decoders and self.local_prefill_max_tokens > 0:
-            local = self.local_policy.choose([self.states[r] for r in self.decoders], nblocks, cached_blocks)
+            local = choose(self.local_policy, self.decoders)
             if uncached_tokens(local) <= self.local_prefill_max_tokens:
                 rank = local
                 self.local_prefills += 1
         if rank is None:
-            rank = self.policy.choose([self.states[r] for r in self.entry], nblocks, cached_blocks)
+            rank = choose(self.policy, self.entry)
             if self.layout.role(rank) == "prefill":
                 decode = self.decode_policy.choose([self.states[r] for r in self.decoders], nblocks, lambda r: 0)
         # The worker's queue grows by what it must compute, not by what it has cached.
         tokens = uncached_tokens(rank)
-        if cached:
+        if window:
             self.seen_cached_blocks += max(window.values())
             self.placed_cached_blocks += window[rank]
             self.placed_inflight_blocks += cached[rank] - window[rank]
@@ -176,8 +169,8 @@ class MPIBackend:
         return results
 
     def _refresh_loads(self) -> None:
-        for rank, load in self.reader.loads().items():
-            s = self.states[rank]
+        for rank, header in self.reader.loads().items():
+            s, load = self.states[rank], header.load
             s.total_blocks, s.free_blocks = load.total_blocks, load.free_blocks
             s.queued_prefill_tokens, s.running_seqs = load.queued_prefill_tokens, load.running_seqs
             s.active_decode_blocks = load.active_decode_blocks

@@ -55,9 +55,11 @@ class WorkerState:
 
 
 class Policy(Protocol):
-    def choose(self, workers: list[WorkerState], num_prompt_blocks: int, cached_blocks: Callable[[int], int]) -> int:
+    def choose(self, workers: list[WorkerState], num_prompt_blocks: int, cached_blocks: Callable[[int], int],
+               most_cached: float | None = None) -> int:
         """The rank to run a request of `num_prompt_blocks` blocks; `cached_blocks(rank)` is the
-        number of its leading blocks cached on that worker (a window read, a few us each)."""
+        number of its leading blocks cached on that worker (a window read, a few us each);
+        `most_cached`, where the caller knows it, is at least cached_blocks of every worker given."""
         ...
 
 
@@ -136,31 +138,35 @@ class KvAware:
         self.block_size = block_size
         self.rng = random.Random(seed)
 
-    def choose(self, workers: list[WorkerState], num_prompt_blocks: int, cached_blocks: Callable[[int], int]) -> int:
+    def choose(self, workers: list[WorkerState], num_prompt_blocks: int, cached_blocks: Callable[[int], int],
+               most_cached: float | None = None) -> int:
         assert workers, "no candidate workers"
         n = num_prompt_blocks
-        affinity = self.affinity
-        if affinity and 2 * len(workers) * max(w.load for w in workers) > self.max_inflight and \
-                any(w.load == 0 for w in workers):
+        scale, credit, affinity = self.scale, self.credit, self.affinity
+        loads = [w.load for w in workers]
+        if affinity and 2 * len(workers) * max(loads) > self.max_inflight and 0 in loads:
             affinity = 0.0  # an idle worker beside a busy one: see the NOTE above
-        use_cache = self.scale > 0 and (self.credit > 0 or affinity > 0) and n > 0
-        # Visit workers by the lowest cost they could reach with a full hit (the same offset for
-        # all, so the order of their loads) and read the cache table only of those that could
-        # still win or tie.
-        full_hit = self.scale * (max(0.0, n - self.credit * n) - affinity * n) if use_cache else self.scale * n
+        use_cache = scale > 0 and (credit > 0 or affinity > 0) and n > 0
+        # Visit workers by the lowest cost they could reach with the best hit any worker has (the
+        # same offset for all, so the order of their loads) and read the cache table only of
+        # those that could still win or tie. NOTE: the bound matters with affinity: at the whole
+        # prompt (`n`) it makes every worker's floor negative by A * n blocks, below any real
+        # cost, so no worker was ever skipped.
+        hit = n if most_cached is None else min(n, most_cached)
+        full_hit = scale * (max(0.0, n - credit * hit) - affinity * hit) if use_cache else scale * n
         floors = sorted(
-            ((self.scale * w.queued_prefill_blocks(self.block_size) + w.decode_blocks, i) for i, w in enumerate(workers)),
+            ((scale * w.queued_prefill_blocks(self.block_size) + w.decode_blocks, i) for i, w in enumerate(workers)),
         )
         best = float("inf")
         scored = []
         for floor, i in floors:
             if floor + full_hit > best:
                 break
-            w = workers[i]
-            cached = min(cached_blocks(w.rank), n) if use_cache else 0
-            cost = floor + self.scale * (max(0.0, n - self.credit * cached) - affinity * cached)
-            best = min(best, cost)
-            scored.append(((cost, w.load), w))
+            cached = min(cached_blocks(workers[i].rank), n) if use_cache else 0
+            cost = floor + scale * (max(0.0, n - credit * cached) - affinity * cached)
+            if cost < best:
+                best = cost
+            scored.append(((cost, loads[i]), workers[i]))
         return _argmin(scored, self.rng)
 
 
@@ -170,7 +176,8 @@ class LeastLoaded:
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
 
-    def choose(self, workers: list[WorkerState], num_prompt_blocks: int, cached_blocks: Callable[[int], int]) -> int:
+    def choose(self, workers: list[WorkerState], num_prompt_blocks: int, cached_blocks: Callable[[int], int],
+               most_cached: float | None = None) -> int:
         assert workers, "no candidate workers"
         return _argmin([((w.load,), w) for w in workers], self.rng)
 
@@ -183,7 +190,8 @@ class DecodeLeastLoaded:
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
 
-    def choose(self, workers: list[WorkerState], num_prompt_blocks: int, cached_blocks: Callable[[int], int]) -> int:
+    def choose(self, workers: list[WorkerState], num_prompt_blocks: int, cached_blocks: Callable[[int], int],
+               most_cached: float | None = None) -> int:
         assert workers, "no candidate workers"
         return _argmin([((w.decode_blocks, w.load), w) for w in workers], self.rng)
 
@@ -195,7 +203,8 @@ class RoundRobin:
     def __init__(self) -> None:
         self.last: int | None = None
 
-    def choose(self, workers: list[WorkerState], num_prompt_blocks: int, cached_blocks: Callable[[int], int]) -> int:
+    def choose(self, workers: list[WorkerState], num_prompt_blocks: int, cached_blocks: Callable[[int], int],
+               most_cached: float | None = None) -> int:
         assert workers, "no candidate workers"
         ranks = sorted(w.rank for w in workers)
         self.last = next((r for r in ranks if self.last is None or r > self.last), ranks[0])
@@ -206,7 +215,8 @@ class RandomChoice:
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
 
-    def choose(self, workers: list[WorkerState], num_prompt_blocks: int, cached_blocks: Callable[[int], int]) -> int:
+    def choose(self, workers: list[WorkerState], num_prompt_blocks: int, cached_blocks: Callable[[int], int],
+               most_cached: float | None = None) -> int:
         assert workers, "no candidate workers"
         return self.rng.choice(workers).rank
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -256,9 +257,34 @@ def test_sigterm_ends_the_job_and_a_rerun_completes_it(tiny_models, shared_prefi
 def job_processes(sid: int, out: Path) -> list[str]:
     """`pid command` of every live process of a job: those of its session (the launcher, mpiexec)
     and the ranks, which mpiexec starts in sessions of their own, found by their output path."""
-    ps = subprocess.run(["ps", "-e", "-o", "pid=,sid=,stat=,args="], capture_output=True, text=True).stdout
+    ps = subprocess.run(["ps", "-ww", "-e", "-o", "pid=,sid=,stat=,args="], capture_output=True, text=True).stdout
     return [f"{f[0]} {f[3]}" for f in (line.split(None, 3) for line in ps.splitlines())
             if len(f) == 4 and (f[1] == str(sid) or str(out) in f[3]) and not f[2].startswith("Z")]
+
+
+def start_split_job(tiny_models, shared_prefix_input: Path, out: Path) -> tuple[subprocess.Popen, list[str]]:
+    """`kvrelay run --local 4` (1 prefill, 2 decode) in a session of its own, once it has written
+    10 lines; returns the launcher and its arguments (the rerun's)."""
+    import time
+
+    args = [*CLI, "run", "--local", "4", "-i", str(shared_prefix_input), "-o", str(out), "--model", str(tiny_models["llama"]),
+            *SETTINGS, "--set", "roles.aggregated=0", "--set", "roles.prefill=1", "--set", "roles.decode=2",
+            "--set", "router.max_inflight=2", "--set", "defaults.max_tokens=24"]
+    proc = subprocess.Popen(args, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 10):
+        time.sleep(0.02)
+    return proc, args
+
+
+def rerun_completes(out: Path, args: list[str]) -> None:
+    """The job stopped part way; the same command answers the rest, every line exactly once."""
+    done = out.read_text().count("\n")
+    assert 10 <= done < 208
+    rerun = run(args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert len(outputs(out)) == 208  # outputs() asserts one line per custom_id
 
 
 def test_sigterm_to_the_local_launcher_reaches_every_rank(tiny_models, shared_prefix_input, tmp_path):
@@ -266,18 +292,10 @@ def test_sigterm_to_the_local_launcher_reaches_every_rank(tiny_models, shared_pr
     # scheduler or `kill PID` sends it) used to kill the launcher and leave mpiexec and every rank
     # writing; the rerun then wrote the same ids a second time.
     import signal
-    import time
 
     out = tmp_path / "out.jsonl"
-    args = [*CLI, "run", "--local", "4", "-i", str(shared_prefix_input), "-o", str(out), "--model", str(tiny_models["llama"]),
-            *SETTINGS, "--set", "roles.aggregated=0", "--set", "roles.prefill=1", "--set", "roles.decode=2",
-            "--set", "router.max_inflight=2", "--set", "defaults.max_tokens=24"]
-    proc = subprocess.Popen(args, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc, args = start_split_job(tiny_models, shared_prefix_input, out)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 10):
-            time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
         assert proc.returncode != 0
@@ -285,8 +303,32 @@ def test_sigterm_to_the_local_launcher_reaches_every_rank(tiny_models, shared_pr
     finally:
         for p in job_processes(proc.pid, out):
             os.kill(int(p.split()[0]), signal.SIGKILL)
-    done = out.read_text().count("\n")
-    assert 10 <= done < 208
-    rerun = run(args)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert len(outputs(out)) == 208  # outputs() asserts one line per custom_id
+    rerun_completes(out, args)
+
+
+def test_a_killed_worker_ends_the_job_in_seconds_and_is_named(tiny_models, shared_prefix_input, tmp_path):
+    # Issue 13, item 9: mpiexec kills the survivors of a SIGKILLed rank before they can say a word
+    # (and its own report names another rank); the launcher watches the ranks of the job's rank
+    # table and names the one that died first.
+    import signal
+    import time
+
+    out = tmp_path / "out.jsonl"
+    proc, args = start_split_job(tiny_models, shared_prefix_input, out)
+    try:
+        # The ranks, found by their command line (the launcher and mpiexec are of the job's session).
+        rank_pids = {int(p.split()[0]) for p in job_processes(proc.pid, out) if "mpiexec" not in p and "--local" not in p}
+        table = {r["pid"]: r for r in json.loads(out.with_name("out.ranks.json").read_text())}
+        assert set(table) == rank_pids, job_processes(proc.pid, out)
+        victim = next(pid for pid, r in table.items() if r["rank"] == 3)
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=60)
+        took = time.monotonic() - killed
+    finally:
+        for p in job_processes(proc.pid, out):
+            os.kill(int(p.split()[0]), signal.SIGKILL)
+    assert proc.returncode != 0
+    assert took < 10, f"the job outlived its dead rank by {took:.1f} s"
+    assert f"rank 3 (decode, host {socket.gethostname()}, pid {victim}) died first" in stderr, stdout + stderr
+    rerun_completes(out, args)

@@ -310,3 +310,47 @@ def test_cache_affinity_defaults_by_input_kind():
     assert load_config(overrides=["input.format=jsonl"]).cache_affinity == 4.0
     assert load_config(overrides=["input.format=trace"]).cache_affinity == 0.0
     assert load_config(overrides=["input.format=trace", "router.cache_affinity=2"]).cache_affinity == 2.0
+
+
+def test_the_in_flight_walk_and_the_affinity_bound_change_no_decision():
+    # The router's fast paths against their plain definitions, on random books and loads: the
+    # in-flight probe against a walk block by block, and kv_aware's choice with the bound on the
+    # cached blocks (`most_cached`, which lets it skip workers under cache affinity) against the
+    # same choice without it: the same rank and the same random draws.
+    from kvrelay.router.books import InflightPrefixes
+
+    rng = random.Random(11)
+    ranks = list(range(1, 17))
+    books = InflightPrefixes(ranks)
+    skipped = 0  # choices under affinity that read fewer than every worker's cache
+    chains = [[rng.getrandbits(64) for _ in range(rng.randrange(1, 60))] for _ in range(40)]
+    for step in range(600):
+        chain = rng.choice(chains)
+        owned = books.add(rng.choice(ranks), chain[: rng.randrange(1, len(chain) + 1)])
+        if rng.random() < 0.3:
+            books.drop_retired([(rng.choice(ranks), owned)])  # a prefix with holes: the owner left
+        probe = rng.choice(chains)[: rng.randrange(0, 60)]
+        want = {}
+        for r in ranks:
+            k = 0
+            while k < len(probe) and books.masks.get(probe[k], 0) & books.bit[r]:
+                k += 1
+            if k:
+                want[r] = k
+        assert books.prefix_lengths(probe) == want
+
+        ws = workers(ranks)
+        for w in ws:
+            w.queued_prefill_tokens = rng.choice([0, rng.randrange(20 * BS), rng.randrange(400 * BS)])
+            w.active_decode_blocks = rng.choice([0, 10, rng.randrange(2000)])
+            w.inflight_requests = rng.choice([0, 1, rng.randrange(40)])
+        cached = {r: rng.choice([0, 0, 0, rng.randrange(60), want.get(r, 0)]) for r in ranks}
+        n = rng.randrange(0, 60)
+        affinity = rng.choice([0.0, 1.0, 4.0])
+        plain, bounded = kv_aware(seed=step, cache_affinity=affinity), kv_aware(seed=step, cache_affinity=affinity)
+        asked = []
+        assert bounded.choose(ws, n, lambda r: asked.append(r) or cached[r], max(cached.values())) == \
+            plain.choose(ws, n, cached.__getitem__), step
+        assert bounded.rng.getstate() == plain.rng.getstate()
+        skipped += affinity > 0 and len(asked) < len(ranks)
+    assert skipped > 50

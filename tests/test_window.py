@@ -101,7 +101,7 @@ def test_random_operations_match_a_list_model():
 
 def test_one_rank_window_reads_itself():
     MPI = pytest.importorskip("mpi4py.MPI", reason="no MPI library here")
-    from kvrelay.core.window import CacheWindow, WindowReader, WorkerLoad
+    from kvrelay.core.window import CacheWindow, Load, WindowReader, WorkerLoad
 
     with pytest.raises(ValueError, match="valid roles: aggregated, prefill, decode"):
         CacheWindow.create(MPI.COMM_SELF, 40, "router")
@@ -110,14 +110,14 @@ def test_one_rank_window_reads_itself():
     try:
         assert cw.table.n_buckets == 16
         reader = WindowReader(cw.win, {0: cw.table.n_buckets})
-        assert reader.loads() == {0: WorkerLoad(0, 0, 0, 0, 0, 0, 0, 0, role="prefill")}
+        assert reader.loads() == {0: WorkerLoad(0, "prefill", 0, Load(0, 0, 0, 0, 0, 0))}
         chain = [0, 2**64 - 1, 77, 1234567890123]
         for h in chain[:3]:
             cw.on_cache(h)
         cw.on_cache(55)
-        cw.publish(free_blocks=30, total_blocks=40, queued_prefill_tokens=512, running_seqs=3,
-                   active_decode_blocks=10, step=7)
-        assert reader.loads() == {0: WorkerLoad(0, 1, 30, 40, 512, 3, 10, 7, role="prefill")}
+        cw.publish(Load(free_blocks=30, total_blocks=40, queued_prefill_tokens=512, running_seqs=3,
+                        active_decode_blocks=10, step=7))
+        assert reader.loads() == {0: WorkerLoad(0, "prefill", 1, Load(30, 40, 512, 3, 10, 7))}
         snap = reader.snapshot()
         row = snap.slots[cw.table.n_buckets][0]
         assert set(row[row != 0].tolist()) == cw.table.keys() == {1, 2**64 - 1, 77, 55}
@@ -130,11 +130,36 @@ def test_one_rank_window_reads_itself():
         assert match([88, *chain]) == 0
         assert match([]) == 0
         cw.on_evict(2**64 - 1)
-        cw.publish(free_blocks=31, total_blocks=40, queued_prefill_tokens=0, running_seqs=2,
-                   active_decode_blocks=9, step=8)
+        cw.publish(Load(free_blocks=31, total_blocks=40, queued_prefill_tokens=0, running_seqs=2,
+                        active_decode_blocks=9, step=8))
         assert match(chain) == 3, "a snapshot is a copy: it keeps what it read"
         snap = reader.snapshot()
         assert match(chain) == 1
         assert reader.loads()[0].version == 2
     finally:
         cw.close()
+
+
+def test_snapshot_probe_matches_a_set_per_worker_on_tables_with_gaps():
+    # The router's probe (two numpy stages) against the plain definition: the leading hashes that
+    # a worker's table holds. Tables of two sizes, chains with holes (an evicted or dropped block
+    # mid-prefix), hash 0, and workers that hold nothing.
+    from kvrelay.core.window import TableSnapshot
+
+    rng = random.Random(5)
+    sizes = {1: 8, 2: 8, 3: 16, 4: 8, 5: 16}
+    snap = TableSnapshot(sizes)
+    chains = [[rng.getrandbits(64) for _ in range(rng.randrange(0, 40))] for _ in range(30)] + [[0, 7, 9]]
+    held: dict[int, set[int]] = {}
+    for nb, ranks in snap.groups.items():
+        for i, r in enumerate(ranks):
+            t = BucketTable(np.zeros(nb * WAYS, np.uint64))
+            for chain in rng.sample(chains, 6):
+                for h in chain[: rng.randrange(len(chain) + 1)]:
+                    if rng.random() > 0.05:
+                        t.insert(h)
+            snap.slots[nb][i] = t.slots
+            held[r] = t.keys()
+    for chain in chains:
+        want = {r: next((k for k, h in enumerate(chain) if table_key(h) not in keys), len(chain)) for r, keys in held.items()}
+        assert snap.prefix_lengths(np.array(chain, np.uint64)) == want

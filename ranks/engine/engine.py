@@ -43,6 +43,7 @@ from kvrelay.core.tokenizer import Tokenizer
 from kvrelay.core.block_hash import hash_seed, num_blocks
 from kvrelay.core.messages import SampleStart, SeqState
 from kvrelay.core.request import Request, RequestResult, SamplingParams
+from kvrelay.core.window import Load
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +79,6 @@ class StepOutput:
     # Prefill worker: sequences that sampled their first token and stopped; their blocks stay
     # held until `free_kv(request_id)`, once their KV has been sent.
     handoffs: list[SeqState] = field(default_factory=list)
-
-
-@dataclass
-class EngineLoad:
-    """The load the worker publishes in its window (core/window.py header fields)."""
-
-    free_blocks: int
-    total_blocks: int
-    queued_prefill_tokens: int
-    running_seqs: int
-    active_decode_blocks: int
-    step: int
 
 
 def pick_device(name: str) -> torch.device:
@@ -157,8 +146,6 @@ class Engine:
             cache_blocks, cfg.cache.block_size, job_hash_seed(cfg), cfg.cache.enable_prefix_caching, self.host,
             self.disk,
         )
-        # NOTE: launch/run.py logs the pool's size; everything else goes through the KV surface.
-        self.pool = self.kv.pool
         self.scheduler = Scheduler(
             self.kv, cfg.scheduler.max_batch_tokens, cfg.scheduler.max_seqs, cfg.scheduler.chunked_prefill
         )
@@ -385,9 +372,15 @@ class Engine:
         """Listeners of the disk tier: a block hash was written; one was removed."""
         self.disk.on_add, self.disk.on_drop = on_add, on_drop
 
-    def load(self) -> EngineLoad:
+    def drop_running(self) -> None:
+        """Finish every running sequence now, without a result, freeing its blocks: how a benchmark
+        that holds a decode batch at a fixed size (bench/calibrate.py) lets it go."""
+        for seq in list(self.scheduler.running):
+            self.scheduler.finish(seq)
+
+    def load(self) -> Load:
         free = self.kv.num_free
-        return EngineLoad(
+        return Load(
             free_blocks=free,
             total_blocks=self.kv.num_blocks,
             queued_prefill_tokens=self.scheduler.num_queued_prefill_tokens,

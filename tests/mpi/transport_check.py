@@ -110,7 +110,7 @@ def wrong_size(t: KVTransport, rank: int) -> None:
         try:
             t.recv(torch.empty(11, dtype=torch.bfloat16), 1, TAG).wait()
         except RuntimeError as e:
-            assert "expected [22]" in str(e), e
+            assert "receive from rank 1" in str(e) and "expected [22]" in str(e), e
         else:
             raise AssertionError("a short KV message went unnoticed")
 

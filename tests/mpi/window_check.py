@@ -29,7 +29,7 @@ from mpi4py import MPI
 from kvrelay.ranks.engine.host_tier import HostTier
 from kvrelay.ranks.engine.kv_cache import KVCacheManager
 from kvrelay.core import window as window_module
-from kvrelay.core.window import CacheWindow, WindowReader, table_key
+from kvrelay.core.window import CacheWindow, Load, WindowReader, table_key
 
 NUM_BLOCKS = 64
 HOST_BLOCKS = 96  # fewer than the hashes evicted: the host tier drops some too
@@ -108,7 +108,7 @@ def owner(comm: MPI.Comm) -> None:
         batch = host.take_batch()  # an engine issues these copies; on the CPU they complete at once
         if batch is not None:
             host.done(batch.number)
-        window.publish(**load)
+        window.publish(Load(**load))
         comm.Iprobe()  # a worker loop enters MPI every step
     comm.Ibarrier().Wait()  # quiescence: the reader stops its concurrent loop
     comm.send(dict(table=window.table.keys(), cached=pool.cached_hashes(), drops=window.table.drops,
@@ -150,7 +150,7 @@ def reader(comm: MPI.Comm) -> None:
             assert ld.role == ROLES[r] and ld.version >= versions[r], (r, ld, versions[r])
             versions[r] = ld.version
             if ld.version:
-                assert ld.total_blocks == NUM_BLOCKS and 0 <= ld.free_blocks <= NUM_BLOCKS, ld
+                assert ld.load.total_blocks == NUM_BLOCKS and 0 <= ld.load.free_blocks <= NUM_BLOCKS, ld
         snap = timed(snap_s, reader.snapshot)
         assert all(0 <= m <= DEPTH for m in timed_match(snap, CHAINS[rng.randrange(FAMILIES)]).values())
         assert not any(snap.prefix_lengths(never).values()), "a hash never cached matched"
@@ -189,7 +189,7 @@ def reader(comm: MPI.Comm) -> None:
         assert disk_table <= disk and len(disk - disk_table) <= got["disk_drops"] and len(disk) == DISK_BLOCKS
         assert got["evictions"] > 1000, f"rank {r}: only {got['evictions']} evictions"
         ld = loads[r]
-        assert (ld.version, ld.step) == (got["version"], STEPS) and vars(ld).items() >= got["load"].items(), ld
+        assert (ld.version, ld.load) == (got["version"], Load(**got["load"])) and ld.load.step == STEPS, ld
         for chain in CHAINS:
             m = snap.prefix_lengths(np.array(chain, np.uint64))[r]
             assert m == longest_prefix(table, chain)

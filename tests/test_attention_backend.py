@@ -1,6 +1,7 @@
-"""The GPU attention paths used when the Triton kernels are absent (the graph-capturable torch
-decode, the mixed-step split) against the reference paged attention, on random caches in shuffled
-blocks, with padding rows."""
+"""The GPU attention paths against the reference paged attention, on random caches in shuffled
+blocks: the ones used when the Triton kernels are absent (the graph-capturable torch decode, the
+mixed-step split, with padding rows), and a mixed step split between the Triton decode and prefill
+kernels (Triton's interpreter on the CPU)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from kvrelay.kernels.attention import paged_attention
 from kvrelay.ranks.engine.attention_backend import decode_attention_torch, mixed_attention_torch
-from kvrelay.ranks.engine.attention_backend import AttentionMetadata
+from kvrelay.ranks.engine.attention_backend import AttentionMetadata, attend, triton_available
 
 BLOCK_SIZE, HEAD_DIM = 4, 16
 
@@ -45,8 +46,48 @@ def test_mixed_torch_matches_reference(window):
     for n in q_lens:
         qsl.append(qsl[-1] + n)
     q = torch.randn(qsl[-1], heads, HEAD_DIM, generator=gen)
+    # The first two rows are decode rows (the runner packs them first); the later one-token row
+    # takes the reference loop like the prompt chunks.
     meta = AttentionMetadata(torch.zeros(0, dtype=torch.int64), qsl, seq_lens, tables,
-                             seq_lens_dev=torch.tensor(seq_lens, dtype=torch.int32), max_query_len=5)
+                             seq_lens_dev=torch.tensor(seq_lens, dtype=torch.int32), max_query_len=5,
+                             num_decode_rows=2)
     got = mixed_attention_torch(q, k_cache, v_cache, meta, 0.25, window)
     want = paged_attention(q, k_cache, v_cache, qsl, seq_lens, tables, 0.25, window)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 20])
+def test_mixed_step_split_between_kernels(triton_interpreter, window):
+    """A mixed step's decode rows through the decode kernel, its prompt chunks through the prefill
+    kernel: the same attention as the reference, and as the prefill kernel over every row (the
+    path before the split), with the step's new keys written into the cache first."""
+    from kvrelay.kernels.prefill_attention import prefill_attention
+
+    head_dim, block_size, heads, kv_heads = 64, 16, 8, 2
+    assert triton_available(head_dim)
+    gen = torch.Generator().manual_seed(5 + (window or 0))
+    # Three decode rows (one a one-token context), then a chunk over a cached prefix and a prompt.
+    seq_lens, q_lens = [40, 1, 70, 53, 19], [1, 1, 1, 21, 19]
+    width, num_blocks = 5, 32
+    tables = torch.randperm(num_blocks, generator=gen)[: len(seq_lens) * width].view(len(seq_lens), width).int()
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    qsl = [0]
+    for n in q_lens:
+        qsl.append(qsl[-1] + n)
+    T = qsl[-1]
+    q, k, v = (torch.randn(T, h, head_dim, generator=gen) for h in (heads, kv_heads, kv_heads))
+    slots = torch.tensor([
+        int(tables[i, p // block_size]) * block_size + p % block_size
+        for i, (n, ql) in enumerate(zip(seq_lens, q_lens)) for p in range(n - ql, n)
+    ])
+    meta = AttentionMetadata(
+        slots, qsl, seq_lens, tables, query_start_loc_dev=torch.tensor(qsl, dtype=torch.int32),
+        seq_lens_dev=torch.tensor(seq_lens, dtype=torch.int32), max_query_len=max(q_lens), num_decode_rows=3,
+    )
+    got = attend(q, k, v, (k_cache, v_cache), meta, head_dim**-0.5, window)
+    want = paged_attention(q, k_cache, v_cache, qsl, seq_lens, tables, head_dim**-0.5, window)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    before = prefill_attention(q, k_cache, v_cache, meta.query_start_loc_dev, meta.seq_lens_dev, tables,
+                               max(q_lens), head_dim**-0.5, window)
+    torch.testing.assert_close(got, before, atol=2e-5, rtol=2e-5)

@@ -54,7 +54,8 @@ class StepArrays:
     query_start_loc: np.ndarray  # [B + 1]
     seq_lens: np.ndarray  # [B]
     tables: np.ndarray  # [B, W] block ids, 0 past a sequence's blocks
-    last_rows: np.ndarray  # [S] row of each sampling sequence's last token
+    last_rows: np.ndarray  # [S] row of each sampling sequence's last token, in batch order
+    num_decode_rows: int  # the leading sequences that run one token each (all of them come first)
 
     @property
     def decode_only(self) -> bool:
@@ -103,6 +104,9 @@ class ModelRunner:
         self.table_width = -(-self.max_blocks // 16) * 16  # widest block table a step uploads
         self.is_cuda = device.type == "cuda"
         self.use_graphs = cuda_graphs and self.is_cuda
+        # Steps hand attention their metadata as tensors, for the GPU kernels (attention_backend.py);
+        # on a CPU runner the tests turn it on to run those kernels in Triton's interpreter.
+        self.kernel_metadata = self.is_cuda
         with torch.device(device):
             self.model = LlamaForCausalLM(spec, dtype=dtype, tp=tp)
         self.model.load_weights(weights)
@@ -226,7 +230,7 @@ class ModelRunner:
         for bs in sorted(graph_batch_sizes(self.max_seqs), reverse=True):
             meta = AttentionMetadata(
                 slot_mapping=slots[:bs], query_start_loc=[], seq_lens=[], block_tables=self.graph_tables[:bs],
-                seq_lens_dev=seq_lens[:bs], max_query_len=1, decode_only=True,
+                seq_lens_dev=seq_lens[:bs], max_query_len=1, decode_only=True, num_decode_rows=bs,
             )
 
             def forward(bs=bs, meta=meta) -> None:
@@ -299,11 +303,23 @@ class ModelRunner:
         return self._run(self._arrays(items), graphs=self.use_graphs)
 
     def _arrays(self, items: list[tuple[list[int], int, int, list[int], bool]]) -> StepArrays:
-        """(token_ids, num_computed, num_new, block_ids, samples) per sequence -> the step's arrays."""
+        """(token_ids, num_computed, num_new, block_ids, samples) per sequence -> the step's arrays.
+
+        The rows are packed with the one-token sequences first (decode tokens, and any one-token
+        prompt chunk: the decode kernel computes exactly their attention), so that the attention
+        backend hands them to the decode kernel as one contiguous slice; `last_rows` stays in
+        batch order."""
         B = self.block_size
         n = len(items)
-        start = np.fromiter((it[1] for it in items), np.int64, n)
         num_new = np.fromiter((it[2] for it in items), np.int64, n)
+        single = num_new == 1
+        num_decode = int(single.sum())
+        order = None
+        if 0 < num_decode < n and not single[:num_decode].all():
+            order = np.argsort(~single, kind="stable")  # one-token rows first, each kind in batch order
+            items = [items[i] for i in order]
+            num_new = num_new[order]
+        start = np.fromiter((it[1] for it in items), np.int64, n)
         qsl = np.zeros(n + 1, np.int64)
         np.cumsum(num_new, out=qsl[1:])
         T = int(qsl[-1])
@@ -319,7 +335,10 @@ class ModelRunner:
             tables[i, : len(it[3])] = it[3]
         slots = tables[rows, positions // B] * B + positions % B
         samples = np.fromiter((it[4] for it in items), bool, n)
-        return StepArrays(ids, positions, slots, qsl, start + num_new, tables, qsl[1:][samples] - 1)
+        last = qsl[1:] - 1  # [n] last row of each sequence, in packed order
+        if order is not None:
+            last[order], samples[order] = last.copy(), samples.copy()  # back to batch order
+        return StepArrays(ids, positions, slots, qsl, start + num_new, tables, last[samples], num_decode)
 
     def _run(self, a: StepArrays, graphs: bool) -> torch.Tensor:
         n = len(a.seq_lens)
@@ -348,10 +367,11 @@ class ModelRunner:
             query_start_loc=a.query_start_loc.tolist(),
             seq_lens=a.seq_lens.tolist(),
             block_tables=tables.view(n, -1),
-            query_start_loc_dev=qsl if self.is_cuda else None,
-            seq_lens_dev=seq_lens if self.is_cuda else None,
+            query_start_loc_dev=qsl if self.kernel_metadata else None,
+            seq_lens_dev=seq_lens if self.kernel_metadata else None,
             max_query_len=int((a.query_start_loc[1:] - a.query_start_loc[:-1]).max()),
             decode_only=a.decode_only,
+            num_decode_rows=a.num_decode_rows,
         )
         return self.model(ids, positions, meta, self.kv_caches), last_rows
 

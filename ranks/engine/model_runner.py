@@ -55,11 +55,16 @@ class StepArrays:
     seq_lens: np.ndarray  # [B]
     tables: np.ndarray  # [B, W] block ids, 0 past a sequence's blocks
     last_rows: np.ndarray  # [S] row of each sampling sequence's last token, in batch order
-    num_decode_rows: int  # the leading sequences that run one token each (all of them come first)
 
     @property
     def decode_only(self) -> bool:
         return len(self.ids) == len(self.seq_lens)
+
+    @property
+    def num_decode_rows(self) -> int:
+        """The leading sequences that run one token each (`ModelRunner._arrays` packs them all first)."""
+        other = np.flatnonzero(np.diff(self.query_start_loc) != 1)
+        return int(other[0]) if len(other) else len(self.seq_lens)
 
 
 @dataclass
@@ -294,13 +299,16 @@ class ModelRunner:
         return 0.0
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
-        """Run one step; returns [num sampling seqs, vocab] float32 logits, in batch order."""
+    def execute(self, batch: list[ScheduledSeq], fed: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one step; returns [num sampling seqs, vocab] float32 logits, in batch order.
+
+        `fed`: [N] int64 on the device, the last step's sampled ids before the host has them; a
+        token id -1 - j in a sequence stands for fed[j] (Engine.step's deferred read)."""
         items = [
             (item.seq.token_ids, item.seq.num_computed_tokens, item.num_new_tokens, item.seq.block_ids, item.samples)
             for item in batch
         ]
-        return self._run(self._arrays(items), graphs=self.use_graphs)
+        return self._run(self._arrays(items), graphs=self.use_graphs, fed=fed)
 
     def _arrays(self, items: list[tuple[list[int], int, int, list[int], bool]]) -> StepArrays:
         """(token_ids, num_computed, num_new, block_ids, samples) per sequence -> the step's arrays.
@@ -338,9 +346,9 @@ class ModelRunner:
         last = qsl[1:] - 1  # [n] last row of each sequence, in packed order
         if order is not None:
             last[order], samples[order] = last.copy(), samples.copy()  # back to batch order
-        return StepArrays(ids, positions, slots, qsl, start + num_new, tables, last[samples], num_decode)
+        return StepArrays(ids, positions, slots, qsl, start + num_new, tables, last[samples])
 
-    def _run(self, a: StepArrays, graphs: bool) -> torch.Tensor:
+    def _run(self, a: StepArrays, graphs: bool, fed: torch.Tensor | None = None) -> torch.Tensor:
         n = len(a.seq_lens)
         bs = next((b for b in sorted(self.graphs) if b >= n), None) if graphs and a.decode_only else None
         self.last_step_graph = bs is not None
@@ -348,20 +356,22 @@ class ModelRunner:
             views = self._upload_graph(self._pad_arrays(n, bs, a))
             last_rows, tables = views[4], views[5]
             self.graph_tables[:n, : tables.shape[1]].copy_(tables)
+            _feed(views[0], fed)
             self.graphs[bs].replay()
             hidden = self.graph_hidden[:n]
         else:
-            hidden, last_rows = self._eager(a)
+            hidden, last_rows = self._eager(a, fed)
         if len(a.last_rows) == 0:
             return torch.empty(0, self.spec.vocab_size, device=self.device)
         return self.model.compute_logits(hidden[last_rows])
 
-    def _eager(self, a: StepArrays) -> tuple[torch.Tensor, torch.Tensor]:
+    def _eager(self, a: StepArrays, fed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(a.seq_lens)
         ids, positions, slots, last_rows, qsl, seq_lens, tables = self._upload(
             [(a.ids, np.int64), (a.positions, np.int64), (a.slots, np.int64), (a.last_rows, np.int64),
              (a.query_start_loc, np.int32), (a.seq_lens, np.int32), (a.tables, np.int32)]
         )
+        _feed(ids, fed)
         meta = AttentionMetadata(
             slot_mapping=slots,
             query_start_loc=a.query_start_loc.tolist(),
@@ -412,3 +422,10 @@ class ModelRunner:
             self._copied.record()
         torch_dtype = {np.int64: torch.int64, np.int32: torch.int32}
         return [self._dev[o : o + k * np.dtype(dt).itemsize].view(torch_dtype[dt]) for o, k, dt in layout]
+
+
+def _feed(ids: torch.Tensor, fed: torch.Tensor | None) -> None:
+    """Replace, in place, each placeholder id -1 - j of `ids` ([T] int64, device) with fed[j]."""
+    if fed is None or len(fed) == 0:
+        return
+    ids.copy_(torch.where(ids < 0, fed[(-1 - ids).clamp_(min=0)], ids))

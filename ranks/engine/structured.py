@@ -156,7 +156,8 @@ class Grammars:
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
     """logits [N, vocab] float32 (in place); bitmask [N, ceil(vocab / 32)] int32, same device:
     in each of `rows`, tokens whose bit is 0 get -inf."""
-    idx = torch.tensor(rows, device=logits.device)
+    # From pinned memory without a wait: a blocking copy would wait for the step's forward.
+    idx = torch.tensor(rows, pin_memory=logits.is_cuda).to(logits.device, non_blocking=True)
     vocab = logits.shape[1]
     shifts = torch.arange(32, device=logits.device, dtype=torch.int32)
     allowed = ((bitmask[idx].unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :vocab].bool()  # [G, vocab]

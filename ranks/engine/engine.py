@@ -29,7 +29,7 @@ from kvrelay.ranks.engine.kv_cache import EvictHook, CacheHook, KVCacheManager
 from kvrelay.ranks.engine.loader import check_dtype, iter_weights, read_model_dir
 from kvrelay.ranks.engine.model_runner import ModelRunner
 from kvrelay.ranks.engine.penalties import TokenHistory
-from kvrelay.ranks.engine.sampler import PendingTokens, SampleRow, request_generator, sample, sample_later
+from kvrelay.ranks.engine.sampler import PendingTokens, SampleRow, request_generator, sample, sample_later, to_device
 from kvrelay.ranks.engine.scheduler import Scheduler
 from kvrelay.ranks.engine.structured import Grammars
 from kvrelay.ranks.engine.sequence import Sequence, SeqStatus, sample_key
@@ -455,7 +455,7 @@ class Engine:
         else:
             if forks:
                 rows = [j for j, seq in enumerate(sampling) for _ in range(1 + len(forks.get(seq, ())))]
-                logits = logits.index_select(0, torch.tensor(rows).to(logits.device, non_blocking=True))
+                logits = logits.index_select(0, to_device(rows, logits.device))
             rows = [self._sample_row(s) for s in drawing]
             if drawing and self.runner.model.tp.size == 1 and all(self._defers(s) for s in drawing):
                 # NOTE: the ids stay on the device; the next step feeds them to its forward and reads

@@ -29,6 +29,7 @@ from kvrelay.ranks.engine.attention_backend import AttentionMetadata
 from kvrelay.ranks.engine.host_memory import HostKVMemory
 from kvrelay.ranks.engine.model import LlamaForCausalLM, allocate_kv_cache
 from kvrelay.ranks.engine.parallel import TPGroup
+from kvrelay.ranks.engine.sampler import to_device
 from kvrelay.ranks.engine.scheduler import ScheduledSeq
 from kvrelay.core.model_files import ModelConfigError
 from kvrelay.core.block_hash import num_blocks as blocks_for  # `num_blocks` is the cache's size here
@@ -288,8 +289,8 @@ class ModelRunner:
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         """Copy block src[i] into dst[i] in every layer's K and V: the partly filled last prompt
         block of each forked sample (ranks/engine/kv_cache.py, `fork`)."""
-        s = torch.tensor(src, device=self.device)  # [c] int64
-        d = torch.tensor(dst, device=self.device)  # [c] int64
+        s = to_device(src, self.device)  # [c] int64
+        d = to_device(dst, self.device)  # [c] int64
         for k, v in self.kv_caches:  # each [num_blocks + 1, block_size, kv_heads, head_dim]
             k.index_copy_(0, d, k.index_select(0, s))
             v.index_copy_(0, d, v.index_select(0, s))

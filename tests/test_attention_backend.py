@@ -56,38 +56,56 @@ def test_mixed_torch_matches_reference(window):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("window", [None, 20])
-def test_mixed_step_split_between_kernels(triton_interpreter, window):
-    """A mixed step's decode rows through the decode kernel, its prompt chunks through the prefill
-    kernel: the same attention as the reference, and as the prefill kernel over every row (the
+def _check_split(seq_lens, q_lens, heads, kv_heads, head_dim, window, dtype=torch.float32, device="cpu", tol=2e-5):
+    """A mixed step whose leading one-token rows (q_lens 1) the decode kernel serves and the rest
+    the prefill kernel: against the reference, and against the prefill kernel over every row (the
     path before the split), with the step's new keys written into the cache first."""
     from kvrelay.kernels.prefill_attention import prefill_attention
 
-    head_dim, block_size, heads, kv_heads = 64, 16, 8, 2
+    block_size = 16
     assert triton_available(head_dim)
     gen = torch.Generator().manual_seed(5 + (window or 0))
-    # Three decode rows (one a one-token context), then a chunk over a cached prefix and a prompt.
-    seq_lens, q_lens = [40, 1, 70, 53, 19], [1, 1, 1, 21, 19]
-    width, num_blocks = 5, 32
+    width = max(-(-n // block_size) for n in seq_lens)
+    num_blocks = len(seq_lens) * width + 2
     tables = torch.randperm(num_blocks, generator=gen)[: len(seq_lens) * width].view(len(seq_lens), width).int()
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype)
     qsl = [0]
     for n in q_lens:
         qsl.append(qsl[-1] + n)
-    T = qsl[-1]
-    q, k, v = (torch.randn(T, h, head_dim, generator=gen) for h in (heads, kv_heads, kv_heads))
+    q, k, v = (torch.randn(qsl[-1], h, head_dim, generator=gen).to(dtype) for h in (heads, kv_heads, kv_heads))
     slots = torch.tensor([
         int(tables[i, p // block_size]) * block_size + p % block_size
         for i, (n, ql) in enumerate(zip(seq_lens, q_lens)) for p in range(n - ql, n)
     ])
+    q, k, v, k_cache, v_cache, tables, slots = (t.to(device) for t in (q, k, v, k_cache, v_cache, tables, slots))
+    decode_rows = next((i for i, n in enumerate(q_lens) if n != 1), len(q_lens))
     meta = AttentionMetadata(
-        slots, qsl, seq_lens, tables, query_start_loc_dev=torch.tensor(qsl, dtype=torch.int32),
-        seq_lens_dev=torch.tensor(seq_lens, dtype=torch.int32), max_query_len=max(q_lens), num_decode_rows=3,
+        slots, qsl, seq_lens, tables, query_start_loc_dev=torch.tensor(qsl, dtype=torch.int32, device=device),
+        seq_lens_dev=torch.tensor(seq_lens, dtype=torch.int32, device=device), max_query_len=max(q_lens),
+        num_decode_rows=decode_rows,
     )
-    got = attend(q, k, v, (k_cache, v_cache), meta, head_dim**-0.5, window)
-    want = paged_attention(q, k_cache, v_cache, qsl, seq_lens, tables, head_dim**-0.5, window)
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    scale = head_dim**-0.5
+    got = attend(q, k, v, (k_cache, v_cache), meta, scale, window)
+    want = paged_attention(q, k_cache, v_cache, qsl, seq_lens, tables, scale, window)
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
     before = prefill_attention(q, k_cache, v_cache, meta.query_start_loc_dev, meta.seq_lens_dev, tables,
-                               max(q_lens), head_dim**-0.5, window)
-    torch.testing.assert_close(got, before, atol=2e-5, rtol=2e-5)
+                               max(q_lens), scale, window)
+    torch.testing.assert_close(got.float(), before.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("window", [None, 20])
+def test_mixed_step_split_between_kernels(triton_interpreter, window):
+    # Three decode rows (one a one-token context), then a chunk over a cached prefix and a prompt.
+    _check_split([40, 1, 70, 53, 19], [1, 1, 1, 21, 19], 8, 2, 64, window)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mixed_step_split_on_gpu(dtype):
+    """The 8B heads: 200 decode rows of 100-700 tokens, then two prompt chunks, one over a prefix."""
+    gen = torch.Generator().manual_seed(3)
+    decode = torch.randint(100, 700, (200,), generator=gen).tolist()
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-5
+    _check_split(decode + [900, 512], [1] * 200 + [300, 512], 32, 8, 128, None, dtype, "cuda", tol)

@@ -9,8 +9,9 @@ contiguous slice at its own tile sizes. Where those kernels are not importable o
 head size, the decode rows take a gather in torch (still free of host syncs, so it can be captured
 in a CUDA graph) and the prompt chunks the reference loop.
 
-The GPU path writes the cache with the Triton `write_kv` (kernels/fused.py), or without Triton one
-unconditional `index_copy_`: the model runner points padding rows at a scratch block that no
+The GPU path writes the cache with the Triton `write_kv` (kernels/fused.py; the model's RoPE launch
+does it instead where the fused kernels run, `kv_written`), or without Triton one unconditional
+`index_copy_`: the model runner points padding rows at a scratch block that no
 sequence owns, so the write needs no mask (a boolean mask would sync with the host and could not
 be captured).
 """
@@ -69,17 +70,19 @@ def attend(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None,
+    kv_written: bool = False,  # the caller wrote k and v into their slots already (fused.apply_rope_'s `write`)
 ) -> torch.Tensor:  # [T, heads, head_dim], dtype of q
     k_cache, v_cache = kv_cache
     if meta.seq_lens_dev is None:
+        assert not kv_written
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         return paged_attention(
             q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale, sliding_window
         )
     kv_heads, head_dim = k_cache.shape[2:]
-    if fused.triton is not None:
+    if not kv_written and fused.triton is not None:
         fused.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    else:
+    elif not kv_written:
         k_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         v_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
     triton = triton_available(head_dim)

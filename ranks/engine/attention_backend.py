@@ -95,7 +95,7 @@ def attend(
     # NOTE: the decode rows of a mixed step would cost the prefill kernel a whole query tile
     # (128 rows, one token valid) per sequence and kv head; the decode kernel reads their context
     # with a 16-row tile and splits it when they are few. The prefill kernel then takes the rows
-    # from num_decode_rows on: query_start_loc keeps addressing rows of the whole q and out.
+    # the sequences from num_decode_rows on.
     D = meta.num_decode_rows
     out = torch.empty_like(q)
     if D:
@@ -103,8 +103,8 @@ def attend(
             q[:D], k_cache, v_cache, meta.seq_lens_dev[:D], meta.block_tables[:D], scale, sliding_window, out=out[:D]
         )
     return prefill_attention(
-        q, k_cache, v_cache, meta.query_start_loc_dev[D:], meta.seq_lens_dev[D:], meta.block_tables[D:],
-        meta.max_query_len, scale, sliding_window, out=out,
+        q, k_cache, v_cache, meta.query_start_loc_dev, meta.seq_lens_dev, meta.block_tables,
+        meta.max_query_len, scale, sliding_window, out=out, first_seq=D,
     )
 
 

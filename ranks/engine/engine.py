@@ -462,9 +462,7 @@ class Engine:
                 # them once launched, so the host's work between two steps overlaps the device's.
                 # Placeholders -1 - j stand for them (ModelRunner.execute's `fed`) until then.
                 self.pending = (drawing, sample_later(logits, rows, self.history))
-                for j, seq in enumerate(drawing):
-                    seq.token_ids.append(-1 - j)
-                drawing, tokens, logprobs = [], [], []
+                tokens, logprobs = [-1 - j for j in range(len(drawing))], [None] * len(drawing)
                 self.stats.deferred_steps += 1
             else:
                 tokens, logprobs = sample(logits, rows, self.history, self.grammars)  # the wait for the GPU: the sampled ids
@@ -516,12 +514,13 @@ class Engine:
     def _defers(self, seq: Sequence) -> bool:
         """Whether the host can do without the sequence's sampled id until the next step is launched:
         the id cannot stop it (no EOS or stop token or string to check, the length limit not
-        reached), it is not its first (forks, handoffs, the router's first-token news), and no
-        logprob, penalty count or grammar state on the host waits for it. (`step` defers nothing
-        under tensor parallelism: the other ranks take their ids from the host, step_sync.py.)"""
+        reached), no other sample forks from it and no handoff carries it, and no logprob, penalty
+        count or grammar state on the host waits for it. The rest of a step's bookkeeping (first
+        token time and news, counts) needs no id value. (`step` defers nothing under tensor
+        parallelism: the other ranks take their ids from the host, step_sync.py.)"""
         sp = seq.sampling
         return (
-            seq.num_output_tokens > 0 and not seq.handoff and seq.num_tokens + 1 < seq.max_total_tokens
+            sp.best_of == 1 and not seq.handoff and seq.num_tokens + 1 < seq.max_total_tokens
             and sp.ignore_eos and not sp.stop_token_ids and not sp.stop and sp.structured is None
             and not sp.penalized and sp.logprobs is None and not sp.tracks_logprob
         )
@@ -532,9 +531,12 @@ class Engine:
             return
         seqs, pending = self.pending
         self.pending = None
-        for j, (seq, token) in enumerate(zip(seqs, pending.result())):
+        tokens, now = pending.result(), time.time()
+        for j, (seq, token) in enumerate(zip(seqs, tokens)):
             assert seq.token_ids[-1] == -1 - j, "a deferred id's placeholder moved"
             seq.token_ids[-1] = token
+            if seq.num_output_tokens == 1:
+                seq.first_token_time = now  # when the host has it, as for an id read at once
 
     def _stopped(self, seq: Sequence, out: StepOutput, free: bool = True) -> bool:
         """If the sequence's last token ends it: its result goes out, and (with `free`) its blocks

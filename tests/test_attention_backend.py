@@ -5,6 +5,8 @@ kernels (Triton's interpreter on the CPU)."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -94,6 +96,10 @@ def _check_split(seq_lens, q_lens, heads, kv_heads, head_dim, window, dtype=torc
     torch.testing.assert_close(got.float(), before.float(), atol=tol, rtol=tol)
 
 
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="no triton")
+
+
+@needs_triton
 @pytest.mark.parametrize("window", [None, 20])
 def test_mixed_step_split_between_kernels(triton_interpreter, window):
     # Three decode rows (one a one-token context), then a chunk over a cached prefix and a prompt.
@@ -101,6 +107,7 @@ def test_mixed_step_split_between_kernels(triton_interpreter, window):
 
 
 @pytest.mark.gpu
+@needs_triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_mixed_step_split_on_gpu(dtype):

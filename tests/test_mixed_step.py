@@ -8,6 +8,7 @@ whatever order the runner packs the rows in.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -20,6 +21,8 @@ from kvrelay.ranks.engine.scheduler import ScheduledSeq
 from kvrelay.ranks.engine.sequence import Sequence
 
 from .test_engine import make_engine
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="no triton")
 
 BLOCK_SIZE = 8
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Engine speed on one GPU (issue 18), about 5 minutes on an H100: the GPU tests of the attention
-# split and the fused RoPE + KV write, the engine (mixed steps, decode graphs, deferred reads of sampled ids) and the sampler;
-# B1 and B5 without a peer; a per-step profile of mixed, decode and batch-1 steps. JSON under OUTDIR.
+# split, the fused RoPE + KV write, the engine (mixed steps, decode graphs, deferred reads of
+# sampled ids) and the sampler; B1 and B5 without a peer; a per-step profile of mixed, decode and
+# batch-1 steps. JSON under OUTDIR.
 #   bash bench/gpu_speed.sh OUTDIR
 set -euo pipefail
 out=${1:?OUTDIR}

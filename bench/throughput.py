@@ -184,8 +184,8 @@ def first_step_logits(engine: Engine, prompts: list[list[int]], steps: int) -> t
     seen: dict[str, list[torch.Tensor]] = {}
     execute = engine.runner.execute
 
-    def recording(batch):
-        logits = execute(batch)
+    def recording(batch, fed=None):
+        logits = execute(batch, fed)
         for row, seq in enumerate(item.seq for item in batch if item.samples):
             seen.setdefault(seq.request_id, []).append(logits[row].float().cpu())
         return logits
@@ -222,7 +222,7 @@ def ours(args, model_dir: Path, cfg: dict, dtype: torch.dtype, device: torch.dev
     logits = first_step_logits(engine, prompts[:LOGIT_PROMPTS], LOGIT_STEPS)
     result = {
         "wall_s": wall, **phases, "build_s": build_s, "steps": s.steps, "decode_steps": s.decode_steps,
-        "graph_steps": s.graph_steps, "preemptions": s.preemptions, "cached_prompt_tokens": s.cached_prompt_tokens,
+        "graph_steps": s.graph_steps, "deferred_steps": s.deferred_steps, "preemptions": s.preemptions, "cached_prompt_tokens": s.cached_prompt_tokens,
         "prompt_tokens": s.prompt_tokens, "computed_tokens": s.computed_tokens, "output_tokens": n_out,
         "output_tok_s": n_out / wall,
         "host_ms_per_step": 1e3 * s.host_s / max(s.steps, 1),
@@ -446,7 +446,8 @@ def print_table(report: dict, args, input_lens: list[int], output_lens: list[int
     k = report["kvrelay"]
     print(f"batch-1 decode: {k['batch1_decode_tok_s']:.1f} tok/s = {k['batch1_of_bound']:.2f} of the weight-streaming bound "
           f"({k['batch1_bound_tok_s']:.1f}); host per step {k['host_ms_per_step']:.2f} ms, per decode step "
-          f"{k['host_ms_per_decode_step']:.2f} ms; {k['graph_steps']}/{k['decode_steps']} decode steps on CUDA graphs")
+          f"{k['host_ms_per_decode_step']:.2f} ms; {k['graph_steps']}/{k['decode_steps']} decode steps on CUDA graphs; "
+          f"{k['deferred_steps']}/{k['steps']} steps read their sampled ids during the next step")
 
 
 if __name__ == "__main__":

@@ -62,8 +62,13 @@ def apply_rope_(
     k: torch.Tensor,  # [T, kv_heads, head_dim], last dim contiguous; rotated in place
     cos: torch.Tensor,  # [T, head_dim // 2] (or [T, 1, head_dim // 2]), dtype of q: the position's table row
     sin: torch.Tensor,  # same shape as cos
+    write: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # v, k_cache, v_cache, slot_mapping
 ) -> None:
-    """Hugging Face's rotate-half RoPE on half-width tables, q and k in one launch: x1*c - x2*s, x2*c + x1*s."""
+    """Hugging Face's rotate-half RoPE on half-width tables, q and k in one launch: x1*c - x2*s, x2*c + x1*s.
+
+    With `write` (the arguments of `write_kv` after k), the same launch also stores the rotated k
+    and v in their cache slots, as `write_kv(k, v, k_cache, v_cache, slot_mapping)` after it would:
+    one launch per layer fewer."""
     _require_triton()
     T, heads, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -72,11 +77,16 @@ def apply_rope_(
     assert k.shape == (T, kv_heads, head_dim) and q.stride(-1) == k.stride(-1) == 1, (q.shape, k.shape)
     assert cos.dtype == sin.dtype == q.dtype == k.dtype and cos.stride(-1) == sin.stride(-1) == 1
     assert cos.stride() == sin.stride(), (cos.stride(), sin.stride())
+    v, k_cache, v_cache, slots = write if write is not None else (k, k, k, cos)  # unread without WRITE
+    if write is not None:
+        _check_write(k, v, k_cache, v_cache, slots)
     if T:
         block = triton.next_power_of_2(half)
         _kernels(_interpret()).rope[(T, 2)](
-            q, k, cos, sin, heads, kv_heads, half, q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0),
-            HEADS=triton.next_power_of_2(max(heads, kv_heads)), BLOCK=block, **_options(heads * block),
+            q, k, cos, sin, v, k_cache, v_cache, slots, heads, kv_heads, half,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), v.stride(0), v.stride(1),
+            HEADS=triton.next_power_of_2(max(heads, kv_heads)), BLOCK=block, WRITE=write is not None,
+            **_options(heads * block),
         )  # fmt: skip
 
 
@@ -105,15 +115,21 @@ def write_kv(
     """Store each token's key and value in its cache slot, cast to the cache dtype; no host sync."""
     _require_triton()
     T, kv_heads, head_dim = k.shape
-    assert v.shape == k.shape and k.stride(-1) == v.stride(-1) == 1, (k.shape, v.shape)
-    assert k_cache.shape[2:] == (kv_heads, head_dim) and k_cache.is_contiguous() and v_cache.is_contiguous()
-    assert v_cache.shape == k_cache.shape and v_cache.dtype == k_cache.dtype and slot_mapping.shape == (T,)
+    _check_write(k, v, k_cache, v_cache, slot_mapping)
     if T:
         block = triton.next_power_of_2(head_dim)
         _kernels(_interpret()).write_kv[(T,)](
             k, v, k_cache, v_cache, slot_mapping, kv_heads, head_dim, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             HEADS=triton.next_power_of_2(kv_heads), BLOCK=block, **_options(kv_heads * block),
         )  # fmt: skip
+
+
+def _check_write(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """The contract of a KV-cache write (`write_kv`, `apply_rope_`'s `write`)."""
+    T, kv_heads, head_dim = k.shape
+    assert v.shape == k.shape and k.stride(-1) == v.stride(-1) == 1, (k.shape, v.shape)
+    assert k_cache.shape[2:] == (kv_heads, head_dim) and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert v_cache.shape == k_cache.shape and v_cache.dtype == k_cache.dtype and slot_mapping.shape == (T,)
 
 
 def _require_triton() -> None:
@@ -155,9 +171,12 @@ def _rms_norm(x, residual, weight, out, summed, eps, N, stride_t, stride_h, BLOC
     tl.store(out + row + cols, y.to(out.dtype.element_ty), mask=mask)
 
 
-def _rope(q, k, cos, sin, heads, kv_heads, half, stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
-          HEADS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """One token's q heads (axis 1 = 0) or k heads (1), rotated in place; products and sums rounded to the dtype."""
+def _rope(q, k, cos, sin, v, k_cache, v_cache, slot_mapping, heads, kv_heads, half,
+          stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_vt, stride_vh,
+          HEADS: tl.constexpr, BLOCK: tl.constexpr, WRITE: tl.constexpr):  # fmt: skip
+    """One token's q heads (axis 1 = 0) or k heads (1), rotated in place; products and sums rounded to
+    the dtype. WRITE: the k program also stores the rotated k and the token's v in its cache slot
+    (`_write_kv`'s layout), unless the slot is < 0."""
     t = tl.program_id(0).to(tl.int64)
     if tl.program_id(1) == 0:
         x, n, stride_t, stride_h = q, heads, stride_qt, stride_qh
@@ -178,6 +197,16 @@ def _rope(q, k, cos, sin, heads, kv_heads, half, stride_qt, stride_qh, stride_kt
     o2 = ((x2 * c).to(dt).to(tl.float32) + (x1 * s).to(dt).to(tl.float32)).to(dt)
     tl.store(ptr, o1, mask=mask)
     tl.store(ptr + half, o2, mask=mask)
+    if WRITE:
+        if tl.program_id(1) == 1:
+            slot = tl.load(slot_mapping + t).to(tl.int64)
+            if slot >= 0:
+                dst = slot * kv_heads * 2 * half + h * 2 * half + i  # [HEADS, BLOCK]
+                tl.store(k_cache + dst, o1.to(k_cache.dtype.element_ty), mask=mask)
+                tl.store(k_cache + dst + half, o2.to(k_cache.dtype.element_ty), mask=mask)
+                vp = v + t * stride_vt + h * stride_vh + i
+                tl.store(v_cache + dst, tl.load(vp, mask=mask).to(v_cache.dtype.element_ty), mask=mask)
+                tl.store(v_cache + dst + half, tl.load(vp + half, mask=mask).to(v_cache.dtype.element_ty), mask=mask)
 
 
 def _silu_mul(gate_up, out, inter, stride_t, BLOCK: tl.constexpr):

@@ -46,8 +46,13 @@ def prefill_attention(
     scale: float,
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,  # [T, heads, head_dim], dtype of q; rows past qsl[-1] are left as they are
+    first_seq: int = 0,  # sequences before it are left out: their rows of out are left as they are
 ) -> torch.Tensor:  # out; zeros past qsl[-1] when allocated here
-    """Same result as `paged_attention` (kernels/attention.py) with these metadata on the device."""
+    """Same result as `paged_attention` (kernels/attention.py) with these metadata on the device.
+
+    `first_seq`: a mixed step's decode rows go to the decode kernel (attention_backend.py); an
+    offset, not sliced metadata, since Triton compiles a kernel per 16-byte alignment of its
+    pointers and a slice's start would move with the count of decode rows."""
     T, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     check_inputs(q, k_cache, v_cache, block_tables, heads, kv_heads, head_dim)
@@ -57,7 +62,7 @@ def prefill_attention(
     if out is None:
         out = torch.zeros_like(q)
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1, (out.shape, out.dtype)
-    if B == 0 or max_query_len == 0:
+    if B == first_seq or max_query_len == 0:
         return out
     group = heads // kv_heads
     group_pad = triton.next_power_of_2(group)
@@ -69,10 +74,10 @@ def prefill_attention(
     if interpret:  # small tiles keep the CPU tests quick
         block_m, options = max(16, 2 * group_pad), {}
     block_q = block_m // group_pad
-    grid = (triton.cdiv(max_query_len, block_q), B, kv_heads)
+    grid = (triton.cdiv(max_query_len, block_q), B - first_seq, kv_heads)
     _kernel(interpret)[grid](
         q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, out,
-        scale * LOG2E, sliding_window or 0,
+        scale * LOG2E, sliding_window or 0, first_seq,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], block_tables.stride(0), out.stride(0), out.stride(1),
         BLOCK_SIZE=block_size, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         BLOCK_Q=block_q, BLOCK_N=BLOCK_N if not interpret else 16,
@@ -85,24 +90,26 @@ def prefill_attention(
 @functools.cache
 def _kernel(interpret: bool):
     # Jitted on first use: triton.jit reads TRITON_INTERPRET when it wraps the function (see decode_attention).
-    return triton.jit(_prefill)
+    # first_seq changes every mixed step: one compiled kernel for all its values.
+    return triton.jit(_prefill, do_not_specialize=["first_seq"])
 
 
 def _prefill(
     q, k_cache, v_cache, query_start_loc, seq_lens, block_tables, out,
     qk_scale,  # scale * log2(e): the softmax runs in base 2
     window,
+    first_seq,
     stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_ot, stride_oh,
     BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr, F32_DOTS: tl.constexpr,
 ):  # fmt: skip
-    """Query tokens [qt * BLOCK_Q, (qt + 1) * BLOCK_Q) of sequence b, query heads of kv head kvh.
+    """Query tokens [qt * BLOCK_Q, (qt + 1) * BLOCK_Q) of sequence b = first_seq + axis 1, query heads of kv head kvh.
 
     Row r of the tile is token r // GROUP_PAD, head r % GROUP_PAD of the group (pad heads masked).
     F32_DOTS: f32 caches (no tf32 rounding), and the interpreter, whose tl.dot garbles bf16 operands.
     """
     qt = tl.program_id(0)
-    b = tl.program_id(1)
+    b = first_seq + tl.program_id(1)
     kvh = tl.program_id(2)
     q_start = tl.load(query_start_loc + b)
     q_len = tl.load(query_start_loc + b + 1) - q_start

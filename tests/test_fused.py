@@ -75,6 +75,30 @@ def _check_rope(tokens, heads, kv_heads, head_dim, dtype, device="cpu"):
     _assert_rounds_like_torch(k, want_k, dtype, device)
 
 
+def _check_rope_write(tokens, heads, kv_heads, head_dim, block_size, dtype, device="cpu"):
+    """apply_rope_ with `write`: q and k as without it, the cache as write_kv after it leaves it."""
+    from kvrelay.kernels.fused import apply_rope_
+
+    g = torch.Generator().manual_seed(tokens)
+    qkv = _randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=device)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)
+    angles = torch.arange(tokens, device=device).float()[:, None] * 10000.0 ** (-torch.arange(head_dim // 2, device=device) / (head_dim // 2))
+    cos, sin = angles.cos().to(dtype)[:, None, :], angles.sin().to(dtype)[:, None, :]
+    num_blocks = 2 + tokens // block_size
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:tokens]
+    slots[1::3] = -1  # padding rows
+    slots = slots.to(device)
+    caches = [_randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device, seed=s) for s in (5, 6)]
+    want = [c.clone() for c in caches]
+    want_q, want_k = q.clone(), k.clone()
+    apply_rope_(want_q, want_k, cos, sin)  # checked against the model's RoPE by _check_rope
+    write_kv_reference(want_k, v, *want, slots)
+    apply_rope_(q, k, cos, sin, (v, *caches, slots))
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)
+    assert torch.equal(caches[0], want[0]) and torch.equal(caches[1], want[1])
+
+
 def _check_silu_mul(tokens, inter, dtype, device="cpu"):
     from kvrelay.kernels.fused import silu_mul
 
@@ -125,6 +149,12 @@ def test_rope_matches_model(triton_interpreter, heads, kv_heads, head_dim, dtype
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 16), (3, 3, 12)])
+def test_rope_with_kv_write_matches_rope_then_write(triton_interpreter, heads, kv_heads, head_dim, dtype):
+    _check_rope_write(7, heads, kv_heads, head_dim, 4, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_mul_matches_model(triton_interpreter, dtype):
     _check_silu_mul(3, 40, dtype)
 
@@ -144,3 +174,4 @@ def test_fused_ops_match_model_on_gpu(tokens, dtype):
     _check_rope(tokens, 32, 8, 128, dtype, device="cuda")
     _check_silu_mul(tokens, 14336, dtype, device="cuda")
     _check_write_kv(tokens, 8, 128, 16, dtype, device="cuda")
+    _check_rope_write(tokens, 32, 8, 128, 16, dtype, device="cuda")

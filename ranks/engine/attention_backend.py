@@ -2,14 +2,16 @@
 
 On the CPU (and whenever the metadata carries no device tensors) this is the plain torch reference
 of kernels/attention.py, which the tests compare with transformers. On CUDA the metadata is all
-tensors: decode-only steps go to the Triton decode kernel (one query row per sequence, GQA, block
-tables), other steps to the Triton varlen prefill kernel over the cached prefix. Where those kernels
-are not importable or not built for the head size, a decode falls back to a gather in torch (still free of host syncs, so it can be
-captured in a CUDA graph) and a mixed step to that gather for its one-token rows and the reference
-loop for its prompt chunks.
+tensors: decode rows (one query row per sequence, GQA, block tables) go to the Triton decode kernel,
+prompt chunks to the Triton varlen prefill kernel over the cached prefix. A mixed step is split by
+row kind: the model runner packs its one-token rows first (`num_decode_rows`), so each kernel gets a
+contiguous slice at its own tile sizes. Where those kernels are not importable or not built for the
+head size, the decode rows take a gather in torch (still free of host syncs, so it can be captured
+in a CUDA graph) and the prompt chunks the reference loop.
 
-The GPU path writes the cache with the Triton `write_kv` (kernels/fused.py), or without Triton one
-unconditional `index_copy_`: the model runner points padding rows at a scratch block that no
+The GPU path writes the cache with the Triton `write_kv` (kernels/fused.py; the model's RoPE launch
+does it instead where the fused kernels run, `kv_written`), or without Triton one unconditional
+`index_copy_`: the model runner points padding rows at a scratch block that no
 sequence owns, so the write needs no mask (a boolean mask would sync with the host and could not
 be captured).
 """
@@ -48,6 +50,9 @@ class AttentionMetadata:
     seq_lens_dev: torch.Tensor | None = None  # [B] int32, device copy of seq_lens; 0 = padding row
     max_query_len: int = 0
     decode_only: bool = False  # every sequence runs exactly one token (rows = sequences)
+    # The first num_decode_rows sequences run one token each (rows = sequences there): a mixed
+    # step's decode rows, which the decode kernel serves at its own tile sizes.
+    num_decode_rows: int = 0
 
 
 TRITON_HEAD_DIMS = (64, 128, 256)  # what the kernels are built for; other sizes take the torch paths
@@ -65,17 +70,19 @@ def attend(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None,
+    kv_written: bool = False,  # the caller wrote k and v into their slots already (fused.apply_rope_'s `write`)
 ) -> torch.Tensor:  # [T, heads, head_dim], dtype of q
     k_cache, v_cache = kv_cache
     if meta.seq_lens_dev is None:
+        assert not kv_written
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         return paged_attention(
             q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens, meta.block_tables, scale, sliding_window
         )
     kv_heads, head_dim = k_cache.shape[2:]
-    if fused.triton is not None:
+    if not kv_written and fused.triton is not None:
         fused.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    else:
+    elif not kv_written:
         k_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
         v_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
     triton = triton_available(head_dim)
@@ -83,12 +90,22 @@ def attend(
         if triton:
             return decode_attention(q, k_cache, v_cache, meta.seq_lens_dev, meta.block_tables, scale, sliding_window)
         return decode_attention_torch(q, k_cache, v_cache, meta.seq_lens_dev, meta.block_tables, scale, sliding_window)
-    if triton:
-        return prefill_attention(
-            q, k_cache, v_cache, meta.query_start_loc_dev, meta.seq_lens_dev, meta.block_tables,
-            meta.max_query_len, scale, sliding_window,
+    if not triton:
+        return mixed_attention_torch(q, k_cache, v_cache, meta, scale, sliding_window)
+    # NOTE: the decode rows of a mixed step would cost the prefill kernel a whole query tile
+    # (128 rows, one token valid) per sequence and kv head; the decode kernel reads their context
+    # with a 16-row tile and splits it when they are few. The prefill kernel then takes the rows
+    # the sequences from num_decode_rows on.
+    D = meta.num_decode_rows
+    out = torch.empty_like(q)
+    if D:
+        decode_attention(
+            q[:D], k_cache, v_cache, meta.seq_lens_dev[:D], meta.block_tables[:D], scale, sliding_window, out=out[:D]
         )
-    return mixed_attention_torch(q, k_cache, v_cache, meta, scale, sliding_window)
+    return prefill_attention(
+        q, k_cache, v_cache, meta.query_start_loc_dev, meta.seq_lens_dev, meta.block_tables,
+        meta.max_query_len, scale, sliding_window, out=out, first_seq=D,
+    )
 
 
 def mixed_attention_torch(
@@ -99,19 +116,15 @@ def mixed_attention_torch(
     scale: float,
     sliding_window: int | None,
 ) -> torch.Tensor:  # [T, heads, head_dim]
-    """A mixed step without the Triton kernels: the one-token rows in one batched decode call, the
-    prompt chunks (few per step) one by one through the reference."""
-    qsl, lens = meta.query_start_loc, meta.seq_lens
-    single = [i for i in range(len(lens)) if qsl[i + 1] - qsl[i] == 1]
-    if len(single) < 2:
-        return paged_attention(q, k_cache, v_cache, qsl, lens, meta.block_tables, scale, sliding_window)
+    """A mixed step without the Triton kernels: the leading one-token rows in one batched decode
+    call, the other sequences (few per step) one by one through the reference."""
+    qsl, lens, D = meta.query_start_loc, meta.seq_lens, meta.num_decode_rows
     out = torch.empty_like(q)
-    idx = torch.tensor(single, device=q.device)
-    rows = torch.tensor([qsl[i] for i in single], device=q.device)
-    out[rows] = decode_attention_torch(
-        q[rows], k_cache, v_cache, meta.seq_lens_dev[idx], meta.block_tables[idx], scale, sliding_window
-    )
-    for i in sorted(set(range(len(lens))) - set(single)):
+    if D:
+        out[:D] = decode_attention_torch(
+            q[:D], k_cache, v_cache, meta.seq_lens_dev[:D], meta.block_tables[:D], scale, sliding_window
+        )
+    for i in range(D, len(lens)):
         start, end = qsl[i], qsl[i + 1]
         out[start:end] = paged_attention(
             q[start:end], k_cache, v_cache, [0, end - start], [lens[i]], meta.block_tables[i : i + 1], scale, sliding_window

@@ -30,7 +30,7 @@ from kvrelay.ranks.engine.kv_cache import EvictHook, CacheHook, KVCacheManager
 from kvrelay.ranks.engine.loader import check_dtype, iter_weights, read_model_dir
 from kvrelay.ranks.engine.model_runner import ModelRunner
 from kvrelay.ranks.engine.penalties import TokenHistory
-from kvrelay.ranks.engine.sampler import SampleRow, request_generator, sample
+from kvrelay.ranks.engine.sampler import PendingTokens, SampleRow, request_generator, sample, sample_later, to_device
 from kvrelay.ranks.engine.scheduler import Scheduler
 from kvrelay.ranks.engine.structured import Grammars
 from kvrelay.ranks.engine.sequence import Sequence, SeqStatus, sample_key
@@ -66,6 +66,7 @@ class EngineStats:
     decode_steps: int = 0
     decode_host_s: float = 0.0
     graph_steps: int = 0
+    deferred_steps: int = 0  # steps whose sampled ids were read during the next step (`Engine._defers`)
 
 
 @dataclass
@@ -159,6 +160,8 @@ class Engine:
         self.grammars = Grammars(cfg.model.path, vocab_size, sorted(self.eos_token_ids))  # structured output
         # Handed-off sequences whose KV is being sent: they hold their blocks until `free_kv`.
         self.sending: dict[str, Sequence] = {}
+        # The last step's sampled ids, still on the device, and their sequences (`_defers`).
+        self.pending: tuple[list[Sequence], PendingTokens] | None = None
         self.stats = EngineStats()
         self.host_barriers = 0  # compute stream writes that had to wait for a copy-out in flight
 
@@ -489,11 +492,18 @@ class Engine:
                 self._issue_disk_jobs()
             self._move_kv()
         if not batch:
+            self._read_pending()
             if self.scheduler.loading:
                 self._wait_loads()
             return out
         sampling = [item.seq for item in batch if item.samples]
-        logits = self.runner.execute(batch)
+        if self.pending is None:
+            logits = self.runner.execute(batch)
+        else:
+            logits = self.runner.execute(batch, fed=self.pending[1].tokens)
+        t_read = time.perf_counter()
+        self._read_pending()  # while this step runs on the device
+        waited = time.perf_counter() - t_read
         for item in batch:
             self.scheduler.on_computed(item)
             self.stats.computed_tokens += item.num_new_tokens
@@ -512,9 +522,17 @@ class Engine:
         else:
             if forks:
                 rows = [j for j, seq in enumerate(sampling) for _ in range(1 + len(forks.get(seq, ())))]
-                logits = logits.index_select(0, torch.tensor(rows).to(logits.device, non_blocking=True))
+                logits = logits.index_select(0, to_device(rows, logits.device))
             rows = [self._sample_row(s) for s in drawing]
-            tokens, logprobs = sample(logits, rows, self.history, self.grammars)  # the step's one wait for the GPU: the sampled ids
+            if drawing and self.runner.model.tp.size == 1 and all(self._defers(s) for s in drawing):
+                # NOTE: the ids stay on the device; the next step feeds them to its forward and reads
+                # them once launched, so the host's work between two steps overlaps the device's.
+                # Placeholders -1 - j stand for them (ModelRunner.execute's `fed`) until then.
+                self.pending = (drawing, sample_later(logits, rows, self.history))
+                tokens, logprobs = [-1 - j for j in range(len(drawing))], [None] * len(drawing)
+                self.stats.deferred_steps += 1
+            else:
+                tokens, logprobs = sample(logits, rows, self.history, self.grammars)  # the wait for the GPU: the sampled ids
         t2 = time.perf_counter()
         now = time.time()
         for seq, token, lp in zip(drawing, tokens, logprobs):
@@ -550,7 +568,7 @@ class Engine:
         self.stats.steps += 1
         self.stats.preemptions = self.scheduler.num_preemptions
         self.stats.held_back = self.scheduler.num_held_back
-        host = t1 - t0 + time.perf_counter() - t2
+        host = t1 - t0 - waited + time.perf_counter() - t2
         self.stats.host_s += host
         if all(item.num_new_tokens == 1 for item in batch):
             self.stats.decode_steps += 1
@@ -559,6 +577,33 @@ class Engine:
         if self.runner.simulated and not self.has_work():
             self.runner.idle()  # the next step starts a new busy period on the modeled clock
         return out
+
+    def _defers(self, seq: Sequence) -> bool:
+        """Whether the host can do without the sequence's sampled id until the next step is launched:
+        the id cannot stop it (no EOS or stop token or string to check, the length limit not
+        reached), no other sample forks from it and no handoff carries it, and no logprob, penalty
+        count or grammar state on the host waits for it. The rest of a step's bookkeeping (first
+        token time and news, counts) needs no id value. (`step` defers nothing under tensor
+        parallelism: the other ranks take their ids from the host, step_sync.py.)"""
+        sp = seq.sampling
+        return (
+            sp.best_of == 1 and not seq.handoff and seq.num_tokens + 1 < seq.max_total_tokens
+            and sp.ignore_eos and not sp.stop_token_ids and not sp.stop and sp.structured is None
+            and not sp.penalized and sp.logprobs is None and not sp.tracks_logprob
+        )
+
+    def _read_pending(self) -> None:
+        """The last step's deferred ids into their sequences, in place of the placeholders."""
+        if self.pending is None:
+            return
+        seqs, pending = self.pending
+        self.pending = None
+        tokens, now = pending.result(), time.time()
+        for j, (seq, token) in enumerate(zip(seqs, tokens)):
+            assert seq.token_ids[-1] == -1 - j, "a deferred id's placeholder moved"
+            seq.token_ids[-1] = token
+            if seq.num_output_tokens == 1:
+                seq.first_token_time = now  # when the host has it, as for an id read at once
 
     def _stopped(self, seq: Sequence, out: StepOutput, free: bool = True) -> bool:
         """If the sequence's last token ends it: its result goes out, and (with `free`) its blocks

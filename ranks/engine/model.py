@@ -171,11 +171,14 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             # Qwen3 normalizes each head before RoPE.
             q, k = self.q_norm(q), self.k_norm(k)
+        # On the GPU path the RoPE launch also writes the step's keys and values into the cache
+        # (attend's device path would write them with the same stores, one launch later).
+        written = use_fused(q) and meta.seq_lens_dev is not None
         if use_fused(q):
-            fused.apply_rope_(q, k, cos, sin)
+            fused.apply_rope_(q, k, cos, sin, (v, *kv_cache, meta.slot_mapping) if written else None)
         else:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = attend(q, k, v, kv_cache, meta, self.scale, self.sliding_window)  # [T, heads, head_dim]
+        o = attend(q, k, v, kv_cache, meta, self.scale, self.sliding_window, kv_written=written)  # [T, heads, head_dim]
         return row_parallel(self.o_proj, o.view(T, self.q_size), self.tp)
 
 

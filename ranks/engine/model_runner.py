@@ -29,6 +29,7 @@ from kvrelay.ranks.engine.attention_backend import AttentionMetadata
 from kvrelay.ranks.engine.host_memory import HostKVMemory
 from kvrelay.ranks.engine.model import LlamaForCausalLM, allocate_kv_cache
 from kvrelay.ranks.engine.parallel import TPGroup
+from kvrelay.ranks.engine.sampler import to_device
 from kvrelay.ranks.engine.scheduler import ScheduledSeq
 from kvrelay.core.model_files import ModelConfigError
 from kvrelay.core.block_hash import num_blocks as blocks_for  # `num_blocks` is the cache's size here
@@ -54,11 +55,17 @@ class StepArrays:
     query_start_loc: np.ndarray  # [B + 1]
     seq_lens: np.ndarray  # [B]
     tables: np.ndarray  # [B, W] block ids, 0 past a sequence's blocks
-    last_rows: np.ndarray  # [S] row of each sampling sequence's last token
+    last_rows: np.ndarray  # [S] row of each sampling sequence's last token, in batch order
 
     @property
     def decode_only(self) -> bool:
         return len(self.ids) == len(self.seq_lens)
+
+    @property
+    def num_decode_rows(self) -> int:
+        """The leading sequences that run one token each (`ModelRunner._arrays` packs them all first)."""
+        other = np.flatnonzero(np.diff(self.query_start_loc) != 1)
+        return int(other[0]) if len(other) else len(self.seq_lens)
 
 
 @dataclass
@@ -103,6 +110,9 @@ class ModelRunner:
         self.table_width = -(-self.max_blocks // 16) * 16  # widest block table a step uploads
         self.is_cuda = device.type == "cuda"
         self.use_graphs = cuda_graphs and self.is_cuda
+        # Steps hand attention their metadata as tensors, for the GPU kernels (attention_backend.py);
+        # on a CPU runner the tests turn it on to run those kernels in Triton's interpreter.
+        self.kernel_metadata = self.is_cuda
         with torch.device(device):
             self.model = LlamaForCausalLM(spec, dtype=dtype, tp=tp)
         self.model.load_weights(weights)
@@ -218,7 +228,7 @@ class ModelRunner:
         for bs in sorted(graph_batch_sizes(self.max_seqs), reverse=True):
             meta = AttentionMetadata(
                 slot_mapping=slots[:bs], query_start_loc=[], seq_lens=[], block_tables=self.graph_tables[:bs],
-                seq_lens_dev=seq_lens[:bs], max_query_len=1, decode_only=True,
+                seq_lens_dev=seq_lens[:bs], max_query_len=1, decode_only=True, num_decode_rows=bs,
             )
 
             def forward(bs=bs, meta=meta) -> None:
@@ -271,8 +281,8 @@ class ModelRunner:
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         """Copy block src[i] into dst[i] in every layer's K and V: the partly filled last prompt
         block of each forked sample (ranks/engine/kv_cache.py, `fork`)."""
-        s = torch.tensor(src, device=self.device)  # [c] int64
-        d = torch.tensor(dst, device=self.device)  # [c] int64
+        s = to_device(src, self.device)  # [c] int64
+        d = to_device(dst, self.device)  # [c] int64
         for k, v in self.kv_caches:  # each [num_blocks + 1, block_size, kv_heads, head_dim]
             k.index_copy_(0, d, k.index_select(0, s))
             v.index_copy_(0, d, v.index_select(0, s))
@@ -282,20 +292,35 @@ class ModelRunner:
         return 0.0
 
     @torch.inference_mode()
-    def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
-        """Run one step; returns [num sampling seqs, vocab] float32 logits, in batch order."""
+    def execute(self, batch: list[ScheduledSeq], fed: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one step; returns [num sampling seqs, vocab] float32 logits, in batch order.
+
+        `fed`: [N] int64 on the device, the last step's sampled ids before the host has them; a
+        token id -1 - j in a sequence stands for fed[j] (Engine.step's deferred read)."""
         items = [
             (item.seq.token_ids, item.seq.num_computed_tokens, item.num_new_tokens, item.seq.block_ids, item.samples)
             for item in batch
         ]
-        return self._run(self._arrays(items), graphs=self.use_graphs)
+        return self._run(self._arrays(items), graphs=self.use_graphs, fed=fed)
 
     def _arrays(self, items: list[tuple[list[int], int, int, list[int], bool]]) -> StepArrays:
-        """(token_ids, num_computed, num_new, block_ids, samples) per sequence -> the step's arrays."""
+        """(token_ids, num_computed, num_new, block_ids, samples) per sequence -> the step's arrays.
+
+        The rows are packed with the one-token sequences first (decode tokens, and any one-token
+        prompt chunk: the decode kernel computes exactly their attention), so that the attention
+        backend hands them to the decode kernel as one contiguous slice; `last_rows` stays in
+        batch order."""
         B = self.block_size
         n = len(items)
-        start = np.fromiter((it[1] for it in items), np.int64, n)
         num_new = np.fromiter((it[2] for it in items), np.int64, n)
+        single = num_new == 1
+        num_decode = int(single.sum())
+        order = None
+        if 0 < num_decode < n and not single[:num_decode].all():
+            order = np.argsort(~single, kind="stable")  # one-token rows first, each kind in batch order
+            items = [items[i] for i in order]
+            num_new = num_new[order]
+        start = np.fromiter((it[1] for it in items), np.int64, n)
         qsl = np.zeros(n + 1, np.int64)
         np.cumsum(num_new, out=qsl[1:])
         T = int(qsl[-1])
@@ -311,9 +336,12 @@ class ModelRunner:
             tables[i, : len(it[3])] = it[3]
         slots = tables[rows, positions // B] * B + positions % B
         samples = np.fromiter((it[4] for it in items), bool, n)
-        return StepArrays(ids, positions, slots, qsl, start + num_new, tables, qsl[1:][samples] - 1)
+        last = qsl[1:] - 1  # [n] last row of each sequence, in packed order
+        if order is not None:
+            last[order], samples[order] = last.copy(), samples.copy()  # back to batch order
+        return StepArrays(ids, positions, slots, qsl, start + num_new, tables, last[samples])
 
-    def _run(self, a: StepArrays, graphs: bool) -> torch.Tensor:
+    def _run(self, a: StepArrays, graphs: bool, fed: torch.Tensor | None = None) -> torch.Tensor:
         n = len(a.seq_lens)
         bs = next((b for b in sorted(self.graphs) if b >= n), None) if graphs and a.decode_only else None
         self.last_step_graph = bs is not None
@@ -321,29 +349,32 @@ class ModelRunner:
             views = self._upload_graph(self._pad_arrays(n, bs, a))
             last_rows, tables = views[4], views[5]
             self.graph_tables[:n, : tables.shape[1]].copy_(tables)
+            _feed(views[0], fed)
             self.graphs[bs].replay()
             hidden = self.graph_hidden[:n]
         else:
-            hidden, last_rows = self._eager(a)
+            hidden, last_rows = self._eager(a, fed)
         if len(a.last_rows) == 0:
             return torch.empty(0, self.spec.vocab_size, device=self.device)
         return self.model.compute_logits(hidden[last_rows])
 
-    def _eager(self, a: StepArrays) -> tuple[torch.Tensor, torch.Tensor]:
+    def _eager(self, a: StepArrays, fed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(a.seq_lens)
         ids, positions, slots, last_rows, qsl, seq_lens, tables = self._upload(
             [(a.ids, np.int64), (a.positions, np.int64), (a.slots, np.int64), (a.last_rows, np.int64),
              (a.query_start_loc, np.int32), (a.seq_lens, np.int32), (a.tables, np.int32)]
         )
+        _feed(ids, fed)
         meta = AttentionMetadata(
             slot_mapping=slots,
             query_start_loc=a.query_start_loc.tolist(),
             seq_lens=a.seq_lens.tolist(),
             block_tables=tables.view(n, -1),
-            query_start_loc_dev=qsl if self.is_cuda else None,
-            seq_lens_dev=seq_lens if self.is_cuda else None,
+            query_start_loc_dev=qsl if self.kernel_metadata else None,
+            seq_lens_dev=seq_lens if self.kernel_metadata else None,
             max_query_len=int((a.query_start_loc[1:] - a.query_start_loc[:-1]).max()),
             decode_only=a.decode_only,
+            num_decode_rows=a.num_decode_rows,
         )
         return self.model(ids, positions, meta, self.kv_caches), last_rows
 
@@ -384,3 +415,10 @@ class ModelRunner:
             self._copied.record()
         torch_dtype = {np.int64: torch.int64, np.int32: torch.int32}
         return [self._dev[o : o + k * np.dtype(dt).itemsize].view(torch_dtype[dt]) for o, k, dt in layout]
+
+
+def _feed(ids: torch.Tensor, fed: torch.Tensor | None) -> None:
+    """Replace, in place, each placeholder id -1 - j of `ids` ([T] int64, device) with fed[j]."""
+    if fed is None or len(fed) == 0:
+        return
+    ids.copy_(torch.where(ids < 0, fed[(-1 - ids).clamp_(min=0)], ids))

@@ -36,6 +36,33 @@ class SampleRow:
     matcher: object | None = None  # the sequence's xgrammar.GrammarMatcher (structured output), in `grammars`
 
 
+class PendingTokens:
+    """Sampled ids still on their way to the host: `tokens` can feed the next step on the device
+    (ModelRunner.execute's `fed`) before `result()` waits for them."""
+
+    def __init__(self, tokens: torch.Tensor) -> None:  # [N] int64 on the model's device
+        self.tokens = tokens
+        self._ready = None
+        if tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = tokens
+
+    def result(self) -> list[int]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()
+
+
+def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A small host list as a tensor on `device`, copied from pinned memory without a wait: a
+    blocking copy would wait for every kernel queued before it, the step's forward included."""
+    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+
+
 @torch.inference_mode()
 def sample(
     logits: torch.Tensor, rows: list[SampleRow], history: TokenHistory | None = None,
@@ -44,45 +71,12 @@ def sample(
     """logits: [N, vocab] float32 on the model's device; one row per sampling sequence. Rows with
     penalties name their row of `history`, which counts the tokens sampled here; rows with a
     grammar have their matcher in `grammars`, which accepts the token sampled here."""
-    assert logits.dim() == 2 and logits.shape[0] == len(rows)
     structured = [i for i, r in enumerate(rows) if r.matcher is not None]
-    if structured:
-        # First, before anything waits for the device: the host fills the mask while the step runs.
-        assert grammars is not None
-        bitmask = grammars.fill_bitmask([rows[i].request_id for i in structured], structured, len(rows), logits.device)
-        apply_bitmask(logits, bitmask, structured)
     want_logprobs = [r.params.logprobs for r in rows]
     # best_of rows need the sampled token's logprob to rank their samples, even without logprobs.
     need_raw = [n is not None or r.params.tracks_logprob for n, r in zip(want_logprobs, rows)]
-    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(need_raw) else None
-
-    for i, r in enumerate(rows):
-        if r.banned:
-            logits[i, r.banned] = float("-inf")
-    _add_logit_bias(logits, rows)
-    penalized = [i for i, r in enumerate(rows) if r.history is not None]
-    if penalized:
-        assert history is not None
-        device = logits.device
-        slots = torch.tensor([rows[i].history for i in penalized]).to(device, non_blocking=True)
-        params = torch.tensor([[rows[i].params.repetition_penalty, rows[i].params.presence_penalty,
-                                rows[i].params.frequency_penalty] for i in penalized]).to(device, non_blocking=True)
-        penalized_rows = torch.tensor(penalized).to(device, non_blocking=True)
-        apply_penalties(logits, penalized_rows, history.counts[slots], history.in_prompt[slots],
-                        params[:, 0], params[:, 1], params[:, 2])
-
-    tokens = logits.argmax(dim=-1)
-    random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
-    if random_rows:
-        idx = torch.tensor(random_rows, device=logits.device)
-        probs = _filtered_probs(logits[idx], [rows[i].params for i in random_rows])
-        q = torch.empty_like(probs)
-        for j, i in enumerate(random_rows):
-            q[j].exponential_(generator=rows[i].generator)
-        tokens[idx] = (probs / q).argmax(dim=-1)
-    if penalized:
-        history.record([rows[i].request_id for i in penalized], slots, tokens[penalized_rows])
-    token_list = tokens.tolist()
+    tokens, raw_logprobs = _draw(logits, rows, history, grammars, structured, any(need_raw))
+    token_list = tokens.tolist()  # the wait for the device
     if structured:
         grammars.accept_batch([rows[i].request_id for i in structured], [token_list[i] for i in structured])
 
@@ -101,20 +95,71 @@ def sample(
     return token_list, out_logprobs
 
 
+@torch.inference_mode()
+def sample_later(logits: torch.Tensor, rows: list[SampleRow], history: TokenHistory | None = None) -> PendingTokens:
+    """`sample` without the wait, for rows that need no host step after the draw: no grammar, no
+    logprobs. The ids come back through `PendingTokens.result()`."""
+    assert all(r.matcher is None and r.params.logprobs is None and not r.params.tracks_logprob for r in rows)
+    return PendingTokens(_draw(logits, rows, history, None, [], False)[0])
+
+
+def _draw(
+    logits: torch.Tensor, rows: list[SampleRow], history: TokenHistory | None, grammars: Grammars | None,
+    structured: list[int], need_raw: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # [N] int64 token ids, [N, vocab] f32 logprobs (need_raw), device
+    """The draw of every row, all on the device: no host sync."""
+    assert logits.dim() == 2 and logits.shape[0] == len(rows)
+    if structured:
+        # First, before anything waits for the device: the host fills the mask while the step runs.
+        assert grammars is not None
+        bitmask = grammars.fill_bitmask([rows[i].request_id for i in structured], structured, len(rows), logits.device)
+        apply_bitmask(logits, bitmask, structured)
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if need_raw else None
+
+    device = logits.device
+    banned = [(i, t) for i, r in enumerate(rows) for t in r.banned]
+    if banned:
+        index = to_device(banned, device)
+        logits.index_put_((index[:, 0], index[:, 1]), torch.full((len(banned),), float("-inf"), device=device))
+    _add_logit_bias(logits, rows)
+    penalized = [i for i, r in enumerate(rows) if r.history is not None]
+    if penalized:
+        assert history is not None
+        slots = to_device([rows[i].history for i in penalized], device)
+        params = to_device([[rows[i].params.repetition_penalty, rows[i].params.presence_penalty,
+                             rows[i].params.frequency_penalty] for i in penalized], device, torch.float32)
+        penalized_rows = to_device(penalized, device)
+        apply_penalties(logits, penalized_rows, history.counts[slots], history.in_prompt[slots],
+                        params[:, 0], params[:, 1], params[:, 2])
+
+    tokens = logits.argmax(dim=-1)
+    random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if random_rows:
+        idx = to_device(random_rows, device)
+        probs = _filtered_probs(logits[idx], [rows[i].params for i in random_rows])
+        q = torch.empty_like(probs)
+        for j, i in enumerate(random_rows):
+            q[j].exponential_(generator=rows[i].generator)
+        tokens[idx] = (probs / q).argmax(dim=-1)
+    if penalized:
+        history.record([rows[i].request_id for i in penalized], slots, tokens[penalized_rows])
+    return tokens, raw_logprobs
+
+
 def _add_logit_bias(logits: torch.Tensor, rows: list[SampleRow]) -> None:
     """One scatter for every (row, token id, bias) of the batch."""
     biased = [(i, r.params.logit_bias) for i, r in enumerate(rows) if r.params.logit_bias]
     if not biased:
         return
-    index = torch.tensor([(i, t) for i, bias in biased for t in bias]).to(logits.device, non_blocking=True)
-    values = torch.tensor([v for _, bias in biased for v in bias.values()], dtype=logits.dtype)
-    logits.index_put_((index[:, 0], index[:, 1]), values.to(logits.device, non_blocking=True), accumulate=True)
+    index = to_device([(i, t) for i, bias in biased for t in bias], logits.device)
+    values = to_device([v for _, bias in biased for v in bias.values()], logits.device, logits.dtype)
+    logits.index_put_((index[:, 0], index[:, 1]), values, accumulate=True)
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """[n, vocab] float32 logits -> probabilities after temperature, top-k, top-p, min-p."""
     device = logits.device
-    temps = torch.tensor([p.temperature for p in params], device=device, dtype=logits.dtype)
+    temps = to_device([p.temperature for p in params], device, logits.dtype)
     logits = logits / temps.unsqueeze(1)
     vocab = logits.shape[1]
     top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
@@ -123,11 +168,11 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
         if any(top_k):
-            k = torch.tensor([k or vocab for k in top_k], device=device)
+            k = to_device([k or vocab for k in top_k], device)
             drop |= torch.arange(vocab, device=device).unsqueeze(0) >= k.unsqueeze(1)
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         if any(p < 1.0 for p in top_p):
-            p = torch.tensor(top_p, device=device, dtype=logits.dtype)
+            p = to_device(top_p, device, logits.dtype)
             sorted_probs = sorted_logits.softmax(dim=-1)
             # Keep the smallest prefix whose mass reaches top_p: drop a token when the mass
             # before it already does. The first token is always kept.
@@ -137,7 +182,7 @@ def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch
     probs = logits.softmax(dim=-1)
     min_p = [p.min_p for p in params]
     if any(min_p):
-        m = torch.tensor(min_p, device=device, dtype=probs.dtype).unsqueeze(1)
+        m = to_device(min_p, device, probs.dtype).unsqueeze(1)
         probs = probs.masked_fill(probs < m * probs.max(dim=-1, keepdim=True).values, 0.0)
     return probs
 

@@ -134,7 +134,12 @@ def _sm_count(device: torch.device) -> int:
 def _kernels(interpret: bool):
     # Jitted on first use, not at import: triton.jit reads TRITON_INTERPRET when it wraps the function,
     # and the tests set it after kvrelay may have been imported. `interpret` only keys the cache.
-    return triton.jit(_decode_split), triton.jit(_decode_merge)
+    # NOTE: Triton compiles a kernel per specialization of its int arguments (== 1, divisible by
+    # 16, neither). The block table's width, the partition and the split count change from step to
+    # step, so specializing on them compiled new kernels in the middle of a run (B1 on an H100: 4 s
+    # of a 14 s run); they are plain ints here, one kernel for all their values.
+    return (triton.jit(_decode_split, do_not_specialize=["window", "partition", "stride_bt"]),
+            triton.jit(_decode_merge, do_not_specialize=["window", "partition", "num_splits"]))
 
 
 def _decode_split(

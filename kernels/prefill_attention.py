@@ -90,8 +90,9 @@ def prefill_attention(
 @functools.cache
 def _kernel(interpret: bool):
     # Jitted on first use: triton.jit reads TRITON_INTERPRET when it wraps the function (see decode_attention).
-    # first_seq changes every mixed step: one compiled kernel for all its values.
-    return triton.jit(_prefill, do_not_specialize=["first_seq"])
+    # first_seq and the block table's width change every mixed step: one compiled kernel for all
+    # their values (NOTE in decode_attention._kernels).
+    return triton.jit(_prefill, do_not_specialize=["first_seq", "window", "stride_bt"])
 
 
 def _prefill(

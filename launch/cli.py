@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         layout = Layout.from_roles(cfg.roles)
         if args.local != layout.world_size:
             raise LaunchError(f"--local {args.local} starts {args.local} ranks but the config asks for {layout.describe()}; "
-                              f"pass --local {layout.world_size} or change roles.prefill/decode/aggregated")
+                              f"pass --local {layout.world_size} or change roles.prefill/decode/aggregated (and roles.*tp)")
         return local_mpiexec(args.local, _without_local(args.argv))
     if launched_by_mpi():
         from kvrelay.launch.job import run_mpi

@@ -289,14 +289,18 @@ class ModelRunner:
         """Extra wall time a handoff is held for: none on a real device (simulated runners model it)."""
         return 0.0
 
-    @torch.inference_mode()
     def execute(self, batch: list[ScheduledSeq]) -> torch.Tensor:
         """Run one step; returns [num sampling seqs, vocab] float32 logits, in batch order."""
         items = [
             (item.seq.token_ids, item.seq.num_computed_tokens, item.num_new_tokens, item.seq.block_ids, item.samples)
             for item in batch
         ]
-        return self._run(self._arrays(items), graphs=self.use_graphs)
+        return self.run(self._arrays(items))
+
+    @torch.inference_mode()
+    def run(self, a: StepArrays) -> torch.Tensor:
+        """Run one step given as its arrays (what a tensor-parallel group's leader broadcasts)."""
+        return self._run(a, graphs=self.use_graphs)
 
     def _arrays(self, items: list[tuple[list[int], int, int, list[int], bool]]) -> StepArrays:
         """(token_ids, num_computed, num_new, block_ids, samples) per sequence -> the step's arrays."""

@@ -241,15 +241,16 @@ class Engine:
         this is the leader of a tensor-parallel group: it holds its shard and tells the group's
         other ranks every step (`make_runner` builds theirs)."""
         if cfg.sim.enabled:
-            return cls.simulated(cfg)
+            return cls.simulated(cfg, sync.size if sync is not None else 1)
         runner, spec, max_model_len = make_runner(cfg, device, weights, staging_bytes, tp, sync)
         tokenizer = Tokenizer.from_dir(cfg.model.path)
         return cls(cfg, runner, tokenizer, runner.num_blocks, max_model_len, spec.vocab_size, spec.eos_token_ids)
 
     @classmethod
-    def simulated(cls, cfg: JobConfig) -> Engine:
-        """An engine whose forward is the timing model of `sim.timing` (no model files)."""
-        timing = load_timing(cfg)
+    def simulated(cls, cfg: JobConfig, tp: int = 1) -> Engine:
+        """An engine whose forward is the timing model of `sim.timing` (no model files), for a
+        worker of `tp` ranks (the timing model's `for_tp`; the other ranks only wait)."""
+        timing = load_timing(cfg).for_tp(tp)
         runner = SimRunner(timing, cfg.cache.block_size, cfg.sim.speed)
         max_model_len = sim_max_model_len(cfg, timing)
         cache_blocks = runner.size_kv_cache(cfg.cache.num_blocks)

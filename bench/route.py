@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=64, help="cache.block_size")
     p.add_argument("--host-kv-gib", type=float, default=0.0,
                    help="cache.host_kv_gib: a host KV tier of this size per worker (0 = none); the oracle pools it too")
+    p.add_argument("--disk-kv-gib", type=float, default=0.0,
+                   help="cache.disk_kv_gib: a (simulated) disk KV tier of this size per worker below the host tier; "
+                        "the oracle pools it too")
     p.add_argument("--timing", default=None, help="timing model YAML (default: configs/sim/h100-llama8b.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config key, for every run")
     p.add_argument("--workdir", default=None, help="where the runs' outputs go (default: a temporary directory)")
@@ -77,6 +80,8 @@ def run_one(args, workers: int, policy: str, limit: int, workdir: Path) -> dict:
         f"input.limit={limit}", f"roles.aggregated={workers}", f"router.policy={policy}",
         f"cache.block_size={args.block_size}", f"cache.host_kv_gib={args.host_kv_gib}", "job.progress=false", *args.set,
     ]
+    if args.disk_kv_gib:  # simulated workers write no files; the path only satisfies the config
+        sets += [f"cache.disk_kv_gib={args.disk_kv_gib}", f"cache.disk_kv_path={workdir / 'disk-kv'}"]
     if args.timing:
         sets.append(f"sim.timing={args.timing}")
     cmd = [mpiexec, "-n", str(workers + 1), *(["--oversubscribe"] if open_mpi else []),
@@ -103,8 +108,18 @@ def run_one(args, workers: int, policy: str, limit: int, workdir: Path) -> dict:
         "host_kv_blocks_per_worker": ws[0].get("host_kv_blocks", 0),
         "gpu_hit_tokens": b["gpu_hit_tokens"],
         "host_hit_tokens": b["host_hit_tokens"],
+        "disk_kv_blocks_per_worker": ws[0].get("disk_kv_blocks", 0),
+        "disk_hit_tokens": b["disk_hit_tokens"],
+        "disk_write_bytes": b["disk_write_bytes"],
+        "disk_read_bytes": b["disk_read_bytes"],
         "host_offload_bytes": b["host_offload_bytes"],
         "host_onload_bytes": b["host_onload_bytes"],
+        # Copy-outs made ahead of their eviction, evictions the host held already, and the modeled
+        # time steps waited for a copy-out before writing a block (the copies' own time overlaps).
+        "host_written_ahead_blocks": sum(w.get("host_written_ahead_blocks", 0) for w in ws),
+        "host_deduped_blocks": sum(w.get("host_deduped_blocks", 0) for w in ws),
+        "host_copy_s": sum(w["sim"].get("host_copy_s", 0.0) for w in ws),
+        "host_copy_stall_s": sum(w["sim"].get("copy_stall_s", 0.0) for w in ws),
         "hit_ratio": s["prefix_hit_ratio"],
         "ttft_p50_s": s["latency"]["ttft_s"]["p50"],
         "ttft_p90_s": s["latency"]["ttft_s"]["p90"],
@@ -252,15 +267,16 @@ def run(args: argparse.Namespace) -> int:
         orc = None
         for policy in policies:
             r = run_one(args, w, policy, limit, workdir)
-            if orc is None:  # the same requests into one pool of all W workers' blocks (GPU and host)
-                per_worker = r["kv_blocks_per_worker"] + r["host_kv_blocks_per_worker"]
+            if orc is None:  # the same requests into one pool of all W workers' blocks (GPU, host, disk)
+                per_worker = r["kv_blocks_per_worker"] + r["host_kv_blocks_per_worker"] + r["disk_kv_blocks_per_worker"]
                 orc = oracle(read_trace(args.trace, limit), args.block_size, w * per_worker)
                 iso = isolated_decision_us(args.trace, w, args.block_size, r["kv_blocks_per_worker"])
             r["oracle_hit_ratio"] = orc.hit_ratio
             r["decision_isolated_us"] = iso
             results.append(r)
             print(f"W={w} {policy}: {r['requests']} requests, hit {r['hit_ratio']:.3f} (oracle {orc.hit_ratio:.3f}; "
-                  f"host tier {r['host_hit_tokens']} of {r['gpu_hit_tokens'] + r['host_hit_tokens']} hit tokens), "
+                  f"host / disk tiers {r['host_hit_tokens']} / {r['disk_hit_tokens']} of "
+                  f"{r['gpu_hit_tokens'] + r['host_hit_tokens'] + r['disk_hit_tokens']} hit tokens), "
                   f"TTFT p50 {r['ttft_p50_s']:.2f} s, decision p50 {r['decision_us']['p50']:.0f} us, "
                   f"wall {r['wall_s']:.0f} s", flush=True)
     compare(results)

@@ -42,11 +42,23 @@ class CacheSection(_Section):
     cpu_kv_gib: float = Field(1.0, gt=0.0, description="KV cache size on a CPU worker")
     num_blocks: int | None = Field(None, ge=1, description="overrides the size computed from memory")
     host_kv_gib: float = Field(0.0, ge=0.0, description="host-memory KV tier per worker below its cache; 0 = off")
+    disk_kv_path: str | None = Field(None, description="node-local directory of the disk KV tier below the host tier "
+                                     "(Slurm's $TMPDIR or a local NVMe path); each worker writes its own subdirectory")
+    disk_kv_gib: float = Field(0.0, ge=0.0, description="disk KV tier per worker; 0 = off")
     enable_prefix_caching: bool = True
     salt: str = Field("", description="mixed into block hashes; jobs with different salts share no cache")
     handoff_buffer_gib: float = Field(
         4.0, gt=0.0, description="prefill and decode workers: memory kept out of the KV cache for packed KV in transit"
     )
+
+
+    @model_validator(mode="after")
+    def _disk_tier(self) -> CacheSection:
+        if self.disk_kv_gib > 0 and not self.disk_kv_path:
+            raise ValueError("cache.disk_kv_gib > 0 needs cache.disk_kv_path (a node-local directory, e.g. $TMPDIR)")
+        if self.disk_kv_gib > 0 and self.host_kv_gib == 0:
+            raise ValueError("cache.disk_kv_gib > 0 needs cache.host_kv_gib > 0: the disk tier sits below the host tier")
+        return self
 
 
 class SchedulerSection(_Section):

@@ -40,8 +40,17 @@ class HostCoefficients(_Strict):
     latency_s: float = Field(0.0, ge=0.0, description="fixed cost of one batch of copies")
 
 
+class DiskCoefficients(_Strict):
+    read_gb_s: float = Field(gt=0.0, description="KV bytes per second read from the disk tier's files, in GB/s")
+    write_gb_s: float = Field(gt=0.0, description="KV bytes per second written to them, in GB/s")
+    latency_s: float = Field(0.0, ge=0.0, description="fixed cost of one block's read or write")
+
+
 # Pinned host <-> device copies measured on an H200 (issue 15, 2026-11-27, 1 GiB copies).
 DEFAULT_HOST = HostCoefficients(bandwidth_gb_s=55.0, latency_s=0.0)
+# NOTE: not measured here: the sequential read of one datacenter NVMe drive (PCIe 4, ~3 GB/s per
+# drive is the low end of what GPU nodes' local scratch gives); set `disk:` in the YAML to calibrate.
+DEFAULT_DISK = DiskCoefficients(read_gb_s=3.0, write_gb_s=2.0, latency_s=0.0)
 
 
 class TensorParallelCoefficients(_Strict):
@@ -74,6 +83,7 @@ class TimingModel(_Strict):
     decode: DecodeCoefficients
     handoff: HandoffCoefficients
     host: HostCoefficients = DEFAULT_HOST
+    disk: DiskCoefficients = DEFAULT_DISK
     tp: TensorParallelCoefficients | None = None
 
     def for_tp(self, tp: int) -> TimingModel:
@@ -138,20 +148,26 @@ class TimingModel(_Strict):
             return 0.0
         return num_tokens * self.model.kv_bytes_per_token / (self.host.bandwidth_gb_s * 1e9) + self.host.latency_s
 
-    def host_hit_saving_s(self, num_tokens: int, cached: int) -> float:
-        """What a prefill of `num_tokens` tokens after `cached` ones saves when their KV is brought
-        in from the host tier instead of recomputed (negative when the copy costs more)."""
-        return self.prefill_s(num_tokens, cached) - self.host_copy_s(num_tokens)
-
-    def host_credit(self, block_size: int, gpu_blocks: int, host_blocks: int) -> float:
-        """What `host_blocks` blocks from the host tier after `gpu_blocks` GPU hits are worth, in
-        blocks recomputed: the recompute they save less their copy-in, over the recompute time of
-        one of them (placement credits a GPU block as 1). 0 when bringing them in costs more."""
-        if host_blocks == 0:
+    def disk_io_s(self, num_tokens: int, write: bool = False) -> float:
+        """Modeled time of reading (or writing) `num_tokens` tokens' KV from (to) the disk tier."""
+        if num_tokens == 0:
             return 0.0
-        new, cached = host_blocks * block_size, gpu_blocks * block_size
+        rate = self.disk.write_gb_s if write else self.disk.read_gb_s
+        return num_tokens * self.model.kv_bytes_per_token / (rate * 1e9) + self.disk.latency_s
+
+    def tier_credit(self, block_size: int, gpu_blocks: int, host_blocks: int, disk_blocks: int = 0) -> float:
+        """What `host_blocks` blocks from the host tier and then `disk_blocks` from disk, after
+        `gpu_blocks` GPU hits, are worth in blocks recomputed (placement credits a GPU block as 1):
+        the recompute they save less the time to bring them in (all copied in from the host, the
+        disk's read there first), over the recompute time of one of them. 0 when bringing them in
+        costs more."""
+        n = host_blocks + disk_blocks
+        if n == 0:
+            return 0.0
+        new, cached = n * block_size, gpu_blocks * block_size
         recompute = self.prefill_s(new, cached)
-        return max(0.0, self.host_hit_saving_s(new, cached)) / recompute * host_blocks if recompute else 0.0
+        bring_in = self.host_copy_s(new) + self.disk_io_s(disk_blocks * block_size)
+        return max(0.0, recompute - bring_in) / recompute * n if recompute else 0.0
 
     def handoff_s(self, num_tokens: int) -> float:
         h = self.handoff

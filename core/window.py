@@ -10,11 +10,15 @@ never interrupts a worker. Layout of one window, in 8-byte words:
     [8 + n_buckets * WAYS:]
             host table (uint64): host_buckets x WAYS, the same format, only on a worker with a
             host KV tier (host_buckets = 0 otherwise): the blocks its host tier holds
+    [.. + host_buckets * WAYS:]
+            host log, with the host table only: a head word (stores so far), then a ring of
+            LOG_ENTRIES (slot, value) pairs, every store into the host table in order
+    [..:]   disk table and disk log, the same, only on a worker with a disk KV tier
 
 The table mirrors the prefix cache through the KV-cache manager's `on_cache` / `on_evict` hooks,
-the host table the host tier through its `on_add` / `on_drop` hooks. A block in both tiers is in
-both tables: the router's probe takes the GPU's leading run, then the host's from there, as the
-worker's own match does (`TableSnapshot.tier_lengths`).
+the host and disk tables their tiers through the tiers' `on_add` / `on_drop` hooks (LOWER_TIERS). A
+block in several tiers is in each table: the router's probe takes the GPU's leading run, then the
+host's from there, then the disk's, as the worker's own match does (`TableSnapshot.tier_lengths`).
 A full bucket drops its oldest entry (FIFO within the bucket): the router may miss a cached
 block (a recompute), never sees one that was not cached. A block hash of 0 is stored and looked
 up as 1 (`table_key`), since 0 marks an empty slot; a worker holding hash 0 therefore also
@@ -28,6 +32,15 @@ where it matters, since an update runs on every cache and evict. Measured here (
 cores): a whole table update, bookkeeping included, ~0.45 us; one `Accumulate(REPLACE)` or
 `Fetch_and_op` + `Flush` on self alone 3-25 us. Every update writes one aligned word, so a reader
 sees the old or the new hash, never a mix.
+
+NOTE (host log): a host table is 4-16x a GPU table (512 KiB for a 256 GiB tier of 8B blocks), and
+copying all of them at every refresh cost the router 8.8 ms on B2 (0.5 ms without). Its contents
+change slowly (a few stores per ms), so the router keeps its own copy and replays the stores since
+its last read from the owner's log: `loads()` reads each log's head with the headers, `snapshot()`
+gets only the new entries. A reader that fell behind by most of the ring (or a first read past it)
+copies the whole table instead. The replay is exact once the owner is quiet, and a hint while it
+writes (an entry overwritten mid-read is a wrong slot until the next full copy: a miss or a
+false hit that the worker's own match corrects), as every read of the window is.
 
 NOTE (MPICH progress): with MPICH on one node, `Win.Allocate` memory is shared memory and a `Get`
 inside the `Lock_all` epoch is a copy that needs nothing from the target (~2.5 us while the owner
@@ -55,6 +68,8 @@ HEADER_WORDS = len(HEADER_FIELDS)
 WAYS = 8  # slots per bucket: one bucket is one 64-byte Get
 FULL = (1 << WAYS) - 1
 WORD = MPI.LONG  # numpy int64; INT64_T as a target type fails in Open MPI
+LOG_ENTRIES = 8192  # host log ring: 128 KiB; a refresh every 5 ms replays ~tens of entries
+LOWER_TIERS = ("host", "disk")  # tables below the GPU's, in window order, each with its log
 
 
 def table_key(block_hash: int) -> int:
@@ -84,6 +99,7 @@ class BucketTable:
         self.born = np.zeros(slots.size, np.int64)  # insertion count per slot: the FIFO order
         self.inserts = 0
         self.drops = 0  # entries pushed out of full buckets (diagnostics)
+        self.log: StoreLog | None = None  # every store into `slots`, for readers that replay them
 
     def insert(self, block_hash: int) -> int | None:
         """Store a hash; return the key it pushed out of a full bucket, if any."""
@@ -105,8 +121,13 @@ class BucketTable:
         self.inserts += 1
         self.born[slot] = self.inserts
         self.where[key] = slot
-        self.slots[slot] = key  # one aligned word: a reader sees the dropped key or the new one
+        self._store(slot, key)
         return dropped
+
+    def _store(self, slot: int, key: int) -> None:
+        self.slots[slot] = key  # one aligned word: a reader sees the old key or the new one
+        if self.log is not None:
+            self.log.record(slot, key)
 
     def remove(self, block_hash: int) -> None:
         """Forget a hash; a no-op for one the table never held or already dropped."""
@@ -115,10 +136,38 @@ class BucketTable:
             return
         b, way = divmod(slot, WAYS)
         self.used[b] &= ~(1 << way)
-        self.slots[slot] = 0
+        self._store(slot, 0)
 
     def keys(self) -> set[int]:
         return set(self.slots[self.slots != 0].tolist())
+
+
+class StoreLog:
+    """Owner side of a host log: `ring` ([LOG_ENTRIES, 2] uint64 window memory) gets (slot, value)
+    per store, `head` ([1] int64) the count, written after the entry (a reader that saw the count
+    finds the entry complete)."""
+
+    def __init__(self, words: np.ndarray) -> None:
+        assert words.size == 1 + 2 * LOG_ENTRIES
+        self.head = words[:1].view(np.int64)
+        self.ring = words[1:].view(np.uint64).reshape(LOG_ENTRIES, 2)
+        words[:] = 0
+        self.n = 0
+
+    def record(self, slot: int, value: int) -> None:
+        self.ring[self.n % LOG_ENTRIES] = (slot, value)
+        self.n += 1
+        self.head[0] = self.n
+
+
+def replay(table: np.ndarray, entries: np.ndarray) -> None:
+    """Apply logged stores ([k, 2] uint64 (slot, value), oldest first) to a copy of a table; a slot
+    stored twice keeps the later value (numpy leaves the order of repeated indices open)."""
+    if not entries.size:
+        return
+    slots = entries[::-1, 0].astype(np.intp)
+    slots, last = np.unique(slots, return_index=True)
+    table[slots] = entries[::-1, 1][last]
 
 
 @dataclass
@@ -134,11 +183,13 @@ class WorkerLoad:
     role: str
 
 
-def _allocate(comm: MPI.Comm, n_buckets: int, host_buckets: int = 0) -> tuple[MPI.Win, list[tuple[int, int]]]:
+def _allocate(comm: MPI.Comm, n_buckets: int, lower: tuple[int, ...] = (0, 0)
+              ) -> tuple[MPI.Win, list[tuple[int, ...]]]:
     """The collective part of both sides, one code path so the calls always match: every rank
-    tells its tables' sizes (0 for the router), allocates, and opens the one long epoch."""
-    sizes = comm.allgather((n_buckets, host_buckets))
-    nwords = HEADER_WORDS + (n_buckets + host_buckets) * WAYS if n_buckets else 0
+    tells its tables' sizes (GPU, then LOWER_TIERS; 0 for the router), allocates, and opens the
+    one long epoch."""
+    sizes = comm.allgather((n_buckets, *lower))
+    nwords = _tier_offsets(n_buckets, lower)[-1] if n_buckets else 0
     win = MPI.Win.Allocate(nwords * 8, disp_unit=8, comm=comm)
     if win.Get_attr(MPI.WIN_MODEL) != MPI.WIN_UNIFIED:
         win.Free()
@@ -148,6 +199,17 @@ def _allocate(comm: MPI.Comm, n_buckets: int, host_buckets: int = 0) -> tuple[MP
     # nodes would otherwise need the target's progress.
     win.Lock_all(MPI.MODE_NOCHECK)
     return win, sizes
+
+
+def _tier_offsets(n_buckets: int, lower: tuple[int, ...]) -> list[int]:
+    """Word offsets in a window: the GPU table, then per lower tier its table and its log (none
+    for a tier of 0 buckets), then the end."""
+    at = [HEADER_WORDS]
+    end = HEADER_WORDS + n_buckets * WAYS
+    for buckets in lower:
+        at.append(end)
+        end += buckets * WAYS + (1 + 2 * LOG_ENTRIES if buckets else 0)
+    return at + [end]
 
 
 def _open(win: MPI.Win, comm: MPI.Comm) -> None:
@@ -160,30 +222,37 @@ class CacheWindow:
     """Owner side: one worker's window. Plug `on_cache` / `on_evict` into its engine's KV-cache
     manager (`Engine.watch_cache`) and call `publish` once per loop iteration."""
 
-    def __init__(self, win: MPI.Win, n_buckets: int, role: str, host_buckets: int = 0) -> None:
+    def __init__(self, win: MPI.Win, n_buckets: int, role: str, lower: tuple[int, ...] = (0, 0)) -> None:
         words = np.frombuffer(win.tomemory(), dtype=np.int64)
-        assert words.size == HEADER_WORDS + (n_buckets + host_buckets) * WAYS
+        at = _tier_offsets(n_buckets, lower)
+        assert words.size == at[-1]
         self.win = win
         self.header = words[:HEADER_WORDS]
         self.header[:] = 0
         self.header[HEADER_FIELDS.index("role")] = ROLE_CODES[role]
-        split = HEADER_WORDS + n_buckets * WAYS
-        self.table = BucketTable(words[HEADER_WORDS:split].view(np.uint64))
-        self.host_table = BucketTable(words[split:].view(np.uint64)) if host_buckets else None
+        self.table = BucketTable(words[HEADER_WORDS : HEADER_WORDS + n_buckets * WAYS].view(np.uint64))
+        self.lower: dict[str, BucketTable | None] = {}  # LOWER_TIERS name -> its table, if the worker has the tier
+        for tier, buckets, start in zip(LOWER_TIERS, lower, at[1:]):
+            self.lower[tier] = None
+            if buckets:
+                split = start + buckets * WAYS
+                self.lower[tier] = BucketTable(words[start:split].view(np.uint64))
+                self.lower[tier].log = StoreLog(words[split : split + 1 + 2 * LOG_ENTRIES])
+        self.host_table = self.lower["host"]
         self.version = 0
 
     @classmethod
     def create(cls, comm: MPI.Comm, num_blocks: int, role: str, n_buckets: int | None = None,
-               host_blocks: int = 0) -> CacheWindow:
+               host_blocks: int = 0, disk_blocks: int = 0) -> CacheWindow:
         """COLLECTIVE over `comm`: the router calls `WindowReader.create` at the same point.
-        `n_buckets` overrides the size derived from `num_blocks` (tests); `host_blocks` sizes the
-        host table (0: no host tier)."""
+        `n_buckets` overrides the size derived from `num_blocks` (tests); `host_blocks` and
+        `disk_blocks` size the host and disk tables (0: no such tier)."""
         if role not in ROLE_CODES:
             raise ValueError(f"unknown worker role {role!r}; valid roles: {', '.join(ROLE_CODES)}")
         n_buckets = n_buckets or n_buckets_for(num_blocks)
-        host_buckets = n_buckets_for(host_blocks) if host_blocks else 0
-        win, _ = _allocate(comm, n_buckets, host_buckets)
-        self = cls(win, n_buckets, role, host_buckets)
+        lower = tuple(n_buckets_for(b) if b else 0 for b in (host_blocks, disk_blocks))
+        win, _ = _allocate(comm, n_buckets, lower)
+        self = cls(win, n_buckets, role, lower)
         _open(win, comm)
         return self
 
@@ -201,6 +270,12 @@ class CacheWindow:
 
     def on_host_drop(self, block_hash: int) -> None:
         self.host_table.remove(block_hash)
+
+    def on_disk_add(self, block_hash: int) -> None:
+        self.lower["disk"].insert(block_hash)
+
+    def on_disk_drop(self, block_hash: int) -> None:
+        self.lower["disk"].remove(block_hash)
 
     def publish(self, *, free_blocks: int, total_blocks: int, queued_prefill_tokens: int, running_seqs: int,
                 active_decode_blocks: int, step: int) -> None:
@@ -220,10 +295,20 @@ class WindowReader:
     """Router side: passive-target reads of the workers' windows. Wraps an open window (e.g. one's
     own `CacheWindow.win` on a single rank); `create` makes the usual one."""
 
-    def __init__(self, win: MPI.Win, n_buckets: dict[int, int], host_buckets: dict[int, int] | None = None) -> None:
+    def __init__(self, win: MPI.Win, n_buckets: dict[int, int], host_buckets: dict[int, int] | None = None,
+                 disk_buckets: dict[int, int] | None = None) -> None:
         self.win = win
         self.n_buckets = n_buckets  # worker rank -> its table's buckets
         self.host_buckets = host_buckets or {}  # worker rank -> its host table's buckets, if it has one
+        self.disk_buckets = disk_buckets or {}  # the same for disk tables
+        self.lower = {"host": self.host_buckets, "disk": self.disk_buckets}
+        # The lower tiers' tables are kept here and brought up to date from the owners' logs (NOTE above).
+        self.kept = TableSnapshot({}, self.host_buckets, self.disk_buckets)
+        self.logs = [(tier, r) for tier in LOWER_TIERS for r in self.lower[tier]]
+        self.log_heads = np.zeros(len(self.logs), np.int64)  # as read with the last loads()
+        self.log_seen = dict.fromkeys(self.logs, 0)  # stores replayed (or copied) per (tier, worker)
+        self.host_full_reads = 0  # whole lower-tier tables copied (host or disk)
+        self.host_log_entries = 0  # logged stores replayed (host or disk)
 
     @classmethod
     def create(cls, comm: MPI.Comm, worker_ranks: list[int]) -> WindowReader:
@@ -233,7 +318,8 @@ class WindowReader:
         missing = [r for r in worker_ranks if not sizes[r][0]]
         if missing:
             raise RuntimeError(f"ranks {missing} are listed as workers but published no cache window")
-        return cls(win, {r: sizes[r][0] for r in worker_ranks}, {r: sizes[r][1] for r in worker_ranks if sizes[r][1]})
+        return cls(win, {r: sizes[r][0] for r in worker_ranks}, {r: sizes[r][1] for r in worker_ranks if sizes[r][1]},
+                   {r: sizes[r][2] for r in worker_ranks if sizes[r][2]})
 
     def loads(self) -> dict[int, WorkerLoad]:
         """All workers: every Get is posted before one Flush_all, so the latencies overlap."""
@@ -241,22 +327,50 @@ class WindowReader:
         out = np.empty((len(ranks), HEADER_WORDS), np.int64)
         for i, r in enumerate(ranks):
             self.win.Get([out[i], WORD], r, (0, HEADER_WORDS, WORD))
+        for i, (tier, r) in enumerate(self.logs):
+            self.win.Get([self.log_heads[i : i + 1], WORD], r, (self._table_at(tier, r)[1], 1, WORD))
         self.win.Flush_all()
         return {r: self._load(r, row) for r, row in zip(ranks, out.tolist())}
 
     def snapshot(self) -> TableSnapshot:
-        """A copy of every worker's table: one Get each, all posted before one Flush_all."""
-        snap = TableSnapshot(self.n_buckets, self.host_buckets)
+        """A copy of every worker's GPU table (one Get each) and its host table brought up to the
+        log head that the last `loads()` saw (the new log entries, or the whole table for a worker
+        whose log ran too far ahead), all posted before one Flush_all."""
+        snap = TableSnapshot(self.n_buckets)
+        snap.lower = self.kept.lower
         for nb, ranks in snap.groups.items():
             rows = snap.slots[nb].view(np.int64)
             for i, r in enumerate(ranks):
                 self.win.Get([rows[i], WORD], r, (HEADER_WORDS, nb * WAYS, WORD))
-        for hb, ranks in snap.host_groups.items():
-            rows = snap.host_slots[hb].view(np.int64)
-            for i, r in enumerate(ranks):
-                self.win.Get([rows[i], WORD], r, (HEADER_WORDS + self.n_buckets[r] * WAYS, hb * WAYS, WORD))
+        replays = []
+        for head, (tier, r) in zip(self.log_heads.tolist(), self.logs):
+            seen, self.log_seen[tier, r] = self.log_seen[tier, r], head
+            hb = self.lower[tier][r]
+            groups, slots = snap.lower[tier]
+            row = slots[hb][groups[hb].index(r)]
+            table_at, log_at = self._table_at(tier, r)
+            if head - seen > LOG_ENTRIES * 3 // 4:  # behind by most of the ring: copy the table
+                self.win.Get([row.view(np.int64), WORD], r, (table_at, hb * WAYS, WORD))
+                self.host_full_reads += 1
+            elif head > seen:
+                entries = np.empty((head - seen, 2), np.uint64)
+                first, n = seen % LOG_ENTRIES, head - seen
+                part = min(n, LOG_ENTRIES - first)  # the ring wraps at most once here
+                for at, dst in ((first, entries[:part]), (0, entries[part:])):
+                    if dst.size:
+                        self.win.Get([dst.view(np.int64), WORD], r, (log_at + 1 + 2 * at, dst.size, WORD))
+                replays.append((row, entries))
+                self.host_log_entries += n
         self.win.Flush_all()
+        for row, entries in replays:
+            replay(row, entries)
         return snap
+
+    def _table_at(self, tier: str, rank: int) -> tuple[int, int]:
+        """Word offsets of a worker's `tier` table and its log in its window."""
+        lower = tuple(self.lower[t].get(rank, 0) for t in LOWER_TIERS)
+        start = _tier_offsets(self.n_buckets[rank], lower)[1 + LOWER_TIERS.index(tier)]
+        return start, start + self.lower[tier][rank] * WAYS
 
     def close(self) -> None:
         """COLLECTIVE over the creating communicator (the workers close their CacheWindows)."""
@@ -281,12 +395,21 @@ class TableSnapshot:
     computed since then are found by the next snapshot, or by the worker itself on arrival.
     """
 
-    def __init__(self, n_buckets: dict[int, int], host_buckets: dict[int, int] | None = None) -> None:
-        self.groups = _groups(n_buckets)  # n_buckets -> the ranks with that table size
-        self.slots = {nb: np.zeros((len(rs), nb * WAYS), np.uint64) for nb, rs in self.groups.items()}
-        self.host_groups = _groups(host_buckets or {})  # the same for the host tables
-        self.host_slots = {hb: np.zeros((len(rs), hb * WAYS), np.uint64) for hb, rs in self.host_groups.items()}
+    def __init__(self, n_buckets: dict[int, int], host_buckets: dict[int, int] | None = None,
+                 disk_buckets: dict[int, int] | None = None) -> None:
+        self.groups, self.slots = _tables(n_buckets)  # n_buckets -> the ranks with that table size, their rows
+        # The same per lower tier (LOWER_TIERS). NOTE: a WindowReader's snapshots share these
+        # arrays, kept up to date from the owners' logs: a snapshot's lower tables are the latest.
+        self.lower = {"host": _tables(host_buckets or {}), "disk": _tables(disk_buckets or {})}
         assert WAYS == 8, "prefix_lengths reads a bucket's WAYS match flags as one 8-byte word"
+
+    @property
+    def host_groups(self) -> dict[int, list[int]]:
+        return self.lower["host"][0]
+
+    @property
+    def host_slots(self) -> dict[int, np.ndarray]:
+        return self.lower["host"][1]
 
     def prefix_lengths(self, hashes: np.ndarray) -> dict[int, int]:
         """Leading `hashes` ([n] uint64 block hashes) present in each worker's table.
@@ -312,32 +435,37 @@ class TableSnapshot:
             out.update(zip(ranks, lengths.tolist()))
         return out
 
-    def tier_lengths(self, hashes: np.ndarray) -> dict[int, tuple[int, int]]:
-        """Per worker, (g, h): the leading `hashes` in its GPU table, then the run after them in
-        its host table, which is what the worker's own match would take from each tier."""
+    def tier_lengths(self, hashes: np.ndarray) -> dict[int, tuple[int, int, int]]:
+        """Per worker, (g, h, d): the leading `hashes` in its GPU table, then the run after them in
+        its host table, then the run after those in its disk table: what the worker's own match
+        would take from each tier."""
         gpu = self.prefix_lengths(hashes)
-        out = {r: (g, 0) for r, g in gpu.items()}
+        out = {r: [g, 0, 0] for r, g in gpu.items()}
         n = hashes.size
         if n == 0:
-            return out
+            return {r: tuple(v) for r, v in out.items()}
         keys = np.where(hashes == 0, np.uint64(1), hashes)
-        for hb, ranks in self.host_groups.items():
-            table = self.host_slots[hb].reshape(len(ranks), hb, WAYS)
-            found = _found(table[:, (keys % np.uint64(hb)).astype(np.intp)], keys)
-            g = np.array([gpu[r] for r in ranks])
-            h = _leading(found | (np.arange(n)[None, :] < g[:, None])) - g
-            out.update(zip(ranks, zip(g.tolist(), h.tolist())))
-        return out
+        for t, tier in enumerate(LOWER_TIERS, start=1):
+            groups, slots = self.lower[tier]
+            for hb, ranks in groups.items():
+                table = slots[hb].reshape(len(ranks), hb, WAYS)
+                found = _found(table[:, (keys % np.uint64(hb)).astype(np.intp)], keys)
+                start = np.array([sum(out[r][:t]) for r in ranks])
+                run = _leading(found | (np.arange(n)[None, :] < start[:, None])) - start
+                for r, k in zip(ranks, run.tolist()):
+                    out[r][t] = k
+        return {r: tuple(v) for r, v in out.items()}
 
 
 PROBE_HEAD = 16
 
 
-def _groups(sizes: dict[int, int]) -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
+def _tables(sizes: dict[int, int]) -> tuple[dict[int, list[int]], dict[int, np.ndarray]]:
+    """Ranks grouped by their table's buckets, and a [ranks, buckets * WAYS] uint64 array per group."""
+    groups: dict[int, list[int]] = {}
     for r, n in sizes.items():
-        out.setdefault(n, []).append(r)
-    return out
+        groups.setdefault(n, []).append(r)
+    return groups, {nb: np.zeros((len(rs), nb * WAYS), np.uint64) for nb, rs in groups.items()}
 
 
 def _found(ways: np.ndarray, keys: np.ndarray) -> np.ndarray:

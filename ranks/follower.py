@@ -17,10 +17,10 @@ import torch
 
 from kvrelay.configs.schema import JobConfig
 from kvrelay.core.window import WindowReader
-from kvrelay.ranks.engine.engine import host_slots, make_runner
+from kvrelay.ranks.engine.engine import make_runner
 from kvrelay.ranks.engine.model_runner import ModelRunner, StepArrays
 from kvrelay.ranks.engine.parallel import TPGroup
-from kvrelay.ranks.engine.step_sync import CopyBlocks, CopyIn, CopyOut, RecvKV, SendKV, StepSync, UnpackKV
+from kvrelay.ranks.engine.step_sync import CopyBlocks, RecvKV, SendKV, StepSync, UnpackKV
 from kvrelay.ranks.transport import KVTransport, Pending, make_transport
 
 log = logging.getLogger("kvrelay")
@@ -33,9 +33,6 @@ def run_follower(cfg: JobConfig, world, workers, device: torch.device, tp: TPGro
     runner = None
     if not cfg.sim.enabled:
         runner = make_runner(cfg, device, tp=tp, sync=sync)[0]
-        slots = host_slots(cfg, runner)
-        if slots:
-            runner.allocate_host(slots)
     windows = WindowReader.create(world, [])
     transport = make_transport(workers, device)
     counts = follow(runner, sync, transport)
@@ -59,10 +56,6 @@ def follow(runner: ModelRunner | None, sync: StepSync, transport: KVTransport) -
             counts["steps"] += 1
         elif isinstance(cmd, CopyBlocks):
             runner.copy_blocks(cmd.src, cmd.dst)
-        elif isinstance(cmd, CopyOut):
-            runner.copy_out(cmd.block_ids, cmd.slots)
-        elif isinstance(cmd, CopyIn):
-            runner.copy_in(cmd.slots, cmd.block_ids)
         elif isinstance(cmd, SendKV):
             for p in cmd.pieces:
                 if p.rank == me:

@@ -55,10 +55,12 @@ class Worker:
         self.engine = Engine.from_config(cfg, device, staging_bytes=staging_budget, tp=tp, sync=sync)
         # Collective over the world: the router creates its reader at the same point.
         self.window = CacheWindow.create(world, self.engine.load().total_blocks, role,
-                                         host_blocks=self.engine.host_blocks)
+                                         host_blocks=self.engine.host_blocks, disk_blocks=self.engine.disk_blocks)
         self.engine.watch_cache(self.window.on_cache, lambda block_id, block_hash: self.window.on_evict(block_hash))
         if self.engine.host_blocks:
             self.engine.watch_host(self.window.on_host_add, self.window.on_host_drop)
+        if self.engine.disk_blocks:
+            self.engine.watch_disk(self.window.on_disk_add, self.window.on_disk_drop)
         # Collective over the workers (NCCL bootstrap on GPUs).
         self.transport = make_transport(workers, device)
         self.outbox = Outbox(world)

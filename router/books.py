@@ -99,22 +99,23 @@ class InflightPrefixes:
                     masks.pop(h, None)
 
 
-HostCredit = Callable[[int, int], float]  # (GPU blocks, host blocks after them) -> worth in GPU blocks
+TierCredit = Callable[[int, int, int], float]  # (GPU blocks, host blocks after them, disk blocks after those) -> worth
 
 
 def leading_blocks(snapshot: TableSnapshot, prefixes: InflightPrefixes, hashes: np.ndarray,
-                   hash_list: list[int], host_credit: HostCredit | None = None
+                   hash_list: list[int], tier_credit: TierCredit | None = None
                    ) -> tuple[dict[int, int], dict[int, int], dict[int, float]]:
-    """Per worker, a prompt's leading blocks that its window shows (GPU, then host tier), those
-    that it holds by the window or by the books, and what those are worth in GPU blocks (GPU hits
-    and blocks in flight 1 each, a run of h host blocks after g GPU ones `host_credit(g, h)`; 1
-    each without `host_credit`). `hashes` as [n] uint64 and as a list: the two probes want both."""
+    """Per worker, a prompt's leading blocks that its window shows (GPU, then host, then disk
+    tier), those that it holds by the window or by the books, and what those are worth in GPU
+    blocks (GPU hits and blocks in flight 1 each, a run of h host and d disk blocks after g GPU
+    ones `tier_credit(g, h, d)`; 1 each without `tier_credit`). `hashes` as [n] uint64 and as a
+    list: the two probes want both."""
     if snapshot.host_groups:
         tiers = snapshot.tier_lengths(hashes)
     else:
-        tiers = {r: (g, 0) for r, g in snapshot.prefix_lengths(hashes).items()}
-    window = {r: g + h for r, (g, h) in tiers.items()}
-    worth = {r: g + (host_credit(g, h) if host_credit else h) for r, (g, h) in tiers.items()}
+        tiers = {r: (g, 0, 0) for r, g in snapshot.prefix_lengths(hashes).items()}
+    window = {r: sum(t) for r, t in tiers.items()}
+    worth = {r: g + (tier_credit(g, h, d) if tier_credit else h + d) for r, (g, h, d) in tiers.items()}
     cached = dict(window)
     for rank, n in prefixes.prefix_lengths(hash_list).items():
         cached[rank] = max(n, window[rank])

@@ -29,7 +29,8 @@ from kvrelay.router.placement import WorkerState, make_decode_policy, make_polic
 from kvrelay.core.request import Request, RequestResult
 
 IDLE_SLEEP_S = 0.0002
-TIER_KEYS = ("gpu_hit_tokens", "host_hit_tokens", "host_offload_bytes", "host_onload_bytes")
+TIER_KEYS = ("gpu_hit_tokens", "host_hit_tokens", "host_offload_bytes", "host_onload_bytes", "disk_hit_tokens",
+             "disk_write_bytes", "disk_read_bytes", "disk_failed_reads")
 STATS_TIMEOUT_S = 60.0
 
 
@@ -43,9 +44,9 @@ class MPIBackend:
         self.reader = WindowReader.create(world, layout.workers)
         self.outbox = Outbox(world)
         self.policy = make_policy(cfg.router, self.block_size, cfg.cache_affinity)
-        # A block in a worker's host tier is credited by what it saves (timing model), not as a GPU block.
+        # A block in a worker's host or disk tier is credited by what it saves (timing model), not as a GPU block.
         timing = load_timing(cfg)
-        self.host_credit = partial(timing.host_credit, self.block_size) if self.reader.host_buckets else None
+        self.tier_credit = partial(timing.tier_credit, self.block_size) if self.reader.host_buckets else None
         self.decode_policy = make_decode_policy(cfg.router)
         # Conditional disaggregation: the decode worker that would prefill a request locally is
         # chosen as an aggregated worker would be (cached prefix against prefill and decode load).
@@ -103,7 +104,7 @@ class MPIBackend:
 
         def probe() -> None:
             if not cached:
-                w, c, v = leading_blocks(self.snapshot, inflight, hashes, hash_list, self.host_credit)
+                w, c, v = leading_blocks(self.snapshot, inflight, hashes, hash_list, self.tier_credit)
                 window.update(w)
                 cached.update(c)
                 worth.update(v)
@@ -210,7 +211,7 @@ class MPIBackend:
             "policy": type(self.policy).__name__,
             "workers": [workers[r] for r in sorted(workers)],
             "handoff_bytes": sent,
-            # Prefix hits per tier (tokens) and the host tiers' traffic, over all workers.
+            # Prefix hits per tier (tokens) and the host and disk tiers' traffic, over all workers.
             **{k: sum(w.get(k, 0) for w in workers.values()) for k in TIER_KEYS},
             "local_prefills": self.local_prefills,
             "handoff_gb_per_s": sent / secs / 1e9 if secs else None,

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from kvrelay.configs.schema import load_config
 from kvrelay.core.grammar import JSON_OBJECT_SCHEMA
@@ -191,3 +192,21 @@ def test_mpi_split_layout_equals_single_rank(tiny_models, single_rank, tmp_path)
     assert {k: strip(v) for k, v in got.items()} == {k: strip(v) for k, v in single_rank.items()}
     workers = json.loads((tmp_path / "out.summary.json").read_text())["backend"]["workers"]
     assert sum(w["handoffs_received"] for w in workers if w["role"] == "decode") == 15
+
+
+def test_apply_bitmask_masks_exactly_the_zero_bits_of_the_given_rows():
+    """Against the bit-by-bit definition: rows not listed keep every logit, a vocabulary that is not a
+    multiple of 32 reads only its own bits of the last word."""
+    from kvrelay.ranks.engine.structured import apply_bitmask
+
+    g = torch.Generator().manual_seed(3)
+    rows, vocab = 5, 70
+    logits = torch.randn(rows, vocab, generator=g)
+    bitmask = torch.randint(-2**31, 2**31 - 1, (rows, -(-vocab // 32)), generator=g, dtype=torch.int64).to(torch.int32)
+    got = logits.clone()
+    apply_bitmask(got, bitmask, [0, 3, 4])
+    for r in range(rows):
+        for t in range(vocab):
+            bit = (int(bitmask[r, t // 32]) >> (t % 32)) & 1
+            want = float("-inf") if r in (0, 3, 4) and not bit else float(logits[r, t])
+            assert float(got[r, t]) == want, (r, t)

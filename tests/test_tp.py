@@ -225,10 +225,9 @@ def test_layout_places_groups_of_tp_ranks_and_the_router_sees_their_leaders():
 
 
 def test_group_commands_round_trip_through_their_int64_encoding():
-    from kvrelay.ranks.engine.step_sync import (CopyBlocks, CopyIn, CopyOut, KVPiece, RecvKV, SendKV, UnpackKV,
-                                                _KINDS, _decode, _encode)
+    from kvrelay.ranks.engine.step_sync import CopyBlocks, KVPiece, RecvKV, SendKV, UnpackKV, _KINDS, _decode, _encode
 
     pieces = [KVPiece(1, 5, 6, 0, 2), KVPiece(3, 6, 7, 1, 1)]
-    for cmd in (CopyBlocks([3, 4], [9, 10]), CopyOut([1], [70]), CopyIn([70, 71], [2, 8]), SendKV([4, 0, 7], pieces),
+    for cmd in (CopyBlocks([3, 4], [9, 10]), SendKV([4, 0, 7], pieces),
                 RecvKV(12, 3, pieces), UnpackKV(12, []), SendKV([], [])):
         assert _decode(_KINDS[type(cmd)], _encode(cmd)) == cmd

@@ -24,6 +24,7 @@ import torch
 import xxhash
 
 from kvrelay.configs.schema import JobConfig
+from kvrelay.ranks.engine.disk_tier import DiskStore, DiskTier
 from kvrelay.ranks.engine.host_tier import HostTier
 from kvrelay.ranks.engine.kv_cache import EvictHook, CacheHook, KVCacheManager
 from kvrelay.ranks.engine.loader import check_dtype, iter_weights, read_model_dir
@@ -37,7 +38,7 @@ from kvrelay.ranks.engine.sampler import SampleRow, request_generator, sample
 from kvrelay.ranks.engine.scheduler import Scheduler
 from kvrelay.ranks.engine.structured import Grammars
 from kvrelay.ranks.engine.sequence import Sequence, SeqStatus, sample_key
-from kvrelay.ranks.engine.sim_runner import SimRunner
+from kvrelay.ranks.engine.sim_runner import SimDiskStore, SimRunner
 from kvrelay.core.tokenizer import SimTokenizer
 from kvrelay.core.timing import load_timing, sim_max_model_len
 from kvrelay.core.model_files import ModelConfigError
@@ -179,13 +180,6 @@ def make_runner(
     return runner, spec, max_model_len
 
 
-def host_slots(cfg: JobConfig, runner: ModelRunner | SimRunner) -> int:
-    """Blocks of the host KV tier (0: none); under tensor parallelism, each rank's tier holds its shard of them."""
-    if not cfg.cache.enable_prefix_caching:
-        return 0
-    return int(cfg.cache.host_kv_gib * (1 << 30)) // runner.block_bytes()
-
-
 class Engine:
     def __init__(
         self,
@@ -205,24 +199,36 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids)
         if tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
-        slots = host_slots(cfg, runner)
-        self.host = HostTier(slots) if slots else None
+        host_slots = int(cfg.cache.host_kv_gib * (1 << 30)) // runner.block_bytes()
+        self.host = HostTier(host_slots) if host_slots and cfg.cache.enable_prefix_caching else None
         if self.host is not None:
-            runner.allocate_host(slots)
+            runner.allocate_host(host_slots)
+        disk_blocks = int(cfg.cache.disk_kv_gib * (1 << 30)) // runner.block_bytes()
+        self.disk = DiskTier(disk_blocks) if disk_blocks and self.host is not None else None
+        if self.disk is not None:
+            self.disk_store = SimDiskStore(runner) if runner.simulated else \
+                DiskStore(cfg.cache.disk_kv_path, runner.host.slot_bytes)
         self.kv = KVCacheManager(
-            cache_blocks, cfg.cache.block_size, job_hash_seed(cfg), cfg.cache.enable_prefix_caching, self.host
+            cache_blocks, cfg.cache.block_size, job_hash_seed(cfg), cfg.cache.enable_prefix_caching, self.host,
+            self.disk,
         )
         # NOTE: launch/run.py logs the pool's size; everything else goes through the KV surface.
         self.pool = self.kv.pool
         self.scheduler = Scheduler(
             self.kv, cfg.scheduler.max_batch_tokens, cfg.scheduler.max_seqs, cfg.scheduler.chunked_prefill
         )
+        # Free blocks at the cold end whose copy-out starts ahead of their eviction: what a few
+        # steps can take, or a sixteenth of the cache (a host tier hit takes its blocks at once),
+        # but at most a quarter of the host tier, whose coldest blocks each copy pushes out.
+        self.write_ahead_blocks = min(max(4 * num_blocks(cfg.scheduler.max_batch_tokens, cfg.cache.block_size),
+                                          cache_blocks // 16), host_slots // 4)
         self.generators: dict[str, torch.Generator] = {}
         self.history = TokenHistory(vocab_size)  # token counts of sequences with penalties
         self.grammars = Grammars(cfg.model.path, vocab_size, sorted(self.eos_token_ids))  # structured output
         # Handed-off sequences whose KV is being sent: they hold their blocks until `free_kv`.
         self.sending: dict[str, Sequence] = {}
         self.stats = EngineStats()
+        self.host_barriers = 0  # compute stream writes that had to wait for a copy-out in flight
 
     @classmethod
     def from_config(
@@ -385,6 +391,7 @@ class Engine:
                 copies.append(copy)
             self.scheduler.add_arrived(child)
         if copies:
+            self._move_kv()  # the copy's destination may be a block whose copy-out is in flight
             # NOTE: now, not at the next step: the prompt's KV is written (this step's forward, or
             # an unpacked handoff, queued before on the same stream), and the source block cannot
             # be freed and taken again before this copy is queued.
@@ -404,6 +411,15 @@ class Engine:
     def watch_host(self, on_add: CacheHook, on_drop: CacheHook) -> None:
         """Listeners of the host tier: a block hash entered it; one left it."""
         self.host.on_add, self.host.on_drop = on_add, on_drop
+
+    @property
+    def disk_blocks(self) -> int:
+        """Blocks the disk KV tier holds at most (0: no disk tier)."""
+        return self.disk.num_blocks if self.disk is not None else 0
+
+    def watch_disk(self, on_add: CacheHook, on_drop: CacheHook) -> None:
+        """Listeners of the disk tier: a block hash was written; one was removed."""
+        self.disk.on_add, self.disk.on_drop = on_add, on_drop
 
     def load(self) -> EngineLoad:
         free = self.kv.num_free
@@ -428,24 +444,66 @@ class Engine:
         return out
 
     def _move_kv(self) -> None:
-        """Issue the host tier's queued copies: evicted blocks out, then host hits in, both ahead of
-        whatever writes or reads those blocks next (ranks/engine/host_memory.py)."""
+        """Issue the host tier's queued copies on the copy stream (ranks/engine/host_memory.py), and
+        order the compute stream's next write after any copy-out of a block it was just given."""
         if self.host is None:
             return
-        out, inn = self.host.take_copies()
-        if out:
-            self.runner.copy_out(*map(list, zip(*out)))
-        if inn:
-            self.runner.copy_in(*map(list, zip(*inn)))
+        batch = self.host.take_batch()
+        if batch is not None:
+            self.runner.host.issue(batch)
+        if self.kv.barrier > self.host.completed:
+            self.runner.host.order_before_write(self.kv.barrier)
+            self.host_barriers += 1
+        self.kv.barrier = -1
+
+    def _poll_tiers(self, wait_s: float = 0.0) -> None:
+        """Take in what the copy stream and the disk thread finished (`wait_s`: wait that long for
+        the disk's first result)."""
+        self.host.done(self.runner.host.completed())
+        if self.disk is not None:
+            for op, h, slot, ok in self.disk_store.poll(wait_s):
+                self.kv.disk_done(op, h, slot, ok)
+
+    def _issue_disk_jobs(self) -> None:
+        for op, h, slot in self.kv.take_disk_jobs():
+            if op == "w":
+                self.disk_store.write(h, slot)
+            elif op == "r":
+                self.disk_store.read(h, slot)
+            else:
+                self.disk_store.remove(h)
+
+    def _wait_loads(self) -> None:
+        """Nothing runs until a load lands: wait for a disk read if one is pending, else for the
+        oldest copy batch (the next step takes in what finished)."""
+        loads = [self.kv.loading[s] for s in self.scheduler.loading]
+        if any(ld.reads_left for ld in loads):
+            self._poll_tiers(wait_s=0.01)
+            self._issue_disk_jobs()
+            self._move_kv()
+            return
+        self.runner.host.wait(min(ld.batch for ld in loads))
+        if self.runner.simulated:
+            self.runner.idle()  # the wait is not a late step
 
     def tier_report(self) -> dict:
         """Prefix hits per tier (tokens) and the host tier's traffic (bytes)."""
         bs, bb = self.kv.block_size, self.runner.block_bytes()
         out = {"gpu_hit_tokens": self.kv.gpu_hit_blocks * bs, "host_hit_tokens": self.kv.host_hit_blocks * bs}
+        if self.disk is not None:
+            d, io = self.disk.stats, self.disk_store.stats
+            out |= {"disk_hit_tokens": self.kv.disk_hit_blocks * bs, "disk_kv_blocks": self.disk.num_blocks,
+                    "disk_write_bytes": io.write_bytes, "disk_read_bytes": io.read_bytes,
+                    "disk_write_s": io.write_s, "disk_read_s": io.read_s, "disk_failed_reads": d.failed_reads,
+                    "disk_dropped_blocks": d.dropped_blocks}
         if self.host is not None:
             s = self.host.stats
             out |= {"host_kv_blocks": self.host.num_slots, "host_offload_bytes": s.offloaded_blocks * bb,
-                    "host_onload_bytes": s.onloaded_blocks * bb, "host_dropped_blocks": s.dropped_blocks}
+                    "host_onload_bytes": s.onloaded_blocks * bb, "host_dropped_blocks": s.dropped_blocks,
+                    "host_written_ahead_blocks": s.written_ahead_blocks, "host_deduped_blocks": s.deduped_blocks,
+                    "host_write_barriers": self.host_barriers}
+            if not self.runner.simulated:
+                out |= {"host_copy_" + k: v for k, v in vars(self.runner.host.stats).items()}
         return out
 
     def _make_generator(self, request_id: str, sp: SamplingParams, index: int = 0) -> torch.Generator | None:
@@ -464,11 +522,20 @@ class Engine:
     def step(self) -> StepOutput:
         t0 = time.perf_counter()
         out = StepOutput()
+        if self.host is not None:
+            self._poll_tiers()
         batch = self.scheduler.schedule()
+        if self.host is not None:
+            self.kv.write_ahead(self.write_ahead_blocks)
+            if self.disk is not None:
+                self.kv.spill(self.write_ahead_blocks)
+                self._issue_disk_jobs()
+            self._move_kv()
         if not batch:
+            if self.scheduler.loading:
+                self._wait_loads()
             return out
         sampling = [item.seq for item in batch if item.samples]
-        self._move_kv()
         logits = self.runner.execute(batch)
         for item in batch:
             self.scheduler.on_computed(item)

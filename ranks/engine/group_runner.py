@@ -1,6 +1,9 @@
 """The model runner of a tensor-parallel group's leader: each operation on the model or the KV
 cache goes to the group's other ranks first (StepSync), then runs on the leader's own shard.
 
+NOTE: the host and disk KV tiers (their copy stream and disk thread) are not mirrored yet: a job
+with tp > 1 refuses cache.host_kv_gib and cache.disk_kv_gib (launch/preflight.py).
+
 The other ranks run plain ModelRunners over their shards and do what arrives, in the same order
 (ranks/follower.py); their collectives (the row-parallel all-reduces, the vocab all-gather) meet the
 leader's inside the forward. A tp=1 worker uses ModelRunner itself: nothing here is on its path.
@@ -11,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from kvrelay.ranks.engine.model_runner import ModelRunner, StepArrays
-from kvrelay.ranks.engine.step_sync import CopyBlocks, CopyIn, CopyOut, StepSync
+from kvrelay.ranks.engine.step_sync import CopyBlocks, StepSync
 
 
 class LeaderRunner(ModelRunner):
@@ -27,11 +30,3 @@ class LeaderRunner(ModelRunner):
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         self.sync.publish(CopyBlocks(src, dst))
         super().copy_blocks(src, dst)
-
-    def copy_out(self, block_ids: list[int], slots: list[int]) -> None:
-        self.sync.publish(CopyOut(block_ids, slots))
-        super().copy_out(block_ids, slots)
-
-    def copy_in(self, slots: list[int], block_ids: list[int]) -> None:
-        self.sync.publish(CopyIn(slots, block_ids))
-        super().copy_in(slots, block_ids)

@@ -113,7 +113,7 @@ class ModelRunner:
             self.memory.weights_gib = torch.cuda.memory_allocated(device) / _GIB
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
-        self.host: HostKVMemory | None = None  # the host KV tier's memory (`allocate_host`)
+        self.host: HostKVMemory | None = None  # the host KV tier's memory and copy stream (`allocate_host`)
         self.scratch_slot = 0  # first slot of the scratch block past the pool's blocks
         # One staging buffer for all of a step's metadata: int64 ids, positions, slots and sampled
         # rows, int32 offsets, lengths and block tables, each section 8-byte aligned.
@@ -197,14 +197,6 @@ class ModelRunner:
     def allocate_host(self, num_slots: int) -> None:
         """Host memory for `num_slots` blocks of the host KV tier (allocated as it fills)."""
         self.host = HostKVMemory(self.kv_caches, num_slots)
-
-    def copy_out(self, block_ids: list[int], slots: list[int]) -> None:
-        """Cache blocks -> host tier slots, ordered before any later write of the blocks (host_memory.py)."""
-        self.host.copy_out(self.kv_caches, block_ids, slots)
-
-    def copy_in(self, slots: list[int], block_ids: list[int]) -> None:
-        """Host tier slots -> cache blocks, ordered before the next forward."""
-        self.host.copy_in(self.kv_caches, slots, block_ids)
 
     def memory_report(self) -> dict:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self.memory).items()}

@@ -83,8 +83,8 @@ def sample(
     if penalized:
         history.record([rows[i].request_id for i in penalized], slots, tokens[penalized_rows])
     token_list = tokens.tolist()
-    for i in structured:
-        grammars.accept(rows[i].request_id, token_list[i])
+    if structured:
+        grammars.accept_batch([rows[i].request_id for i in structured], [token_list[i] for i in structured])
 
     out_logprobs: list[TokenLogprob | None] = [None] * len(rows)
     if raw_logprobs is not None:

@@ -16,6 +16,10 @@ When a running sequence needs a block and none is free, the most recently admitt
 preempted: its blocks are freed (their hashes stay findable until reused) and it starts again
 from the waiting queue's head, recomputing what the cache no longer holds.
 
+A waiting sequence whose prefix continues in the host (or disk) tier is admitted with the blocks that hold
+its hits and those the host copies into (no chunk yet) and waits in `loading` while other
+sequences step; once the copies land (`kv.landed`) it joins the running batch and computes the rest.
+
 The scheduler keeps the policy (what runs this step); the blocks are the KV-cache manager's
 (ranks/engine/kv_cache.py): the scheduler asks it for prefix hits and blocks, and never touches
 the pool itself.
@@ -53,6 +57,7 @@ class Scheduler:
         # join the running batch, ahead of waiting ones, as soon as there is room.
         self.arrived: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.loading: list[Sequence] = []  # admitted, their host tier blocks on their way in
         self.num_preemptions = 0
         self.num_held_back = 0  # waiting sequences held back for a prefix in the making, summed over steps
 
@@ -66,7 +71,7 @@ class Scheduler:
         self.arrived.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.arrived)
+        return bool(self.waiting or self.running or self.arrived or self.loading)
 
     @property
     def num_queued_prefill_tokens(self) -> int:
@@ -75,13 +80,18 @@ class Scheduler:
 
     @property
     def num_running_seqs(self) -> int:
-        """Sequences that hold blocks to decode: running, or arrived and about to run."""
-        return len(self.running) + len(self.arrived)
+        """Sequences that hold blocks to decode: running, or arrived (or loading) and about to run."""
+        return len(self.running) + len(self.arrived) + len(self.loading)
 
     def schedule(self) -> list[ScheduledSeq]:
         budget = self.max_batch_tokens
         batch: list[ScheduledSeq] = []
         preempted = False
+        if self.loading:
+            for seq in self.kv.landed():
+                self.loading.remove(seq)
+                seq.status = SeqStatus.RUNNING
+                self.running.append(seq)
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -109,7 +119,7 @@ class Scheduler:
                 preempted = True
         # NOTE: admitting new work in a step that had to preempt would only thrash the cache.
         held: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_seqs and not preempted:
+        while self.waiting and budget > 0 and len(self.running) + len(self.loading) < self.max_seqs and not preempted:
             seq = self.waiting[0]
             assert not seq.block_ids and seq.num_computed_tokens == 0
             hits = self.kv.match_prefix(seq)
@@ -120,6 +130,9 @@ class Scheduler:
             if n == 0:
                 break
             self.waiting.popleft()
+            if n < 0:
+                self.loading.append(seq)
+                continue
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             batch.append(ScheduledSeq(seq, n))
@@ -129,22 +142,26 @@ class Scheduler:
         return batch
 
     def _admit(self, seq: Sequence, hits: list[int], budget: int, first_in_batch: bool) -> int:
-        """Take the prefix cache hits `hits`, the blocks that follow them in the host tier, and blocks
-        for the first chunk; 0 if it does not fit now."""
+        """Take the prefix cache hits `hits` and blocks for the first chunk: the tokens to run now;
+        0 if it does not fit now. With blocks that follow the hits in the host tier, take blocks for
+        those alone and return -1: the sequence loads them (no chunk this step)."""
         host = self.kv.match_host(seq, len(hits))  # blocks brought in from the host tier
-        computed = (len(hits) + len(host)) * self.block_size
-        n = seq.num_tokens - computed
+        disk = self.kv.match_disk(seq, len(hits) + len(host))  # and from disk, through the host tier
+        computed = (len(hits) + len(host) + len(disk)) * self.block_size
+        n = 0 if host or disk else seq.num_tokens - computed
         if n > budget:
             if not self.chunked_prefill and not first_in_batch:
-                self.kv.admit_failed(host)
                 return 0
             n = budget if self.chunked_prefill else n
-        if not self.kv.admit(seq, hits, computed + n, host):
+        if not self.kv.admit(seq, hits, computed + n, host, disk):
             return 0
         seq.num_computed_tokens = computed
         if seq.num_cached_tokens < 0:  # first admission: a preempted sequence's hits are not new
             seq.num_cached_tokens = min(computed, seq.num_prompt_tokens)
-            self.kv.count_hits(len(hits), len(host))
+            self.kv.count_hits(seq, len(hits), len(host), len(disk))
+        if host or disk:
+            seq.status = SeqStatus.LOADING
+            return -1
         return n
 
     def _preempt(self, seq: Sequence) -> None:

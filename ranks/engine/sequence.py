@@ -16,6 +16,7 @@ def sample_key(request_id: str, index: int) -> str:
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
+    LOADING = "loading"  # admitted; its host tier blocks are being copied in
     RUNNING = "running"
     FINISHED = "finished"
 

@@ -12,7 +12,7 @@ fits them on a real engine):
     decode(batch, kv)    = e * batch + f * kv                        (kv = context tokens read)
     step                 = max(a if the step prefills, d if it decodes) + the terms above
     handoff(tokens)      = tokens * kv_bytes_per_token / bandwidth + latency
-    host copies(tokens)  = tokens * kv_bytes_per_token / host bandwidth + latency   (added to the next step)
+    host copies(tokens)  = tokens * kv_bytes_per_token / host bandwidth + latency   (on a copy stream)
 
 NOTE: one step may mix prefill chunks and decodes (chunked prefill); its fixed part is the larger
 of the two base costs (both mostly read the weights once), not their sum.
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from kvrelay.core.timing import TimingModel
+from kvrelay.ranks.engine.disk_tier import DiskIOStats
 from kvrelay.ranks.engine.scheduler import ScheduledSeq
 
 SIM_TOKEN = 1  # every simulated sampled token; 0 < id < any vocab
@@ -38,7 +39,8 @@ class SimStats:
     slept_s: float = 0.0  # wall time spent sleeping for them
     late_steps: int = 0  # steps that began more than a step late on the modeled clock (caught up later)
     slip_s: float = 0.0  # wall time the modeled clock lost for good (behind by more than MAX_LAG_S)
-    host_copy_s: float = 0.0  # modeled time of host tier copies (part of modeled_s)
+    host_copy_s: float = 0.0  # modeled time of host tier copies, on their own stream
+    copy_stall_s: float = 0.0  # modeled time steps waited for a copy-out to free a block (part of modeled_s)
 
 
 class SimRunner:
@@ -57,18 +59,12 @@ class SimRunner:
         self.stats = SimStats()
         self._last_end = 0.0
         self._idle = True
-        self._copies_s = 0.0  # modeled host tier copies issued since the last step
+        self._stall_s = 0.0  # modeled wait for copies before the next step's forward
+        self.host: SimHostCopies | None = None
 
     def allocate_host(self, num_slots: int) -> None:
         """The host tier holds no bytes here: its copies only take modeled time."""
-
-    # NOTE: the real runner issues host tier copies on the step's stream before its forward, so
-    # their modeled time is added to the next step's, not overlapped with it.
-    def copy_out(self, block_ids: list[int], slots: list[int]) -> None:
-        self._copies_s += self.timing.host_copy_s(len(block_ids) * self.block_size)
-
-    def copy_in(self, slots: list[int], block_ids: list[int]) -> None:
-        self._copies_s += self.timing.host_copy_s(len(block_ids) * self.block_size)
+        self.host = SimHostCopies(self)
 
     def block_bytes(self) -> int:
         return self.timing.model.kv_bytes_per_token * self.block_size
@@ -88,9 +84,9 @@ class SimRunner:
                 decodes.append(seq.num_computed_tokens + item.num_new_tokens)
             else:
                 chunks.append((item.num_new_tokens, seq.num_computed_tokens))
-        modeled = self.timing.step_s(chunks, decodes) + self._copies_s
-        self.stats.host_copy_s += self._copies_s
-        self._copies_s = 0.0
+        modeled = self.timing.step_s(chunks, decodes) + self._stall_s
+        self.stats.copy_stall_s += self._stall_s
+        self._stall_s = 0.0
         self.stats.modeled_s += modeled
         wall = modeled / self.speed
         now = time.perf_counter()
@@ -137,3 +133,86 @@ class SimRunner:
     def transfer_s(self, num_tokens: int) -> float:
         """Wall seconds that a handoff of `num_tokens` tokens' KV takes."""
         return self.timing.handoff_s(num_tokens) / self.speed
+
+
+class SimHostCopies:
+    """The copy stream of a simulated host tier (HostKVMemory's surface): batches run one after
+    another on a wall clock of their modeled time / speed, overlapping the steps; a step pays
+    only when it must write a block whose copy-out has not finished (`order_before_write`)."""
+
+    def __init__(self, runner: SimRunner) -> None:
+        self.runner = runner
+        self.free_at = 0.0  # wall time the stream finishes its last batch
+        self.in_flight: list[tuple[int, float]] = []  # (batch, wall time it ends), oldest first
+        self.issued = -1
+
+    def issue(self, batch) -> None:
+        r = self.runner
+        modeled = r.timing.host_copy_s((len(batch.out) + len(batch.inn)) * r.block_size)
+        r.stats.host_copy_s += modeled
+        self.free_at = max(time.perf_counter(), self.free_at) + modeled / r.speed
+        self.in_flight.append((batch.number, self.free_at))
+        self.issued = batch.number
+
+    def completed(self) -> int:
+        now = time.perf_counter()
+        while self.in_flight and self.in_flight[0][1] <= now:
+            self.in_flight.pop(0)
+        return self.in_flight[0][0] - 1 if self.in_flight else self.issued
+
+    def _end(self, batch: int) -> float:
+        return next((end for number, end in self.in_flight if number >= batch), 0.0)
+
+    def order_before_write(self, batch: int) -> None:
+        self.runner._stall_s += max(0.0, self._end(batch) - time.perf_counter()) * self.runner.speed
+
+    def wait(self, batch: int) -> None:
+        left = self._end(batch) - time.perf_counter()
+        if left > 0:
+            time.sleep(left)
+
+
+class SimDiskStore:
+    """The disk thread of a simulated disk tier (DiskStore's surface): no files, each job takes its
+    modeled time / speed of wall time, one after another, and every read succeeds."""
+
+    def __init__(self, runner: SimRunner) -> None:
+        self.runner = runner
+        self.free_at = 0.0
+        self.queue: list[tuple[float, tuple[str, int, int, bool]]] = []  # (wall time it ends, result), in order
+        self.stats = DiskIOStats()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.queue)
+
+    def _add(self, op: str, block_hash: int, slot: int) -> None:
+        r = self.runner
+        modeled = r.timing.disk_io_s(r.block_size, write=op == "w")
+        self.free_at = max(time.perf_counter(), self.free_at) + modeled / r.speed
+        self.queue.append((self.free_at, (op, block_hash, slot, True)))
+        nbytes = r.block_bytes()
+        if op == "w":
+            self.stats.write_bytes += nbytes
+            self.stats.write_s += modeled
+        else:
+            self.stats.read_bytes += nbytes
+            self.stats.read_s += modeled
+
+    def write(self, block_hash: int, slot: int) -> None:
+        self._add("w", block_hash, slot)
+
+    def read(self, block_hash: int, slot: int) -> None:
+        self._add("r", block_hash, slot)
+
+    def remove(self, block_hash: int) -> None:
+        """Nothing to remove: simulated blocks have no files."""
+
+    def poll(self, wait_s: float = 0.0) -> list[tuple[str, int, int, bool]]:
+        if wait_s and self.queue:
+            time.sleep(max(0.0, min(wait_s, self.queue[0][0] - time.perf_counter())))
+        now = time.perf_counter()
+        n = next((i for i, (end, _) in enumerate(self.queue) if end > now), len(self.queue))
+        out = [res for _, res in self.queue[:n]]
+        del self.queue[:n]
+        return out

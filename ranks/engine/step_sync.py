@@ -9,8 +9,8 @@ to run a step is exactly what the model runner uploads to the device, the step's
 (token ids, positions, cache slots, offsets, lengths, block tables, sampled rows): block ids
 mean the same on every rank, since each rank's KV cache holds the same blocks (its own heads).
 Besides steps, the leader sends the other operations on the KV cache that each rank must do on
-its own shard, in the order the leader does them (`GroupCommand`s: fork copies, host-tier copies,
-its share of a KV handoff). Everything travels as one int64 buffer after a fixed 8-int header
+its own shard, in the order the leader does them (`GroupCommand`s: fork copies, its share of a KV
+handoff). Everything travels as one int64 buffer after a fixed 8-int header
 (what follows and how long), two `Bcast`s on the group's communicator, which lives on one node
 (shared memory): a decode step of 128 sequences with 4k-token block tables is about 300 KiB, a
 batch-1 step under 1 KiB.
@@ -48,22 +48,6 @@ class CopyBlocks:
 
 
 @dataclass
-class CopyOut:
-    """Host KV tier: cache blocks -> host slots."""
-
-    block_ids: list[int]
-    slots: list[int]
-
-
-@dataclass
-class CopyIn:
-    """Host KV tier: host slots -> cache blocks."""
-
-    slots: list[int]
-    block_ids: list[int]
-
-
-@dataclass
 class SendKV:
     """Pack `block_ids` (the chunk's blocks) and send each piece whose rank is yours."""
 
@@ -89,8 +73,8 @@ class UnpackKV:
     block_ids: list[int]
 
 
-GroupCommand = CopyBlocks | CopyOut | CopyIn | SendKV | RecvKV | UnpackKV
-_KINDS = {cls: 3 + i for i, cls in enumerate((CopyBlocks, CopyOut, CopyIn, SendKV, RecvKV, UnpackKV))}
+GroupCommand = CopyBlocks | SendKV | RecvKV | UnpackKV
+_KINDS = {cls: 3 + i for i, cls in enumerate((CopyBlocks, SendKV, RecvKV, UnpackKV))}
 _CLASSES = {kind: cls for cls, kind in _KINDS.items()}
 
 

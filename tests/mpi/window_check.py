@@ -9,8 +9,9 @@ matches) in a loop, as the router does, and checks what must hold even on torn r
 go back, a chain never inserted never matches. After a barrier the reader's view of each table must
 equal the owner's, the owner's table must be a subset of its pool's cached hashes, and equal to it
 on rank 3, whose table is sized so that no bucket overflows. Every owner has a host tier below its
-pool (its evictions go there); the reader's host tables and tier probe (`tier_lengths`) must match
-the owners' after the barrier too. Prints the median latency of `loads()`,
+pool (its evictions go there); the reader's host tables (replayed from the owners' store logs) and
+tier probe (`tier_lengths`) must match the owners' after the barrier too, and the same for a disk
+table below each host tier. Prints the median latency of `loads()`,
 of `snapshot()` and of one probe, then "window_check OK".
 """
 
@@ -27,10 +28,12 @@ from mpi4py import MPI
 
 from kvrelay.ranks.engine.host_tier import HostTier
 from kvrelay.ranks.engine.kv_cache import KVCacheManager
+from kvrelay.core import window as window_module
 from kvrelay.core.window import CacheWindow, WindowReader, table_key
 
 NUM_BLOCKS = 64
 HOST_BLOCKS = 96  # fewer than the hashes evicted: the host tier drops some too
+DISK_BLOCKS = 128  # what the host drops goes to a "disk" of this many blocks (a FIFO here; the disk table is the point)
 FAMILIES, DEPTH = 16, 24  # prompt families, each a chain of DEPTH block hashes
 STEPS = 20000
 ROLES = {1: "prefill", 2: "decode", 3: "aggregated"}
@@ -61,8 +64,19 @@ def us(xs: list[float]) -> str:
 def owner(comm: MPI.Comm) -> None:
     rank = comm.rank
     window = CacheWindow.create(comm, NUM_BLOCKS, ROLES[rank], n_buckets=None if rank != ROOMY else 1024,
-                                host_blocks=HOST_BLOCKS)
+                                host_blocks=HOST_BLOCKS, disk_blocks=DISK_BLOCKS)
     evictions = 0
+    disk: dict[int, None] = {}
+
+    def on_host_drop(h: int) -> None:
+        window.on_host_drop(h)
+        if h not in disk:
+            if len(disk) == DISK_BLOCKS:
+                gone = next(iter(disk))
+                del disk[gone]
+                window.on_disk_drop(gone)
+            disk[h] = None
+            window.on_disk_add(h)
 
     def on_evict(block_id: int, h: int) -> None:
         nonlocal evictions
@@ -70,7 +84,7 @@ def owner(comm: MPI.Comm) -> None:
         window.on_evict(h)
 
     host = HostTier(HOST_BLOCKS)
-    host.on_add, host.on_drop = window.on_host_add, window.on_host_drop
+    host.on_add, host.on_drop = window.on_host_add, on_host_drop
     kv = KVCacheManager(NUM_BLOCKS, block_size=4, hash_seed=0, host=host)
     kv.on_cache, kv.on_evict = window.on_cache, on_evict
     pool = kv.pool
@@ -91,12 +105,15 @@ def owner(comm: MPI.Comm) -> None:
             pool.unref(running.pop(rng.randrange(len(running)))[::-1])
         load = dict(free_blocks=pool.num_free, total_blocks=NUM_BLOCKS, queued_prefill_tokens=rng.randrange(4096),
                     running_seqs=len(running), active_decode_blocks=NUM_BLOCKS - pool.num_free, step=step)
-        host.take_copies()  # an engine issues these copies before its next forward
+        batch = host.take_batch()  # an engine issues these copies; on the CPU they complete at once
+        if batch is not None:
+            host.done(batch.number)
         window.publish(**load)
         comm.Iprobe()  # a worker loop enters MPI every step
     comm.Ibarrier().Wait()  # quiescence: the reader stops its concurrent loop
     comm.send(dict(table=window.table.keys(), cached=pool.cached_hashes(), drops=window.table.drops,
                    host_table=window.host_table.keys(), host=host.hashes(), host_drops=window.host_table.drops,
+                   disk_table=window.lower["disk"].keys(), disk=set(disk), disk_drops=window.lower["disk"].drops,
                    evictions=evictions, load=load, version=window.version), dest=0)
     idle = comm.Ibarrier()  # the reader times reads of idle windows; idle like a worker: asleep
     while not idle.Test():
@@ -137,15 +154,15 @@ def reader(comm: MPI.Comm) -> None:
         snap = timed(snap_s, reader.snapshot)
         assert all(0 <= m <= DEPTH for m in timed_match(snap, CHAINS[rng.randrange(FAMILIES)]).values())
         assert not any(snap.prefix_lengths(never).values()), "a hash never cached matched"
-        assert not any(g or h for g, h in snap.tier_lengths(never).values()), "a hash never held matched"
+        assert not any(any(t) for t in snap.tier_lengths(never).values()), "a hash never held matched"
     churn_s = time.perf_counter() - t0
     churn = f"loads() {us(loads_s)}, snapshot() {us(snap_s)}, probe {us(probe_s)}"
 
     # Quiescent: the reader's view must be exactly the owners' tables.
     drops = {}
-    host_runs = 0  # chain probes that continued into a host table
+    host_runs = disk_runs = 0  # chain probes that continued into a host table, a disk table
+    loads = reader.loads()  # the host logs' heads, which the snapshot replays up to
     snap = reader.snapshot()
-    loads = reader.loads()
     for r in owners:
         got = comm.recv(source=r)
         row = snap.slots[reader.n_buckets[r]][snap.groups[reader.n_buckets[r]].index(r)]
@@ -163,15 +180,24 @@ def reader(comm: MPI.Comm) -> None:
         assert host_table == got["host_table"], f"rank {r}: reader sees {len(host_table)} host keys, owner holds {len(got['host_table'])}"
         assert host_table <= host and len(host - host_table) <= got["host_drops"], (r, len(host - host_table))
         assert len(host) == HOST_BLOCKS, f"rank {r}: the host tier never filled"
+        db = reader.disk_buckets[r]
+        groups, slots = snap.lower["disk"]
+        row = slots[db][groups[db].index(r)]
+        disk_table = set(row[row != 0].tolist())
+        disk = {table_key(h) for h in got["disk"]}
+        assert disk_table == got["disk_table"], f"rank {r}: reader sees {len(disk_table)} disk keys"
+        assert disk_table <= disk and len(disk - disk_table) <= got["disk_drops"] and len(disk) == DISK_BLOCKS
         assert got["evictions"] > 1000, f"rank {r}: only {got['evictions']} evictions"
         ld = loads[r]
         assert (ld.version, ld.step) == (got["version"], STEPS) and vars(ld).items() >= got["load"].items(), ld
         for chain in CHAINS:
             m = snap.prefix_lengths(np.array(chain, np.uint64))[r]
             assert m == longest_prefix(table, chain)
-            g, h = snap.tier_lengths(np.array(chain, np.uint64))[r]
+            g, h, d = snap.tier_lengths(np.array(chain, np.uint64))[r]
             assert g == m and h == longest_prefix(host_table, chain[g:]), (r, g, h)
+            assert d == longest_prefix(disk_table, chain[g + h:]), (r, g, h, d)
             host_runs += h > 0
+            disk_runs += d > 0
             if r == ROOMY:
                 assert m == longest_prefix(cached, chain)
         drops[r] = got["drops"]
@@ -179,6 +205,11 @@ def reader(comm: MPI.Comm) -> None:
               f"{len(cached)} cached, {got['drops']} bucket drops; host table {len(host_table)} keys", flush=True)
     assert sum(drops[r] for r in owners if r != ROOMY) > 0, "no bucket overflowed: the FIFO drop went untested"
     assert host_runs > 0, "no probe reached a host table"
+    assert disk_runs > 0, "no probe reached a disk table"
+    assert reader.host_log_entries > 0, "the host tables were never brought up to date from the logs"
+    assert reader.host_full_reads > 0, "the reader never fell behind a host log"
+    print(f"host tables: {reader.host_log_entries} logged stores replayed, {reader.host_full_reads} whole copies",
+          flush=True)
 
     for times in (loads_s, snap_s, probe_s):
         times.clear()
@@ -199,6 +230,9 @@ def main() -> None:
     comm = MPI.COMM_WORLD
     if comm.size != 4:
         raise SystemExit(f"run with 4 ranks (mpiexec -n 4), not {comm.size}")
+    # A short host log ring, on every rank: the reader falls behind it at times and copies whole
+    # host tables, and replays the logs otherwise; both paths must end equal to the owners' tables.
+    window_module.LOG_ENTRIES = 256
     if comm.rank == 0:
         reader(comm)
         print("window_check OK", flush=True)

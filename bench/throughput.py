@@ -6,6 +6,14 @@
     python -m kvrelay.bench.throughput --size 8b-shape --peer none --n 8 --json runs/b1-n8.json  # n=8 per prompt
     kvrelay bench throughput --size tiny --device cpu --num-prompts 6 --input-len 24 --output-len 6 \\
         --peer defaults --json runs/smoke.json                                          # CPU smoke
+    mpirun -np 2 python -m kvrelay.bench.throughput --size 70b-shape --tp 2 --peer none --json runs/b1-70b-tp2.json
+                                                    # one worker of 2 GPUs (tensor parallel), one rank each
+
+With `--tp N` (under mpiexec/mpirun with N ranks on one node, one GPU each) the model is one
+tensor-parallel worker: every rank draws the whole random model tensor by tensor and keeps its shard
+(so the weights equal the tp=1 run's), rank 0 runs the engine and the others follow its steps
+(ranks/follower.py). The ceilings are measured on every GPU at once; the floor and the batch-1 bound
+are the whole group's: N times the slowest GPU's matmul and copy rates.
 
 A Llama-shaped model with random weights (drawn on the device, nothing written but its config and
 tokenizer) serves `--num-prompts` distinct random prompts of `--input-len` tokens, `--output-len`
@@ -35,6 +43,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import hashlib
 import inspect
 import json
 import math
@@ -42,13 +51,19 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from kvrelay.configs.schema import load_config
 from kvrelay.ranks.engine.checkpoint import random_weights, tensor_shapes, write_model_files
-from kvrelay.ranks.engine.engine import Engine
+from kvrelay.ranks.engine.engine import Engine, make_runner
+from kvrelay.ranks.engine.loader import shard_weights
+from kvrelay.ranks.engine.parallel import TPGroup
+from kvrelay.ranks.engine.sharding import TPShard
+from kvrelay.ranks.engine.spec import ModelSpec
+from kvrelay.ranks.engine.step_sync import StepSync
 from kvrelay.core.request import Request, SamplingParams
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -198,17 +213,42 @@ def first_step_logits(engine: Engine, prompts: list[list[int]], steps: int) -> t
     return seen, ids
 
 
-def ours(args, model_dir: Path, cfg: dict, dtype: torch.dtype, device: torch.device, prompts,
-         output_lens: list[int]) -> tuple[dict, dict, dict]:
-    settings = {
+@dataclass
+class Group:
+    """This rank's tensor-parallel group (--tp): the collectives and the leader's step broadcasts."""
+
+    tp: TPGroup
+    sync: StepSync
+
+    @property
+    def is_leader(self) -> bool:
+        return self.sync.is_leader
+
+
+def engine_config(args, model_dir: Path, device: torch.device, prompts, output_lens: list[int]):
+    return load_config(**{
         "model.path": str(model_dir), "job.device": device.type, "model.dtype": args.dtype,
         "model.max_model_len": max(len(p) + n for p, n in zip(prompts, output_lens)), "model.enforce_eager": args.enforce_eager,
         "scheduler.max_batch_tokens": args.max_batch_tokens, "scheduler.max_seqs": args.max_seqs,
         "cache.gpu_memory_fraction": args.gpu_memory_fraction,
         "cache.cpu_kv_gib": args.cpu_kv_gib, "job.progress": False,
-    }
+    })
+
+
+def weights(args, cfg: dict, dtype: torch.dtype, device: torch.device, group: Group | None):
+    """The random weights, or this rank's shard of them (the whole tensors are drawn one at a time,
+    so every tp gives the same model)."""
+    w = random_weights(cfg, dtype, device, args.seed)
+    if group is None:
+        return w
+    return shard_weights(w, TPShard.of(ModelSpec.from_hf_config(cfg), group.tp.rank, group.tp.size))
+
+
+def ours(args, model_dir: Path, cfg: dict, dtype: torch.dtype, device: torch.device, prompts,
+         output_lens: list[int], group: Group | None = None) -> tuple[dict, dict, dict]:
     t0 = time.perf_counter()
-    engine = Engine.from_config(load_config(**settings), device, random_weights(cfg, dtype, device, args.seed))
+    engine = Engine.from_config(engine_config(args, model_dir, device, prompts, output_lens), device,
+                                weights(args, cfg, dtype, device, group), tp=group and group.tp, sync=group and group.sync)
     build_s = time.perf_counter() - t0
     vocab = cfg["vocab_size"]
     run_engine(engine, random_prompts(min(8, len(prompts)), min(map(len, prompts)), vocab, args.seed + 1), 4, "warm")
@@ -229,6 +269,8 @@ def ours(args, model_dir: Path, cfg: dict, dtype: torch.dtype, device: torch.dev
         "host_ms_per_decode_step": 1e3 * s.decode_host_s / max(s.decode_steps, 1),
         "batch1_decode_ms": 1e3 * b1_step, "batch1_decode_tok_s": 1 / b1_step,
         "memory": engine.runner.memory_report(),
+        # The greedy ids of the whole workload, to compare runs (tp=1 against tp=N in float32).
+        "outputs_sha1": hashlib.sha1(json.dumps([outputs[k] for k in sorted(outputs)]).encode()).hexdigest(),
         "attention": "triton" if _triton_attention(cfg["head_dim"]) and device.type == "cuda" else "torch",
     }
     return result, {i: outputs[str(i)] for i in range(len(prompts))}, logits
@@ -332,7 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--b5-min", type=int, default=100)
     ap.add_argument("--b5-max", type=int, default=1024)
     ap.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2", "qwen3"])
-    ap.add_argument("--size", default="8b-shape", choices=["tiny", "8b-shape"])
+    ap.add_argument("--size", default="8b-shape", choices=["tiny", "8b-shape", "70b-shape"])
+    ap.add_argument("--layers", type=int, default=None, help="the size's shape with this many layers (a 70b-shape "
+                    "that fits fewer or smaller GPUs); reported in the workload")
+    ap.add_argument("--tp", type=int, default=1, help="GPUs of one tensor-parallel worker; run under mpiexec -n TP")
     ap.add_argument("--num-prompts", type=int, default=None, help="default: 512 (b1), 1024 (b5)")
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=128)
@@ -355,6 +400,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write all results here")
     args = ap.parse_args(argv)
     args.num_prompts = args.num_prompts or (1024 if args.workload == "b5" else 512)
+    group = None
+    if args.tp > 1:
+        from mpi4py import MPI
+
+        world = MPI.COMM_WORLD
+        if world.size != args.tp:
+            ap.error(f"--tp {args.tp} runs one rank per GPU: start it with mpiexec -n {args.tp} (this run has {world.size})")
+        if args.peer != "none":
+            ap.error("--tp > 1 measures kvrelay only: add --peer none")
     if args.n > 1 and args.peer != "none":
         ap.error("--n > 1 runs only kvrelay: add --peer none")
     if args.workload == "b5" and not 0 < args.b5_min <= args.b5_max:
@@ -362,6 +416,11 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     gpu = device.type == "cuda"
+    if args.tp > 1:
+        if gpu:
+            device = torch.device("cuda", world.rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        group = Group(TPGroup.from_mpi(world, device), StepSync(world))
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     dtype = DTYPES[args.dtype]
     report: dict = {"workload": vars(args).copy(), "device": torch.cuda.get_device_name(device) if gpu else "cpu",
@@ -369,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def emit(key: str, value) -> None:
         report[key] = value
+        if group is not None and not group.is_leader:
+            return
         print(json.dumps({key: value}), flush=True)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -377,14 +438,23 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kvrelay-bench-") as tmp:
         model_dir = Path(tmp) / f"{args.arch}-{args.size}"
         cfg = write_model_files(model_dir, args.arch, args.size, args.dtype)
+        if args.layers:
+            cfg["num_hidden_layers"] = args.layers
+            (model_dir / "config.json").write_text(json.dumps(cfg, indent=2))
         input_lens, output_lens = workload_lengths(args)
         prompts = random_prompts(args.num_prompts, input_lens, cfg["vocab_size"], args.seed)
         mm_n = args.matmul_n or (8192 if gpu else 512)
         copy_bytes = (args.copy_mib or (2048 if gpu else 64)) << 20
-        emit("ceilings", ceilings(device, torch.bfloat16 if gpu else torch.float32, mm_n, copy_bytes))
+        emit("ceilings", group_ceilings(group, ceilings(device, torch.bfloat16 if gpu else torch.float32, mm_n, copy_bytes)))
         emit("floor", floor(cfg, dtype.itemsize, input_lens, output_lens, report["ceilings"]))
 
-        result, our_out, our_logits = ours(args, model_dir, cfg, dtype, device, prompts, output_lens)
+        if group is not None and not group.is_leader:
+            follow_leader(args, model_dir, cfg, dtype, device, prompts, output_lens, group)
+            return 0
+        result, our_out, our_logits = ours(args, model_dir, cfg, dtype, device, prompts, output_lens, group)
+        if group is not None:
+            group.sync.stop()
+            result["tp"] = args.tp
         bound = report["ceilings"]["copy_gbps"] * 1e9 / report["floor"]["streamed_weight_bytes"]
         result["batch1_bound_tok_s"] = bound
         result["batch1_of_bound"] = result["batch1_decode_tok_s"] / bound
@@ -393,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
         if gpu:
             torch.cuda.empty_cache()
 
+        if group is not None:  # the whole model would not fit one GPU: no transformers run
+            print_table(report, args, input_lens, output_lens)
+            return 0
         runs = {"defaults": [False], "tuned": [True], "both": [False, True], "none": []}[args.peer]
         model = hf_model(model_dir, cfg, dtype, device, args.seed)
         mine = our_logit_list(our_logits)
@@ -421,6 +494,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def group_ceilings(group: Group | None, mine: dict) -> dict:
+    """One GPU's ceilings, or a tensor-parallel group's: every rank measures at once, and the group
+    runs at tp times its slowest GPU (matmuls and weight reads split evenly over the ranks)."""
+    if group is None:
+        return mine
+    every = group.sync.comm.allgather(mine)
+    tp = len(every)
+    slowest = {k: min(c[k] for c in every) for k in ("matmul_tflops", "copy_gbps")}
+    return {**mine, "tp": tp, "per_gpu": every, "matmul_tflops": tp * slowest["matmul_tflops"],
+            "copy_gbps": tp * slowest["copy_gbps"]}
+
+
+def follow_leader(args, model_dir: Path, cfg: dict, dtype: torch.dtype, device: torch.device, prompts,
+                  output_lens: list[int], group: Group) -> None:
+    """A rank of the group other than the leader: its shard, and the leader's steps until it stops."""
+    from kvrelay.ranks.follower import follow
+
+    runner = make_runner(engine_config(args, model_dir, device, prompts, output_lens), device,
+                         weights(args, cfg, dtype, device, group), tp=group.tp, sync=group.sync)[0]
+    follow(runner, group.sync, transport=None)
+
+
 def print_table(report: dict, args, input_lens: list[int], output_lens: list[int]) -> None:
     n = args.num_prompts
     out = args.n * sum(output_lens)  # every sample's tokens; the floor is the n=1 workload's
@@ -434,7 +529,8 @@ def print_table(report: dict, args, input_lens: list[int], output_lens: list[int
     shape = (f"{args.input_len} in, {args.output_len} out" if args.workload == "b1"
              else f"{args.b5_min}-{args.b5_max} in and out (mean {sum(input_lens) / n:.0f} in, {out / n:.0f} out)")
     samples = f", n={args.n} samples each (x floor: against the n=1 floor)" if args.n > 1 else ""
-    print(f"\n{args.workload.upper()} run on {report['device']}: {n} prompts x {shape}{samples}, {args.size}")
+    size = args.size + (f" with {args.layers} layers" if args.layers else "") + (f", tp={args.tp}" if args.tp > 1 else "")
+    print(f"\n{args.workload.upper()} run on {report['device']}: {n} prompts x {shape}{samples}, {size}")
     print(f"{'engine':<24}{'wall s':>9}{'total tok/s':>13}{'out tok/s':>11}{'x peer':>9}{'x floor':>9}")
     for name, wall in rows:
         x_peer = f"{wall / ours_s:.2f}" if name.startswith("transformers") else ""

@@ -20,7 +20,7 @@ import time
 
 from mpi4py import MPI
 
-from kvrelay.core.window import LOG_ENTRIES, CacheWindow, WindowReader
+from kvrelay.core.window import LOG_ENTRIES, CacheWindow, Load, WindowReader
 
 
 def main() -> None:
@@ -43,8 +43,8 @@ def main() -> None:
             for _ in range(args.stores):
                 w.on_cache(rng.getrandbits(64))
                 w.on_host_add(rng.getrandbits(64))
-            w.publish(free_blocks=0, total_blocks=args.gpu_blocks, queued_prefill_tokens=0, running_seqs=0,
-                      active_decode_blocks=0, step=0)
+            w.publish(Load(free_blocks=0, total_blocks=args.gpu_blocks, queued_prefill_tokens=0, running_seqs=0,
+                           active_decode_blocks=0, step=0))
             comm.Barrier()  # the router reads
             comm.Barrier()
         w.close()

@@ -53,6 +53,19 @@ DEFAULT_HOST = HostCoefficients(bandwidth_gb_s=55.0, latency_s=0.0)
 DEFAULT_DISK = DiskCoefficients(read_gb_s=3.0, write_gb_s=2.0, latency_s=0.0)
 
 
+class TensorParallelCoefficients(_Strict):
+    """What a worker of tp ranks needs beyond the one-GPU coefficients (`TimingModel.for_tp`)."""
+
+    num_layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    activation_bytes: int = Field(2, gt=0, description="bytes per activation element all-reduced (bf16: 2)")
+    decode_fixed_s: float = Field(ge=0.0, description="the part of decode.base_s that tp does not split (launches, sampling, host work)")
+    weights_gib: float = Field(0.0, ge=0.0, description="the model's weights: each of tp ranks holds 1/tp, and its KV cache gets the rest")
+    # NCCL all-reduce on 2-4 H200 outside CUDA graphs (2026-11-27): 16 KiB in 23-25 us, 4 MiB in 40-51 us.
+    allreduce_latency_s: float = Field(24e-6, ge=0.0, description="one all-reduce of a few KiB")
+    allreduce_bus_gb_s: float = Field(180.0, gt=0.0, description="bus bandwidth of a large all-reduce, GB/s")
+
+
 class SimModel(_Strict):
     name: str
     vocab_size: int = Field(gt=1)
@@ -71,6 +84,40 @@ class TimingModel(_Strict):
     handoff: HandoffCoefficients
     host: HostCoefficients = DEFAULT_HOST
     disk: DiskCoefficients = DEFAULT_DISK
+    tp: TensorParallelCoefficients | None = None
+
+    def for_tp(self, tp: int) -> TimingModel:
+        """The timing model of a worker of `tp` ranks (tensor parallel, one GPU each; itself at tp=1).
+
+        The matmuls and attention split over the ranks (prefill b and c, decode f: each rank reads its
+        KV heads), and so does the weight streaming of a decode step (decode.base_s less its fixed part);
+        each layer adds two all-reduces of the step's [tokens, hidden] activations (ring: 2 (tp-1)/tp of
+        the bytes over the bus, plus a latency each). Each rank's KV cache gains the weights it no longer
+        holds; the handoff and the host copies run on every rank at once (tp times the bandwidth)."""
+        if tp == 1:
+            return self
+        c = self.tp
+        if c is None:
+            raise ModelConfigError(
+                f"this timing model ({self.source!r}) has no `tp` section, so it cannot model a worker of {tp} ranks; "
+                "add tp: {num_layers, hidden_size, decode_fixed_s} to its YAML, or set roles.*tp to 1"
+            )
+        if c.decode_fixed_s > self.decode.base_s:
+            raise ModelConfigError(f"tp.decode_fixed_s ({c.decode_fixed_s}) exceeds decode.base_s ({self.decode.base_s}) in {self.source!r}")
+        allreduces = 2 * c.num_layers
+        per_token = allreduces * c.hidden_size * c.activation_bytes * 2 * (tp - 1) / tp / (c.allreduce_bus_gb_s * 1e9)
+        latency = allreduces * c.allreduce_latency_s
+        p, d = self.prefill, self.decode
+        return self.model_copy(update={
+            "source": f"{self.source}; at tp={tp}",
+            "kv_cache_gib": tp * (self.kv_cache_gib + c.weights_gib * (1 - 1 / tp)),
+            "prefill": PrefillCoefficients(base_s=p.base_s + latency, per_token_s=p.per_token_s / tp + per_token,
+                                           per_attn_pair_s=p.per_attn_pair_s / tp),
+            "decode": DecodeCoefficients(base_s=c.decode_fixed_s + (d.base_s - c.decode_fixed_s) / tp + latency,
+                                         per_seq_s=d.per_seq_s + per_token, per_kv_token_s=d.per_kv_token_s / tp),
+            "handoff": self.handoff.model_copy(update={"bandwidth_gb_s": self.handoff.bandwidth_gb_s * tp}),
+            "host": self.host.model_copy(update={"bandwidth_gb_s": self.host.bandwidth_gb_s * tp}),
+        })
 
     @classmethod
     def load(cls, path: str | Path) -> TimingModel:

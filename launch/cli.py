@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         layout = Layout.from_roles(cfg.roles)
         if args.local != layout.world_size:
             raise LaunchError(f"--local {args.local} starts {args.local} ranks but the config asks for {layout.describe()}; "
-                              f"pass --local {layout.world_size} or change roles.prefill/decode/aggregated")
+                              f"pass --local {layout.world_size} or change roles.prefill/decode/aggregated (and roles.*tp)")
         return local_mpiexec(args.local, _without_local(args.argv), cfg.output.path)
     if launched_by_mpi():
         from kvrelay.launch.job import run_mpi
@@ -129,25 +129,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
         work = Workload(args.input_len, args.output_len, args.cached)
     else:
         raise ConfigError("give the workload: --input-len and --output-len (and --cached), or --summary OUT.summary.json")
+    tp = args.tp or cfg.roles.tp
     kv_tokens = (cfg.cache.num_blocks * cfg.cache.block_size if cfg.cache.num_blocks
-                 else int(timing.kv_cache_gib * (1 << 30)) // timing.model.kv_bytes_per_token)
+                 else int(timing.for_tp(tp).kv_cache_gib * (1 << 30)) // timing.model.kv_bytes_per_token)
     limits = Limits(cfg.scheduler.max_batch_tokens, cfg.scheduler.max_seqs, kv_tokens)
-    gpus = args.gpus or cfg.roles.num_workers
+    gpus = args.gpus or cfg.roles.num_worker_ranks
     ms = lambda v: None if v is None else v / 1e3  # noqa: E731
-    best, options = plan(timing, work, limits, gpus, ms(args.ttft_ms), ms(args.itl_ms))
+    try:
+        best, options = plan(timing, work, limits, gpus, ms(args.ttft_ms), ms(args.itl_ms), tp)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if args.json:
-        print(json.dumps({"workload": vars(work), "gpus": gpus, "timing": timing.source,
+        print(json.dumps({"workload": vars(work), "gpus": gpus, "tp": tp, "timing": timing.source,
                           "advice": best.to_json(), "layouts": [e.to_json() for e in options]}, indent=2))
         return 0
     print(f"workload: {work.input_tokens:.0f} in / {work.output_tokens:.0f} out tokens, "
           f"{work.cached_fraction:.0%} cached; {gpus} GPUs; timing model: {timing.source}")
-    print(f"{'layout':<22}{'req/s':>9}{'req/s/GPU':>11}{'out tok/s':>11}{'TTFT ms':>9}{'ITL ms':>8}  bound")
+    print(f"{'layout':<30}{'req/s':>9}{'req/s/GPU':>11}{'out tok/s':>11}{'TTFT ms':>9}{'ITL ms':>8}  bound")
     for e in options:
         mark = "" if e.meets_targets else "  (misses a target)"
-        print(f"{e.layout:<22}{e.requests_per_s:>9.2f}{e.requests_per_s_per_gpu:>11.2f}{e.output_tokens_per_s:>11.0f}"
+        print(f"{e.layout:<30}{e.requests_per_s:>9.2f}{e.requests_per_s_per_gpu:>11.2f}{e.output_tokens_per_s:>11.0f}"
               f"{e.ttft_s * 1e3:>9.0f}{e.itl_s * 1e3:>8.1f}  {e.bound}{mark}")
     print(f"advice: {best.layout}: --set roles.prefill={best.prefill} --set roles.decode={best.decode} "
-          f"--set roles.aggregated={best.aggregated}")
+          f"--set roles.aggregated={best.aggregated}" + (f" --set roles.tp={tp}" if tp > 1 else ""))
     return 0
 
 
@@ -244,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="advise a prefill:decode split or aggregated workers for a workload")
     pl.add_argument("config", nargs="?", help="job config YAML (its scheduler, cache and roles; default: built-in)")
-    pl.add_argument("--gpus", type=int, help="GPUs (one worker each); default: the config's worker count")
+    pl.add_argument("--gpus", type=int, help="GPUs (tp per worker); default: the config's worker ranks")
+    pl.add_argument("--tp", type=int, help="GPUs per worker (tensor parallel); default: the config's roles.tp")
     pl.add_argument("--input-len", type=float, help="mean prompt tokens")
     pl.add_argument("--output-len", type=float, help="mean output tokens")
     pl.add_argument("--cached", type=float, default=0.0, help="expected prefix-hit fraction of the prompt (0-1)")

@@ -61,10 +61,11 @@ def run_mpi(cfg: JobConfig, after_stop: Callable[[int], None] | None = None) -> 
     if rank == 0:
         ranks.record(table, cfg.output.path)
     workers = world.Split(0 if rank == 0 else 1, rank)
+    group = world.Split(layout.leader(rank), rank)  # this rank's worker group; rank 0 of it leads
     try:
         if role == "router":
             return _router(cfg, world, layout)
-        _worker(cfg, world, workers, role)
+        _worker(cfg, world, workers, group, layout)
         return 0, None
     except Stopped as stop:
         release_node_segments()
@@ -130,14 +131,24 @@ def _router(cfg: JobConfig, world, layout: Layout) -> tuple[int, Summary]:
     return exit_code(cfg, summary), summary
 
 
-def _worker(cfg: JobConfig, world, workers, role: str) -> None:
+def _worker(cfg: JobConfig, world, workers, group, layout: Layout) -> None:
     from mpi4py import MPI
 
     from kvrelay.ranks.engine.engine import pick_device
+    from kvrelay.ranks.engine.parallel import TPGroup
+    from kvrelay.ranks.engine.step_sync import StepSync
+    from kvrelay.ranks.follower import run_follower
     from kvrelay.ranks.worker import Worker
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, on_stop_worker)
+    role, leader, size = layout.group_of(world.rank)
+    if group.Split_type(MPI.COMM_TYPE_SHARED).size != group.size:
+        raise LaunchError(
+            f"the {role} worker of ranks {leader}..{leader + size - 1} (tp={size}) spans nodes; "
+            "a tensor-parallel group must sit on one node: place consecutive ranks together (srun/mpirun block "
+            f"distribution) with a multiple of {size} worker ranks per node"
+        )
     local = workers.Split_type(MPI.COMM_TYPE_SHARED)
     # A simulated worker needs no device: its KV handoffs are small MPI messages.
     device = torch.device("cpu") if cfg.sim.enabled else pick_device(cfg.job.device)
@@ -154,7 +165,13 @@ def _worker(cfg: JobConfig, world, workers, role: str) -> None:
         # Ranks sharing a CPU node split its cores instead of each spawning a thread per core.
         torch.set_num_threads(cpu_threads(local.size + 1))  # + the router, on the first node
         log.info("rank %d: %d CPU threads", world.rank, torch.get_num_threads())
-    worker = Worker(cfg, world, workers, role, device)
+    # A simulated worker's group runs no model: its ranks need no collectives of their own.
+    tp = TPGroup.from_mpi(group, device) if not cfg.sim.enabled else TPGroup()
+    sync = StepSync(group) if group.size > 1 else None
+    if group.rank != 0:
+        run_follower(cfg, world, workers, device, tp, sync)
+        return
+    worker = Worker(cfg, world, workers, role, device, layout, tp, sync)
     worker.run()
     worker.window.close()
     worker.transport.close()

@@ -51,7 +51,7 @@ def check_paths(cfg: JobConfig) -> None:
     if out.exists() and not out.is_file():
         raise LaunchError(f"output {str(out)!r} is not a file; give the path of a .jsonl file to write")
     if not cfg.sim.enabled or cfg.model.path is not None:
-        check_model_dir(cfg.model.path)
+        check_model_dir(cfg.model.path, cfg)
 
 
 def check_writable_dir(out: Path) -> None:
@@ -68,15 +68,32 @@ def check_writable_dir(out: Path) -> None:
         raise LaunchError(f"cannot write the output {str(out)!r}: {e.strerror}; give -o a path in a writable directory") from None
 
 
-def check_model_dir(path: str | None) -> None:
-    """config.json, tokenizer and weight files present, and no weight file cut short."""
+def check_model_dir(path: str | None, cfg: JobConfig | None = None) -> None:
+    """config.json, tokenizer and weight files present, and no weight file cut short; with `cfg`,
+    that each role's tp splits the model's heads and FFN (else every rank of the group would fail
+    at the same check when it builds its shard)."""
     from kvrelay.ranks.engine.loader import read_model_dir
+    from kvrelay.ranks.engine.sharding import check_tp
 
     if path is None:
         raise ModelConfigError("no model: set model.path in the config or pass --model DIR")
-    _, files = read_model_dir(path)
+    spec, files = read_model_dir(path)
     for f in files:
         check_safetensors(f)
+    if cfg is not None and not cfg.sim.enabled:
+        wide = []
+        for role in ("prefill", "decode", "aggregated"):
+            if getattr(cfg.roles, role):
+                check_tp(spec, cfg.roles.tp_of(role), key=cfg.roles.tp_key(role))
+                if cfg.roles.tp_of(role) > 1:
+                    wide.append(f"{cfg.roles.tp_key(role)}={cfg.roles.tp_of(role)}")
+        # NOTE: a group's other ranks do not mirror the host tier's copy stream or the disk tier's
+        # thread yet (ranks/engine/group_runner.py).
+        tiers = [k for k in ("host_kv_gib", "disk_kv_gib") if getattr(cfg.cache, k)]
+        if wide and tiers:
+            raise LaunchError(f"{', '.join(f'cache.{k}' for k in tiers)} with tensor-parallel workers "
+                              f"({', '.join(dict.fromkeys(wide))}) does not run yet; set cache.host_kv_gib=0 and "
+                              "cache.disk_kv_gib=0, or tp to 1")
 
 
 def check_safetensors(path: Path) -> None:

@@ -25,7 +25,8 @@ together never stage more than `staging_budget` bytes, except that a single bloc
 the whole budget still goes when nothing else is staged (alone).
 
 The engine's KV surface, the transport and the outbox are injected (tests/test_handoff.py drives
-this with fakes, without MPI).
+this with fakes, without MPI). How a chunk's bytes move is the link's (ranks/kv_link.py): one
+transfer between single ranks, or each rank's shard between tensor-parallel groups.
 
 NOTE: one READY per chunk, rather than one READY carrying the whole chunk plan, keeps the no-
 deadlock rule per chunk: a send starts only after its receive is posted, so staged sends always
@@ -48,6 +49,7 @@ from typing import Protocol
 import torch
 
 from kvrelay.core.messages import Handoff, Message, Ready, SeqState
+from kvrelay.ranks.kv_link import PairLink, Receiving
 from kvrelay.ranks.transport import KVTransport, Pending
 
 MAX_RECEIVING = 8  # chunk receives in flight per decode worker
@@ -62,10 +64,17 @@ class KVEngine(Protocol):
     def reserve(self, num_tokens: int) -> list[int] | None: ...
     def pack_kv(self, request_id: str, first: int, count: int) -> torch.Tensor: ...
     def staging_buffer(self, n: int) -> torch.Tensor: ...
-    def unpack_kv(self, buf: torch.Tensor, block_ids: list[int]) -> None: ...
+    def unpack_kv(self, buf: torch.Tensor, block_ids: list[int], first_head: int = 0) -> None: ...
     def transfer_s(self, num_tokens: int) -> float: ...
     def free_kv(self, request_id: str) -> None: ...
     def add_received(self, state: SeqState, block_ids: list[int]) -> None: ...
+
+
+class KVLink(Protocol):
+    """How one chunk's bytes move (ranks/kv_link.py)."""
+
+    def send(self, request_id: str, first: int, count: int, dest: int) -> Pending: ...
+    def recv(self, count: int, src: int) -> Receiving: ...
 
 
 class Sender(Protocol):
@@ -88,8 +97,7 @@ class _Chunk:
     first: int  # index of its first block among the transfer's blocks
     count: int  # blocks
     nbytes: int  # staged bytes (packed KV of `count` blocks)
-    pending: Pending | None = None
-    buf: torch.Tensor | None = None  # receive side: the staging buffer to unpack
+    pending: Pending | Receiving | None = None  # receive side: unpacked once done
     not_before: float = 0.0  # clock time before which a simulated transfer is not done
 
 
@@ -118,9 +126,10 @@ class _Incoming:
 
 class Handoffs:
     def __init__(self, engine: KVEngine, transport: KVTransport, outbox: Sender, rank: int, staging_budget: int,
-                 max_receiving: int = MAX_RECEIVING, clock: Callable[[], float] = time.perf_counter) -> None:
+                 max_receiving: int = MAX_RECEIVING, clock: Callable[[], float] = time.perf_counter,
+                 link: KVLink | None = None) -> None:
         self.engine = engine
-        self.transport = transport
+        self.link = link or PairLink(engine, transport, rank)
         self.outbox = outbox
         self.rank = rank  # this worker's rank in the world (the router is rank 0)
         self.staging_budget = staging_budget
@@ -190,13 +199,12 @@ class Handoffs:
         return xfer.busy_until
 
     def _send(self, out: _Outgoing, chunk: _Chunk) -> None:
-        buf = self.engine.pack_kv(out.state.request_id, chunk.first, chunk.count)
         self._stage(chunk.nbytes)
         now = self.clock()
         if out.started is None:
             out.started = now
         chunk.not_before = self._sim_done(out, out.state.num_kv_tokens, chunk)
-        chunk.pending = self.transport.send(buf, self._peer(out.dest), self._kv_tag(out.dest))
+        chunk.pending = self.link.send(out.state.request_id, chunk.first, chunk.count, out.dest)
         out.sending.append(chunk)
 
     def _finish_sends(self) -> bool:
@@ -231,10 +239,9 @@ class Handoffs:
             assert len(blocks) == inc.num_blocks
             inc.blocks = blocks
             self.incoming.append(inc)
-        chunk.buf = self.engine.staging_buffer(count)
         self._stage(chunk.nbytes)
         chunk.not_before = self._sim_done(inc, inc.handoff.state.num_kv_tokens, chunk)
-        chunk.pending = self.transport.recv(chunk.buf, self._peer(inc.src), self._kv_tag(self.rank))
+        chunk.pending = self.link.recv(count, inc.src)
         self.outbox.send(Ready(inc.handoff.xfer, chunk.first, count), inc.src)
         inc.receiving.append(chunk)
         inc.next_block += count
@@ -249,8 +256,7 @@ class Handoffs:
         for inc in list(self.incoming):
             for chunk in [c for c in inc.receiving if c.pending.done() and now >= c.not_before]:
                 inc.receiving.remove(chunk)
-                self.engine.unpack_kv(chunk.buf, inc.blocks[chunk.first : chunk.first + chunk.count])
-                chunk.buf = None
+                chunk.pending.unpack(inc.blocks[chunk.first : chunk.first + chunk.count])
                 self.staged -= chunk.nbytes
                 self.receives -= 1
                 inc.blocks_received += chunk.count
@@ -261,13 +267,3 @@ class Handoffs:
                 self.engine.add_received(inc.handoff.state, inc.blocks)
                 self.stats.handoffs_received += 1
         return moved
-
-    @staticmethod
-    def _peer(world_rank: int) -> int:
-        return world_rank - 1  # the workers' communicator is the world without the router
-
-    @staticmethod
-    def _kv_tag(decode_rank: int) -> int:
-        # NOTE: one tag per pair direction is enough: MPI matches messages of one (source, tag)
-        # in posting order, and both sides post in READY order.
-        return decode_rank

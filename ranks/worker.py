@@ -1,4 +1,6 @@
 """Worker rank: one engine on one device, serving the router; prefill, decode or aggregated.
+Under tensor parallelism this is the group's leader: it runs the engine on its shard and tells
+the group's other ranks (ranks/follower.py) every step; to the router it is the whole worker.
 
 The loop is: receive control messages -> move KV transfers along -> one engine step -> send
 what the step produced -> publish the engine's load in the window. Nothing in it blocks: a
@@ -16,8 +18,12 @@ import torch
 from mpi4py import MPI
 
 from kvrelay.configs.schema import JobConfig
+from kvrelay.core.layout import Layout
 from kvrelay.ranks.engine.engine import Engine, StepOutput
+from kvrelay.ranks.engine.parallel import TPGroup
+from kvrelay.ranks.engine.step_sync import StepSync
 from kvrelay.ranks.handoff import Handoffs
+from kvrelay.ranks.kv_link import GroupLink
 from kvrelay.core.messages import Assign, Handoff, Outbox, Prefilled, Ready, Result, Shutdown, Stats, poll
 from kvrelay.ranks.transport import make_transport
 from kvrelay.core.window import CacheWindow
@@ -34,15 +40,17 @@ IDLE_SLEEP_MAX_S = 0.002
 
 
 class Worker:
-    def __init__(self, cfg: JobConfig, world: MPI.Comm, workers: MPI.Comm, role: str, device: torch.device):
+    def __init__(self, cfg: JobConfig, world: MPI.Comm, workers: MPI.Comm, role: str, device: torch.device,
+                 layout: Layout, tp: TPGroup, sync: StepSync | None):
         self.world = world
         self.role = role
+        self.sync = sync  # None for a worker of one rank
         # NOTE: packed KV leaves and arrives in staging buffers outside the KV cache. Sized only by
         # the KV cache's fraction of memory they ran a decode GPU out of memory on long prompts,
         # so a split worker keeps cache.handoff_buffer_gib out of its cache and never stages more
         # than that at once (ranks/handoff.py).
         staging_budget = int(cfg.cache.handoff_buffer_gib * (1 << 30)) if role in ("prefill", "decode") else 0
-        self.engine = Engine.from_config(cfg, device, staging_bytes=staging_budget)
+        self.engine = Engine.from_config(cfg, device, staging_bytes=staging_budget, tp=tp, sync=sync)
         # Collective over the world: the router creates its reader at the same point.
         self.window = CacheWindow.create(world, self.engine.load().total_blocks, role,
                                          host_blocks=self.engine.host_blocks, disk_blocks=self.engine.disk_blocks)
@@ -54,7 +62,14 @@ class Worker:
         # Collective over the workers (NCCL bootstrap on GPUs).
         self.transport = make_transport(workers, device)
         self.outbox = Outbox(world)
-        self.handoffs = Handoffs(self.engine, self.transport, self.outbox, world.rank, staging_budget)
+        link = None
+        if role in ("prefill", "decode") and (layout.prefill_tp, layout.decode_tp) != (1, 1) and not cfg.sim.enabled:
+            # A handoff between groups: each rank moves its own shard (ranks/kv_link.py). A simulated
+            # handoff's payload is its block count, sent by the leaders alone.
+            link = GroupLink(self.engine, self.transport, world.rank, tp.size, lambda r: layout.group_of(r)[2],
+                             self.engine.runner.spec.num_kv_heads, sync)
+        self.handoffs = Handoffs(self.engine, self.transport, self.outbox, world.rank, staging_budget, link=link)
+        self.tp = sync.size if sync is not None else 1
         self.decode_rank: dict[str, int] = {}  # request id -> where it decodes (prefill worker)
         self.step_wall_s = 0.0  # wall time inside engine steps
         self.shutdown = False
@@ -83,8 +98,10 @@ class Worker:
             else:
                 time.sleep(nap)
                 nap = min(2 * nap, IDLE_SLEEP_MAX_S)
-        stats = {"rank": self.world.rank, "role": self.role, **self.engine.report(), **vars(self.handoffs.stats),
-                 "step_wall_s": self.step_wall_s}
+        if self.sync is not None:
+            self.sync.stop()  # the group's other ranks leave their loops
+        stats = {"rank": self.world.rank, "role": self.role, "tp": self.tp, **self.engine.report(),
+                 **vars(self.handoffs.stats), "step_wall_s": self.step_wall_s}
         self.outbox.send(Stats(stats), ROUTER)
         self.outbox.flush()
 

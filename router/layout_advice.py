@@ -1,6 +1,6 @@
 """Layout advice: how many prefill, decode or aggregated workers a workload wants on G GPUs.
 
-    kvrelay plan --gpus 2 --input-len 3000 --output-len 150 [--timing configs/sim/h100-llama8b.yaml]
+    kvrelay plan --gpus 2 --input-len 3000 --output-len 150 [--timing configs/sim/h100-llama8b.yaml] [--tp 2]
 
 A steady-state model of a saturated batch job (every worker always has work, as in an offline run
 with `router.max_inflight` requests in flight), built on the same timing model that simulated
@@ -127,11 +127,20 @@ def split(t: TimingModel, w: Workload, lim: Limits, p: int, d: int) -> Estimate:
 
 
 def plan(t: TimingModel, w: Workload, lim: Limits, gpus: int, ttft_s: float | None = None,
-         itl_s: float | None = None) -> tuple[Estimate, list[Estimate]]:
-    """Every layout of `gpus` one-GPU workers, and the advised one."""
-    if gpus < 1:
-        raise ValueError("plan needs at least 1 GPU")
-    options = [aggregated(t, w, lim, gpus)] + [split(t, w, lim, p, gpus - p) for p in range(1, gpus)]
+         itl_s: float | None = None, tp: int = 1) -> tuple[Estimate, list[Estimate]]:
+    """Every layout of `gpus` GPUs as workers of `tp` GPUs each, and the advised one. `t` is one
+    GPU's timing model (a worker runs at `t.for_tp(tp)`); `lim` is one worker's."""
+    if gpus < 1 or tp < 1:
+        raise ValueError("plan needs at least 1 GPU and tp >= 1")
+    if gpus % tp:
+        raise ValueError(f"{gpus} GPUs do not split into workers of tp={tp}; give a multiple of {tp}")
+    t = t.for_tp(tp)
+    n = gpus // tp
+    options = [aggregated(t, w, lim, n)] + [split(t, w, lim, p, n - p) for p in range(1, n)]
+    for e in options:
+        e.requests_per_s_per_gpu /= tp
+        if tp > 1:
+            e.layout += f" (tp={tp})"
     for e in options:
         e.meets_targets = (ttft_s is None or e.ttft_s <= ttft_s) and (itl_s is None or e.itl_s <= itl_s)
     eligible = [e for e in options if e.meets_targets] or options

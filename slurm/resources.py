@@ -1,11 +1,13 @@
 """What a Slurm job asks for, checked before it is submitted: ranks against GPUs and nodes, the
 partition against the cluster's.
 
-A kvrelay job is 1 router rank + the workers of `roles`. NOTE: the router runs on the first node
+A kvrelay job is 1 router rank + the workers of `roles`, each a group of its role's tp ranks that
+must sit on one node (the group's collectives run over NVLink/shared memory). NOTE: the router runs on the first node
 beside that node's workers and takes no GPU (it tokenizes, places and writes the output), so a
-GPU job needs `workers <= nodes * gpus_per_node`, not one GPU more. The ranks are spread over the
-nodes as evenly as possible, the first nodes taking one more where they do not divide; so the
-first node, which holds the router, never holds more workers than the others hold GPUs.
+GPU job needs `workers x tp <= nodes * gpus_per_node`, not one GPU more. The ranks are spread over
+the nodes as evenly as possible, the first nodes taking one more where they do not divide, and a
+worker's ranks are never split over two nodes; the first node, which holds the router, never holds
+more workers than the others hold GPUs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import subprocess
 from dataclasses import dataclass
 
 from kvrelay.configs.schema import ConfigError, JobConfig
+from kvrelay.core.layout import Layout
 
 
 class SlurmError(RuntimeError):
@@ -39,9 +42,12 @@ class Placement:
 
 def placement(cfg: JobConfig) -> Placement:
     """Ranks per node for the config's roles and `slurm.nodes`; raises ConfigError naming the key to
-    change when the resources cannot hold the job."""
+    change when the resources cannot hold the job. A worker of tp ranks (roles.*tp) sits on one node."""
     s = cfg.slurm
-    workers = cfg.roles.num_workers
+    layout = Layout.from_roles(cfg.roles)
+    groups = [size for _, _, size in layout.groups]
+    workers, ranks = len(groups), sum(groups)
+    gpu = bool(s.gpus_per_node) and cfg.job.device != "cpu"
     if cfg.job.device == "cuda" and s.gpus_per_node == 0:
         raise ConfigError(
             "job.device=cuda but slurm.gpus_per_node=0: set slurm.gpus_per_node to the GPUs each node gives "
@@ -52,15 +58,39 @@ def placement(cfg: JobConfig) -> Placement:
             f"slurm.nodes={s.nodes} but the job has {workers} workers: a node would run none; "
             f"set slurm.nodes to at most {workers} or add workers in roles"
         )
-    if s.gpus_per_node and cfg.job.device != "cpu" and workers > s.nodes * s.gpus_per_node:
-        need_nodes = -(-workers // s.gpus_per_node)
+    widest = max(groups)
+    if gpu and widest > s.gpus_per_node:
         raise ConfigError(
-            f"{workers} workers need one GPU each but slurm.nodes={s.nodes} x slurm.gpus_per_node={s.gpus_per_node} "
+            f"a worker of tp={widest} ranks must sit on one node, but slurm.gpus_per_node={s.gpus_per_node}; "
+            f"lower roles.*tp to at most {s.gpus_per_node} or use nodes with more GPUs"
+        )
+    if gpu and ranks > s.nodes * s.gpus_per_node:
+        need_nodes = -(-ranks // s.gpus_per_node)
+        what = f"{workers} workers need one GPU each" if widest == 1 else f"{workers} workers x tp need {ranks} GPUs"
+        raise ConfigError(
+            f"{what} but slurm.nodes={s.nodes} x slurm.gpus_per_node={s.gpus_per_node} "
             f"gives {s.nodes * s.gpus_per_node}; set slurm.nodes={need_nodes}, or fewer workers in roles "
             "(the router needs no GPU)"
         )
-    base, extra = divmod(1 + workers, s.nodes)
-    return Placement([base + (1 if i < extra else 0) for i in range(s.nodes)])
+    # The ranks spread as evenly as they can, in rank order, a worker's ranks never split: node i
+    # takes workers while it stays within its share of the ranks (the last node takes the rest).
+    base, extra = divmod(1 + ranks, s.nodes)
+    per_node, workers_on, node, left = [1], [0], 0, list(groups)
+    while left:
+        share = base + (1 if node < extra else 0)
+        if node < s.nodes - 1 and workers_on[node] and per_node[node] + left[0] > share:
+            per_node.append(0)
+            workers_on.append(0)
+            node += 1
+            continue
+        per_node[node] += left.pop(0)
+        workers_on[node] += 1
+    if len(per_node) < s.nodes or (gpu and max(n - (i == 0) for i, n in enumerate(per_node)) > s.gpus_per_node):
+        raise ConfigError(
+            f"workers of {sorted(set(groups))} ranks do not pack onto slurm.nodes={s.nodes} nodes evenly "
+            f"(ranks per node would be {per_node}); give every role the same tp, or change slurm.nodes"
+        )
+    return Placement(per_node)
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ class FakeEngine:
     def staging_buffer(self, n: int) -> torch.Tensor:
         return torch.empty(n * BLOCK_BYTES, dtype=torch.uint8)
 
-    def unpack_kv(self, buf, block_ids) -> None:
+    def unpack_kv(self, buf, block_ids, first_head=0) -> None:
         assert buf.numel() == len(block_ids) * BLOCK_BYTES
         self.unpacked.append(block_ids)
 
@@ -344,7 +344,7 @@ class TaggedEngine(FakeEngine):
         return torch.tensor([block_byte(request_id, i) for i in range(first, first + count)],
                             dtype=torch.uint8).repeat_interleave(BLOCK_BYTES)
 
-    def unpack_kv(self, buf, block_ids) -> None:
+    def unpack_kv(self, buf, block_ids, first_head=0) -> None:
         super().unpack_kv(buf, block_ids)
         for b, chunk in zip(block_ids, buf.view(len(block_ids), BLOCK_BYTES)):
             self.cache[b] = int(chunk[0])

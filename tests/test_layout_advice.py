@@ -80,3 +80,40 @@ def test_every_shipped_timing_model_loads_and_says_where_it_came_from():
     for f in files:
         t = TimingModel.load(f)
         assert t.source.split(":")[0] in ("derived", "calibrated"), f
+
+
+def test_a_worker_of_tp_gpus_splits_compute_and_weight_reads_and_pays_all_reduces():
+    assert T.for_tp(1) is T
+    two = T.for_tp(2)
+    c = T.tp
+    # Decode: the weight reads split, the fixed part does not, and 64 all-reduces add their latency.
+    assert two.decode.base_s == pytest.approx(c.decode_fixed_s + (T.decode.base_s - c.decode_fixed_s) / 2
+                                              + 2 * c.num_layers * c.allreduce_latency_s)
+    assert two.decode.per_kv_token_s == T.decode.per_kv_token_s / 2
+    # Prefill: half the matmuls per token, plus the all-reduced activations (2 per layer, ring: half of them at tp=2).
+    ar = 2 * c.num_layers * c.hidden_size * 2 * 1 / (c.allreduce_bus_gb_s * 1e9)
+    assert two.prefill.per_token_s == pytest.approx(T.prefill.per_token_s / 2 + ar)
+    assert T.decode.base_s / 2 < two.decode.base_s < T.decode.base_s
+    # Each rank's cache gains the half of the weights it no longer holds.
+    assert two.kv_cache_gib == pytest.approx(2 * (T.kv_cache_gib + c.weights_gib / 2))
+    with pytest.raises(Exception, match="no `tp` section"):
+        T.model_copy(update={"tp": None}).for_tp(2)
+
+
+def test_plan_at_tp2_lays_out_workers_of_two_gpus():
+    best, options = plan(T, B3, LIM, gpus=4, tp=2)
+    assert [e.layout for e in options] == ["2 aggregated (tp=2)", "1 prefill + 1 decode (tp=2)"]
+    agg = options[0]
+    assert agg.requests_per_s_per_gpu == pytest.approx(agg.requests_per_s / 4)
+    # A worker of two GPUs decodes a step faster than one GPU does.
+    assert agg.itl_s < aggregated(T, B3, LIM, 4).itl_s
+    with pytest.raises(ValueError, match="multiple of 2"):
+        plan(T, B3, LIM, gpus=3, tp=2)
+
+
+def test_plan_command_takes_tp():
+    proc = subprocess.run([sys.executable, "-m", "kvrelay.launch.cli", "plan", "--gpus", "4", "--tp", "2",
+                           "--input-len", "3000", "--output-len", "150", "--json"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["tp"] == 2 and [e["aggregated"] for e in out["layouts"]] == [2, 0]

@@ -240,6 +240,22 @@ def test_simulated_handoffs_keep_all_five_decode_workers_busy(tmp_path):
 
 
 @pytest.mark.skipif(not HAVE_MPI, reason="no MPI launcher")
+def test_simulated_workers_of_two_ranks_hand_off_and_step_at_the_tp2_timing(tmp_path):
+    """1 prefill + 1 decode worker of tp=2 each (5 ranks): the leaders serve the router, their
+    followers wait, and the modeled steps are the tp=2 timing model's."""
+    trace = write_trace(tmp_path / "t.jsonl", conversations(4, 2, 50))
+    s = sim_job(trace, tmp_path / "o.jsonl", 5, "roles.aggregated=0", "roles.prefill=1", "roles.decode=1", "roles.tp=2")
+    assert len(s["ids"]) == 8 and s["errors"] == 0
+    prefill, decode = s["backend"]["workers"]
+    assert (prefill["rank"], prefill["tp"], decode["rank"], decode["tp"]) == (1, 2, 3, 2)
+    assert decode["handoffs_received"] == 8
+    # The tp=2 cache is the group's: more blocks than one GPU's.
+    t = TimingModel.load(DEFAULT_TIMING)
+    one = t.kv_cache_gib * (1 << 30) // t.model.kv_bytes_per_token // 64
+    assert decode["kv_blocks"] > one
+
+
+@pytest.mark.skipif(not HAVE_MPI, reason="no MPI launcher")
 def test_a_shared_system_prompt_spreads_over_eight_simulated_workers(tmp_path):
     # Every request starts with the same 2k-token system prompt, then its own 4k tokens; they
     # arrive faster than one worker could prefill them.

@@ -42,6 +42,8 @@ def rendered(overrides: list[str], array: int | None = None) -> str:
         ("multi_node.sbatch", MULTI_NODE, None),
         ("multi_node_mpirun.sbatch", [*MULTI_NODE, "slurm.launcher=mpirun", "slurm.mpirun=mpirun --bind-to none"], None),
         ("array.sbatch", ONE_NODE, 8),
+        ("multi_node_tp2.sbatch", [*MULTI_NODE, "roles.prefill=1", "roles.decode=3", "roles.tp=2"], None),
+        ("multi_node_tp4.sbatch", [*MULTI_NODE, "roles.prefill=1", "roles.decode=1", "roles.tp=4"], None),
     ],
 )
 def test_rendered_script_matches_its_golden_file(name, overrides, array):
@@ -59,6 +61,17 @@ def test_router_shares_the_first_node_and_ranks_spread_evenly():
     assert placement(cfg).ranks_per_node == [3, 3, 2]
 
 
+def test_a_tensor_parallel_worker_never_spans_two_nodes():
+    # Router + 1 prefill (tp=2) on node 0; the decode workers of 4 ranks on nodes 1 and 2, even
+    # though an even spread of the 11 ranks would be [4, 4, 3].
+    cfg = load_config(DEMO, ["job.device=cuda", "roles.prefill=1", "roles.decode=2", "roles.prefill_tp=2",
+                             "roles.decode_tp=4", "slurm.nodes=3", "slurm.gpus_per_node=4"])
+    assert placement(cfg).ranks_per_node == [3, 4, 4]
+    # 3 aggregated workers of tp=2 on 2 nodes: [1 + 2, 2 + 2], not [4, 3] with a worker cut in two.
+    cfg = load_config(DEMO, ["roles.prefill=0", "roles.decode=0", "roles.aggregated=3", "roles.tp=2", "slurm.nodes=2", "job.device=cuda", "slurm.gpus_per_node=4"])
+    assert placement(cfg).ranks_per_node == [3, 4]
+
+
 @pytest.mark.parametrize(
     "overrides,message",
     [
@@ -66,6 +79,10 @@ def test_router_shares_the_first_node_and_ranks_spread_evenly():
          "7 workers need one GPU each but slurm.nodes=1 x slurm.gpus_per_node=4 gives 4; set slurm.nodes=2"),
         (["job.device=cuda"], "job.device=cuda but slurm.gpus_per_node=0: set slurm.gpus_per_node"),
         (["slurm.nodes=4"], "slurm.nodes=4 but the job has 3 workers"),
+        (["job.device=cuda", "roles.decode=4", "roles.tp=2", "slurm.nodes=2", "slurm.gpus_per_node=4"],
+         "5 workers x tp need 10 GPUs but slurm.nodes=2 x slurm.gpus_per_node=4 gives 8; set slurm.nodes=3"),
+        (["job.device=cuda", "roles.decode_tp=8", "slurm.nodes=2", "slurm.gpus_per_node=4"],
+         "a worker of tp=8 ranks must sit on one node, but slurm.gpus_per_node=4"),
     ],
 )
 def test_impossible_resources_are_rejected_with_the_key_to_change(overrides, message):
@@ -113,3 +130,11 @@ def test_submitit_needs_the_same_tasks_on_every_node():
     params = parameters(load_config(DEMO, ["roles.decode=6", "job.device=cuda", "slurm.nodes=2", "slurm.gpus_per_node=4"]))
     assert params["ntasks_per_node"] == 4 and params["srun_args"] == ["--mpi=pmi2"]
     assert set(params) <= submitit.SlurmExecutor._valid_parameters()
+
+
+def test_submitit_places_tp_groups_like_sbatch():
+    """srun's block distribution puts node i's ranks in a row: with the same count on every node
+    and no worker cut, each tp group is on one node."""
+    params = parameters(load_config(DEMO, ["roles.prefill=1", "roles.decode=2", "roles.prefill_tp=3", "roles.decode_tp=2",
+                                           "job.device=cuda", "slurm.nodes=2", "slurm.gpus_per_node=4"]))
+    assert params["ntasks_per_node"] == 4

@@ -209,12 +209,25 @@ def test_regrouped_handoff_rebuilds_the_destination_shards(kv_heads, src_size, d
             assert not k[others].any() and not v[others].any()
 
 
-def test_a_job_refuses_tp_until_groups_run(tmp_path):
-    """tp > 1 stops the job before any rank starts, naming the key, instead of running one rank per worker."""
-    from kvrelay.core.layout import LaunchError, Layout
+def test_layout_places_groups_of_tp_ranks_and_the_router_sees_their_leaders():
+    from kvrelay.core.layout import Layout
 
-    cfg = load_config(overrides=["roles.prefill=1", "roles.decode=1", "roles.aggregated=0", "roles.decode_tp=2"])
-    with pytest.raises(LaunchError, match="roles.decode_tp=2"):
-        Layout.from_roles(cfg.roles)
-    # A tp for a role without workers runs nothing wider.
+    cfg = load_config(overrides=["roles.prefill=1", "roles.decode=2", "roles.aggregated=1", "roles.tp=2", "roles.decode_tp=4"])
+    layout = Layout.from_roles(cfg.roles)
+    assert layout.world_size == 1 + cfg.roles.num_worker_ranks == 13
+    assert layout.groups == [("prefill", 1, 2), ("decode", 3, 4), ("decode", 7, 4), ("aggregated", 11, 2)]
+    assert layout.workers == [1, 3, 7, 11] and layout.ranks("decode") == [3, 7]
+    assert [layout.leader(r) for r in range(13)] == [0, 1, 1, 3, 3, 3, 3, 7, 7, 7, 7, 11, 11]
+    assert [layout.role(r) for r in (0, 2, 6, 10, 12)] == ["router", "prefill", "decode", "decode", "aggregated"]
+    assert layout.describe() == "1 router + 1 prefill (tp=2) + 2 decode (tp=4) + 1 aggregated (tp=2) = 13 ranks"
+    # A tp for a role without workers adds no ranks.
     assert Layout.from_roles(load_config(overrides=["roles.prefill_tp=2"]).roles).world_size == 2
+
+
+def test_group_commands_round_trip_through_their_int64_encoding():
+    from kvrelay.ranks.engine.step_sync import CopyBlocks, KVPiece, RecvKV, SendKV, UnpackKV, _KINDS, _decode, _encode
+
+    pieces = [KVPiece(1, 5, 6, 0, 2), KVPiece(3, 6, 7, 1, 1)]
+    for cmd in (CopyBlocks([3, 4], [9, 10]), SendKV([4, 0, 7], pieces),
+                RecvKV(12, 3, pieces), UnpackKV(12, []), SendKV([], [])):
+        assert _decode(_KINDS[type(cmd)], _encode(cmd)) == cmd

@@ -339,6 +339,19 @@ def model_config(arch: str, size: str, tokenizer: Tokenizer, dtype: str) -> dict
             tie_word_embeddings=False,
         )
         cfg["rope_scaling"]["original_max_position_embeddings"] = 8192
+    if size == "70b-shape":  # Llama-3.1-70B
+        cfg.update(
+            vocab_size=128256,
+            hidden_size=8192,
+            intermediate_size=28672,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            head_dim=128,
+            max_position_embeddings=131072,
+            tie_word_embeddings=False,
+        )
+        cfg["rope_scaling"]["original_max_position_embeddings"] = 8192
     return cfg
 
 

@@ -28,7 +28,11 @@ from kvrelay.ranks.engine.disk_tier import DiskStore, DiskTier
 from kvrelay.ranks.engine.host_tier import HostTier
 from kvrelay.ranks.engine.kv_cache import EvictHook, CacheHook, KVCacheManager
 from kvrelay.ranks.engine.loader import check_dtype, iter_weights, read_model_dir
+from kvrelay.ranks.engine.group_runner import LeaderRunner
 from kvrelay.ranks.engine.model_runner import ModelRunner
+from kvrelay.ranks.engine.parallel import TPGroup
+from kvrelay.ranks.engine.sharding import TPShard
+from kvrelay.ranks.engine.step_sync import StepSync
 from kvrelay.ranks.engine.penalties import TokenHistory
 from kvrelay.ranks.engine.sampler import PendingTokens, SampleRow, request_generator, sample, sample_later, to_device
 from kvrelay.ranks.engine.scheduler import Scheduler
@@ -115,6 +119,57 @@ def resolve_max_model_len(cfg: JobConfig, spec: ModelSpec) -> int:
     return cfg.model.max_model_len
 
 
+def make_runner(
+    cfg: JobConfig,
+    device: torch.device | None = None,
+    weights: Iterable[tuple[str, torch.Tensor]] | None = None,
+    staging_bytes: int = 0,
+    tp: TPGroup | None = None,
+    sync: StepSync | None = None,
+) -> tuple[ModelRunner, ModelSpec, int]:
+    """The model runner of `cfg.model.path` with its KV cache allocated and its graphs captured, its
+    model spec and max_model_len. Under tensor parallelism every rank of the group calls this at
+    once (the profiling forwards and the graph warm-ups run collectives), with `sync` on all of them:
+    each reads only its shard of the weights, and the group agrees on the smallest KV cache that
+    fits every rank, so that a block id means the same on all of them. The leader's runner is a
+    LeaderRunner, which tells the others each step."""
+    if cfg.model.path is None:
+        raise ModelConfigError("no model: set model.path in the config or pass --model DIR")
+    tp = tp or TPGroup()
+    spec, files = read_model_dir(cfg.model.path, with_weights=weights is None)
+    shard = TPShard.of(spec, tp.rank, tp.size)  # raises for a tp that does not split the model, before any read
+    device = device or pick_device(cfg.job.device)
+    dtype = check_dtype(cfg.model.dtype, device, spec)
+    max_model_len = resolve_max_model_len(cfg, spec)
+    sched = cfg.scheduler
+    args = (spec, iter_weights(files, dtype, device, shard if tp.size > 1 else None) if weights is None else weights,
+            dtype, device, cfg.cache.block_size, max_model_len, sched.max_seqs, sched.max_batch_tokens)
+    kwargs = dict(cuda_graphs=not cfg.model.enforce_eager, tp=tp)
+    runner = LeaderRunner(*args, sync=sync, **kwargs) if sync is not None and sync.is_leader else ModelRunner(*args, **kwargs)
+    reserve = runner.profile()  # activation peaks, measured on the GPU; 0 on the CPU
+    if device.type == "cuda":
+        reserve += staging_bytes
+    cache_blocks = runner.size_kv_cache(
+        cfg.cache.num_blocks, cfg.cache.gpu_memory_fraction, cfg.cache.cpu_kv_gib, reserve
+    )
+    if sync is not None:
+        cache_blocks = sync.agree_min(cache_blocks)
+    need = num_blocks(max_model_len, cfg.cache.block_size)
+    if cache_blocks < need and tp.rank == 0:
+        # NOTE: not an error: the job serves what fits, and the router answers a longer request
+        # with an error line (router/frontend.py, `_check_kv`) instead of losing the whole job.
+        log.warning(
+            "the KV cache holds %d blocks of %d tokens, fewer than one sequence of model.max_model_len=%d "
+            "needs (%d): longer requests get error lines; lower model.max_model_len or give the cache more "
+            "memory", cache_blocks, cfg.cache.block_size, max_model_len, need,
+        )
+    runner.allocate(cache_blocks)
+    runner.capture_graphs()
+    if device.type == "cuda":
+        log.info("device memory: %s", runner.memory_report())
+    return runner, spec, max_model_len
+
+
 class Engine:
     def __init__(
         self,
@@ -172,51 +227,26 @@ class Engine:
         device: torch.device | None = None,
         weights: Iterable[tuple[str, torch.Tensor]] | None = None,
         staging_bytes: int = 0,
+        tp: TPGroup | None = None,
+        sync: StepSync | None = None,
     ) -> Engine:
         """The engine of `cfg.model.path` (or, with `sim.enabled`, of its timing model); `weights`
         (Hugging Face names) replace the directory's safetensors files, which then need not exist
         (benchmarks build random weights on the GPU). `staging_bytes` of device memory are left
-        out of the KV cache (a disaggregated worker's packed KV in transit)."""
+        out of the KV cache (a disaggregated worker's packed KV in transit). With `tp` and `sync`,
+        this is the leader of a tensor-parallel group: it holds its shard and tells the group's
+        other ranks every step (`make_runner` builds theirs)."""
         if cfg.sim.enabled:
-            return cls.simulated(cfg)
-        if cfg.model.path is None:
-            raise ModelConfigError("no model: set model.path in the config or pass --model DIR")
-        spec, files = read_model_dir(cfg.model.path, with_weights=weights is None)
-        device = device or pick_device(cfg.job.device)
-        dtype = check_dtype(cfg.model.dtype, device, spec)
-        max_model_len = resolve_max_model_len(cfg, spec)
+            return cls.simulated(cfg, sync.size if sync is not None else 1)
+        runner, spec, max_model_len = make_runner(cfg, device, weights, staging_bytes, tp, sync)
         tokenizer = Tokenizer.from_dir(cfg.model.path)
-        sched = cfg.scheduler
-        runner = ModelRunner(
-            spec, iter_weights(files, dtype, device) if weights is None else weights, dtype, device,
-            cfg.cache.block_size, max_model_len, sched.max_seqs, sched.max_batch_tokens,
-            cuda_graphs=not cfg.model.enforce_eager,
-        )
-        reserve = runner.profile()  # activation peaks, measured on the GPU; 0 on the CPU
-        if device.type == "cuda":
-            reserve += staging_bytes
-        cache_blocks = runner.size_kv_cache(
-            cfg.cache.num_blocks, cfg.cache.gpu_memory_fraction, cfg.cache.cpu_kv_gib, reserve
-        )
-        need = num_blocks(max_model_len, cfg.cache.block_size)
-        if cache_blocks < need:
-            # NOTE: not an error: the job serves what fits, and the router answers a longer request
-            # with an error line (router/frontend.py, `_check_kv`) instead of losing the whole job.
-            log.warning(
-                "the KV cache holds %d blocks of %d tokens, fewer than one sequence of model.max_model_len=%d "
-                "needs (%d): longer requests get error lines; lower model.max_model_len or give the cache more "
-                "memory", cache_blocks, cfg.cache.block_size, max_model_len, need,
-            )
-        runner.allocate(cache_blocks)
-        runner.capture_graphs()
-        if device.type == "cuda":
-            log.info("device memory: %s", runner.memory_report())
-        return cls(cfg, runner, tokenizer, cache_blocks, max_model_len, spec.vocab_size, spec.eos_token_ids)
+        return cls(cfg, runner, tokenizer, runner.num_blocks, max_model_len, spec.vocab_size, spec.eos_token_ids)
 
     @classmethod
-    def simulated(cls, cfg: JobConfig) -> Engine:
-        """An engine whose forward is the timing model of `sim.timing` (no model files)."""
-        timing = load_timing(cfg)
+    def simulated(cls, cfg: JobConfig, tp: int = 1) -> Engine:
+        """An engine whose forward is the timing model of `sim.timing` (no model files), for a
+        worker of `tp` ranks (the timing model's `for_tp`; the other ranks only wait)."""
+        timing = load_timing(cfg).for_tp(tp)
         runner = SimRunner(timing, cfg.cache.block_size, cfg.sim.speed)
         max_model_len = sim_max_model_len(cfg, timing)
         cache_blocks = runner.size_kv_cache(cfg.cache.num_blocks)
@@ -250,20 +280,26 @@ class Engine:
         are not free now (the caller asks again later)."""
         return self.kv.reserve(num_tokens)
 
-    def pack_kv(self, request_id: str, first: int, count: int) -> torch.Tensor:  # packed KV (kernels/kv_pack.py) on the runner's device
-        """Blocks [first, first + count) of a handed-off sequence's KV, packed into one contiguous
-        buffer to send (one chunk of the handoff)."""
+    def handoff_blocks(self, request_id: str, first: int, count: int) -> list[int]:
+        """Cache blocks [first, first + count) of a handed-off sequence's KV."""
         seq = self.sending[request_id]
         assert first + count <= num_blocks(seq.num_tokens - 1, self.kv.block_size)
-        return self.runner.pack_kv(seq.block_ids[first : first + count])
+        return seq.block_ids[first : first + count]
 
-    def staging_buffer(self, n: int) -> torch.Tensor:  # packed KV of n blocks, uninitialized, on the runner's device
-        """A buffer that receives `n` blocks of packed KV."""
-        return self.runner.kv_buffer(n)
+    def pack_kv(self, request_id: str, first: int, count: int,
+                heads: tuple[int, int] | None = None) -> torch.Tensor:  # packed KV (kernels/kv_pack.py) on the runner's device
+        """Blocks [first, first + count) of a handed-off sequence's KV, packed into one contiguous
+        buffer to send (one chunk of the handoff); `heads` = (first, count) of this rank's KV heads
+        (a handoff between groups of unequal tp), None for all."""
+        return self.runner.pack_kv(self.handoff_blocks(request_id, first, count), heads)
 
-    def unpack_kv(self, buf: torch.Tensor, block_ids: list[int]) -> None:
+    def staging_buffer(self, n: int, num_heads: int | None = None) -> torch.Tensor:  # packed KV of n blocks, uninitialized, on the runner's device
+        """A buffer that receives `n` blocks of packed KV (of `num_heads` KV heads; None: all of this rank's)."""
+        return self.runner.kv_buffer(n, num_heads)
+
+    def unpack_kv(self, buf: torch.Tensor, block_ids: list[int], first_head: int = 0) -> None:
         self._move_kv()  # `reserve` may have evicted these blocks: their copy-outs go first
-        self.runner.unpack_kv(buf, block_ids)
+        self.runner.unpack_kv(buf, block_ids, first_head)
 
     def transfer_s(self, num_tokens: int) -> float:
         """Simulated wall seconds of a handoff of `num_tokens` tokens' KV (0 for a real runner)."""

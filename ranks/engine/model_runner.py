@@ -301,7 +301,13 @@ class ModelRunner:
             (item.seq.token_ids, item.seq.num_computed_tokens, item.num_new_tokens, item.seq.block_ids, item.samples)
             for item in batch
         ]
-        return self._run(self._arrays(items), graphs=self.use_graphs, fed=fed)
+        return self.run(self._arrays(items), fed)
+
+    @torch.inference_mode()
+    def run(self, a: StepArrays, fed: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one step given as its arrays (what a tensor-parallel group's leader broadcasts);
+        `fed` as in `execute`."""
+        return self._run(a, graphs=self.use_graphs, fed=fed)
 
     def _arrays(self, items: list[tuple[list[int], int, int, list[int], bool]]) -> StepArrays:
         """(token_ids, num_computed, num_new, block_ids, samples) per sequence -> the step's arrays.

@@ -121,13 +121,13 @@ class SimRunner:
 
     # The KV handoff: a small payload stands for the KV (its block count), and the transfer takes
     # `transfer_s` of modeled time on both sides.
-    def pack_kv(self, block_ids: list[int]) -> torch.Tensor:  # [1] int64 cpu
+    def pack_kv(self, block_ids: list[int], heads: tuple[int, int] | None = None) -> torch.Tensor:  # [1] int64 cpu
         return torch.tensor([len(block_ids)], dtype=torch.int64)
 
-    def kv_buffer(self, num_blocks: int) -> torch.Tensor:  # [1] int64 cpu
+    def kv_buffer(self, num_blocks: int, num_heads: int | None = None) -> torch.Tensor:  # [1] int64 cpu
         return torch.empty(1, dtype=torch.int64)
 
-    def unpack_kv(self, buf: torch.Tensor, block_ids: list[int]) -> None:
+    def unpack_kv(self, buf: torch.Tensor, block_ids: list[int], first_head: int = 0) -> None:
         assert int(buf[0]) == len(block_ids), "the simulated KV payload is the block count"
 
     def transfer_s(self, num_tokens: int) -> float:

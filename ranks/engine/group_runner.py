@@ -1,0 +1,35 @@
+"""The model runner of a tensor-parallel group's leader: each operation on the model or the KV
+cache goes to the group's other ranks first (StepSync), then runs on the leader's own shard.
+
+NOTE: the host and disk KV tiers (their copy stream and disk thread) are not mirrored yet: a job
+with tp > 1 refuses cache.host_kv_gib and cache.disk_kv_gib (launch/preflight.py).
+
+The other ranks run plain ModelRunners over their shards and do what arrives, in the same order
+(ranks/follower.py); their collectives (the row-parallel all-reduces, the vocab all-gather) meet the
+leader's inside the forward. A tp=1 worker uses ModelRunner itself: nothing here is on its path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvrelay.ranks.engine.model_runner import ModelRunner, StepArrays
+from kvrelay.ranks.engine.step_sync import CopyBlocks, StepSync
+
+
+class LeaderRunner(ModelRunner):
+    def __init__(self, *args, sync: StepSync, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        assert sync.is_leader
+        self.sync = sync
+
+    def run(self, a: StepArrays, fed: torch.Tensor | None = None) -> torch.Tensor:
+        # The followers take their ids from the arrays: a group never defers its sampled ids
+        # (Engine.step reads them at once when tp > 1), so nothing is fed here.
+        assert fed is None, "a tensor-parallel group reads its sampled ids before the next step"
+        self.sync.publish(a)
+        return super().run(a)
+
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        self.sync.publish(CopyBlocks(src, dst))
+        super().copy_blocks(src, dst)

@@ -1,0 +1,82 @@
+"""Follower rank: one of a tensor-parallel worker's ranks other than its leader.
+
+It keeps no scheduler, block pool, window or router messages: it runs, on its shard of the model
+and of the KV cache, exactly what the leader broadcasts (ranks/engine/step_sync.py), in order,
+until the leader stops. Steps meet the leader's inside the forward (the row-parallel all-reduces);
+its share of a KV handoff goes straight to or from the other group's ranks over the transport
+(ranks/kv_link.py).
+
+    mpiexec -n 3 python -m kvrelay.launch.cli run -i in.jsonl -o out.jsonl --model DIR --set roles.tp=2
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kvrelay.configs.schema import JobConfig
+from kvrelay.core.window import WindowReader
+from kvrelay.ranks.engine.engine import make_runner
+from kvrelay.ranks.engine.model_runner import ModelRunner, StepArrays
+from kvrelay.ranks.engine.parallel import TPGroup
+from kvrelay.ranks.engine.step_sync import CopyBlocks, RecvKV, SendKV, StepSync, UnpackKV
+from kvrelay.ranks.transport import KVTransport, Pending, make_transport
+
+log = logging.getLogger("kvrelay")
+
+
+def run_follower(cfg: JobConfig, world, workers, device: torch.device, tp: TPGroup, sync: StepSync) -> None:
+    """This rank's whole part of the job. It makes the same collective calls as its leader
+    (ranks/worker.py), in the same order: the runner (the group's), the cache windows (the
+    world's: it publishes none, so it joins as the router does), the KV transport (the workers')."""
+    runner = None
+    if not cfg.sim.enabled:
+        runner = make_runner(cfg, device, tp=tp, sync=sync)[0]
+    windows = WindowReader.create(world, [])
+    transport = make_transport(workers, device)
+    counts = follow(runner, sync, transport)
+    log.debug("rank %d (tp rank %d): %s", world.rank, tp.rank, counts)
+    windows.close()
+    transport.close()
+
+
+def follow(runner: ModelRunner | None, sync: StepSync, transport: KVTransport) -> dict:
+    """Run the leader's steps and commands until it stops; a simulated worker's followers
+    (`runner` None) only wait for the stop. Returns counters for the log."""
+    me = sync.comm.rank
+    sending: list[Pending] = []
+    receiving: dict[int, list[tuple[Pending, torch.Tensor, int]]] = {}
+    counts = {"steps": 0, "kv_sent": 0, "kv_received": 0}
+    while (cmd := sync.receive()) is not None:
+        sending = [p for p in sending if not p.done()]
+        assert runner is not None, f"a simulated worker's follower got {type(cmd).__name__}"
+        if isinstance(cmd, StepArrays):
+            runner.run(cmd)
+            counts["steps"] += 1
+        elif isinstance(cmd, CopyBlocks):
+            runner.copy_blocks(cmd.src, cmd.dst)
+        elif isinstance(cmd, SendKV):
+            for p in cmd.pieces:
+                if p.rank == me:
+                    sending.append(transport.send(runner.pack_kv(cmd.block_ids, (p.first_head, p.num_heads)), p.peer, p.tag))
+                    counts["kv_sent"] += 1
+        elif isinstance(cmd, RecvKV):
+            mine = []
+            for p in cmd.pieces:
+                if p.rank == me:
+                    buf = runner.kv_buffer(cmd.num_blocks, p.num_heads)
+                    mine.append((transport.recv(buf, p.peer, p.tag), buf, p.first_head))
+            if mine:
+                receiving[cmd.key] = mine
+        elif isinstance(cmd, UnpackKV):
+            for pending, buf, first_head in receiving.pop(cmd.key, []):
+                pending.wait()
+                runner.unpack_kv(buf, cmd.block_ids, first_head)
+                counts["kv_received"] += 1
+        else:
+            raise RuntimeError(f"follower got an unknown command {cmd!r}")
+    for p in sending:
+        p.wait()
+    assert not receiving, f"the leader stopped with receives {sorted(receiving)} not unpacked"
+    return counts

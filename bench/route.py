@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=64, help="cache.block_size")
     p.add_argument("--host-kv-gib", type=float, default=0.0,
                    help="cache.host_kv_gib: a host KV tier of this size per worker (0 = none); the oracle pools it too")
+    p.add_argument("--pulls", action="store_true",
+                   help="router.pulls: a worker pulls a prompt's cached prefix from another worker's cache (pulled tokens are hits)")
     p.add_argument("--timing", default=None, help="timing model YAML (default: configs/sim/h100-llama8b.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config key, for every run")
     p.add_argument("--workdir", default=None, help="where the runs' outputs go (default: a temporary directory)")
@@ -75,7 +77,8 @@ def run_one(args, workers: int, policy: str, limit: int, workdir: Path) -> dict:
     sets = [
         "sim.enabled=true", f"sim.speed={args.speed}", "input.format=trace", f"input.time_scale={time_scale}",
         f"input.limit={limit}", f"roles.aggregated={workers}", f"router.policy={policy}",
-        f"cache.block_size={args.block_size}", f"cache.host_kv_gib={args.host_kv_gib}", "job.progress=false", *args.set,
+        f"cache.block_size={args.block_size}", f"cache.host_kv_gib={args.host_kv_gib}", f"router.pulls={str(args.pulls).lower()}", "job.progress=false",
+        *args.set,
     ]
     if args.timing:
         sets.append(f"sim.timing={args.timing}")
@@ -105,7 +108,10 @@ def run_one(args, workers: int, policy: str, limit: int, workdir: Path) -> dict:
         "host_hit_tokens": b["host_hit_tokens"],
         "host_offload_bytes": b["host_offload_bytes"],
         "host_onload_bytes": b["host_onload_bytes"],
-        "hit_ratio": s["prefix_hit_ratio"],
+        "pulled_tokens": b.get("pulled_blocks", 0) * args.block_size,
+        "pulled_bytes": b.get("pulled_bytes", 0),
+        "pull_missing_blocks": b.get("pull_missing_blocks", 0),
+        "hit_ratio": s["prefix_hit_ratio"],  # pulled tokens are prefix hits of the worker that pulled them
         "ttft_p50_s": s["latency"]["ttft_s"]["p50"],
         "ttft_p90_s": s["latency"]["ttft_s"]["p90"],
         "itl_p50_s": s["latency"]["itl_s"]["p50"],
@@ -260,7 +266,8 @@ def run(args: argparse.Namespace) -> int:
             r["decision_isolated_us"] = iso
             results.append(r)
             print(f"W={w} {policy}: {r['requests']} requests, hit {r['hit_ratio']:.3f} (oracle {orc.hit_ratio:.3f}; "
-                  f"host tier {r['host_hit_tokens']} of {r['gpu_hit_tokens'] + r['host_hit_tokens']} hit tokens), "
+                  f"host tier {r['host_hit_tokens']} of {r['gpu_hit_tokens'] + r['host_hit_tokens']} hit tokens, "
+                  f"pulled {r['pulled_tokens']}), "
                   f"TTFT p50 {r['ttft_p50_s']:.2f} s, decision p50 {r['decision_us']['p50']:.0f} us, "
                   f"wall {r['wall_s']:.0f} s", flush=True)
     compare(results)

@@ -117,6 +117,10 @@ class RouterSection(_Section):
     # Look-ahead (router/lookahead.py): lines read ahead of placement and placed in prefix order; 1 = file order.
     lookahead_lines: int = Field(4096, ge=1, description="input lines read and tokenized ahead of placement")
     lookahead_tokens: int = Field(4_000_000, ge=1, description="prompt tokens the look-ahead holds at most (memory bound)")
+    # Pulls (router/pulls.py, ranks/pulls.py): a request placed on a worker that holds less of its prefix than another
+    # worker's KV cache does fetches the difference from there when the timing model says moving it beats computing it.
+    pulls: bool = Field(False, description="fetch cached prefix blocks from another worker instead of recomputing them")
+    pull_min_blocks: int = Field(4, ge=1, description="pull only when the other worker holds at least this many more leading blocks")
 
 
 class DefaultsSection(_Section):

@@ -1,4 +1,4 @@
-"""The timing model of one worker (step, prefill, decode and handoff times from a few fitted
+"""The timing model of one worker (step, prefill, decode, handoff and pull times from a few fitted
 coefficients): simulated workers sleep for it (ranks/engine/sim_runner.py) and `kvrelay plan`
 (router/layout_advice.py) advises layouts with it. Coefficients live in a YAML file such as
 configs/sim/h100-llama8b.yaml; `bench/calibrate.py` fits them on a real engine.
@@ -100,11 +100,20 @@ class TimingModel(_Strict):
         """What `host_blocks` blocks from the host tier after `gpu_blocks` GPU hits are worth, in
         blocks recomputed: the recompute they save less their copy-in, over the recompute time of
         one of them (placement credits a GPU block as 1). 0 when bringing them in costs more."""
-        if host_blocks == 0:
+        return self._credit(block_size, gpu_blocks, host_blocks, self.host_copy_s)
+
+    def pull_credit(self, block_size: int, own_blocks: int, pulled_blocks: int) -> float:
+        """What `pulled_blocks` blocks pulled from another worker after `own_blocks` blocks of its
+        own are worth to a worker, in blocks recomputed (as `host_credit`; the pull goes over the
+        handoff link)."""
+        return self._credit(block_size, own_blocks, pulled_blocks, self.handoff_s)
+
+    def _credit(self, block_size: int, have: int, blocks: int, bring_in_s) -> float:
+        if blocks == 0:
             return 0.0
-        new, cached = host_blocks * block_size, gpu_blocks * block_size
+        new, cached = blocks * block_size, have * block_size
         recompute = self.prefill_s(new, cached)
-        return max(0.0, self.host_hit_saving_s(new, cached)) / recompute * host_blocks if recompute else 0.0
+        return max(0.0, recompute - bring_in_s(new)) / recompute * blocks if recompute else 0.0
 
     def handoff_s(self, num_tokens: int) -> float:
         h = self.handoff

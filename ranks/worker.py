@@ -3,7 +3,8 @@
 The loop is: receive control messages -> move KV transfers along -> one engine step -> send
 what the step produced -> publish the engine's load in the window. Nothing in it blocks: a
 decode worker keeps decoding while KV arrives, and a prefill worker keeps prefilling while KV
-leaves. The KV transfers and their protocol are ranks/handoff.py's.
+leaves. The KV transfers and their protocol are ranks/handoff.py's; pulls of another worker's
+cached blocks (router.pulls) are ranks/pulls.py's.
 
     mpiexec -n 3 python -m kvrelay.launch.cli run -i in.jsonl -o out.jsonl --model DIR --set roles.aggregated=2
 """
@@ -20,7 +21,9 @@ from mpi4py import MPI
 from kvrelay.configs.schema import JobConfig
 from kvrelay.ranks.engine.engine import Engine, StepOutput
 from kvrelay.ranks.handoff import Handoffs
-from kvrelay.core.messages import Assign, Handoff, Outbox, Prefilled, Ready, Result, Shutdown, Stats, poll
+from kvrelay.core.messages import Assign, Handoff, Outbox, Prefilled, Pull, Pulled, Ready, Result, Shutdown, Stats, poll
+from kvrelay.core.request import Request
+from kvrelay.ranks.pulls import Pulls
 from kvrelay.ranks.transport import make_transport
 from kvrelay.core.window import CacheWindow
 
@@ -43,7 +46,9 @@ class Worker:
         # the KV cache's fraction of memory they ran a decode GPU out of memory on long prompts,
         # so a split worker keeps cache.handoff_buffer_gib out of its cache and never stages more
         # than that at once (ranks/handoff.py).
-        staging_budget = int(cfg.cache.handoff_buffer_gib * (1 << 30)) if role in ("prefill", "decode") else 0
+        # With router.pulls, an aggregated worker sends and receives pulled blocks the same way.
+        moves_kv = role in ("prefill", "decode") or cfg.router.pulls
+        staging_budget = int(cfg.cache.handoff_buffer_gib * (1 << 30)) if moves_kv else 0
         self.engine = Engine.from_config(cfg, device, staging_bytes=staging_budget)
         # Collective over the world: the router creates its reader at the same point.
         self.window = CacheWindow.create(world, self.engine.load().total_blocks, role,
@@ -55,6 +60,7 @@ class Worker:
         self.transport = make_transport(workers, device)
         self.outbox = Outbox(world)
         self.handoffs = Handoffs(self.engine, self.transport, self.outbox, world.rank, staging_budget)
+        self.pulls = Pulls(self.engine, self.handoffs, self.outbox, cfg.cache.block_size, self._add_request)
         self.decode_rank: dict[str, int] = {}  # request id -> where it decodes (prefill worker)
         self.step_wall_s = 0.0  # wall time inside engine steps
         self.shutdown = False
@@ -68,6 +74,7 @@ class Worker:
                 self._dispatch(*msg)
                 busy = True
             self.outbox.progress()
+            busy |= self.pulls.progress()
             busy |= self.handoffs.progress()
             if self.engine.has_work():
                 t0 = time.perf_counter()
@@ -76,7 +83,7 @@ class Worker:
                 self.step_wall_s += time.perf_counter() - t0
                 busy = True
             self.window.publish(**asdict(self.engine.load()))
-            if self.shutdown and not (self.engine.has_work() or self.handoffs.busy()):
+            if self.shutdown and not (self.engine.has_work() or self.handoffs.busy() or self.pulls.busy()):
                 break
             if busy:
                 nap = IDLE_SLEEP_S
@@ -84,9 +91,13 @@ class Worker:
                 time.sleep(nap)
                 nap = min(2 * nap, IDLE_SLEEP_MAX_S)
         stats = {"rank": self.world.rank, "role": self.role, **self.engine.report(), **vars(self.handoffs.stats),
+                 **vars(self.pulls.stats),
                  "step_wall_s": self.step_wall_s}
         self.outbox.send(Stats(stats), ROUTER)
         self.outbox.flush()
+
+    def _add_request(self, request: Request) -> None:
+        self.engine.add_request(request, handoff=request.request_id in self.decode_rank)
 
     def _send_step(self, out: StepOutput) -> None:
         for result in out.finished:
@@ -99,10 +110,16 @@ class Worker:
 
     def _dispatch(self, tag, src: int, msg) -> None:
         if isinstance(msg, Assign):
-            handoff = msg.decode_rank is not None
-            if handoff:
+            if msg.decode_rank is not None:
                 self.decode_rank[msg.request.request_id] = msg.decode_rank
-            self.engine.add_request(msg.request, handoff=handoff)
+            if msg.pull_from is not None:
+                self.pulls.start(msg.request, msg.pull_from, msg.pull_blocks)
+            else:
+                self._add_request(msg.request)
+        elif isinstance(msg, Pull):
+            self.pulls.on_pull(src, msg)
+        elif isinstance(msg, Pulled):
+            self.pulls.on_pulled(src, msg)
         elif isinstance(msg, Handoff):
             self.handoffs.on_handoff(src, msg)
         elif isinstance(msg, Ready):

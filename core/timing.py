@@ -102,11 +102,11 @@ class TimingModel(_Strict):
         one of them (placement credits a GPU block as 1). 0 when bringing them in costs more."""
         return self._credit(block_size, gpu_blocks, host_blocks, self.host_copy_s)
 
-    def pull_credit(self, block_size: int, own_blocks: int, pulled_blocks: int) -> float:
+    def pull_credit(self, block_size: int, own_blocks: int, pulled_blocks: int, overhead_s: float = 0.0) -> float:
         """What `pulled_blocks` blocks pulled from another worker after `own_blocks` blocks of its
-        own are worth to a worker, in blocks recomputed (as `host_credit`; the pull goes over the
-        handoff link)."""
-        return self._credit(block_size, own_blocks, pulled_blocks, self.handoff_s)
+        own are worth to a worker, in blocks recomputed (as `host_credit`): the pull goes over the
+        handoff link and waits `overhead_s` more for its control round trips."""
+        return self._credit(block_size, own_blocks, pulled_blocks, lambda n: self.handoff_s(n) + overhead_s)
 
     def _credit(self, block_size: int, have: int, blocks: int, bring_in_s) -> float:
         if blocks == 0:

@@ -62,8 +62,8 @@ class MPIBackend:
         # Requests that prefill: aggregated workers, else prefill workers.
         self.entry = layout.ranks("prefill") + layout.ranks("aggregated")
         self.decoders = layout.ranks("decode")
-        self.pulls = (PullPlanner(partial(timing.pull_credit, self.block_size), self.entry, cfg.router.pull_min_blocks)
-                      if cfg.router.pulls else None)
+        pull_credit = partial(timing.pull_credit, self.block_size, overhead_s=cfg.router.pull_overhead_ms / 1e3)
+        self.pulls = PullPlanner(pull_credit, self.entry, cfg.router.pull_min_blocks) if cfg.router.pulls else None
         self.books = Books(self.states)
         self.status = MPI.Status()
         self.max_age_s = cfg.router.window_max_age_ms / 1e3

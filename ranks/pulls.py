@@ -47,7 +47,7 @@ class PullEngine(Protocol):
 
     def prompt_hashes(self, token_ids: list[int]) -> list[int]: ...
     def pin_cached(self, hashes: list[int]) -> list[int]: ...
-    def unpin(self, block_ids: list[int]) -> None: ...
+    def unpin(self, block_ids: list[int], cold: bool = False) -> None: ...
     def reserve(self, num_tokens: int) -> list[int] | None: ...
     def adopt_blocks(self, hashes: list[int], block_ids: list[int]) -> None: ...
 
@@ -164,6 +164,9 @@ class Pulls:
         self.outbox.send(Pulled(msg.pull, len(blocks), xfer), src)
 
     def _served(self, blocks: list[int], seconds: float) -> None:
-        self.engine.unpin(blocks)
+        # NOTE: the source's copy goes to the cold end of its LRU: the request went to the puller,
+        # whose copy its next turn (a conversation's longer prefix) will find, so keeping both warm
+        # would spend two caches on one prefix. Blocks a running sequence still uses stay put.
+        self.engine.unpin(blocks, cold=True)
         self.stats.pulls_served += 1
         self.stats.served_blocks += len(blocks)

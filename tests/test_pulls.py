@@ -154,7 +154,7 @@ class CacheEngine:
         self.refs.update(out)
         return out
 
-    def unpin(self, block_ids):
+    def unpin(self, block_ids, cold=False):
         self.refs.subtract(block_ids)
         assert min(self.refs.values(), default=0) >= 0
         self.free += [b for b in block_ids if not self.refs[b] and b not in self.cached.values()]
@@ -356,3 +356,25 @@ def test_planner_picks_the_longest_gpu_prefix_and_never_both_directions_of_a_pai
     planner.done("r")
     assert planner.source(3, 0, {2: 20, 1: 5}) == (2, 20) and planner.planned_blocks == 12
     assert PullPlanner(lambda own, n: 0.0, [1, 2], 1).source(1, 0, {2: 8}) is None  # no saving: no pull
+
+
+def test_a_served_prefix_becomes_the_next_to_evict_on_its_source_tail_first_unless_in_use():
+    from kvrelay.ranks.engine.kv_cache import KVCacheManager
+
+    kv = KVCacheManager(6, 4, hash_seed=0)
+    prefix = kv.allocate(3)
+    for i, b in enumerate(prefix):
+        kv.register(b, 100 + i)
+    kv.unpin(prefix)
+    other = kv.allocate(1)
+    kv.register(other[0], 200)
+    kv.unpin(other)  # warmer than the prefix now
+    served = kv.pin_cached([100, 101, 102, 103])
+    assert served == prefix and kv.num_free == 3
+    kv.pin_cached([100])  # a running sequence shares the first block
+    kv.unpin(served, cold=True)
+    evicted = []
+    kv.on_evict = lambda block_id, block_hash: evicted.append(block_hash)
+    kv.allocate(2)
+    assert evicted == [102, 101]  # the served tail first, not the never-used blocks or hash 200
+    assert kv.pin_cached([100]) == prefix[:1]  # the shared block stayed

@@ -280,8 +280,8 @@ class Engine:
         """The blocks of the leading run of `hashes` this cache holds, pinned until `unpin`."""
         return self.kv.pin_cached(hashes)
 
-    def unpin(self, block_ids: list[int]) -> None:
-        self.kv.unpin(block_ids)
+    def unpin(self, block_ids: list[int], cold: bool = False) -> None:
+        self.kv.unpin(block_ids, cold)
 
     def pack_blocks(self, block_ids: list[int]) -> torch.Tensor:  # packed KV (kernels/kv_pack.py) on the runner's device
         """Cached blocks (pinned), packed into one contiguous buffer to send (one chunk of a pull)."""

@@ -176,8 +176,15 @@ class KVCacheManager:
         self.pool.touch(blocks)
         return blocks
 
-    def unpin(self, block_ids: list[int]) -> None:
+    def unpin(self, block_ids: list[int], cold: bool = False) -> None:
+        """Drop the references of `pin_cached` (or of unused reserved blocks). With `cold`, those
+        left unreferenced become the next to evict (a pulled prefix's copy that the puller now
+        holds), the prompt's tail first; else the most recent, as any freed block."""
         self.pool.unref(block_ids[::-1])
+        if cold:
+            for b in block_ids:
+                if self.pool.ref_counts[b] == 0:
+                    self.pool.free.move_to_end(b, last=False)
 
     def adopt_blocks(self, hashes: list[int], block_ids: list[int]) -> None:
         """Reserved blocks into which another worker's cached blocks `hashes` landed: make them

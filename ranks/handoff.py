@@ -143,7 +143,7 @@ class Handoffs:
         self.next_xfer: dict[int, int] = {}  # decode rank -> next transfer number
         self.outgoing: dict[tuple[int, int], _Outgoing] = {}  # (receiver's rank, xfer) -> transfer announced
         self.ready: deque[tuple[_Outgoing, _Chunk]] = deque()  # READY received, send waiting for staging room
-        self.announced: deque[_Incoming] = deque()  # HANDOFF received, chunks still to post
+        self.announced: deque[_Incoming] = deque()  # HANDOFF (or a pull's PULLED) received, chunks still to post
         self.incoming: list[_Incoming] = []  # blocks reserved, chunks in flight
         self.receives = 0  # chunk receives in flight
         self.staged = 0  # bytes of packed KV held in staging buffers (sends and receives)

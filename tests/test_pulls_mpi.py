@@ -96,3 +96,28 @@ def test_pulled_prefixes_change_no_output(layout, n, tiny_models, conversation_i
         # those were computed, and the outputs above are still the single-rank ones. The same with
         # the eviction forced at a known moment: tests/test_pulls.py, real engines.
         assert b["pull_missing_blocks"] > 0, b
+
+
+def test_simulated_workers_pull_a_hot_prefix_from_its_holder(tmp_path):
+    # Every request starts with the same 4k-token document, then its own 2k tokens; they arrive
+    # faster than one worker could prefill them, so they spread over the workers, and a worker that
+    # gets its first one after the document is in another's window pulls it (simulated transfers:
+    # modeled time at the handoff bandwidth; the control messages take their wall time x sim.speed).
+    trace = tmp_path / "t.jsonl"
+    doc = list(range(1, 9))
+    trace.write_text("".join(json.dumps({"timestamp": 40 * i, "input_length": 512 * 12, "output_length": 4,
+                                         "hash_ids": doc + [100 + 4 * i + k for k in range(4)]}) + "\n" for i in range(32)))
+    out = tmp_path / "o.jsonl"
+    sets = ["sim.enabled=true", "sim.speed=20", "input.format=trace", "job.progress=false", "cache.block_size=64",
+            "roles.aggregated=4", "router.pulls=true", "router.pull_overhead_ms=0"]
+    proc = run([*CLI, "run", "--local", "5", "-i", str(trace), "-o", str(out), *[x for s in sets for x in ("--set", s)]])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(d["custom_id"] for d in lines) == sorted(f"trace-{i}" for i in range(1, 33))
+    s = json.loads((tmp_path / "o.summary.json").read_text())
+    b = s["backend"]
+    print({k: b[k] for k in ("pulls_planned", "pulls", "pulled_blocks", "pull_missing_blocks")}, s["prefix_hit_ratio"])
+    assert b["pulled_blocks"] >= 64 and b["pulled_bytes"] == b["pulled_blocks"] * 64 * 131072  # 8B shape, 128 KiB a token
+    assert min(w["requests"] for w in b["workers"]) >= 4  # spread by load, not pinned to the holder
+    # Each worker computes or pulls the document once at most; every later request there hits it.
+    assert s["cached_prompt_tokens"] >= (32 - 4) * 4096, s["cached_prompt_tokens"]

@@ -18,9 +18,11 @@ Protocol, per request (puller B, source A; the router's Assign says "A holds the
      match takes the b + k blocks. A unpins its blocks after the last chunk's send.
 
 Both sides keep stepping meanwhile: the request waits here ("pulling"), outside the engine, while
-B's other sequences run, and A's steps never wait for a pull. Blocks that A evicted between the
-router's decision and the PULL are simply not sent: B computes them, never reads a stale block
-(the hashes are chained, so a hash names its whole prefix).
+B's other sequences run, and A's steps never wait for a pull. A later request to B that would
+compute the blocks on their way (the router sends it without a pull: its books credit B with the
+prefix) waits with it (`hold`), as the scheduler holds back a prefix another sequence computes.
+Blocks that A evicted between the router's decision and the PULL are simply not sent: B computes
+them, never reads a stale block (the hashes are chained, so a hash names its whole prefix).
 
 NOTE: B reserves its blocks before it asks, so A pins blocks only for a receiver that has room
 for them and A's pins are released as fast as the transfer goes. Were B to reserve after
@@ -71,6 +73,7 @@ class _Pull:
     own: list[int] = field(default_factory=list)  # this worker's pinned leading hits
     reserved: list[int] = field(default_factory=list)  # for the blocks asked for
     asked: float = 0.0
+    followers: list[Request] = field(default_factory=list)  # requests here that wait for these blocks too
 
 
 class Pulls:
@@ -87,6 +90,7 @@ class Pulls:
         self.waiting: deque[_Pull] = deque()  # to pin and reserve, in arrival order
         self.asked: dict[int, _Pull] = {}  # pull number -> PULL sent, PULLED not yet received
         self.landing = 0  # transfers expected, not landed
+        self.active: list[_Pull] = []  # every pull from `start` until its request is admitted
 
     def busy(self) -> bool:
         return bool(self.waiting or self.asked or self.landing)
@@ -96,7 +100,23 @@ class Pulls:
     def start(self, request: Request, src: int, num_blocks: int) -> None:
         """The router placed `request` here, with its first `num_blocks` blocks cached on `src`."""
         hashes = self.engine.prompt_hashes(request.prompt_token_ids)[:num_blocks]
-        self.waiting.append(_Pull(request, src, hashes))
+        if not self.hold(request):
+            self.waiting.append(_Pull(request, src, hashes))
+            self.active.append(self.waiting[-1])
+
+    def hold(self, request: Request) -> bool:
+        """Keep a request back while a pull here brings the first blocks it would compute itself
+        (the router credits this worker with a prefix in flight and sends its next requests without
+        a pull); it goes to the engine with that pull's request. False: nothing to wait for."""
+        if not self.active:
+            return False
+        hashes = self.engine.prompt_hashes(request.prompt_token_ids)
+        for p in self.active:
+            i = len(p.own)  # the first block the pull brings (0 before it asked)
+            if i < len(p.hashes) and i < len(hashes) and hashes[i] == p.hashes[i]:
+                p.followers.append(request)
+                return True
+        return False
 
     def progress(self) -> bool:
         """Pin and reserve for the waiting pulls, in order, while blocks are free; True if any moved."""
@@ -150,7 +170,9 @@ class Pulls:
         # admission (its first schedule) takes it; only a cache that turns over entirely before
         # then loses it, and that costs a recompute.
         self.engine.unpin(p.own)
-        self.admit(p.request)
+        self.active.remove(p)
+        for request in (p.request, *p.followers):
+            self.admit(request)
 
     # --- source ---------------------------------------------------------------------------------
 

@@ -114,7 +114,7 @@ class Worker:
                 self.decode_rank[msg.request.request_id] = msg.decode_rank
             if msg.pull_from is not None:
                 self.pulls.start(msg.request, msg.pull_from, msg.pull_blocks)
-            else:
+            elif not self.pulls.hold(msg.request):
                 self._add_request(msg.request)
         elif isinstance(msg, Pull):
             self.pulls.on_pull(src, msg)

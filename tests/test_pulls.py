@@ -388,3 +388,16 @@ def test_pulls_with_tensor_parallel_workers_are_a_clear_config_error():
     with pytest.raises(ConfigError, match="router.pulls needs one rank per worker"):
         load_config(overrides=["router.pulls=true", "roles.aggregated=2", "roles.tp=2"])
     assert load_config(overrides=["router.pulls=true", "roles.aggregated=2"]).router.pulls
+
+
+def test_a_request_that_would_compute_blocks_on_their_way_waits_for_the_pull():
+    prefix = list(range(10, 20))
+    source, puller, pair = fake_pair(prefix, prefix[:2])
+    puller.pulls.start(request(prefix), SOURCE, len(prefix))
+    puller.turn(source)  # asked for 12..19
+    later = Request("later", [*prefix[:6], 55, 56, 7], SamplingParams(max_tokens=1))  # shares 12..15
+    other = Request("other", [10, 11, 77, 78, 7], SamplingParams(max_tokens=1))  # shares only what it holds
+    assert puller.pulls.hold(later) and not puller.pulls.hold(other)
+    run(source, puller, pair)
+    assert puller.admitted == [request(prefix), later]  # after the blocks landed, with the pull's request
+    assert not puller.pulls.hold(later)  # no pull in progress: nothing to wait for

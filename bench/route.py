@@ -51,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disk-kv-gib", type=float, default=0.0,
                    help="cache.disk_kv_gib: a (simulated) disk KV tier of this size per worker below the host tier; "
                         "the oracle pools it too")
+    p.add_argument("--pulls", action="store_true",
+                   help="router.pulls: a worker pulls a prompt's cached prefix from another worker's cache (pulled tokens are hits)")
     p.add_argument("--timing", default=None, help="timing model YAML (default: configs/sim/h100-llama8b.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config key, for every run")
     p.add_argument("--workdir", default=None, help="where the runs' outputs go (default: a temporary directory)")
@@ -78,7 +80,8 @@ def run_one(args, workers: int, policy: str, limit: int, workdir: Path) -> dict:
     sets = [
         "sim.enabled=true", f"sim.speed={args.speed}", "input.format=trace", f"input.time_scale={time_scale}",
         f"input.limit={limit}", f"roles.aggregated={workers}", f"router.policy={policy}",
-        f"cache.block_size={args.block_size}", f"cache.host_kv_gib={args.host_kv_gib}", "job.progress=false", *args.set,
+        f"cache.block_size={args.block_size}", f"cache.host_kv_gib={args.host_kv_gib}", f"router.pulls={str(args.pulls).lower()}", "job.progress=false",
+        *args.set,
     ]
     if args.disk_kv_gib:  # simulated workers write no files; the path only satisfies the config
         sets += [f"cache.disk_kv_gib={args.disk_kv_gib}", f"cache.disk_kv_path={workdir / 'disk-kv'}"]
@@ -120,7 +123,10 @@ def run_one(args, workers: int, policy: str, limit: int, workdir: Path) -> dict:
         "host_deduped_blocks": sum(w.get("host_deduped_blocks", 0) for w in ws),
         "host_copy_s": sum(w["sim"].get("host_copy_s", 0.0) for w in ws),
         "host_copy_stall_s": sum(w["sim"].get("copy_stall_s", 0.0) for w in ws),
-        "hit_ratio": s["prefix_hit_ratio"],
+        "pulled_tokens": b.get("pulled_blocks", 0) * args.block_size,
+        "pulled_bytes": b.get("pulled_bytes", 0),
+        "pull_missing_blocks": b.get("pull_missing_blocks", 0),
+        "hit_ratio": s["prefix_hit_ratio"],  # pulled tokens are prefix hits of the worker that pulled them
         "ttft_p50_s": s["latency"]["ttft_s"]["p50"],
         "ttft_p90_s": s["latency"]["ttft_s"]["p90"],
         "itl_p50_s": s["latency"]["itl_s"]["p50"],
@@ -276,7 +282,8 @@ def run(args: argparse.Namespace) -> int:
             results.append(r)
             print(f"W={w} {policy}: {r['requests']} requests, hit {r['hit_ratio']:.3f} (oracle {orc.hit_ratio:.3f}; "
                   f"host / disk tiers {r['host_hit_tokens']} / {r['disk_hit_tokens']} of "
-                  f"{r['gpu_hit_tokens'] + r['host_hit_tokens'] + r['disk_hit_tokens']} hit tokens), "
+                  f"{r['gpu_hit_tokens'] + r['host_hit_tokens'] + r['disk_hit_tokens']} hit tokens, "
+                  f"pulled {r['pulled_tokens']}), "
                   f"TTFT p50 {r['ttft_p50_s']:.2f} s, decision p50 {r['decision_us']['p50']:.0f} us, "
                   f"wall {r['wall_s']:.0f} s", flush=True)
     compare(results)

@@ -129,6 +129,13 @@ class RouterSection(_Section):
     # Look-ahead (router/lookahead.py): lines read ahead of placement and placed in prefix order; 1 = file order.
     lookahead_lines: int = Field(4096, ge=1, description="input lines read and tokenized ahead of placement")
     lookahead_tokens: int = Field(4_000_000, ge=1, description="prompt tokens the look-ahead holds at most (memory bound)")
+    # Pulls (router/pulls.py, ranks/pulls.py): a request placed on a worker that holds less of its prefix than another
+    # worker's KV cache does fetches the difference from there when the timing model says moving it beats computing it.
+    pulls: bool = Field(False, description="fetch cached prefix blocks from another worker instead of recomputing them")
+    pull_min_blocks: int = Field(4, ge=1, description="pull only when the other worker holds at least this many more leading blocks")
+    # NOTE: a pull waits for its PULL, PULLED and READY messages to pass through both workers' loops, each turn of
+    # which may be behind an engine step; that wait, not the link, dominates a pull of a few hundred blocks.
+    pull_overhead_ms: float = Field(100.0, ge=0.0, description="pulls: fixed cost of one pull beyond its transfer (control round trips), modeled ms")
 
 
 class DefaultsSection(_Section):
@@ -245,6 +252,14 @@ class JobConfig(_Section):
     output: OutputSection = OutputSection()
     sim: SimSection = SimSection()
     slurm: SlurmSection = SlurmSection()
+
+    @model_validator(mode="after")
+    def _pulls_need_whole_workers(self) -> JobConfig:
+        # NOTE: a pull moves one rank's KV blocks; a tensor-parallel worker's KV is sharded over its group.
+        if self.router.pulls and any(self.roles.tp_of(r) > 1 for r in get_args(Role) if getattr(self.roles, r)):
+            raise ValueError("router.pulls needs one rank per worker (roles.tp=1 for every role): a "
+                             "tensor-parallel worker's KV is split over its ranks; turn router.pulls off or tp to 1")
+        return self
 
     @property
     def cache_affinity(self) -> float:

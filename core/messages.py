@@ -33,22 +33,28 @@ class Tag(enum.IntEnum):
     READY = 5  # decode -> prefill: blocks reserved, a chunk's receive posted: send that chunk now
     SHUTDOWN = 6  # router -> worker: no more requests; finish and report
     STATS = 7  # worker -> router: final counters, the reply to SHUTDOWN
+    PULL = 8  # worker -> worker: send me these cached blocks of yours (ranks/pulls.py)
+    PULLED = 9  # worker -> worker: how many of them are pinned, and the transfer that brings them
 
 
 @dataclass
 class Assign:
-    """Router -> worker. `decode_rank` set: prefill here, decode there."""
+    """Router -> worker. `decode_rank` set: prefill here, decode there. `pull_from` set: worker
+    `pull_from` holds the prompt's first `pull_blocks` blocks; pull them before the prefill."""
 
     TAG: ClassVar[Tag] = Tag.REQUEST
     request: Request
     decode_rank: int | None = None
+    pull_from: int | None = None
+    pull_blocks: int = 0
 
     def to_wire(self) -> dict:
-        return {"request": self.request.to_wire(), "decode_rank": self.decode_rank}
+        return {"request": self.request.to_wire(), "decode_rank": self.decode_rank, "pull_from": self.pull_from,
+                "pull_blocks": self.pull_blocks}
 
     @classmethod
     def from_wire(cls, d: dict) -> Assign:
-        return cls(Request.from_wire(d["request"]), d["decode_rank"])
+        return cls(Request.from_wire(d["request"]), d["decode_rank"], d["pull_from"], d["pull_blocks"])
 
 
 @dataclass
@@ -181,6 +187,41 @@ class Ready:
 
 
 @dataclass
+class Pull:
+    """Puller -> source: pin and send the leading run of `hashes` (block hashes, in prompt order)
+    that your prefix cache holds. `pull` numbers the puller's requests."""
+
+    TAG: ClassVar[Tag] = Tag.PULL
+    pull: int
+    hashes: list[int]
+
+    def to_wire(self) -> dict:
+        return {"pull": self.pull, "hashes": self.hashes}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> Pull:
+        return cls(d["pull"], list(d["hashes"]))
+
+
+@dataclass
+class Pulled:
+    """Source -> puller: the first `count` blocks of pull `pull` are pinned here and leave as
+    transfer `xfer` (READY per chunk, as a handoff); count 0: none is held, nothing follows."""
+
+    TAG: ClassVar[Tag] = Tag.PULLED
+    pull: int
+    count: int
+    xfer: int = -1
+
+    def to_wire(self) -> dict:
+        return {"pull": self.pull, "count": self.count, "xfer": self.xfer}
+
+    @classmethod
+    def from_wire(cls, d: dict) -> Pulled:
+        return cls(d["pull"], d["count"], d["xfer"])
+
+
+@dataclass
 class Shutdown:
     """Router -> worker: no more requests; finish what is in flight and report Stats."""
 
@@ -210,8 +251,8 @@ class Stats:
         return cls(d)
 
 
-Message = Assign | Result | Prefilled | Handoff | Ready | Shutdown | Stats
-RECORDS: dict[Tag, type] = {cls.TAG: cls for cls in (Assign, Result, Prefilled, Handoff, Ready, Shutdown, Stats)}
+Message = Assign | Result | Prefilled | Handoff | Ready | Shutdown | Stats | Pull | Pulled
+RECORDS: dict[Tag, type] = {cls.TAG: cls for cls in (Assign, Result, Prefilled, Handoff, Ready, Shutdown, Stats, Pull, Pulled)}
 
 
 def encode(record: Message) -> bytes:

@@ -1,4 +1,4 @@
-"""The timing model of one worker (step, prefill, decode and handoff times from a few fitted
+"""The timing model of one worker (step, prefill, decode, handoff and pull times from a few fitted
 coefficients): simulated workers sleep for it (ranks/engine/sim_runner.py) and `kvrelay plan`
 (router/layout_advice.py) advises layouts with it. Coefficients live in a YAML file such as
 configs/sim/h100-llama8b.yaml; `bench/calibrate.py` fits them on a real engine.
@@ -168,6 +168,19 @@ class TimingModel(_Strict):
         recompute = self.prefill_s(new, cached)
         bring_in = self.host_copy_s(new) + self.disk_io_s(disk_blocks * block_size)
         return max(0.0, recompute - bring_in) / recompute * n if recompute else 0.0
+
+    def pull_credit(self, block_size: int, own_blocks: int, pulled_blocks: int, overhead_s: float = 0.0) -> float:
+        """What `pulled_blocks` blocks pulled from another worker after `own_blocks` blocks of its
+        own are worth to a worker, in blocks recomputed (as `tier_credit`): the pull goes over the
+        handoff link and waits `overhead_s` more for its control round trips."""
+        return self._credit(block_size, own_blocks, pulled_blocks, lambda n: self.handoff_s(n) + overhead_s)
+
+    def _credit(self, block_size: int, have: int, blocks: int, bring_in_s) -> float:
+        if blocks == 0:
+            return 0.0
+        new, cached = blocks * block_size, have * block_size
+        recompute = self.prefill_s(new, cached)
+        return max(0.0, recompute - bring_in_s(new)) / recompute * blocks if recompute else 0.0
 
     def handoff_s(self, num_tokens: int) -> float:
         h = self.handoff

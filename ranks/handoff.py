@@ -24,9 +24,15 @@ Staging budget: packed KV leaves and arrives in buffers outside the KV cache; se
 together never stage more than `staging_budget` bytes, except that a single block larger than
 the whole budget still goes when nothing else is staged (alone).
 
+Pulls (ranks/pulls.py) use the same machinery for another kind of transfer: a worker's cached
+blocks, pinned, to a worker that asked for them (`serve` on the source, `expect` on the receiver);
+only what happens after the last chunk differs (the source unpins, the receiver registers the
+blocks by hash). They share the pair's READY order, tag and staging budget with handoffs.
+
 The engine's KV surface, the transport and the outbox are injected (tests/test_handoff.py drives
 this with fakes, without MPI). How a chunk's bytes move is the link's (ranks/kv_link.py): one
-transfer between single ranks, or each rank's shard between tensor-parallel groups.
+transfer between single ranks, or each rank's shard between tensor-parallel groups. A pull moves
+cached blocks packed here, between single ranks only (tensor-parallel workers do not pull).
 
 NOTE: one READY per chunk, rather than one READY carrying the whole chunk plan, keeps the no-
 deadlock rule per chunk: a send starts only after its receive is posted, so staged sends always
@@ -44,6 +50,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -63,6 +70,7 @@ class KVEngine(Protocol):
     def kv_bytes(self, num_tokens: int) -> int: ...
     def reserve(self, num_tokens: int) -> list[int] | None: ...
     def pack_kv(self, request_id: str, first: int, count: int) -> torch.Tensor: ...
+    def pack_blocks(self, block_ids: list[int]) -> torch.Tensor: ...
     def staging_buffer(self, n: int) -> torch.Tensor: ...
     def unpack_kv(self, buf: torch.Tensor, block_ids: list[int], first_head: int = 0) -> None: ...
     def transfer_s(self, num_tokens: int) -> float: ...
@@ -74,6 +82,7 @@ class KVLink(Protocol):
     """How one chunk's bytes move (ranks/kv_link.py)."""
 
     def send(self, request_id: str, first: int, count: int, dest: int) -> Pending: ...
+    def send_packed(self, buf: torch.Tensor, dest: int) -> Pending: ...
     def recv(self, count: int, src: int) -> Receiving: ...
 
 
@@ -85,7 +94,7 @@ class Sender(Protocol):
 class HandoffStats:
     handoffs_sent: int = 0
     handoffs_received: int = 0
-    handoff_bytes: int = 0
+    handoff_bytes: int = 0  # packed KV of the handoffs sent (pulls are counted in ranks/pulls.py)
     handoff_seconds: float = 0.0  # first chunk's send posted -> last chunk's send seen complete, summed
     chunks_sent: int = 0
     chunks_received: int = 0
@@ -103,9 +112,11 @@ class _Chunk:
 
 @dataclass
 class _Outgoing:
-    state: SeqState
     dest: int
     num_blocks: int
+    num_kv_tokens: int  # tokens whose KV it carries (a simulated transfer's time)
+    send: Callable[[int, int, int], Pending]  # (first, count, dest) -> those blocks' send, posted
+    release: Callable[[float], None]  # after the last chunk's send, with the transfer's seconds
     blocks_sent: int = 0
     sending: list[_Chunk] = field(default_factory=list)
     started: float | None = None
@@ -115,8 +126,10 @@ class _Outgoing:
 @dataclass
 class _Incoming:
     src: int
-    handoff: Handoff
+    xfer: int
+    num_kv_tokens: int
     num_blocks: int
+    land: Callable[[list[int]], None]  # after the last chunk is unpacked, with the reserved blocks
     blocks: list[int] = field(default_factory=list)  # reserved; empty until then
     next_block: int = 0  # first block whose receive is not posted yet
     blocks_received: int = 0
@@ -139,9 +152,9 @@ class Handoffs:
         self.clock = clock
         self.stats = HandoffStats()
         self.next_xfer: dict[int, int] = {}  # decode rank -> next transfer number
-        self.outgoing: dict[tuple[int, int], _Outgoing] = {}  # (decode rank, xfer) -> handoff announced
+        self.outgoing: dict[tuple[int, int], _Outgoing] = {}  # (receiver's rank, xfer) -> transfer announced
         self.ready: deque[tuple[_Outgoing, _Chunk]] = deque()  # READY received, send waiting for staging room
-        self.announced: deque[_Incoming] = deque()  # HANDOFF received, chunks still to post
+        self.announced: deque[_Incoming] = deque()  # HANDOFF (or a pull's PULLED) received, chunks still to post
         self.incoming: list[_Incoming] = []  # blocks reserved, chunks in flight
         self.receives = 0  # chunk receives in flight
         self.staged = 0  # bytes of packed KV held in staging buffers (sends and receives)
@@ -153,14 +166,47 @@ class Handoffs:
 
     def start(self, state: SeqState, dest: int) -> None:
         """Prefill side: announce a sequence's KV to the decode worker `dest`."""
-        xfer = self.next_xfer.get(dest, 0)
-        self.next_xfer[dest] = xfer + 1
+        num_blocks = self.engine.kv_blocks(state.num_kv_tokens)
+        xfer = self._outgoing(dest, state.num_kv_tokens, num_blocks, partial(self.link.send, state.request_id),
+                              partial(self._handed_off, state.request_id, num_blocks))
         self.outbox.send(Handoff(xfer, state), dest)
-        self.outgoing[(dest, xfer)] = _Outgoing(state, dest, self.engine.kv_blocks(state.num_kv_tokens))
+
+    def serve(self, dest: int, block_ids: list[int], num_kv_tokens: int, release: Callable[[float], None]) -> int:
+        """Source of a pull: send `block_ids` (pinned by the caller, who unpins them in `release`)
+        to `dest` as it answers READY; returns the transfer number the caller tells `dest`."""
+        def send(first: int, count: int, dest: int) -> Pending:
+            return self.link.send_packed(self.engine.pack_blocks(block_ids[first : first + count]), dest)
+
+        return self._outgoing(dest, num_kv_tokens, len(block_ids), send, release)
 
     def on_handoff(self, src: int, msg: Handoff) -> None:
         """Decode side: a prefill worker announced a transfer."""
-        self.announced.append(_Incoming(src, msg, self.engine.kv_blocks(msg.state.num_kv_tokens)))
+        tokens = msg.state.num_kv_tokens
+        self.expect(src, msg.xfer, tokens, self.engine.kv_blocks(tokens), partial(self._received, msg.state))
+
+    def expect(self, src: int, xfer: int, num_kv_tokens: int, num_blocks: int, land: Callable[[list[int]], None],
+               blocks: list[int] | None = None) -> None:
+        """Receiving side: transfer `xfer` of `num_blocks` blocks comes from `src`, into `blocks`
+        (reserved by the caller) or blocks reserved here when the transfer's turn comes; once every
+        chunk is unpacked, `land(block_ids)` takes them over."""
+        self.announced.append(_Incoming(src, xfer, num_kv_tokens, num_blocks, land, list(blocks or [])))
+
+    def _outgoing(self, dest: int, num_kv_tokens: int, num_blocks: int, send: Callable[[int, int, int], Pending],
+                  release: Callable[[float], None]) -> int:
+        xfer = self.next_xfer.get(dest, 0)
+        self.next_xfer[dest] = xfer + 1
+        self.outgoing[(dest, xfer)] = _Outgoing(dest, num_blocks, num_kv_tokens, send, release)
+        return xfer
+
+    def _handed_off(self, request_id: str, num_blocks: int, seconds: float) -> None:
+        self.stats.handoffs_sent += 1
+        self.stats.handoff_bytes += num_blocks * self.block_bytes
+        self.stats.handoff_seconds += seconds
+        self.engine.free_kv(request_id)
+
+    def _received(self, state: SeqState, block_ids: list[int]) -> None:
+        self.engine.add_received(state, block_ids)
+        self.stats.handoffs_received += 1
 
     def on_ready(self, src: int, msg: Ready) -> None:
         # Sends start in READY order (a later one never overtakes one waiting for room).
@@ -203,8 +249,8 @@ class Handoffs:
         now = self.clock()
         if out.started is None:
             out.started = now
-        chunk.not_before = self._sim_done(out, out.state.num_kv_tokens, chunk)
-        chunk.pending = self.link.send(out.state.request_id, chunk.first, chunk.count, out.dest)
+        chunk.not_before = self._sim_done(out, out.num_kv_tokens, chunk)
+        chunk.pending = out.send(chunk.first, chunk.count, out.dest)
         out.sending.append(chunk)
 
     def _finish_sends(self) -> bool:
@@ -216,13 +262,10 @@ class Handoffs:
                 out.blocks_sent += chunk.count
                 self.staged -= chunk.nbytes
                 self.stats.chunks_sent += 1
-                self.stats.handoff_bytes += chunk.nbytes
                 moved = True
             if out.blocks_sent == out.num_blocks:
-                self.stats.handoffs_sent += 1
-                self.stats.handoff_seconds += now - out.started
-                self.engine.free_kv(out.state.request_id)
                 del self.outgoing[key]
+                out.release(now - out.started)
         return moved
 
     def _receive(self, inc: _Incoming) -> bool:
@@ -232,17 +275,18 @@ class Handoffs:
         chunk = _Chunk(inc.next_block, count, count * self.block_bytes)
         if not self._fits(chunk.nbytes):
             return False
-        if not inc.blocks:
-            blocks = self.engine.reserve(inc.handoff.state.num_kv_tokens)
-            if blocks is None:
-                return False
-            assert len(blocks) == inc.num_blocks
-            inc.blocks = blocks
+        if inc.next_block == 0:
+            if not inc.blocks:
+                blocks = self.engine.reserve(inc.num_kv_tokens)
+                if blocks is None:
+                    return False
+                inc.blocks = blocks
+            assert len(inc.blocks) == inc.num_blocks
             self.incoming.append(inc)
         self._stage(chunk.nbytes)
-        chunk.not_before = self._sim_done(inc, inc.handoff.state.num_kv_tokens, chunk)
+        chunk.not_before = self._sim_done(inc, inc.num_kv_tokens, chunk)
         chunk.pending = self.link.recv(count, inc.src)
-        self.outbox.send(Ready(inc.handoff.xfer, chunk.first, count), inc.src)
+        self.outbox.send(Ready(inc.xfer, chunk.first, count), inc.src)
         inc.receiving.append(chunk)
         inc.next_block += count
         self.receives += 1
@@ -264,6 +308,6 @@ class Handoffs:
                 moved = True
             if inc.blocks_received == inc.num_blocks:
                 self.incoming.remove(inc)
-                self.engine.add_received(inc.handoff.state, inc.blocks)
-                self.stats.handoffs_received += 1
+                inc.land(inc.blocks)
         return moved
+

@@ -1,6 +1,6 @@
 """How one chunk of a handoff's KV moves between two workers (ranks/handoff.py decides when).
 
-    link = PairLink(engine, transport, rank)            # one rank to one rank (tp=1 on both sides)
+    link = PairLink(engine, transport, rank)            # one rank to one rank (tp=1 on both sides); pulls too
     link = GroupLink(engine, transport, rank, tp, tp_of, num_kv_heads, sync)   # tensor-parallel groups
     sending = link.send(request_id, first, count, dest)  # Pending: this rank's part has left
     receiving = link.recv(count, src)                    # Receiving: done(), then unpack(block_ids)
@@ -89,7 +89,11 @@ class PairLink:
         self.engine, self.transport, self.rank = engine, transport, rank
 
     def send(self, request_id: str, first: int, count: int, dest: int) -> Pending:
-        return self.transport.send(self.engine.pack_kv(request_id, first, count), dest - 1, dest)
+        return self.send_packed(self.engine.pack_kv(request_id, first, count), dest)
+
+    def send_packed(self, buf: torch.Tensor, dest: int) -> Pending:
+        """Blocks packed by the caller (a pull's cached blocks, ranks/pulls.py)."""
+        return self.transport.send(buf, dest - 1, dest)
 
     def recv(self, count: int, src: int) -> Receiving:
         buf = self.engine.staging_buffer(count)

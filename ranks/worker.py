@@ -5,7 +5,8 @@ the group's other ranks (ranks/follower.py) every step; to the router it is the 
 The loop is: receive control messages -> move KV transfers along -> one engine step -> send
 what the step produced -> publish the engine's load in the window. Nothing in it blocks: a
 decode worker keeps decoding while KV arrives, and a prefill worker keeps prefilling while KV
-leaves. The KV transfers and their protocol are ranks/handoff.py's.
+leaves. The KV transfers and their protocol are ranks/handoff.py's; pulls of another worker's
+cached blocks (router.pulls) are ranks/pulls.py's.
 
     mpiexec -n 3 python -m kvrelay.launch.cli run -i in.jsonl -o out.jsonl --model DIR --set roles.aggregated=2
 """
@@ -24,7 +25,9 @@ from kvrelay.ranks.engine.parallel import TPGroup
 from kvrelay.ranks.engine.step_sync import StepSync
 from kvrelay.ranks.handoff import Handoffs
 from kvrelay.ranks.kv_link import GroupLink
-from kvrelay.core.messages import Assign, Handoff, Outbox, Prefilled, Ready, Result, Shutdown, Stats, poll
+from kvrelay.core.messages import Assign, Handoff, Outbox, Prefilled, Pull, Pulled, Ready, Result, Shutdown, Stats, poll
+from kvrelay.core.request import Request
+from kvrelay.ranks.pulls import Pulls
 from kvrelay.ranks.transport import make_transport
 from kvrelay.core.window import CacheWindow
 
@@ -49,7 +52,9 @@ class Worker:
         # the KV cache's fraction of memory they ran a decode GPU out of memory on long prompts,
         # so a split worker keeps cache.handoff_buffer_gib out of its cache and never stages more
         # than that at once (ranks/handoff.py).
-        staging_budget = int(cfg.cache.handoff_buffer_gib * (1 << 30)) if role in ("prefill", "decode") else 0
+        # With router.pulls, an aggregated worker sends and receives pulled blocks the same way.
+        moves_kv = role in ("prefill", "decode") or cfg.router.pulls
+        staging_budget = int(cfg.cache.handoff_buffer_gib * (1 << 30)) if moves_kv else 0
         self.engine = Engine.from_config(cfg, device, staging_bytes=staging_budget, tp=tp, sync=sync)
         # Collective over the world: the router creates its reader at the same point.
         self.window = CacheWindow.create(world, self.engine.load().total_blocks, role,
@@ -70,6 +75,7 @@ class Worker:
                              self.engine.runner.spec.num_kv_heads, sync)
         self.handoffs = Handoffs(self.engine, self.transport, self.outbox, world.rank, staging_budget, link=link)
         self.tp = sync.size if sync is not None else 1
+        self.pulls = Pulls(self.engine, self.handoffs, self.outbox, cfg.cache.block_size, self._add_request)
         self.decode_rank: dict[str, int] = {}  # request id -> where it decodes (prefill worker)
         self.step_wall_s = 0.0  # wall time inside engine steps
         self.shutdown = False
@@ -83,6 +89,7 @@ class Worker:
                 self._dispatch(*msg)
                 busy = True
             self.outbox.progress()
+            busy |= self.pulls.progress()
             busy |= self.handoffs.progress()
             if self.engine.has_work():
                 t0 = time.perf_counter()
@@ -91,7 +98,7 @@ class Worker:
                 self.step_wall_s += time.perf_counter() - t0
                 busy = True
             self.window.publish(self.engine.load())
-            if self.shutdown and not (self.engine.has_work() or self.handoffs.busy()):
+            if self.shutdown and not (self.engine.has_work() or self.handoffs.busy() or self.pulls.busy()):
                 break
             if busy:
                 nap = IDLE_SLEEP_S
@@ -101,9 +108,12 @@ class Worker:
         if self.sync is not None:
             self.sync.stop()  # the group's other ranks leave their loops
         stats = {"rank": self.world.rank, "role": self.role, "tp": self.tp, **self.engine.report(),
-                 **vars(self.handoffs.stats), "step_wall_s": self.step_wall_s}
+                 **vars(self.handoffs.stats), **vars(self.pulls.stats), "step_wall_s": self.step_wall_s}
         self.outbox.send(Stats(stats), ROUTER)
         self.outbox.flush()
+
+    def _add_request(self, request: Request) -> None:
+        self.engine.add_request(request, handoff=request.request_id in self.decode_rank)
 
     def _send_step(self, out: StepOutput) -> None:
         for result in out.finished:
@@ -116,10 +126,16 @@ class Worker:
 
     def _dispatch(self, tag, src: int, msg) -> None:
         if isinstance(msg, Assign):
-            handoff = msg.decode_rank is not None
-            if handoff:
+            if msg.decode_rank is not None:
                 self.decode_rank[msg.request.request_id] = msg.decode_rank
-            self.engine.add_request(msg.request, handoff=handoff)
+            if msg.pull_from is not None:
+                self.pulls.start(msg.request, msg.pull_from, msg.pull_blocks)
+            elif not self.pulls.hold(msg.request):
+                self._add_request(msg.request)
+        elif isinstance(msg, Pull):
+            self.pulls.on_pull(src, msg)
+        elif isinstance(msg, Pulled):
+            self.pulls.on_pulled(src, msg)
         elif isinstance(msg, Handoff):
             self.handoffs.on_handoff(src, msg)
         elif isinstance(msg, Ready):

@@ -5,7 +5,8 @@ Placement reads every worker's window with passive one-sided gets: the load head
 every decision, and a copy of the cached-block tables (`TableSnapshot`) when the last copy is
 older than router.window_max_age_ms. It adds the router's own books of what it sent and has not
 heard back about (router/books.py: load, and the prefixes placed but not yet in any window), which
-are current where the windows lag. Times are kept apart: hashing the prompt's blocks, reading
+are current where the windows lag. With router.pulls, a request may go to a worker that pulls its
+prefix from another worker's cache (router/pulls.py). Times are kept apart: hashing the prompt's blocks, reading
 windows, and the decision itself (probing the copy and the books, the policy).
 """
 
@@ -26,6 +27,7 @@ from kvrelay.core.block_hash import block_hashes, num_blocks
 from kvrelay.router.books import Books, leading_blocks
 from kvrelay.router.frontend import percentiles
 from kvrelay.router.placement import WorkerState, make_decode_policy, make_policy
+from kvrelay.router.pulls import PULL_KEYS, PullPlanner
 from kvrelay.core.request import Request, RequestResult
 
 IDLE_SLEEP_S = 0.0002
@@ -61,6 +63,8 @@ class MPIBackend:
         # Requests that prefill: aggregated workers, else prefill workers.
         self.entry = layout.ranks("prefill") + layout.ranks("aggregated")
         self.decoders = layout.ranks("decode")
+        pull_credit = partial(timing.pull_credit, self.block_size, overhead_s=cfg.router.pull_overhead_ms / 1e3)
+        self.pulls = PullPlanner(pull_credit, self.entry, cfg.router.pull_min_blocks) if cfg.router.pulls else None
         self.books = Books(self.states)
         self.status = MPI.Status()
         self.max_age_s = cfg.router.window_max_age_ms / 1e3
@@ -102,6 +106,10 @@ class MPIBackend:
         # worth in GPU blocks (host-tier hits count less): one numpy probe of the table copies and
         # one walk of the books for all workers, which every decision needs.
         window, cached, worth = leading_blocks(self.snapshot, inflight, hashes, hash_list, self.tier_credit)
+        gpu: dict[int, int] = {}  # leading blocks in each GPU cache (pull sources)
+        if self.pulls is not None:  # a worker is also worth what it could pull from another
+            gpu = self.snapshot.prefix_lengths(hashes) if self.snapshot.host_groups else window
+            worth = {r: v + self.pulls.worth(r, cached[r], gpu) for r, v in worth.items()}
 
         def uncached_tokens(r: int) -> int:  # what worker r must compute: at least the last token
             return len(ids) - min(cached[r] * self.block_size, len(ids) - 1)
@@ -120,8 +128,14 @@ class MPIBackend:
             rank = choose(self.policy, self.entry)
             if self.layout.role(rank) == "prefill":
                 decode = self.decode_policy.choose([self.states[r] for r in self.decoders], nblocks, lambda r: 0)
-        # The worker's queue grows by what it must compute, not by what it has cached.
+        # The worker's queue grows by what it must compute, not by what it has cached or pulls.
         tokens = uncached_tokens(rank)
+        pull = None
+        if self.pulls is not None:
+            pull = self.pulls.source(rank, cached[rank], gpu)
+            if pull is not None:
+                tokens = len(ids) - min(pull[1] * self.block_size, len(ids) - 1)
+                self.pulls.place(request.request_id, pull[0], rank, pull[1])
         if window:
             self.seen_cached_blocks += max(window.values())
             self.placed_cached_blocks += window[rank]
@@ -129,7 +143,7 @@ class MPIBackend:
         self.hash_s.append(t1 - t0)
         self.read_s.append(t2 - t1)
         self.decision_s.append(time.perf_counter() - t2)
-        self.outbox.send(Assign(request, decode), rank)
+        self.outbox.send(Assign(request, decode, *(pull or (None, 0))), rank)
         self.books.place(request.request_id, rank, decode, tokens, nblocks, hash_list)
         self.max_inflight_prefix_blocks = max(self.max_inflight_prefix_blocks, len(inflight))
 
@@ -159,9 +173,13 @@ class MPIBackend:
                     self.samples_left[result.request_id] = left
                 else:
                     self.books.finished(result.request_id, src)
+                if self.pulls is not None:
+                    self.pulls.done(result.request_id)
                 results.append(result)
             elif tag is Tag.PREFILLED:
                 self.books.prefilled(payload.request_id)
+                if self.pulls is not None:
+                    self.pulls.done(payload.request_id)
             else:
                 raise RuntimeError(f"router got an unexpected {tag.name} message from rank {src}")
         if not results:
@@ -207,6 +225,10 @@ class MPIBackend:
             # Prefix hits per tier (tokens) and the host and disk tiers' traffic, over all workers.
             **{k: sum(w.get(k, 0) for w in workers.values()) for k in TIER_KEYS},
             "local_prefills": self.local_prefills,
+            # Pulls between workers (router.pulls): planned here, and what the pullers got.
+            "pulls_planned": self.pulls.planned if self.pulls is not None else 0,
+            "pull_planned_blocks": self.pulls.planned_blocks if self.pulls is not None else 0,
+            **{k: sum(w.get(k, 0) for w in workers.values()) for k in PULL_KEYS},
             "handoff_gb_per_s": sent / secs / 1e9 if secs else None,
             "decision_us": us(self.decision_s),
             "hash_us": us(self.hash_s),

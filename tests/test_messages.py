@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvrelay.core.messages import (RECORDS, Assign, Handoff, Prefilled, Ready, Result, SampleStart, SeqState, Shutdown, Stats, Tag,
-                                   decode, encode)
+from kvrelay.core.messages import (RECORDS, Assign, Handoff, Prefilled, Pull, Pulled, Ready, Result, SampleStart, SeqState,
+                                   Shutdown, Stats, Tag, decode, encode)
 from kvrelay.core.request import Request, RequestResult, SamplingParams, TokenLogprob
 
 PROMPT = list(range(1, 12_001))
@@ -16,6 +16,10 @@ LPS = [TokenLogprob(5, -0.5, [(5, -0.5), (9, -1.25)])]
 RECORDS_TO_CHECK = [
     Assign(REQ, decode_rank=3),
     Assign(REQ),
+    Assign(REQ, pull_from=4, pull_blocks=187),
+    Pull(3, [0, 1, 2**64 - 1, 12345678901234567890]),  # block hashes use all 64 bits
+    Pulled(3, 2, 17),
+    Pulled(4, 0),
     Result(RequestResult("r1", [5, 6], "length", 12_000, 64, None, LPS, 1.0, 2.0)),
     Prefilled("r1"),
     Handoff(7, SeqState(REQ, [5], 64, 1.5, LPS, b"\x00\x01gen")),

@@ -44,7 +44,7 @@ from kvrelay.core.timing import load_timing, sim_max_model_len
 from kvrelay.core.model_files import ModelConfigError
 from kvrelay.ranks.engine.spec import ModelSpec
 from kvrelay.core.tokenizer import Tokenizer
-from kvrelay.core.block_hash import hash_seed, num_blocks
+from kvrelay.core.block_hash import block_hashes, hash_seed, num_blocks
 from kvrelay.core.messages import SampleStart, SeqState
 from kvrelay.core.request import Request, RequestResult, SamplingParams
 from kvrelay.core.window import Load
@@ -308,6 +308,27 @@ class Engine:
     def free_kv(self, request_id: str) -> None:
         """A handed-off sequence's KV has been sent: give its blocks back."""
         self.kv.free(self.sending.pop(request_id))
+
+    # --- the KV surface of a pull (ranks/pulls.py drives it) --------------------------------------
+
+    def prompt_hashes(self, token_ids: list[int]) -> list[int]:
+        """Hashes of a prompt's blocks that a prefix hit may cover (its last token is always computed)."""
+        return block_hashes(token_ids[: len(token_ids) - 1], self.kv.block_size, self.kv.hash_seed)
+
+    def pin_cached(self, hashes: list[int]) -> list[int]:
+        """The blocks of the leading run of `hashes` this cache holds, pinned until `unpin`."""
+        return self.kv.pin_cached(hashes)
+
+    def unpin(self, block_ids: list[int], cold: bool = False) -> None:
+        self.kv.unpin(block_ids, cold)
+
+    def pack_blocks(self, block_ids: list[int]) -> torch.Tensor:  # packed KV (kernels/kv_pack.py) on the runner's device
+        """Cached blocks (pinned), packed into one contiguous buffer to send (one chunk of a pull)."""
+        return self.runner.pack_kv(block_ids)
+
+    def adopt_blocks(self, hashes: list[int], block_ids: list[int]) -> None:
+        """Blocks from `reserve` holding the KV of `hashes` (unpacked): cached here from now on."""
+        self.kv.adopt_blocks(hashes, block_ids)
 
     def add_received(self, state: SeqState, block_ids: list[int]) -> None:
         """Decode a request whose prompt KV arrived in `block_ids` (reserved with `reserve`)."""

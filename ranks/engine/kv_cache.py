@@ -292,6 +292,31 @@ class KVCacheManager:
         need = self.blocks_for(num_tokens)
         return self.allocate(need) if need <= self.pool.num_free else None
 
+    def pin_cached(self, hashes: list[int]) -> list[int]:
+        """Blocks of the leading run of `hashes` that the prefix cache holds, referenced so that no
+        eviction takes them (another worker is reading them: a pull); `unpin` lets them go."""
+        blocks = self.pool.match_prefix(hashes)
+        self.pool.touch(blocks)
+        return blocks
+
+    def unpin(self, block_ids: list[int], cold: bool = False) -> None:
+        """Drop the references of `pin_cached` (or of unused reserved blocks). With `cold`, those
+        left unreferenced become the next to evict (a pulled prefix's copy that the puller now
+        holds), the prompt's tail first; else the most recent, as any freed block."""
+        self.pool.unref(block_ids[::-1])
+        if cold:
+            for b in block_ids:
+                if self.pool.ref_counts[b] == 0:
+                    self.pool.free.move_to_end(b, last=False)
+
+    def adopt_blocks(self, hashes: list[int], block_ids: list[int]) -> None:
+        """Reserved blocks into which another worker's cached blocks `hashes` landed: make them
+        findable and let them go (cached, free), as if computed here. A hash this cache already
+        holds keeps its block; the landed copy is then plain free memory."""
+        for block_id, block_hash in zip(block_ids, hashes, strict=True):
+            self.register(block_id, block_hash)
+        self.unpin(block_ids)
+
     def adopt(self, seq: Sequence) -> None:
         """A sequence whose computed tokens' KV landed in its reserved blocks: register them."""
         assert seq.block_ids

@@ -177,7 +177,8 @@ class CacheEngine:
     def staging_buffer(self, n):
         return torch.empty(n * BLOCK_BYTES, dtype=torch.uint8)
 
-    def unpack_kv(self, buf, block_ids):
+    def unpack_kv(self, buf, block_ids, first_head=0):
+        assert first_head == 0, "a pull moves whole blocks between single ranks"
         for b, chunk in zip(block_ids, buf.view(len(block_ids), BLOCK_BYTES)):
             self.kv[b] = int(chunk[0])
 

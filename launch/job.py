@@ -175,3 +175,4 @@ def _worker(cfg: JobConfig, world, workers, group, layout: Layout) -> None:
     worker.run()
     worker.window.close()
     worker.transport.close()
+    tp.close()

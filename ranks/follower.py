@@ -39,6 +39,7 @@ def run_follower(cfg: JobConfig, world, workers, device: torch.device, tp: TPGro
     log.debug("rank %d (tp rank %d): %s", world.rank, tp.rank, counts)
     windows.close()
     transport.close()
+    tp.close()
 
 
 def follow(runner: ModelRunner | None, sync: StepSync, transport: KVTransport) -> dict:

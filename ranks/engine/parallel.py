@@ -65,6 +65,21 @@ class TPGroup:
             backend = dist.ProcessGroupGloo(store, comm.rank, comm.size, _TIMEOUT)
         return cls(comm.rank, comm.size, backend, store)
 
+    def close(self) -> None:
+        """Tear the group's communicators down, every collective done (each rank calls it once,
+        at the end of its part of the job).
+        NOTE: left to the interpreter's exit, a tp=2 job on two H200 wrote its whole output and
+        summary and then never exited (2026-11-27): the bare NCCL backend is not one of
+        torch.distributed's groups, so nothing destroys it in order. An abort ends its NCCL
+        communicators without a handshake (nothing is in flight any more); gloo shuts down."""
+        if self._pg is None:
+            return
+        if self._pg.name().lower() == "nccl":
+            self._pg.abort()
+        else:
+            self._pg.shutdown()
+        self._pg = None
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:  # any shape; summed over the group in place
         if self._pg is not None:
             self._pg.allreduce([x]).wait()

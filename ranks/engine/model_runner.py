@@ -126,10 +126,10 @@ class ModelRunner:
         self.host: HostKVMemory | None = None  # the host KV tier's memory and copy stream (`allocate_host`)
         self.scratch_slot = 0  # first slot of the scratch block past the pool's blocks
         # One staging buffer for all of a step's metadata: int64 ids, positions, slots and sampled
-        # rows, int32 offsets, lengths and block tables, each section 8-byte aligned.
+        # rows, int32 offsets, lengths and block tables, each section 16-byte aligned.
         self.graph_rows = max(graph_batch_sizes(max_seqs)) if self.use_graphs else 0
         self._rows = rows = max(max_batch_tokens, max_seqs, self.graph_rows)
-        nbytes = 8 * (3 * rows + max_seqs) + 4 * (max_seqs * (self.table_width + 2) + 1) + 64
+        nbytes = 8 * (3 * rows + max_seqs) + 4 * (max_seqs * (self.table_width + 2) + 1) + 128
         self._host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.is_cuda)
         self._host_np = self._host.numpy()
         self._dev = torch.empty(nbytes, dtype=torch.uint8, device=device) if self.is_cuda else self._host
@@ -411,7 +411,11 @@ class ModelRunner:
         layout, off = [], 0
         for i, (arr, dtype) in enumerate(parts):
             size = np.dtype(dtype).itemsize
-            off = -(-off // 8) * 8
+            # NOTE: Triton compiles a kernel once per pointer alignment it sees (16 bytes or not): at
+            # 8-byte sections the offsets, lengths and tables of a mixed step landed 16-aligned or not
+            # with the step's token count, and B1's first run compiled 4 prefill and 1 decode
+            # variants inside its timed steps (2 H200, 2026-11-27: 5 compiles, ~3 s of 12.4 s).
+            off = -(-off // 16) * 16
             self._host_np[off : off + arr.size * size].view(dtype)[:] = arr.ravel()
             layout.append((off, arr.size, dtype))
             off += (capacities[i] if capacities else arr.size) * size

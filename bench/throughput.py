@@ -57,6 +57,7 @@ from pathlib import Path
 import torch
 
 from kvrelay.configs.schema import load_config
+from kvrelay.kernels import compile_log
 from kvrelay.ranks.engine.checkpoint import random_weights, tensor_shapes, write_model_files
 from kvrelay.ranks.engine.engine import Engine, make_runner
 from kvrelay.ranks.engine.loader import shard_weights
@@ -251,10 +252,13 @@ def ours(args, model_dir: Path, cfg: dict, dtype: torch.dtype, device: torch.dev
                                 weights(args, cfg, dtype, device, group), tp=group and group.tp, sync=group and group.sync)
     build_s = time.perf_counter() - t0
     vocab = cfg["vocab_size"]
+    built = compile_log.count()
     run_engine(engine, random_prompts(min(8, len(prompts)), min(map(len, prompts)), vocab, args.seed + 1), 4, "warm")
     engine.stats = type(engine.stats)()
     phases: dict = {}
+    warmed = compile_log.count()
     outputs, wall = run_engine(engine, prompts, output_lens, "", phases, args.n)
+    in_run = compile_log.compiles(warmed)
     s = copy.copy(engine.stats)  # the workload's alone: the runs below add to the engine's
     n_out = sum(len(v) for v in outputs.values())
     assert len(outputs) == args.n * len(prompts) and n_out == args.n * sum(output_lens), "every sample runs to its output length"
@@ -272,6 +276,11 @@ def ours(args, model_dir: Path, cfg: dict, dtype: torch.dtype, device: torch.dev
         # The greedy ids of the whole workload, to compare runs (tp=1 against tp=N in float32).
         "outputs_sha1": hashlib.sha1(json.dumps([outputs[k] for k in sorted(outputs)]).encode()).hexdigest(),
         "attention": "triton" if _triton_attention(cfg["head_dim"]) and device.type == "cuda" else "torch",
+        # Triton compiles after the engine's build (which warms every kernel variant): in the short
+        # warm-up run, and inside the timed run, where each one is a variant the build missed.
+        "triton_compiles": {"warm_up_run": warmed - built, "timed_run": len(in_run),
+                            "timed_run_s": sum(c.seconds for c in in_run),
+                            "timed_run_kernels": [f"{c.kernel} {c.seconds:.2f} s: {c.signature}" for c in in_run]},
     }
     return result, {i: outputs[str(i)] for i in range(len(prompts))}, logits
 
@@ -544,6 +553,11 @@ def print_table(report: dict, args, input_lens: list[int], output_lens: list[int
           f"({k['batch1_bound_tok_s']:.1f}); host per step {k['host_ms_per_step']:.2f} ms, per decode step "
           f"{k['host_ms_per_decode_step']:.2f} ms; {k['graph_steps']}/{k['decode_steps']} decode steps on CUDA graphs; "
           f"{k['deferred_steps']}/{k['steps']} steps read their sampled ids during the next step")
+    compiles = k["triton_compiles"]
+    print(f"Triton compiles after the engine's warm-up: {compiles['timed_run']} in the timed run "
+          f"({compiles['timed_run_s']:.2f} s), {compiles['warm_up_run']} in the short run before it")
+    for line in compiles["timed_run_kernels"]:
+        print(f"  {line}")
 
 
 if __name__ == "__main__":

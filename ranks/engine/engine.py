@@ -24,6 +24,7 @@ import torch
 import xxhash
 
 from kvrelay.configs.schema import JobConfig
+from kvrelay.kernels import compile_log
 from kvrelay.ranks.engine.disk_tier import DiskStore, DiskTier
 from kvrelay.ranks.engine.host_tier import HostTier
 from kvrelay.ranks.engine.kv_cache import EvictHook, CacheHook, KVCacheManager
@@ -139,6 +140,14 @@ def make_runner(
     spec, files = read_model_dir(cfg.model.path, with_weights=weights is None)
     shard = TPShard.of(spec, tp.rank, tp.size)  # raises for a tp that does not split the model, before any read
     device = device or pick_device(cfg.job.device)
+    if device.type == "cuda":
+        compile_log.install()
+    with compile_log.warming():
+        return _build_runner(cfg, spec, files, shard, device, weights, staging_bytes, tp, sync)
+
+
+def _build_runner(cfg, spec, files, shard, device, weights, staging_bytes, tp, sync) -> tuple[ModelRunner, ModelSpec, int]:
+    """make_runner's work, inside which every Triton compile is the warm-up's."""
     dtype = check_dtype(cfg.model.dtype, device, spec)
     max_model_len = resolve_max_model_len(cfg, spec)
     sched = cfg.scheduler
@@ -165,6 +174,7 @@ def make_runner(
         )
     runner.allocate(cache_blocks)
     runner.capture_graphs()
+    runner.warm_up()
     if device.type == "cuda":
         log.info("device memory: %s", runner.memory_report())
     return runner, spec, max_model_len

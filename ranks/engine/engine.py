@@ -37,7 +37,7 @@ from kvrelay.ranks.engine.step_sync import StepSync
 from kvrelay.ranks.engine.penalties import TokenHistory
 from kvrelay.ranks.engine.sampler import PendingTokens, SampleRow, request_generator, sample, sample_later, to_device
 from kvrelay.ranks.engine.scheduler import Scheduler
-from kvrelay.ranks.engine.structured import Grammars
+from kvrelay.ranks.engine.structured import Grammars, warm_up_bitmask
 from kvrelay.ranks.engine.sequence import Sequence, SeqStatus, sample_key
 from kvrelay.ranks.engine.sim_runner import SimDiskStore, SimRunner
 from kvrelay.core.tokenizer import SimTokenizer
@@ -176,6 +176,7 @@ def _build_runner(cfg, spec, files, shard, device, weights, staging_bytes, tp, s
     runner.capture_graphs()
     runner.warm_up()
     if device.type == "cuda":
+        warm_up_bitmask(device, spec.vocab_size)
         log.info("device memory: %s", runner.memory_report())
     return runner, spec, max_model_len
 

@@ -257,8 +257,9 @@ class ModelRunner:
         16-byte aligned, `_upload`), and in the decode kernel whether it splits the context
         (SPLIT), which depends on the decode rows' count and the block tables' width. So: mixed
         steps and decode-only steps with one decode row and with as many as a step can hold, at
-        the narrowest and the widest table, and a step of one whole prompt. Every read and write
-        goes to the scratch block, which no sequence owns. Nothing to do where no kernel runs."""
+        the narrowest and the widest table, and a step of one whole prompt; then the handoff's
+        pack and unpack of one block. Every read and write goes to the scratch block, which no
+        sequence owns. Nothing to do where no kernel runs."""
         if not self.kernel_metadata:
             return
         scratch = self.num_blocks
@@ -278,6 +279,7 @@ class ModelRunner:
             steps += [decode(n, width) + prompt(min(2, ctx)) for n in sorted({1, most}) if n >= 1]
         for items in steps:
             self._run(self._arrays(items), graphs=False).argmax(dim=-1)
+        self.unpack_kv(self.pack_kv([scratch]), [scratch])  # the handoff's copy kernel, both ways
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
 

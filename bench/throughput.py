@@ -62,7 +62,7 @@ import torch
 
 from kvrelay.configs.schema import load_config
 from kvrelay.kernels import compile_log
-from kvrelay.ranks.engine.checkpoint import random_weights, tensor_shapes, write_model_files
+from kvrelay.ranks.engine.checkpoint import SIZES, random_weights, tensor_shapes, write_model_files
 from kvrelay.ranks.engine.engine import Engine, make_runner
 from kvrelay.ranks.engine.loader import shard_weights
 from kvrelay.ranks.engine.parallel import TPGroup
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--b5-min", type=int, default=100)
     ap.add_argument("--b5-max", type=int, default=1024)
     ap.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2", "qwen3"])
-    ap.add_argument("--size", default="8b-shape", choices=["tiny", "8b-shape", "70b-shape"])
+    ap.add_argument("--size", default="8b-shape", choices=list(SIZES))
     ap.add_argument("--layers", type=int, default=None, help="the size's shape with this many layers (a 70b-shape "
                     "that fits fewer or smaller GPUs); reported in the workload")
     ap.add_argument("--tp", type=int, default=1, help="GPUs of one tensor-parallel worker; run under mpiexec -n TP")

@@ -26,7 +26,13 @@ for stage in $stages; do
         tests/test_gpu_engine.py tests/test_gpu_sampling.py 2>&1 | tail -5 ;;
     b1)
       cache=$(mktemp -d)
-      TRITON_CACHE_DIR=$cache python3 -m kvrelay.bench.throughput --size 8b-shape --peer none --json "$out/b1-cold.json" 2>&1 | tail -10
+      # Every compile goes to stderr (KVRELAY_LOG_COMPILES=1): those of the engine's build, tagged
+      # "warm-up", and any inside the run, tagged "after the warm-up".
+      KVRELAY_LOG_COMPILES=1 TRITON_CACHE_DIR=$cache python3 -m kvrelay.bench.throughput --size 8b-shape --peer none \
+        --json "$out/b1-cold.json" 2>"$out/b1-cold.stderr" | tail -10
+      echo "compiles in the engine's build: $(grep -c 'triton compile (warm-up)' "$out/b1-cold.stderr" || true)," \
+        "after it: $(grep -c 'triton compile (after the warm-up)' "$out/b1-cold.stderr" || true)"
+      grep 'triton compile (after the warm-up)' "$out/b1-cold.stderr" | head -20 || true
       TRITON_CACHE_DIR=$cache python3 -m kvrelay.bench.throughput --size 8b-shape --peer none --json "$out/b1-warm.json" 2>&1 | tail -10 ;;
     b5)
       python3 -m kvrelay.bench.throughput --workload b5 --size 8b-shape --peer none --json "$out/b5.json" 2>&1 | tail -10 ;;

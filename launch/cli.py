@@ -1,7 +1,7 @@
 """The `kvrelay` command.
 
     kvrelay run [CONFIG.yaml] -i IN.jsonl -o OUT.jsonl [--model DIR] [--set KEY=VALUE ...] [--fail-on-error]
-    kvrelay make-model --arch llama [--size tiny|8b-shape] [--seed 0] [--shards N] [--dtype D] DIR
+    kvrelay make-model --arch llama [--size tiny|8b-shape|70b-shape] [--seed 0] [--shards N] [--dtype D] DIR
     kvrelay demo [--workdir runs/demo]
     kvrelay plan [CONFIG] --gpus G --input-len I --output-len O [--cached F] [--ttft-ms T] [--itl-ms L]
     kvrelay bench route --trace TRACE.jsonl [--workers 4,8,16] [--policy P,...] [--json PATH] [--plot PNG]
@@ -239,10 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("make-model", help="write a checkpoint with deterministic random weights")
     m.add_argument("--arch", required=True, choices=["llama", "mistral", "qwen2", "qwen3"])
-    m.add_argument("--size", default="tiny", choices=["tiny", "8b-shape"])
+    m.add_argument("--size", default="tiny", help="tiny, 8b-shape or 70b-shape (checkpoint.SIZES; checked there)")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--shards", type=int, default=None, help="default: 1 for tiny, 5 for 8b-shape")
-    m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 for tiny, bfloat16 for 8b-shape")
+    m.add_argument("--shards", type=int, default=None, help="default: 1 for tiny, about 4 GB a shard for the shapes")
+    m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 for tiny, bfloat16 for the shapes")
     m.add_argument("dir")
     m.set_defaults(func=cmd_make_model)
 

@@ -5,13 +5,14 @@ There is no model hub on the cluster, so kvrelay's tests and GPU benchmarks make
 safetensors weights in the layout transformers reads, so kvrelay's outputs can be checked against
 transformers on the same files. The command that runs it:
 
-    kvrelay make-model --arch llama [--size tiny|8b-shape] [--seed S] [--shards N] DIR
+    kvrelay make-model --arch llama [--size tiny|8b-shape|70b-shape] [--seed S] [--shards N] DIR
 
 The tiny arch variants each carry what their real family has, so together they cover every path of
 the model code: llama has Llama-3.1 llama3 RoPE scaling and tied embeddings; mistral is untied with
 rope_theta 1e6; qwen2 has q/k/v biases and a sliding window switched off; qwen3 has q_norm/k_norm and
-a head_dim that is not hidden_size / num_heads. "8b-shape" is Llama-3.1-8B's shape (about 16 GB of
-bf16); it is written tensor by tensor, so memory holds one tensor at a time.
+a head_dim that is not hidden_size / num_heads. "8b-shape" and "70b-shape" are Llama-3.1-8B's
+and -70B's shapes (`SHAPES`; about 16 and 141 GB of bf16); they are written tensor by tensor, so
+memory holds one tensor at a time.
 """
 
 from __future__ import annotations
@@ -31,7 +32,15 @@ from kvrelay.ranks.engine.spec import SUPPORTED_ARCHITECTURES
 from kvrelay.core.model_files import ModelConfigError
 
 ARCHS = tuple(SUPPORTED_ARCHITECTURES.values())
-SIZES = ("tiny", "8b-shape")
+# The full-size shapes, Llama-3.1's (random weights at the size of the real thing, for the GPU
+# benchmarks); "tiny" is each arch's own small config. Every shape shares _LLAMA_3_1.
+SHAPES = {
+    "8b-shape": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32},
+    "70b-shape": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64},
+}
+_LLAMA_3_1 = {"vocab_size": 128256, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072,
+              "tie_word_embeddings": False}
+SIZES = ("tiny", *SHAPES)
 
 # BPE vocabulary size including the special tokens; the model's vocab_size is this rounded up to a
 # multiple of 64, so the embedding has unused rows as real Qwen and Llama checkpoints do.
@@ -326,31 +335,8 @@ def model_config(arch: str, size: str, tokenizer: Tokenizer, dtype: str) -> dict
         cfg.update(
             head_dim=32, attention_bias=False, use_sliding_window=False, sliding_window=None, max_window_layers=2
         )
-    if size == "8b-shape":
-        cfg.update(
-            vocab_size=128256,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            max_position_embeddings=131072,
-            tie_word_embeddings=False,
-        )
-        cfg["rope_scaling"]["original_max_position_embeddings"] = 8192
-    if size == "70b-shape":  # Llama-3.1-70B
-        cfg.update(
-            vocab_size=128256,
-            hidden_size=8192,
-            intermediate_size=28672,
-            num_hidden_layers=80,
-            num_attention_heads=64,
-            num_key_value_heads=8,
-            head_dim=128,
-            max_position_embeddings=131072,
-            tie_word_embeddings=False,
-        )
+    if size in SHAPES:
+        cfg.update(_LLAMA_3_1, **SHAPES[size])
         cfg["rope_scaling"]["original_max_position_embeddings"] = 8192
     return cfg
 
@@ -482,16 +468,16 @@ def make_model(
 ) -> Path:
     """Write a checkpoint to out_dir, which must be new or empty, and return its path.
 
-    shards None means one file for tiny and about 4 GB a shard for 8b-shape; dtype None means float32
-    for tiny and bfloat16 for 8b-shape. The same arguments give byte-identical files.
+    shards None means one file for tiny and about 4 GB a shard for a full-size shape; dtype None
+    means float32 for tiny and bfloat16 for the shapes. The same arguments give byte-identical files.
     """
     if arch not in ARCHS:
         raise ModelConfigError(f"unknown arch {arch!r}; make-model writes {', '.join(ARCHS)}")
     if size not in SIZES:
         raise ModelConfigError(f"unknown size {size!r}; make-model writes {', '.join(SIZES)}")
-    if size == "8b-shape" and arch != "llama":
-        raise ModelConfigError("8b-shape is the shape of Llama-3.1-8B; use --arch llama with it")
-    dtype = dtype or ("bfloat16" if size == "8b-shape" else "float32")
+    if size in SHAPES and arch != "llama":
+        raise ModelConfigError(f"{size} is a Llama-3.1 shape; use --arch llama with it")
+    dtype = dtype or ("bfloat16" if size in SHAPES else "float32")
     if dtype not in DTYPES:
         raise ModelConfigError(f"unknown dtype {dtype!r}; make-model writes {', '.join(DTYPES)}")
     if shards is not None and shards < 1:

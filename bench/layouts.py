@@ -7,10 +7,12 @@ per placement policy, on one timed trace replayed by the MPI job (workloads B3, 
     # a prefix-heavy trace (Mooncake format) on four GPUs, kv_aware against round_robin
     python3 bench/layouts.py --model DIR --layouts 2p2d,4agg --policies kv_aware,round_robin \\
         --trace conversation_trace.jsonl --limit 400 --time-scale 4 --json four.json
-    # B3 on the 70B shape: 70B's width at half depth on 2 GPUs (tp=1), and the full model on 4 (tp=2)
-    python3 bench/layouts.py --size 70b-shape --layers 40 --layouts 1p1d,2agg --mix 3000:150 --mix 3000:1000 \\
-        --rates 1,2,4 --timing configs/sim/h200-llama70b-tp2-derived.yaml ...
-    python3 bench/layouts.py --size 70b-shape --tp 2 --layouts 1p1d,2agg ...     # 4 GPUs
+    # B3 on the 70B shape: 70B's width at a quarter of its depth (20 of 80 layers, 38 GB of bf16:
+    # fits an H100 80GB) on 2 GPUs (tp=1), and the whole model on 4 GPUs (tp=2)
+    python3 bench/layouts.py --size 70b-shape --layers 20 --layouts 1p1d,2agg --mix 3000:150@2,4,8 \\
+        --mix 3000:1000@2,5 --timing configs/sim/h100-llama70b-20layers-derived.yaml ...
+    python3 bench/layouts.py --size 70b-shape --tp 2 --layouts 1p1d,2agg ... \\
+        --timing configs/sim/h200-llama70b-derived.yaml                         # 4 GPUs, the whole 70B
 
 `--size` (instead of `--model`) writes only the config and tokenizer of that shape (`--layers`
 cuts its depth) and the workers draw random weights on their GPUs (`model.random_weights`):
@@ -60,13 +62,26 @@ def parse_layout(name: str) -> dict[str, int]:
     return {"prefill": int(m.group(1)), "decode": int(m.group(2)), "aggregated": 0}
 
 
-def synthetic_trace(path: Path, mixes: list[tuple[int, int]], rates: list[float], requests: int, gap_s: float,
+def parse_mix(text: str, rates: str) -> tuple[int, int, list[float]]:
+    """IN:OUT, or IN:OUT@R1,R2,... with this mix's own rates (else `rates`)."""
+    m = re.fullmatch(r"(\d+):(\d+)(?:@([\d.,]+))?", text)
+    if m is None:
+        raise SystemExit(f"--mix {text!r}: write IN:OUT (input:output tokens), or IN:OUT@R1,R2 with its own request rates")
+    try:
+        own = [float(r) for r in (m.group(3) or rates).split(",")]
+    except ValueError:
+        raise SystemExit(f"--mix {text!r} / --rates {rates!r}: rates are requests/s, comma-separated") from None
+    return int(m.group(1)), int(m.group(2)), own
+
+
+def synthetic_trace(path: Path, mixes: list[tuple[int, int, list[float]]], requests: int, gap_s: float,
                     seed: int) -> list[dict]:
-    """Write the segmented trace; returns the segments (mix, rate, first and last trace line)."""
+    """Write the segmented trace (each mix at each of its rates); returns the segments (mix, rate,
+    first and last trace line)."""
     rng = random.Random(seed)
     next_id, t, line, segments = 0, 0.0, 0, []
     with path.open("w") as f:
-        for inp, out in mixes:
+        for inp, out, rates in mixes:
             for rate in rates:
                 segments.append({"mix": f"{inp}:{out}", "rate": rate, "lines": [line + 1, line + requests]})
                 line += requests
@@ -200,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trace", help="replay this Mooncake-format trace instead of --mix/--rates")
     ap.add_argument("--limit", type=int, help="with --trace: its first N lines")
     ap.add_argument("--time-scale", type=float, default=1.0, help="divide trace timestamps by this")
-    ap.add_argument("--mix", action="append", default=[], metavar="IN:OUT", help="input:output tokens (repeatable)")
-    ap.add_argument("--rates", default="2,4,8", help="requests/s per segment")
+    ap.add_argument("--mix", action="append", default=[], metavar="IN:OUT[@RATES]",
+                    help="input:output tokens, optionally with this mix's own rates, e.g. 3000:1000@2,5 (repeatable)")
+    ap.add_argument("--rates", default="2,4,8", help="requests/s per segment (of every mix without its own)")
     ap.add_argument("--requests", type=int, default=48, help="requests per segment")
     ap.add_argument("--gap-s", type=float, default=8.0, help="pause between segments (they must drain)")
     ap.add_argument("--ttft-ms", type=float, default=2000.0, help="goodput: time-to-first-token target")
@@ -232,9 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         trace = Path(args.trace)
         segments = [{"mix": "trace", "rate": None, "lines": [1, 1 << 62]}]
     else:
-        mixes = [tuple(int(x) for x in m.split(":")) for m in (args.mix or ["3000:150"])]
+        mixes = [parse_mix(m, args.rates) for m in (args.mix or ["3000:150"])]
         trace = workdir / "trace.jsonl"
-        segments = synthetic_trace(trace, mixes, [float(r) for r in args.rates.split(",")], args.requests, args.gap_s, args.seed)
+        segments = synthetic_trace(trace, mixes, args.requests, args.gap_s, args.seed)
         args.time_scale = 1.0
     results = []
     for name in layouts:

@@ -50,7 +50,7 @@ def test_layouts_bench_on_a_random_shape_with_tp_groups_and_the_plan(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "layouts.py"), "--size", "tiny", "--layers", "1", "--tp", "2", "--layouts", "1agg",
-         "--mix", "120:6", "--rates", "40", "--requests", "4", "--gap-s", "0.5", "--device", "cpu",
+         "--mix", "120:6@40", "--rates", "1", "--requests", "4", "--gap-s", "0.5", "--device", "cpu",
          "--timing", str(ROOT / "configs" / "sim" / "h100-llama8b.yaml"), "--mpiexec", launcher,
          "--set", "cache.block_size=16", "--set", "cache.num_blocks=64", "--workdir", str(tmp_path / "w"), "--json", str(out)],
         capture_output=True, text=True, timeout=300, env=env)
@@ -59,7 +59,7 @@ def test_layouts_bench_on_a_random_shape_with_tp_groups_and_the_plan(tmp_path):
     assert json.loads((model / "config.json").read_text())["num_hidden_layers"] == 1 and not list(model.glob("*.safetensors"))
     report = json.loads(out.read_text())
     [segment] = [r for r in report["results"] if "run" not in r]
-    assert segment["requests"] == 4 and segment["gpus"] == 2
+    assert (segment["rate"], segment["requests"], segment["gpus"]) == (40.0, 4, 2)
     assert segment["requests_per_s_per_gpu"] == pytest.approx(segment["requests_per_s"] / 2)
     [run] = [r["run"] for r in report["results"] if "run" in r]
     assert run["succeeded"] == 4 and run["tp"] == 2 and run["workers"][0]["kv_blocks"] == 64

@@ -3,9 +3,10 @@ tensor-parallel B1 run of `bench.throughput --size 70b-shape --tp 2` (its JSON) 
 timing model of the 8B shape on the same card type (for what the 70B run does not separate: the
 fixed cost of a prefill step, the attention cost per (query, key) pair and the KV read rate).
 
-    # the shipped files: the whole 70B shape (workers of tp >= 2), and 70B's width at 20 of its 80
-    # layers on one GPU (the 2-GPU layout run), on an H200 and on an H100
+    # the shipped files: the whole 70B shape (workers of tp >= 2), and 70B's width at 40 or 20 of its
+    # 80 layers on one GPU (the 2-GPU layout runs of bench/gpu_b3_70b.sh), on an H200 and on an H100
     python3 bench/derive_timing.py --out configs/sim/h200-llama70b-derived.yaml
+    python3 bench/derive_timing.py --layers 40 --out configs/sim/h200-llama70b-40layers-derived.yaml
     python3 bench/derive_timing.py --layers 20 --out configs/sim/h200-llama70b-20layers-derived.yaml
     python3 bench/derive_timing.py --layers 20 --card h100 --out configs/sim/h100-llama70b-20layers-derived.yaml
 

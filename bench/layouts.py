@@ -21,7 +21,7 @@ N GPUs (`roles.tp`); per-GPU figures divide by workers x N.
 
 With `--mix`/`--rates` it writes one trace of segments, one per (mix, rate), each a Poisson stream
 of `--requests` requests with fresh (unshared) prompt blocks, separated by a pause long enough for
-the previous segment to drain, so that one job (one model load) serves every rate and metrics are
+the previous segment to drain (`--gap-s`, or the output length x the ITL target if longer), so that one job (one model load) serves every rate and metrics are
 taken per segment by arrival time. Each (layout, policy) is one `kvrelay run` under `--mpiexec`.
 
 Per segment: requests/s and output tokens/s (whole layout and per GPU), TTFT and ITL p50/p90 (from
@@ -75,9 +75,11 @@ def parse_mix(text: str, rates: str) -> tuple[int, int, list[float]]:
 
 
 def synthetic_trace(path: Path, mixes: list[tuple[int, int, list[float]]], requests: int, gap_s: float,
-                    seed: int) -> list[dict]:
+                    seed: int, itl_s: float = 0.0) -> list[dict]:
     """Write the segmented trace (each mix at each of its rates); returns the segments (mix, rate,
-    first and last trace line)."""
+    first and last trace line). After a segment's last arrival comes a pause of `gap_s`, or of its
+    output length at `itl_s` a token if longer (the time a request that meets the ITL target takes
+    to decode), so that a segment's requests have drained before the next segment's arrive."""
     rng = random.Random(seed)
     next_id, t, line, segments = 0, 0.0, 0, []
     with path.open("w") as f:
@@ -91,7 +93,7 @@ def synthetic_trace(path: Path, mixes: list[tuple[int, int, list[float]]], reque
                     next_id += nblocks
                     f.write(json.dumps({"timestamp": round(t * 1000), "input_length": inp, "output_length": out, "hash_ids": ids}) + "\n")
                     t += rng.expovariate(rate)
-                t += gap_s
+                t += max(gap_s, out * itl_s)
     return segments
 
 
@@ -219,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="input:output tokens, optionally with this mix's own rates, e.g. 3000:1000@2,5 (repeatable)")
     ap.add_argument("--rates", default="2,4,8", help="requests/s per segment (of every mix without its own)")
     ap.add_argument("--requests", type=int, default=48, help="requests per segment")
-    ap.add_argument("--gap-s", type=float, default=8.0, help="pause between segments (they must drain)")
+    ap.add_argument("--gap-s", type=float, default=8.0,
+                    help="pause between segments (they must drain), at least a segment's output length x --itl-ms")
     ap.add_argument("--ttft-ms", type=float, default=2000.0, help="goodput: time-to-first-token target")
     ap.add_argument("--itl-ms", type=float, default=50.0, help="goodput: inter-token latency target")
     ap.add_argument("--device", default="auto")
@@ -250,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         mixes = [parse_mix(m, args.rates) for m in (args.mix or ["3000:150"])]
         trace = workdir / "trace.jsonl"
-        segments = synthetic_trace(trace, mixes, args.requests, args.gap_s, args.seed)
+        segments = synthetic_trace(trace, mixes, args.requests, args.gap_s, args.seed, args.itl_ms / 1e3)
         args.time_scale = 1.0
     results = []
     for name in layouts:

@@ -67,3 +67,18 @@ def test_layouts_bench_on_a_random_shape_with_tp_groups_and_the_plan(tmp_path):
     assert (advice["mix"], advice["gpus"], advice["tp"], advice["kv_tokens_per_worker"]) == ("120:6", 2, 2, 64 * 16)
     assert advice["measured_best"] == advice["advice"] == "1agg" and advice["agree"]
     assert "plan advises 1agg" in proc.stdout
+
+
+def test_segments_pause_long_enough_to_drain_at_the_itl_target(tmp_path):
+    from kvrelay.bench.layouts import parse_mix, synthetic_trace
+
+    mixes = [parse_mix("64:200@50", "1"), parse_mix("64:2", "50,100")]
+    assert mixes == [(64, 200, [50.0]), (64, 2, [50.0, 100.0])]
+    segments = synthetic_trace(tmp_path / "t.jsonl", mixes, requests=3, gap_s=0.5, seed=0, itl_s=0.05)
+    assert [(s["mix"], s["rate"], s["lines"]) for s in segments] == [("64:200", 50.0, [1, 3]), ("64:2", 50.0, [4, 6]),
+                                                                       ("64:2", 100.0, [7, 9])]
+    ts = [json.loads(x)["timestamp"] for x in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert ts[3] - ts[2] >= 200 * 50  # 200 tokens at 50 ms: 10 s, over the 0.5 s gap
+    assert 500 <= ts[6] - ts[5] < 1000  # 2 tokens: the gap itself
+    with pytest.raises(SystemExit, match="IN:OUT@R1,R2"):
+        parse_mix("3000-150", "1")

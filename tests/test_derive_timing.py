@@ -23,6 +23,7 @@ MEASURED = json.loads(derive_timing.MEASURED.read_text())
 
 @pytest.mark.parametrize("name,args", [
     ("h200-llama70b-derived.yaml", []),
+    ("h200-llama70b-40layers-derived.yaml", ["--layers", "40"]),
     ("h200-llama70b-20layers-derived.yaml", ["--layers", "20"]),
     ("h100-llama70b-20layers-derived.yaml", ["--layers", "20", "--card", "h100"]),
 ])

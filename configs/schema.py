@@ -202,6 +202,10 @@ class JobSection(_Section):
     device: Device = "auto"
     seed: int = Field(0, description="seed of requests that give none")
     progress: bool = True
+    teardown_timeout_s: float = Field(
+        60.0, gt=0.0, description="seconds a rank may take, once the job's work is done, to close its windows, "
+        "communicators and MPI; past it the rank prints what it waits for and exits with the job's exit code"
+    )
 
 
 Launcher = Literal["srun", "mpirun"]

@@ -54,9 +54,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                               f"pass --local {layout.world_size} or change roles.prefill/decode/aggregated (and roles.*tp)")
         return local_mpiexec(args.local, _without_local(args.argv), cfg.output.path)
     if launched_by_mpi():
+        from kvrelay.launch import teardown
         from kvrelay.launch.job import run_mpi
 
-        return run_mpi(cfg)[0]
+        # MPI_Finalize here, then out without the interpreter's teardown (launch/teardown.py).
+        teardown.end_process(run_mpi(cfg)[0], cfg.job.teardown_timeout_s)
     return exit_code(cfg, run_local(cfg))
 
 

@@ -171,6 +171,7 @@ def _worker(cfg: JobConfig, world, workers, group, layout: Layout) -> None:
     # A simulated worker's group runs no model: its ranks need no collectives of their own.
     tp = TPGroup.from_mpi(group, device) if not cfg.sim.enabled else TPGroup()
     sync = StepSync(group) if group.size > 1 else None
+
     def done() -> Callable[[str], None]:  # the work is done: bound the teardown
         who = f"rank {world.rank} ({role}{f', tp rank {group.rank} of {group.size}' if group.size > 1 else ''})"
         teardown.begin(who, cfg.job.teardown_timeout_s)

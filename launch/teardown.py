@@ -17,7 +17,8 @@ that a rank left without MPI_Finalize).
 `end_process` finalizes MPI itself and then leaves with os._exit: the interpreter's own teardown
 (module and object destructors: torch's process groups, CUDA graphs and caches, whose order
 Python does not fix) never runs, so nothing there can hang a finished job. A caller that must
-return (submitit's task, launch/submit.py) skips it; its teardown is bounded up to its return.
+return (submitit's task, launch/submit.py) skips it: the watchdog, a daemon thread, then bounds
+what follows for as long as the interpreter runs Python threads, but not MPI_Finalize at its exit.
 """
 
 from __future__ import annotations

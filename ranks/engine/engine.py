@@ -27,8 +27,9 @@ from kvrelay.configs.schema import JobConfig
 from kvrelay.kernels import compile_log
 from kvrelay.ranks.engine.disk_tier import DiskStore, DiskTier
 from kvrelay.ranks.engine.host_tier import HostTier
+from kvrelay.ranks.engine.checkpoint import random_weights
 from kvrelay.ranks.engine.kv_cache import EvictHook, CacheHook, KVCacheManager
-from kvrelay.ranks.engine.loader import check_dtype, iter_weights, read_model_dir
+from kvrelay.ranks.engine.loader import check_dtype, iter_weights, read_model_dir, shard_weights
 from kvrelay.ranks.engine.group_runner import LeaderRunner
 from kvrelay.ranks.engine.model_runner import ModelRunner
 from kvrelay.ranks.engine.parallel import TPGroup
@@ -42,7 +43,7 @@ from kvrelay.ranks.engine.sequence import Sequence, SeqStatus, sample_key
 from kvrelay.ranks.engine.sim_runner import SimDiskStore, SimRunner
 from kvrelay.core.tokenizer import SimTokenizer
 from kvrelay.core.timing import load_timing, sim_max_model_len
-from kvrelay.core.model_files import ModelConfigError
+from kvrelay.core.model_files import ModelConfigError, read_json
 from kvrelay.ranks.engine.spec import ModelSpec
 from kvrelay.core.tokenizer import Tokenizer
 from kvrelay.core.block_hash import block_hashes, hash_seed, num_blocks
@@ -137,20 +138,27 @@ def make_runner(
     if cfg.model.path is None:
         raise ModelConfigError("no model: set model.path in the config or pass --model DIR")
     tp = tp or TPGroup()
-    spec, files = read_model_dir(cfg.model.path, with_weights=weights is None)
+    draw = weights is None and cfg.model.random_weights
+    spec, files = read_model_dir(cfg.model.path, with_weights=weights is None and not draw)
     shard = TPShard.of(spec, tp.rank, tp.size)  # raises for a tp that does not split the model, before any read
     device = device or pick_device(cfg.job.device)
     if device.type == "cuda":
         compile_log.install()
     with compile_log.warming():
-        return _build_runner(cfg, spec, files, shard, device, weights, staging_bytes, tp, sync)
+        return _build_runner(cfg, spec, files, shard, device, weights, staging_bytes, tp, sync, draw)
 
 
-def _build_runner(cfg, spec, files, shard, device, weights, staging_bytes, tp, sync) -> tuple[ModelRunner, ModelSpec, int]:
-    """make_runner's work, inside which every Triton compile is the warm-up's."""
+def _build_runner(cfg, spec, files, shard, device, weights, staging_bytes, tp, sync, draw) -> tuple[ModelRunner, ModelSpec, int]:
+    """make_runner's work, inside which every Triton compile is the warm-up's (`draw`: random weights
+    of the config's shape, `model.random_weights`)."""
     dtype = check_dtype(cfg.model.dtype, device, spec)
     max_model_len = resolve_max_model_len(cfg, spec)
     sched = cfg.scheduler
+    if draw:
+        # Every rank draws each whole tensor in turn and keeps its slice: the same model at every tp,
+        # and on every worker of the job (the same seed on the same kind of device).
+        weights = random_weights(read_json(Path(cfg.model.path) / "config.json"), dtype, device)
+        weights = shard_weights(weights, shard) if tp.size > 1 else weights
     args = (spec, iter_weights(files, dtype, device, shard if tp.size > 1 else None) if weights is None else weights,
             dtype, device, cfg.cache.block_size, max_model_len, sched.max_seqs, sched.max_batch_tokens)
     kwargs = dict(cuda_graphs=not cfg.model.enforce_eager, tp=tp)

@@ -283,6 +283,20 @@ class ModelRunner:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
 
+    def release_graphs(self) -> None:
+        """Destroy the decode graphs and wait until the device has let go of them (end of the job).
+        NOTE: before the tensor-parallel group's communicators close (TPGroup.close): NCCL counts
+        every CUDA graph that captured one of its collectives, and ending a communicator (abort or
+        destroy) waits until each such graph is destroyed (NCCL's commDestroySync spins on
+        localPersistentRefs; vLLM hit the same, its PR 39846). Left to the interpreter's exit, the
+        graphs may outlive the communicator's teardown: the job never ends."""
+        if not self.graphs:
+            return
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        torch.cuda.synchronize(self.device)
+
     # ---- one step --------------------------------------------------------------------------------
 
     # Under tensor parallelism each rank hands off its own KV heads. Between groups of unequal tp

@@ -484,7 +484,7 @@ def make_model(
     if size not in SIZES:
         raise ModelConfigError(f"unknown size {size!r}; make-model writes {', '.join(SIZES)}")
     if size != "tiny" and arch != "llama":
-        raise ModelConfigError(f"{size} is the shape of a Llama-3.1 model; use --arch llama with it")
+        raise ModelConfigError(f"{size} is a Llama-3.1 shape; use --arch llama with it")
     if layers is not None and layers < 1:
         raise ModelConfigError(f"layers must be at least 1, got {layers}")
     dtype = dtype or ("float32" if size == "tiny" else "bfloat16")

@@ -44,7 +44,9 @@ class GrammarMask:
     may_stop: bool  # some row's grammar allows a stop token now, so its draw may end its sequence
 
     def apply(self, logits: torch.Tensor) -> None:
-        apply_bitmask(logits, self.bitmask, self.rows)
+        # The rows as a tensor from pinned memory: given a list, xgrammar's CUDA path copies it
+        # from pageable memory.
+        apply_bitmask(logits, self.bitmask, to_device(self.rows, logits.device, torch.int32))
 
 
 class Grammars:
@@ -204,8 +206,9 @@ class Grammars:
         return self._compiler
 
 
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
-    """logits [N, vocab] float32 (in place); bitmask [N, ceil(vocab / 32)] int32, same device:
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | torch.Tensor) -> None:
+    """logits [N, vocab] float32 (in place); bitmask [N, ceil(vocab / 32)] int32 and rows (a list or
+    [R] int32), same device:
     in each of `rows`, tokens whose bit is 0 get -inf. xgrammar's kernel (Triton on CUDA, C++ on
     the CPU) reads the bits where they lie; unpacking them in torch wrote a [rows, vocab] int32 and
     a float32 copy of the rows' logits each step (1 GB at 512 rows of a 128k vocabulary)."""

@@ -71,8 +71,7 @@ class EngineStats:
     decode_host_s: float = 0.0
     graph_steps: int = 0
     deferred_steps: int = 0  # steps whose sampled ids were read during the next step (`Engine._defers`)
-    # Host time of structured output: filling the grammar rows' bitmasks and accepting their tokens
-    # (part of host_s, or of the deferred read's time beside the next forward).
+    # Host time of structured output: filling the grammar rows' bitmasks and accepting their tokens.
     grammar_s: float = 0.0
 
 

@@ -12,8 +12,10 @@ rows without a grammar (Engine._defers), and the next step accepts them once its
 launched: the accepts and the fill both run beside a forward instead of between two (vLLM and
 SGLang overlap the same way).
 
-State across preemption and handoff: a matcher advances only when the sampler draws a token, and a
-preempted sequence recomputes KV without drawing any, so it is never advanced twice. A sequence
+State across preemption and handoff: a matcher advances only when the engine reads a token the
+sampler drew (at once, or in the next step for a deferred read, even if the sequence was preempted
+in between), and a preempted sequence recomputes KV without drawing any, so it is never advanced
+twice. A sequence
 handed off by a prefill worker arrives with its output tokens so far (the first one).
 NOTE: the decode worker rebuilds the matcher by replaying those tokens instead of receiving the
 matcher's state: xgrammar has no serialized form of a matcher, replay is exact (a matcher is a

@@ -20,6 +20,12 @@ Both arms run in one process on one device, each on a fresh engine with the same
               model under the mask writes long strings, so most lines end at max_tokens ("length");
               the table gives wall and wall per output token of each arm, and how many
               schema-following lines completed ("stop") and parse and validate.
+
+Each arm also reports its engine's steps, the steps whose sampled ids were read during the next
+step (deferred: the grammar work then runs beside the next forward), the host time per step
+outside the wait for the device (EngineStats.host_s), and the part of the host's time per step
+spent filling grammar bitmasks and accepting tokens (EngineStats.grammar_s; on the GPU it runs
+after the step's forward is launched).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from kvrelay.bench.throughput import DTYPES, random_prompts, sync
+from kvrelay.bench.throughput import DTYPES, Report, random_prompts, sync
 from kvrelay.configs.schema import load_config
 from kvrelay.core.request import Request, SamplingParams, StructuredOutput
 from kvrelay.ranks.engine.checkpoint import random_weights, write_model_files
@@ -82,7 +88,9 @@ def run(engine: Engine, lines: list[tuple[str, list[int], SamplingParams]]) -> t
     wall = time.perf_counter() - t0
     s = engine.stats
     counters = {"steps": s.steps, "prompt_tokens": s.prompt_tokens, "computed_tokens": s.computed_tokens,
-                "cached_prompt_tokens": s.cached_prompt_tokens, "preemptions": s.preemptions}
+                "cached_prompt_tokens": s.cached_prompt_tokens, "preemptions": s.preemptions,
+                "deferred_steps": s.deferred_steps, "host_ms_per_step": 1e3 * s.host_s / max(s.steps, 1),
+                "grammar_ms_per_step": 1e3 * s.grammar_s / max(s.steps, 1)}
     return out, wall, counters
 
 
@@ -137,15 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     args.dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     dtype = DTYPES[args.dtype]
-    report: dict = {"args": vars(args).copy(), "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__}
-
-    def emit(key: str, value) -> None:
-        report[key] = value
-        print(json.dumps({key: value}), flush=True)
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    report = Report("args", args, device, args.json)
+    emit = report.emit
 
     with tempfile.TemporaryDirectory(prefix="kvrelay-bench-") as tmp:
         model_dir = Path(tmp) / f"{args.arch}-{args.size}"
@@ -197,11 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile:
             arm(args, model_dir, cfg, dtype, device, b_lines, max_len, profile=True)
     print(f"\n{args.compare} on {report['device']}: {args.num_prompts} prompts x {args.input_len} in, {args.output_len} out, {args.size}")
-    print(f"{'arm':<28}{'wall s':>9}{'out tok':>9}{'out tok/s':>11}{'ms/out tok':>12}{'computed':>10}")
+    print(f"{'arm':<28}{'wall s':>9}{'out tok':>9}{'out tok/s':>11}{'ms/out tok':>12}{'computed':>10}"
+          f"{'deferred':>12}{'host ms/st':>12}{'grammar ms/st':>15}")
     for r in (a, b):
         name = names[0] if r is a else names[1]
         print(f"{name:<28}{r['wall_s']:>9.2f}{r['output_tokens']:>9}{r['output_tok_s']:>11.0f}"
-              f"{r['wall_ms_per_output_token']:>12.3f}{r['computed_tokens']:>10}")
+              f"{r['wall_ms_per_output_token']:>12.3f}{r['computed_tokens']:>10}"
+              f"{r['deferred_steps']:>6}/{r['steps']:<5}{r['host_ms_per_step']:>12.2f}{r['grammar_ms_per_step']:>15.2f}")
     print(f"b / a: wall {ratio['wall_b_over_a']:.3f}, out tok/s {ratio['output_tok_s_b_over_a']:.3f}, "
           f"per token {ratio['per_token_b_over_a']:.3f}; check {check}")
     return 0

@@ -75,6 +75,27 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 LOGIT_PROMPTS, LOGIT_STEPS = 4, 4
 
 
+class Report(dict):
+    """What a bench measured, as it goes: `emit` adds one result, prints it as a JSON line and
+    rewrites the whole report to `path` (when given), so a run that dies midway keeps what it had.
+    A quiet report (a tensor-parallel rank other than the leader) only collects."""
+
+    def __init__(self, args_key: str, args, device: torch.device, path: str | None, quiet: bool = False) -> None:
+        super().__init__({args_key: vars(args).copy(),
+                          "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__})
+        self.path, self.quiet = path, quiet
+
+    def emit(self, key: str, value) -> None:
+        self[key] = value
+        if self.quiet:
+            return
+        print(json.dumps({key: value}), flush=True)
+        if self.path:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.path).write_text(json.dumps(self, indent=2) + "\n")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -508,17 +529,8 @@ def main(argv: list[str] | None = None) -> int:
         group = Group(TPGroup.from_mpi(world, device), StepSync(world))
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     dtype = DTYPES[args.dtype]
-    report: dict = {"workload": vars(args).copy(), "device": torch.cuda.get_device_name(device) if gpu else "cpu",
-                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__}
-
-    def emit(key: str, value) -> None:
-        report[key] = value
-        if group is not None and not group.is_leader:
-            return
-        print(json.dumps({key: value}), flush=True)
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    report = Report("workload", args, device, args.json, quiet=group is not None and not group.is_leader)
+    emit = report.emit
 
     with tempfile.TemporaryDirectory(prefix="kvrelay-bench-") as tmp:
         model_dir = Path(tmp) / f"{args.arch}-{args.size}"

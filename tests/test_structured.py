@@ -112,6 +112,85 @@ def test_matcher_replays_a_handed_off_sequence(tiny_models):
     assert m.accept_token(r.output_token_ids[-1]) and m.is_terminated()
 
 
+
+@pytest.mark.parametrize("settings", [{}, {"cache.num_blocks": 14, "scheduler.max_batch_tokens": 16,
+                                           "model.max_model_len": 96}])
+def test_grammar_rows_defer_their_reads_and_give_the_same_outputs(tiny_models, settings):
+    # Rows whose mask allows no stop token leave their ids on the device, and the next step's
+    # matchers accept them once its forward is launched; a step whose mask allows one reads at
+    # once. Seeded, and through preemptions with an id still on the device, the outputs equal those
+    # read at every step (a logprob asked for keeps every read immediate).
+    specs = [json_spec(PERSON), json_spec(POINT), StructuredOutput("regex", REGEX),
+             StructuredOutput("choice", json.dumps(CHOICES)), json_spec(PERSON)]
+    engine = make_engine(tiny_models["llama"], **settings)
+    got = run(engine, specs)
+    immediate = make_engine(tiny_models["llama"], **settings)
+    want = run(immediate, specs, logprobs=0)
+    assert immediate.stats.deferred_steps == 0
+    assert 0 < engine.stats.deferred_steps < engine.stats.steps, "mid-grammar steps defer, the ones that may stop do not"
+    if settings:
+        assert engine.stats.preemptions > 0
+    assert [(r.output_token_ids, r.finish_reason) for r in got] == [(r.output_token_ids, r.finish_reason) for r in want]
+    assert all(r.finish_reason == "stop" for r in got)
+    assert engine.stats.grammar_s > 0
+
+
+def test_mask_may_stop_only_where_a_grammar_allows_a_stop_token(tiny_models):
+    engine = make_engine(tiny_models["llama"])
+    [r] = run(engine, [StructuredOutput("choice", json.dumps(CHOICES))], temperature=0.0)
+    assert r.output_token_ids[-1] in engine.eos_token_ids
+    g = engine.grammars
+    so = StructuredOutput("choice", json.dumps(CHOICES))
+    g.matcher("start", so, [])
+    g.matcher("end", so, r.output_token_ids[:-1])  # the whole choice, before its EOS
+    cpu = torch.device("cpu")
+    assert not g.fill_bitmask(["start"], [1], 3, cpu).may_stop
+    assert g.fill_bitmask(["end"], [0], 3, cpu).may_stop
+    assert g.fill_bitmask(["start", "end"], [2, 0], 3, cpu).may_stop
+
+
+def test_json_rows_mask_control_bytes_and_surrogates(tiny_models):
+    """The mask of each row against its matcher's own fill, ANDed bit by bit with the JSON rules of
+    Grammars.fill_bitmask's NOTE, in a batch of JSON and regex rows and in one of JSON rows only."""
+    import xgrammar as xgr
+
+    engine = make_engine(tiny_models["llama"])
+    g = engine.grammars
+    vocab = g.vocab_size
+    g.matcher("plain", json_spec(POINT), [])
+    g.matcher("regex", StructuredOutput("regex", "[\\x00-\\xff]{1,9}"), [])
+    # Inside a JSON string whose last token is the lone byte ED: no continuation byte A0-BF may follow.
+    m = g.matcher("dangling", json_spec(POINT), [])
+    byte_token = {bytes(b): t for t, b in enumerate(g._info.decoded_vocab[:vocab]) if len(b) == 1}
+    for b in b'{"x": 1, "label": "':
+        g.accept("dangling", byte_token[bytes([b])])
+    g.accept("dangling", byte_token[b"\xed"])
+    assert not m.is_terminated()
+    decoded = g._info.decoded_vocab[:vocab]
+
+    def own(name: str) -> list[bool]:
+        bm = xgr.allocate_token_bitmask(1, vocab)
+        g.matchers[name].fill_next_token_bitmask(bm)
+        return [bool((int(bm[0, t // 32]) >> (t % 32)) & 1) for t in range(vocab)]
+
+    def allowed(bitmask: torch.Tensor, row: int) -> list[bool]:
+        return [bool((int(bitmask[row, t // 32]) >> (t % 32)) & 1) for t in range(vocab)]
+
+    def json_ok(b: bytes, after_ed: bool) -> bool:
+        return (all(x >= 0x20 for x in b) and re.search(rb"\xed[\xa0-\xbf]", b) is None
+                and not (after_ed and b and 0xA0 <= b[0] <= 0xBF))
+
+    want = {"plain": [a and json_ok(b, False) for a, b in zip(own("plain"), decoded)],
+            "dangling": [a and json_ok(b, True) for a, b in zip(own("dangling"), decoded)],
+            "regex": own("regex")}
+    assert any(want["regex"][t] and not json_ok(decoded[t], True) for t in range(vocab)), "the regex row must show the JSON rules stay off it"
+    assert sum(own("dangling")) > sum(want["dangling"]), "the check must see a token the JSON rules take away"
+    for names, rows in [(["plain", "regex", "dangling"], [3, 0, 1]), (["dangling", "plain"], [0, 1])]:
+        mask = g.fill_bitmask(names, rows, max(rows) + 1, torch.device("cpu"))
+        for name, row in zip(names, rows):
+            assert allowed(mask.bitmask, row) == want[name], name
+
+
 # -- the job: error lines, single rank and the MPI split layout --------------------------------
 
 CLI = [sys.executable, "-m", "kvrelay.launch.cli"]

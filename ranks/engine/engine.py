@@ -73,6 +73,8 @@ class EngineStats:
     decode_host_s: float = 0.0
     graph_steps: int = 0
     deferred_steps: int = 0  # steps whose sampled ids were read during the next step (`Engine._defers`)
+    # Host time of structured output: filling the grammar rows' bitmasks and accepting their tokens.
+    grammar_s: float = 0.0
 
 
 @dataclass
@@ -580,9 +582,7 @@ class Engine:
             logits = self.runner.execute(batch)
         else:
             logits = self.runner.execute(batch, fed=self.pending[1].tokens)
-        t_read = time.perf_counter()
-        self._read_pending(out)  # while this step runs on the device
-        waited = time.perf_counter() - t_read
+        waited = self._read_pending(out)  # while this step runs on the device
         for item in batch:
             self.scheduler.on_computed(item)
             self.stats.computed_tokens += item.num_new_tokens
@@ -603,15 +603,25 @@ class Engine:
                 rows = [j for j, seq in enumerate(sampling) for _ in range(1 + len(forks.get(seq, ())))]
                 logits = logits.index_select(0, to_device(rows, logits.device))
             rows = [self._sample_row(s) for s in drawing]
-            if drawing and self.runner.model.tp.size == 1 and all(self._defers(s) for s in drawing):
+            structured = [j for j, r in enumerate(rows) if r.matcher is not None]
+            mask = None
+            if structured:  # the host fills the grammar rows' bitmask while the device runs the forward
+                t_fill = time.perf_counter()
+                mask = self.grammars.fill_bitmask([rows[j].request_id for j in structured], structured, len(rows),
+                                                  logits.device)
+                self.stats.grammar_s += time.perf_counter() - t_fill
+            if (drawing and self.runner.model.tp.size == 1 and all(self._defers(s) for s in drawing)
+                    and (mask is None or not mask.may_stop)):
                 # NOTE: the ids stay on the device; the next step feeds them to its forward and reads
                 # them once launched, so the host's work between two steps overlaps the device's.
                 # Placeholders -1 - j stand for them (ModelRunner.execute's `fed`) until then.
-                self.pending = (drawing, sample_later(logits, rows, self.history))
+                self.pending = (drawing, sample_later(logits, rows, self.history, mask))
                 tokens, logprobs = [-1 - j for j in range(len(drawing))], [None] * len(drawing)
                 self.stats.deferred_steps += 1
             else:
-                tokens, logprobs = sample(logits, rows, self.history, self.grammars)  # the wait for the GPU: the sampled ids
+                tokens, logprobs = sample(logits, rows, self.history, mask)  # the wait for the GPU: the sampled ids
+                if structured:
+                    self._accept([drawing[j] for j in structured], [tokens[j] for j in structured])
         t2 = time.perf_counter()
         now = time.time()
         for seq, token, lp in zip(drawing, tokens, logprobs):
@@ -661,25 +671,33 @@ class Engine:
         """Whether the host can do without the sequence's sampled id until the next step is launched:
         the id cannot stop it (no EOS or stop token or string to check: only the length limit, which
         needs no id, and a sequence that reaches it has its result sent when the id is read), no
-        other sample forks from it and no handoff carries it, and no logprob, penalty count or
-        grammar state on the host waits for it. The rest of a step's bookkeeping (first token time
-        and news, counts) needs no id value. (`step` defers nothing under tensor
-        parallelism: the other ranks take their ids from the host, step_sync.py.)"""
+        other sample forks from it and no handoff carries it, and no logprob or penalty count on the
+        host waits for it. The rest of a step's bookkeeping (first token time and news, counts)
+        needs no id value. A grammar row may end at EOS, but only where its grammar allows a stop
+        token, which `step` reads from the step's mask (GrammarMask.may_stop); its matcher accepts
+        the id when the next step reads it, so a grammar row at its length limit (whose matcher
+        goes with its result) reads at once. (`step` defers nothing under tensor parallelism: the
+        other ranks take their ids from the host, step_sync.py.)"""
         sp = seq.sampling
         return (
             sp.best_of == 1 and not seq.handoff
-            and sp.ignore_eos and not sp.stop_token_ids and not sp.stop and sp.structured is None
+            and (sp.ignore_eos or sp.structured is not None) and not sp.stop_token_ids and not sp.stop
+            and (sp.structured is None or seq.num_tokens + 1 < seq.max_total_tokens)
             and not sp.penalized and sp.logprobs is None and not sp.tracks_logprob
         )
 
-    def _read_pending(self, out: StepOutput) -> None:
-        """The last step's deferred ids into their sequences, in place of the placeholders; the
-        results of those that finished on them go out with `out`."""
+    def _read_pending(self, out: StepOutput) -> float:
+        """The last step's deferred ids into their sequences, in place of the placeholders, and into
+        their grammars; the results of those that finished on them go out with `out`. Returns the
+        seconds it waited for the device."""
         if self.pending is None:
-            return
+            return 0.0
         seqs, pending = self.pending
         self.pending = None
-        tokens, now = pending.result(), time.time()
+        t0 = time.perf_counter()
+        tokens = pending.result()
+        now = time.time()
+        waited = time.perf_counter() - t0
         for j, (seq, token) in enumerate(zip(seqs, tokens)):
             assert seq.token_ids[-1] == -1 - j, "a deferred id's placeholder moved"
             seq.token_ids[-1] = token
@@ -687,6 +705,16 @@ class Engine:
                 seq.first_token_time = now  # when the host has it, as for an id read at once
         out.finished += [seq.result() for seq in self.unread_finished]
         self.unread_finished = []
+        structured = [j for j, seq in enumerate(seqs) if seq.sampling.structured is not None]
+        if structured:
+            self._accept([seqs[j] for j in structured], [tokens[j] for j in structured])
+        return waited
+
+    def _accept(self, seqs: list[Sequence], tokens: list[int]) -> None:
+        """The sequences' grammars take their sampled tokens."""
+        t0 = time.perf_counter()
+        self.grammars.accept_batch([seq.key for seq in seqs], tokens)
+        self.stats.grammar_s += time.perf_counter() - t0
 
     def _stopped(self, seq: Sequence, out: StepOutput, free: bool = True) -> bool:
         """If the sequence's last token ends it: its result goes out, and (with `free`) its blocks

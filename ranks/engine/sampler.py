@@ -18,12 +18,15 @@ request asked for no logprobs (no alternatives then): the engine sums them to ra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from kvrelay.core.request import SamplingParams, TokenLogprob
 from kvrelay.ranks.engine.penalties import TokenHistory, apply_penalties
-from kvrelay.ranks.engine.structured import Grammars, apply_bitmask
+
+if TYPE_CHECKING:
+    from kvrelay.ranks.engine.structured import GrammarMask
 
 
 @dataclass
@@ -33,7 +36,7 @@ class SampleRow:
     banned: list[int]  # token ids that may not be sampled now (stop tokens before min_tokens)
     request_id: str = ""
     history: int | None = None  # the sequence's row in the TokenHistory (rows with penalties)
-    matcher: object | None = None  # the sequence's xgrammar.GrammarMatcher (structured output), in `grammars`
+    matcher: object | None = None  # the sequence's xgrammar.GrammarMatcher (structured output), in the engine's Grammars
 
 
 class PendingTokens:
@@ -66,19 +69,18 @@ def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.int
 @torch.inference_mode()
 def sample(
     logits: torch.Tensor, rows: list[SampleRow], history: TokenHistory | None = None,
-    grammars: Grammars | None = None,
+    mask: GrammarMask | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits: [N, vocab] float32 on the model's device; one row per sampling sequence. Rows with
     penalties name their row of `history`, which counts the tokens sampled here; rows with a
-    grammar have their matcher in `grammars`, which accepts the token sampled here."""
-    structured = [i for i, r in enumerate(rows) if r.matcher is not None]
+    grammar take only the tokens `mask` allows (Grammars.fill_bitmask; the caller has their
+    matchers accept the tokens)."""
+    assert (mask is None) == all(r.matcher is None for r in rows), "grammar rows need their step's mask"
     want_logprobs = [r.params.logprobs for r in rows]
     # best_of rows need the sampled token's logprob to rank their samples, even without logprobs.
     need_raw = [n is not None or r.params.tracks_logprob for n, r in zip(want_logprobs, rows)]
-    tokens, raw_logprobs = _draw(logits, rows, history, grammars, structured, any(need_raw))
+    tokens, raw_logprobs = _draw(logits, rows, history, mask, any(need_raw))
     token_list = tokens.tolist()  # the wait for the device
-    if structured:
-        grammars.accept_batch([rows[i].request_id for i in structured], [token_list[i] for i in structured])
 
     out_logprobs: list[TokenLogprob | None] = [None] * len(rows)
     if raw_logprobs is not None:
@@ -96,24 +98,24 @@ def sample(
 
 
 @torch.inference_mode()
-def sample_later(logits: torch.Tensor, rows: list[SampleRow], history: TokenHistory | None = None) -> PendingTokens:
-    """`sample` without the wait, for rows that need no host step after the draw: no grammar, no
-    logprobs. The ids come back through `PendingTokens.result()`."""
-    assert all(r.matcher is None and r.params.logprobs is None and not r.params.tracks_logprob for r in rows)
-    return PendingTokens(_draw(logits, rows, history, None, [], False)[0])
+def sample_later(
+    logits: torch.Tensor, rows: list[SampleRow], history: TokenHistory | None = None, mask: GrammarMask | None = None,
+) -> PendingTokens:
+    """`sample` without the wait, for rows that need no logprobs. The ids come back through
+    `PendingTokens.result()`."""
+    assert all(r.params.logprobs is None and not r.params.tracks_logprob for r in rows)
+    assert (mask is None) == all(r.matcher is None for r in rows), "grammar rows need their step's mask"
+    return PendingTokens(_draw(logits, rows, history, mask, False)[0])
 
 
 def _draw(
-    logits: torch.Tensor, rows: list[SampleRow], history: TokenHistory | None, grammars: Grammars | None,
-    structured: list[int], need_raw: bool,
+    logits: torch.Tensor, rows: list[SampleRow], history: TokenHistory | None, mask: GrammarMask | None,
+    need_raw: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # [N] int64 token ids, [N, vocab] f32 logprobs (need_raw), device
     """The draw of every row, all on the device: no host sync."""
     assert logits.dim() == 2 and logits.shape[0] == len(rows)
-    if structured:
-        # First, before anything waits for the device: the host fills the mask while the step runs.
-        assert grammars is not None
-        bitmask = grammars.fill_bitmask([rows[i].request_id for i in structured], structured, len(rows), logits.device)
-        apply_bitmask(logits, bitmask, structured)
+    if mask is not None:
+        mask.apply(logits)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if need_raw else None
 
     device = logits.device

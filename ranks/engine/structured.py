@@ -2,11 +2,20 @@
 
 Grammars are compiled against the model's vocabulary once per distinct spec and kept; each sequence
 with a spec gets a matcher that has accepted exactly its output tokens. A step fills the bitmask
-of its grammar rows on the host (the sampler does it first thing, while the device still runs the
-step's forward), copies it to the device once and masks the logits there (`apply_bitmask`).
+of its grammar rows on the host after launching its forward, so while the device runs it, copies it
+to the device once and masks the logits there (`GrammarMask.apply`).
 
-State across preemption and handoff: a matcher advances only when the sampler draws a token, and a
-preempted sequence recomputes KV without drawing any, so it is never advanced twice. A sequence
+NOTE: the bitmask of step N needs only the tokens accepted through step N - 1, and a token that the
+grammar says cannot be a stop token cannot end the sequence. When no row's mask allows a stop
+token (`GrammarMask.may_stop` false), the engine leaves the step's ids on the device like those of
+rows without a grammar (Engine._defers), and the next step accepts them once its own forward is
+launched: the accepts and the fill both run beside a forward instead of between two (vLLM and
+SGLang overlap the same way).
+
+State across preemption and handoff: a matcher advances only when the engine reads a token the
+sampler drew (at once, or in the next step for a deferred read, even if the sequence was preempted
+in between), and a preempted sequence recomputes KV without drawing any, so it is never advanced
+twice. A sequence
 handed off by a prefill worker arrives with its output tokens so far (the first one).
 NOTE: the decode worker rebuilds the matcher by replaying those tokens instead of receiving the
 matcher's state: xgrammar has no serialized form of a matcher, replay is exact (a matcher is a
@@ -17,6 +26,7 @@ The same replay serves a worker that gets a sequence with any number of output t
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +34,21 @@ import torch
 
 from kvrelay.core.grammar import to_grammar
 from kvrelay.core.request import StructuredOutput
+from kvrelay.ranks.engine.sampler import to_device
+
+
+@dataclass
+class GrammarMask:
+    """The token bitmask of one step's grammar rows, on the logits' device."""
+
+    bitmask: torch.Tensor  # [N, ceil(vocab / 32)] int32 on the logits' device; rows not in `rows` are stale
+    rows: list[int]  # the batch rows with a grammar
+    may_stop: bool  # some row's grammar allows a stop token now, so its draw may end its sequence
+
+    def apply(self, logits: torch.Tensor) -> None:
+        # The rows as a tensor from pinned memory: given a list, xgrammar's CUDA path copies it
+        # from pageable memory.
+        apply_bitmask(logits, self.bitmask, to_device(self.rows, logits.device, torch.int32))
 
 
 class Grammars:
@@ -42,9 +67,11 @@ class Grammars:
         self._bitmask: torch.Tensor | None = None  # [rows, ceil(vocab / 32)] int32 host (pinned on CUDA)
         self._copied: torch.cuda.Event | None = None  # the last copy of it to the device is done
         self._batch = None  # xgrammar.BatchGrammarMatcher: fills many rows on several threads
-        self._json_safe: torch.Tensor | None = None  # [ceil(vocab / 32)] int32 host (NOTE in fill_bitmask)
-        self._after_ed: torch.Tensor | None = None  # [ceil(vocab / 32)] int32 host
+        self._json_safe: torch.Tensor | None = None  # [ceil(vocab / 32)] int32 on the logits' device (NOTE in fill_bitmask)
+        self._after_ed: torch.Tensor | None = None  # [ceil(vocab / 32)] int32 on the logits' device
         self._ends_ed: np.ndarray | None = None  # [vocab] bool: the token's bytes end with 0xED
+        self._stop_words: np.ndarray | None = None  # [S] int64: the bitmask word of each stop token
+        self._stop_bits: np.ndarray | None = None  # [S] uint32: its bit in that word
 
     def matcher(self, request_id: str, so: StructuredOutput, output_token_ids: list[int]):
         """The matcher of a sequence; a new one has accepted `output_token_ids` (see NOTE above)."""
@@ -86,10 +113,10 @@ class Grammars:
         self.json.pop(request_id, None)
         self.last_token.pop(request_id, None)
 
-    def fill_bitmask(self, request_ids: list[str], rows: list[int], num_rows: int, device: torch.device) -> torch.Tensor:
-        """[num_rows, ceil(vocab / 32)] int32 on `device`: bit t of row rows[j] says whether the
-        grammar of request_ids[j] allows token t now; other rows are left as they are (the caller
-        masks only `rows`)."""
+    def fill_bitmask(self, request_ids: list[str], rows: list[int], num_rows: int, device: torch.device) -> GrammarMask:
+        """Bit t of row rows[j] of the mask says whether the grammar of request_ids[j] allows token t
+        now. The host fills it (xgrammar's threads) and copies it once, without a wait; what is left
+        of the work is queued on `device`."""
         import xgrammar as xgr
 
         words = -(-self.vocab_size // 32)
@@ -98,8 +125,16 @@ class Grammars:
         if self._bitmask is None or self._bitmask.shape[0] < num_rows:
             self._bitmask = torch.empty(max(num_rows, 64), words, dtype=torch.int32, pin_memory=device.type == "cuda")
             self._batch = xgr.BatchGrammarMatcher()
-        bitmask = self._bitmask[:num_rows]
-        self._batch.batch_fill_next_token_bitmask([self.matchers[r] for r in request_ids], bitmask, rows)
+        host = self._bitmask[:num_rows]
+        self._batch.batch_fill_next_token_bitmask([self.matchers[r] for r in request_ids], host, rows)
+        may_stop = self._may_stop(host, rows)
+        bitmask = host
+        if device.type == "cuda":
+            # Asynchronous, so the host goes on while the step's forward runs; the event keeps the
+            # next step from writing the pinned buffer before this copy has read it.
+            bitmask = host.to(device, non_blocking=True)
+            self._copied = self._copied or torch.cuda.Event()
+            self._copied.record()
         # NOTE: two holes in xgrammar 0.2.8's JSON strings, closed here for JSON rows. (1) A string
         # with minLength/maxLength may hold raw control characters (U+0000-U+001F but CR, LF), which
         # JSON forbids, so json.loads fails (mlc-ai/xgrammar issue #800, fixes unreleased); compact
@@ -107,24 +142,32 @@ class Grammars:
         # with one is taken. (2) Any string may hold a UTF-16 surrogate written as UTF-8 (ED A0-BF xx),
         # which is not UTF-8: it decodes to U+FFFD, and a maxLength check then counts three
         # characters where the grammar counted one. No token with ED A0-BF inside is taken, nor a
-        # token starting with A0-BF right after a token that ended with ED.
-        json_rows = [(i, r) for i, r in zip(rows, request_ids) if self.json[r]]
+        # token starting with A0-BF right after a token that ended with ED. Both masks are ANDed on
+        # the device: on the host, a gather and a scatter of every JSON row (8 MB a step at 512 rows
+        # of a 128k vocabulary) cost more than xgrammar's fill. Neither can clear a stop token's
+        # bit that `may_stop` read (special tokens are not JSON text).
+        json_rows = [i for i, r in zip(rows, request_ids) if self.json[r]]
         if json_rows:
-            safe, after_ed, ends_ed = self._json_masks()
-            bitmask[[i for i, _ in json_rows]] &= safe
-            dangling = [i for i, r in json_rows if r in self.last_token and ends_ed[self.last_token[r]]]
+            safe, after_ed, ends_ed = self._json_masks(device)
+            if len(json_rows) == num_rows:
+                bitmask &= safe
+            else:
+                bitmask[to_device(json_rows, device)] &= safe
+            dangling = [i for i, r in zip(rows, request_ids) if self.json[r] and r in self.last_token and ends_ed[self.last_token[r]]]
             if dangling:
-                bitmask[dangling] &= after_ed
-        if device.type != "cuda":
-            return bitmask
-        # Asynchronous, so the host goes on while the step's forward runs; the event keeps the
-        # next step from writing the pinned buffer before this copy has read it.
-        out = bitmask.to(device, non_blocking=True)
-        self._copied = self._copied or torch.cuda.Event()
-        self._copied.record()
-        return out
+                bitmask[to_device(dangling, device)] &= after_ed
+        return GrammarMask(bitmask, rows, may_stop)
 
-    def _json_masks(self) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    def _may_stop(self, host: torch.Tensor, rows: list[int]) -> bool:
+        """Whether any of `rows` of the host bitmask allows one of the grammars' stop tokens."""
+        if self._stop_words is None:
+            stops = [t for t in self._info.stop_token_ids if t < self.vocab_size]
+            self._stop_words = np.array([t // 32 for t in stops], dtype=np.int64)
+            self._stop_bits = np.array([1 << (t % 32) for t in stops], dtype=np.uint32)
+        bits = host.numpy().view(np.uint32)[np.asarray(rows)[:, None], self._stop_words[None, :]]
+        return bool((bits & self._stop_bits).any())
+
+    def _json_masks(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         if self._json_safe is None:
             self._get_compiler()
             vocab = self._info.decoded_vocab
@@ -135,7 +178,7 @@ class Grammars:
                 after_ed[t] = not (b and 0xA0 <= b[0] <= 0xBF)
                 ends_ed[t] = b.endswith(b"\xed")
             self._json_safe, self._after_ed = (torch.from_numpy(np.packbits(m, bitorder="little").view(np.int32).copy())
-                                               for m in (safe, after_ed))
+                                               .to(device) for m in (safe, after_ed))
             self._ends_ed = ends_ed
         return self._json_safe, self._after_ed, self._ends_ed
 
@@ -165,8 +208,9 @@ class Grammars:
         return self._compiler
 
 
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
-    """logits [N, vocab] float32 (in place); bitmask [N, ceil(vocab / 32)] int32, same device:
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | torch.Tensor) -> None:
+    """logits [N, vocab] float32 (in place); bitmask [N, ceil(vocab / 32)] int32 and rows (a list or
+    [R] int32), same device:
     in each of `rows`, tokens whose bit is 0 get -inf. xgrammar's kernel (Triton on CUDA, C++ on
     the CPU) reads the bits where they lie; unpacking them in torch wrote a [rows, vocab] int32 and
     a float32 copy of the rows' logits each step (1 GB at 512 rows of a 128k vocabulary)."""

@@ -11,7 +11,7 @@ from kvrelay.configs.schema import load_config
 from kvrelay.core.block_hash import hash_seed
 from kvrelay.core.request import Request, SamplingParams
 from kvrelay.ranks.engine.engine import Engine
-from kvrelay.ranks.engine.host_memory import HostKVMemory
+from kvrelay.ranks.engine.host_memory import HostKVMemory, last_conflict
 from kvrelay.ranks.engine.host_tier import CopyBatch, HostTier
 from kvrelay.ranks.engine.kv_cache import KVCacheManager
 from kvrelay.ranks.engine.sequence import Sequence
@@ -351,3 +351,13 @@ def test_simulated_worker_runs_the_disk_tier(tmp_path):
     report = engine.report()
     assert report["disk_hit_tokens"] >= 16 and report["disk_read_bytes"] > 0 and report["disk_write_bytes"] > 0, report
     assert report["gpu_hit_tokens"] + report["host_hit_tokens"] + report["disk_hit_tokens"] == 6 * 16
+
+
+def test_a_step_waits_for_the_last_copy_batch_that_moves_a_block_it_uses():
+    # (batch, blocks copied out, blocks copied in): what another rank of a tensor-parallel group
+    # has in flight on its copy stream when the leader's step arrives (group_tiers.py).
+    batches = [(3, frozenset({1, 2}), frozenset()), (4, frozenset({5}), frozenset({7})), (5, frozenset(), frozenset({9}))]
+    assert last_conflict(batches, read={1, 2, 3}, written={3}) == -1  # reading a block being copied out is fine
+    assert last_conflict(batches, read={2}, written={2}) == 3  # writing it is not
+    assert last_conflict(batches, read={7, 1}, written={1}) == 4  # nor reading a block being copied in
+    assert last_conflict(batches, read={9}, written={5}) == 5  # the last one that conflicts

@@ -143,6 +143,27 @@ def test_block_offloaded_evicted_and_brought_back_holds_the_same_bytes():
         assert torch.equal(k[[0, 5]], bk) and torch.equal(v[[0, 5]], bv)
 
 
+def test_runs_of_consecutive_slots_go_in_one_copy_each():
+    g = torch.Generator().manual_seed(1)
+    shape = (8, 4, 2, 8)  # [num_blocks, block_size, kv_heads, head_dim] f32 cpu
+    caches = [(torch.randn(shape, generator=g), torch.randn(shape, generator=g)) for _ in range(2)]
+    mem = HostKVMemory(caches, num_slots=8)
+    mem.chunk_slots = 3
+    mem.chunks = [None] * 3
+    # A run stops at a gap and at a chunk's end (slots 0-2 | 3-5 | 6-7).
+    assert [(i, j) for i, j, _ in mem._spans((1, 2, 3, 4, 6, 5))] == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    blocks, slots = [2, 0, 7, 3, 1, 5], [1, 2, 3, 4, 6, 5]
+    before = [(k[blocks].clone(), v[blocks].clone()) for k, v in caches]
+    mem.issue(CopyBatch(0, out=list(zip(blocks, slots))))
+    for k, v in caches:
+        k.zero_()
+        v.zero_()
+    back = [6, 4, 0, 1, 2, 3]  # into other blocks, slots in another order
+    mem.issue(CopyBatch(1, inn=list(zip(slots[::-1], back))))
+    for (k, v), (bk, bv) in zip(caches, before):
+        assert torch.equal(k[back], bk.flip(0)) and torch.equal(v[back], bv.flip(0))
+
+
 def run_waves(engine: Engine, waves: list[list[list[int]]], first: int = 0) -> dict[str, list[int]]:
     got, i = {}, first
     for wave in waves:

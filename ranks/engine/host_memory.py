@@ -4,7 +4,8 @@ The slots (ranks/engine/host_tier.py hands them out) live in chunks of CHUNK_BYT
 the first time one of its slots is written, pinned on CUDA: pinning 32 GiB at once took 19 s on an
 H200 node, so start-up pays nothing and a run pays per chunk as the tier fills.
 
-The copies of one batch (HostTier.take_batch) run on a side stream, copy-outs then copy-ins, and an
+The copies of one batch (HostTier.take_batch) run on a side stream, copy-outs then copy-ins (one
+gather or scatter kernel on the device side, one copy per run of consecutive host slots), and an
 event marks the batch's end. The engine polls `completed()` (a sequence whose blocks come in waits
 in the scheduler until then, while others step) and calls `order_before_write(batch)` before the
 compute stream writes a block whose copy-out is in that batch: a wait on the GPU, never on the host.
@@ -110,16 +111,29 @@ class HostKVMemory:
         if batch.out:
             ids, slots = zip(*batch.out)
             buf = pack_blocks(self.kv_caches, list(ids))  # [n, layers, 2, block_size, kv_heads, head_dim] device
-            for i, s in enumerate(slots):
-                self.slot(s).copy_(buf[i], non_blocking=self.pin)
+            for i, j, host in self._spans(slots):
+                host.copy_(buf[i:j], non_blocking=self.pin)
         if between is not None:
             between.record()
         if batch.inn:
             slots, ids = zip(*batch.inn)
             buf = torch.empty((len(slots), *self.block_shape), dtype=self.dtype, device=self.device)
-            for i, s in enumerate(slots):
-                buf[i].copy_(self.slot(s), non_blocking=self.pin)
+            for i, j, host in self._spans(slots):
+                buf[i:j].copy_(host, non_blocking=self.pin)
             unpack_blocks(buf, self.kv_caches, list(ids))
+
+    def _spans(self, slots: tuple[int, ...]):
+        """(i, j, host view of slots[i:j]) for each run of consecutive slots in one chunk: one copy
+        per run, not per block (a prefix's blocks go out together and so mostly sit side by side)."""
+        i = 0
+        while i < len(slots):
+            c, first = divmod(slots[i], self.chunk_slots)
+            self.slot(slots[i])  # allocates the chunk
+            j = i + 1
+            while j < len(slots) and slots[j] == slots[j - 1] + 1 and slots[j] // self.chunk_slots == c:
+                j += 1
+            yield i, j, self.chunks[c][first : first + j - i]
+            i = j
 
     def completed(self) -> int:
         """The last batch such that it and every earlier one have completed."""

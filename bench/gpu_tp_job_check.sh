@@ -13,14 +13,7 @@ export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 for arch in llama qwen2; do
   [ -f "$out/tiny-$arch/config.json" ] || python3 -m kvrelay.launch.cli make-model --arch $arch "$out/tiny-$arch" >/dev/null
 done
-python3 - "$out/in.jsonl" <<'PY'
-import json, sys
-with open(sys.argv[1], "w") as f:
-    for q in range(40):
-        for s in range(6):
-            system = f"System prompt {s}: answer questions about cluster {s} and cite the handbook of site {s}."
-            f.write(json.dumps({"custom_id": f"s{s}-q{q}", "prompt": f"{system} Question {q}: how do I run job {q * 7 + s}?"}) + "\n")
-PY
+python3 -m kvrelay.bench.check_lines "$out/in.jsonl"
 common=(-i "$out/in.jsonl" --set job.device=cuda --set model.dtype=float32 --set model.max_model_len=512
         --set cache.num_blocks=2048 --set defaults.temperature=0 --set defaults.max_tokens=24
         --set defaults.ignore_eos=true --set job.progress=false --set router.lookahead_lines=1)
@@ -45,9 +38,9 @@ if [ "$ngpu" -ge 4 ]; then
 fi
 python3 - "$out" <<'PY'
 import json, os, sys
+from kvrelay.bench.check_lines import texts
 def load(name):
-    rows = [json.loads(x) for x in open(f"{sys.argv[1]}/{name}.jsonl")]
-    return {d["custom_id"]: d["response"]["body"]["choices"][0]["text"] for d in rows}
+    return texts(f"{sys.argv[1]}/{name}.jsonl")
 for name, ref, what in (("agg-tp2", "one-llama", "1 aggregated tp=2 (2 GPUs)"), ("p2d1", "one-llama", "prefill tp=2 -> decode tp=1 (3 GPUs)"),
                         ("p1d2", "one-llama", "prefill tp=1 -> decode tp=2 (3 GPUs)"), ("p2d2", "one-llama", "prefill tp=2 -> decode tp=2 (4 GPUs)"),
                         ("agg-tp4-qwen2", "one-qwen2", "qwen2 1 aggregated tp=4 (4 GPUs)")):

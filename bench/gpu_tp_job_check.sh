@@ -2,7 +2,8 @@
 # GPU check of tensor-parallel workers (NCCL groups, decode CUDA graphs holding the all-reduces):
 # greedy outputs of jobs whose workers are groups of GPUs equal the tp=1 job's on one GPU, line for
 # line, on tiny float32 models (qwen2: 2 KV heads, so tp=4 replicates them).
-#   2 GPUs: 1 aggregated (tp=2)
+#   2 GPUs: 1 aggregated (tp=2); the same on a 24-block cache with host and disk KV tiers (each
+#           rank's own tiers of its shard, ordered by its own copy stream: ranks/engine/group_tiers.py)
 #   3 GPUs: + 1 prefill (tp=2) -> 1 decode (tp=1), and 1 prefill (tp=1) -> 1 decode (tp=2)
 #   4 GPUs: + 1 prefill (tp=2) -> 1 decode (tp=2), and qwen2 1 aggregated (tp=4)
 #   bash bench/gpu_tp_job_check.sh OUTDIR
@@ -19,6 +20,9 @@ common=(-i "$out/in.jsonl" --set job.device=cuda --set model.dtype=float32 --set
         --set defaults.ignore_eos=true --set job.progress=false --set router.lookahead_lines=1)
 split=(--set roles.aggregated=0 --set roles.prefill=1 --set roles.decode=1)
 rm -f "$out"/*.jsonl.* "$out"/{one,agg,p2d1,p1d2,p2d2}*.json* 2>/dev/null || true
+# 16 blocks of the tiny Llama (16 tokens, 2 layers, 2 KV heads of 16, float32: 8 KiB each) in the host tier.
+tiers=(--set cache.num_blocks=24 --set cache.host_kv_gib=0.0001220703125 --set cache.disk_kv_gib=0.01
+       --set "cache.disk_kv_path=$out/kv")
 mpi=${KVRELAY_MPIEXEC:-mpirun --allow-run-as-root}
 ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 run() { name=$1; n=$2; model=$3; shift 3
@@ -27,6 +31,7 @@ run() { name=$1; n=$2; model=$3; shift 3
   echo "$name done"; }
 run one-llama 1 llama
 run agg-tp2 3 llama --set roles.tp=2
+run agg-tp2-tiers 3 llama --set roles.tp=2 "${tiers[@]}"
 if [ "$ngpu" -ge 3 ]; then
   run p2d1 4 llama "${split[@]}" --set roles.prefill_tp=2
   run p1d2 4 llama "${split[@]}" --set roles.decode_tp=2
@@ -41,7 +46,9 @@ import json, os, sys
 from kvrelay.bench.check_lines import texts
 def load(name):
     return texts(f"{sys.argv[1]}/{name}.jsonl")
-for name, ref, what in (("agg-tp2", "one-llama", "1 aggregated tp=2 (2 GPUs)"), ("p2d1", "one-llama", "prefill tp=2 -> decode tp=1 (3 GPUs)"),
+for name, ref, what in (("agg-tp2", "one-llama", "1 aggregated tp=2 (2 GPUs)"),
+                        ("agg-tp2-tiers", "one-llama", "1 aggregated tp=2, 24-block cache, host + disk tiers (2 GPUs)"),
+                        ("p2d1", "one-llama", "prefill tp=2 -> decode tp=1 (3 GPUs)"),
                         ("p1d2", "one-llama", "prefill tp=1 -> decode tp=2 (3 GPUs)"), ("p2d2", "one-llama", "prefill tp=2 -> decode tp=2 (4 GPUs)"),
                         ("agg-tp4-qwen2", "one-qwen2", "qwen2 1 aggregated tp=4 (4 GPUs)")):
     if os.path.exists(f"{sys.argv[1]}/{name}.jsonl"):
@@ -51,4 +58,7 @@ for name, ref, what in (("agg-tp2", "one-llama", "1 aggregated tp=2 (2 GPUs)"), 
         print(f"{what} == tp=1 on 1 GPU: {sum(got.get(k) == want[k] for k in want)}/{len(want)}; "
               f"{s['output_tokens_per_s']:.0f} out tok/s; graph steps {[x.get('graph_steps') for x in w]}; "
               f"handoff_bytes {s['backend'].get('handoff_bytes')}")
+        if "tiers" in name:
+            print("  tiers:", json.dumps({k: w[0].get(k) for k in ("gpu_hit_tokens", "host_hit_tokens", "disk_hit_tokens",
+                                                                  "disk_failed_reads", "host_write_barriers")}))
 PY

@@ -65,7 +65,7 @@ def follow(runner: ModelRunner | None, sync: StepSync, transport: KVTransport, t
             counts["steps"] += 1
         elif isinstance(cmd, CopyBlocks):
             if tiers is not None:
-                tiers.before(set(cmd.src), set(cmd.dst))
+                tiers.before(cmd.src, cmd.dst)
             runner.copy_blocks(cmd.src, cmd.dst)
         elif isinstance(cmd, CopyKV):
             tiers.copy(cmd)
@@ -75,7 +75,7 @@ def follow(runner: ModelRunner | None, sync: StepSync, transport: KVTransport, t
             tiers.poll_disk(cmd)
         elif isinstance(cmd, SendKV):
             if tiers is not None:
-                tiers.before(set(cmd.block_ids), set())
+                tiers.before(cmd.block_ids, [])
             for p in cmd.pieces:
                 if p.rank == me:
                     sending.append(transport.send(runner.pack_kv(cmd.block_ids, (p.first_head, p.num_heads)), p.peer, p.tag))
@@ -90,7 +90,7 @@ def follow(runner: ModelRunner | None, sync: StepSync, transport: KVTransport, t
                 receiving[cmd.key] = mine
         elif isinstance(cmd, UnpackKV):
             if tiers is not None:
-                tiers.before(set(), set(cmd.block_ids))
+                tiers.before([], cmd.block_ids)
             for pending, buf, first_head in receiving.pop(cmd.key, []):
                 pending.wait()
                 runner.unpack_kv(buf, cmd.block_ids, first_head)

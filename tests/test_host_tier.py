@@ -4,6 +4,7 @@ enough that prefixes come back from the host."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -377,8 +378,12 @@ def test_simulated_worker_runs_the_disk_tier(tmp_path):
 def test_a_step_waits_for_the_last_copy_batch_that_moves_a_block_it_uses():
     # (batch, blocks copied out, blocks copied in): what another rank of a tensor-parallel group
     # has in flight on its copy stream when the leader's step arrives (group_tiers.py).
-    batches = [(3, frozenset({1, 2}), frozenset()), (4, frozenset({5}), frozenset({7})), (5, frozenset(), frozenset({9}))]
-    assert last_conflict(batches, read={1, 2, 3}, written={3}) == -1  # reading a block being copied out is fine
-    assert last_conflict(batches, read={2}, written={2}) == 3  # writing it is not
-    assert last_conflict(batches, read={7, 1}, written={1}) == 4  # nor reading a block being copied in
-    assert last_conflict(batches, read={9}, written={5}) == 5  # the last one that conflicts
+    def ids(*xs: int) -> np.ndarray:
+        return np.array(xs, np.int64)
+
+    batches = [(3, ids(1, 2), ids()), (4, ids(5), ids(7)), (5, ids(), ids(9))]
+    assert last_conflict(batches, read=ids(1, 2, 3), written=ids(3)) == -1  # reading a block being copied out is fine
+    assert last_conflict(batches, read=ids(2), written=ids(2)) == 3  # writing it is not
+    assert last_conflict(batches, read=ids(7, 1), written=ids(1)) == 4  # nor reading a block being copied in
+    assert last_conflict(batches, read=ids(9), written=ids(5)) == 5  # the last one that conflicts
+    assert last_conflict(batches, read=ids(), written=ids(7)) == 4  # nor writing one

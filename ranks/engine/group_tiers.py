@@ -124,10 +124,11 @@ class TierFollower:
             return
         B = self.runner.block_size
         used = np.arange(a.tables.shape[1]) < -(-a.seq_lens[:, None] // B)
-        self.before(set(a.tables[used].tolist()), set((a.slots // B).tolist()))
+        self.before(a.tables[used], a.slots // B)
 
-    def before(self, read: set[int], written: set[int]) -> None:
-        self.runner.host.order_before_use(read, written)
+    def before(self, read: list[int] | np.ndarray, written: list[int] | np.ndarray) -> None:
+        """Order the next command, which reads blocks `read` and writes `written`, after their copies."""
+        self.runner.host.order_before_use(np.asarray(read, np.int64), np.asarray(written, np.int64))
 
     def disk_jobs(self, cmd: DiskJobs) -> None:
         if any(op != 2 for op in cmd.ops):

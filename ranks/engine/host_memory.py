@@ -48,15 +48,16 @@ class InFlight:
 
     number: int
     marks: list[torch.cuda.Event]
-    out_blocks: frozenset[int]
-    in_blocks: frozenset[int]
+    out_blocks: np.ndarray  # [n] int64 block ids
+    in_blocks: np.ndarray
 
 
-def last_conflict(batches: list[tuple[int, frozenset[int], frozenset[int]]], read: set[int], written: set[int]) -> int:
+def last_conflict(batches: list[tuple[int, np.ndarray, np.ndarray]], read: np.ndarray, written: np.ndarray) -> int:
     """The last of `batches` (number, blocks copied out, blocks copied in) that copies out a block
-    in `written` or into a block in `read` or `written`: the compute stream must follow it. -1: none."""
+    in `written` or into a block in `read` or `written`: the compute stream must follow it. -1: none.
+    (Vectorized: a decode step's block tables are tens of thousands of ids.)"""
     for number, out, inn in reversed(batches):
-        if not out.isdisjoint(written) or not inn.isdisjoint(read) or not inn.isdisjoint(written):
+        if np.isin(written, out).any() or np.isin(read, inn).any() or np.isin(written, inn).any():
             return number
     return -1
 
@@ -104,8 +105,8 @@ class HostKVMemory:
             marks[0].record()
             self._copy(batch, marks[1])
             marks[2].record()
-        self.in_flight.append(InFlight(batch.number, marks, frozenset(b for b, _ in batch.out),
-                                       frozenset(b for _, b in batch.inn)))
+        self.in_flight.append(InFlight(batch.number, marks, np.array([b for b, _ in batch.out], np.int64),
+                                       np.array([b for _, b in batch.inn], np.int64)))
 
     def _copy(self, batch: CopyBatch, between: torch.cuda.Event | None = None) -> None:
         if batch.out:
@@ -157,7 +158,7 @@ class HostKVMemory:
         if (end := self._end_of(batch)) is not None:
             torch.cuda.current_stream(self.device).wait_event(end)
 
-    def order_before_use(self, read: set[int], written: set[int]) -> None:
+    def order_before_use(self, read: np.ndarray, written: np.ndarray) -> None:
         """The compute stream's next work, which reads blocks `read` and writes `written`, runs
         after the copies in flight that move them (a GPU-side wait; nothing on the CPU)."""
         if self.in_flight:

@@ -109,15 +109,17 @@ class HostKVMemory:
                                        np.array([b for _, b in batch.inn], np.int64)))
 
     def _copy(self, batch: CopyBatch, between: torch.cuda.Event | None = None) -> None:
+        # In slot order: a sequence frees its blocks tail first, so its prefix leaves (and lands in
+        # the host slots) backwards; sorted, a prefix's slots are one run, and one copy.
         if batch.out:
-            ids, slots = zip(*batch.out)
+            ids, slots = zip(*sorted(batch.out, key=lambda p: p[1]))
             buf = pack_blocks(self.kv_caches, list(ids))  # [n, layers, 2, block_size, kv_heads, head_dim] device
             for i, j, host in self._spans(slots):
                 host.copy_(buf[i:j], non_blocking=self.pin)
         if between is not None:
             between.record()
         if batch.inn:
-            slots, ids = zip(*batch.inn)
+            slots, ids = zip(*sorted(batch.inn))
             buf = torch.empty((len(slots), *self.block_shape), dtype=self.dtype, device=self.device)
             for i, j, host in self._spans(slots):
                 buf[i:j].copy_(host, non_blocking=self.pin)

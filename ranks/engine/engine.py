@@ -330,9 +330,10 @@ class Engine:
     def unpin(self, block_ids: list[int], cold: bool = False) -> None:
         self.kv.unpin(block_ids, cold)
 
-    def pack_blocks(self, block_ids: list[int]) -> torch.Tensor:  # packed KV (kernels/kv_pack.py) on the runner's device
-        """Cached blocks (pinned), packed into one contiguous buffer to send (one chunk of a pull)."""
-        return self.runner.pack_kv(block_ids)
+    def pack_blocks(self, block_ids: list[int], heads: tuple[int, int] | None = None) -> torch.Tensor:  # packed KV (kernels/kv_pack.py) on the runner's device
+        """Cached blocks (pinned), packed into one contiguous buffer to send (one chunk of a pull);
+        `heads` as in `pack_kv`."""
+        return self.runner.pack_kv(block_ids, heads)
 
     def adopt_blocks(self, hashes: list[int], block_ids: list[int]) -> None:
         """Blocks from `reserve` holding the KV of `hashes` (unpacked): cached here from now on."""

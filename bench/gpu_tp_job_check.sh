@@ -5,7 +5,8 @@
 #   2 GPUs: 1 aggregated (tp=2); the same on a 24-block cache with host and disk KV tiers (each
 #           rank's own tiers of its shard, ordered by its own copy stream: ranks/engine/group_tiers.py)
 #   3 GPUs: + 1 prefill (tp=2) -> 1 decode (tp=1), and 1 prefill (tp=1) -> 1 decode (tp=2)
-#   4 GPUs: + 1 prefill (tp=2) -> 1 decode (tp=2), and qwen2 1 aggregated (tp=4)
+#   4 GPUs: + 1 prefill (tp=2) -> 1 decode (tp=2), qwen2 1 aggregated (tp=4), and 2 aggregated
+#           (tp=2) that pull prefixes from each other shard by shard (router.pulls)
 #   bash bench/gpu_tp_job_check.sh OUTDIR
 set -euo pipefail
 out=${1:-runs/gpu-tp-check}
@@ -40,6 +41,8 @@ if [ "$ngpu" -ge 4 ]; then
   run p2d2 5 llama "${split[@]}" --set roles.tp=2
   run one-qwen2 1 qwen2
   run agg-tp4-qwen2 5 qwen2 --set roles.tp=4
+  run agg2-tp2-pulls 5 llama --set roles.aggregated=2 --set roles.tp=2 --set router.pulls=true \
+    --set router.cache_affinity=0 --set router.pull_overhead_ms=0 --set router.pull_min_blocks=2
 fi
 python3 - "$out" <<'PY'
 import json, os, sys
@@ -50,7 +53,8 @@ for name, ref, what in (("agg-tp2", "one-llama", "1 aggregated tp=2 (2 GPUs)"),
                         ("agg-tp2-tiers", "one-llama", "1 aggregated tp=2, 24-block cache, host + disk tiers (2 GPUs)"),
                         ("p2d1", "one-llama", "prefill tp=2 -> decode tp=1 (3 GPUs)"),
                         ("p1d2", "one-llama", "prefill tp=1 -> decode tp=2 (3 GPUs)"), ("p2d2", "one-llama", "prefill tp=2 -> decode tp=2 (4 GPUs)"),
-                        ("agg-tp4-qwen2", "one-qwen2", "qwen2 1 aggregated tp=4 (4 GPUs)")):
+                        ("agg-tp4-qwen2", "one-qwen2", "qwen2 1 aggregated tp=4 (4 GPUs)"),
+                        ("agg2-tp2-pulls", "one-llama", "2 aggregated tp=2 with pulls (4 GPUs)")):
     if os.path.exists(f"{sys.argv[1]}/{name}.jsonl"):
         got, want = load(name), load(ref)
         s = json.load(open(f"{sys.argv[1]}/{name}.summary.json"))
@@ -58,6 +62,8 @@ for name, ref, what in (("agg-tp2", "one-llama", "1 aggregated tp=2 (2 GPUs)"),
         print(f"{what} == tp=1 on 1 GPU: {sum(got.get(k) == want[k] for k in want)}/{len(want)}; "
               f"{s['output_tokens_per_s']:.0f} out tok/s; graph steps {[x.get('graph_steps') for x in w]}; "
               f"handoff_bytes {s['backend'].get('handoff_bytes')}")
+        if "pulls" in name:
+            print("  pulls:", json.dumps({k: s["backend"].get(k) for k in ("pulls", "pulled_blocks", "served_blocks", "pull_missing_blocks")}))
         if "tiers" in name:
             print("  tiers:", json.dumps({k: w[0].get(k) for k in ("gpu_hit_tokens", "host_hit_tokens", "disk_hit_tokens",
                                                                   "disk_failed_reads", "host_write_barriers")}))

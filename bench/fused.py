@@ -42,6 +42,7 @@ def ops(tokens: int, args, dtype, device) -> dict[str, tuple]:
     q, k, v = q.view(tokens, heads, d), k.view(tokens, kv_heads, d), v.view(tokens, kv_heads, d)
     cos = torch.randn((tokens, 1, d // 2), device=device).to(dtype)
     sin = torch.randn((tokens, 1, d // 2), device=device).to(dtype)
+    positions = torch.arange(tokens, device=device)  # the fused kernel reads row positions[t] of [T, half] tables
     gate_up = torch.randn((tokens, 2 * args.intermediate), device=device).to(dtype)
     num_blocks = -(-tokens // 16) + 1
     caches = [torch.zeros((num_blocks, 16, kv_heads, d), dtype=dtype, device=device) for _ in range(2)]
@@ -58,7 +59,7 @@ def ops(tokens: int, args, dtype, device) -> dict[str, tuple]:
     return {
         "rms_norm": (lambda: norm(x), lambda: fused.rms_norm(x, norm.weight, norm.eps)),
         "add + rms_norm": (lambda: norm(x + res), lambda: fused.rms_norm(x, norm.weight, norm.eps, residual=res)),
-        "rope q, k": (lambda: (apply_rope(q, cos, sin), apply_rope(k, cos, sin)), lambda: fused.apply_rope_(q, k, cos, sin)),
+        "rope q, k": (lambda: (apply_rope(q, cos, sin), apply_rope(k, cos, sin)), lambda: fused.apply_rope_(q, k, cos[:, 0], sin[:, 0], positions)),
         "silu * up": (silu_mul_torch, lambda: fused.silu_mul(gate_up)),
         "kv write": (write_torch, lambda: fused.write_kv(k, v, *caches, slots)),
     }

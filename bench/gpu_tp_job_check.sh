@@ -7,6 +7,9 @@
 #   3 GPUs: + 1 prefill (tp=2) -> 1 decode (tp=1), and 1 prefill (tp=1) -> 1 decode (tp=2)
 #   4 GPUs: + 1 prefill (tp=2) -> 1 decode (tp=2), qwen2 1 aggregated (tp=4), and 2 aggregated
 #           (tp=2) that pull prefixes from each other shard by shard (router.pulls)
+# Every job must also END: each runs under `timeout` (TP_RUN_LIMIT_S, 240 s) with a teardown limit of
+# 30 s (job.teardown_timeout_s: a rank stuck closing its communicators prints where and exits), and
+# the check prints each job's exit code and the seconds from its summary's write to its exit.
 #   bash bench/gpu_tp_job_check.sh OUTDIR
 set -euo pipefail
 out=${1:-runs/gpu-tp-check}
@@ -18,7 +21,7 @@ done
 python3 -m kvrelay.bench.check_lines "$out/in.jsonl"
 common=(-i "$out/in.jsonl" --set job.device=cuda --set model.dtype=float32 --set model.max_model_len=512
         --set cache.num_blocks=2048 --set defaults.temperature=0 --set defaults.max_tokens=24
-        --set defaults.ignore_eos=true --set job.progress=false --set router.lookahead_lines=1)
+        --set defaults.ignore_eos=true --set job.progress=false --set router.lookahead_lines=1 --set job.teardown_timeout_s=30)
 split=(--set roles.aggregated=0 --set roles.prefill=1 --set roles.decode=1)
 rm -f "$out"/*.jsonl.* "$out"/{one,agg,p2d1,p1d2,p2d2}*.json* 2>/dev/null || true
 # 16 blocks of the tiny Llama (16 tokens, 2 layers, 2 KV heads of 16, float32: 8 KiB each) in the host tier.
@@ -26,10 +29,16 @@ tiers=(--set cache.num_blocks=24 --set cache.host_kv_gib=0.0001220703125 --set c
        --set "cache.disk_kv_path=$out/kv")
 mpi=${KVRELAY_MPIEXEC:-mpirun --allow-run-as-root}
 ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+limit=${TP_RUN_LIMIT_S:-240}
 run() { name=$1; n=$2; model=$3; shift 3
-  if [ "$n" = 1 ]; then python3 -m kvrelay.launch.cli run "${common[@]}" --model "$out/tiny-$model" -o "$out/$name.jsonl" "$@"
-  else $mpi -n "$n" python3 -m kvrelay.launch.cli run "${common[@]}" --model "$out/tiny-$model" -o "$out/$name.jsonl" "$@"; fi
-  echo "$name done"; }
+  local rc=0 launch=()
+  [ "$n" = 1 ] || launch=($mpi -n "$n")
+  timeout -k 10 "$limit" "${launch[@]}" python3 -m kvrelay.launch.cli run "${common[@]}" --model "$out/tiny-$model" \
+    -o "$out/$name.jsonl" "$@" 2> "$out/$name.err" || rc=$?
+  local tail_s=$(python3 -c 'import os, sys, time; p = sys.argv[1]; print(f"{time.time() - os.path.getmtime(p):.1f}" if os.path.exists(p) else "no summary")' "$out/$name.summary.json")
+  echo "$name: exit code $rc ($([ $rc = 124 ] || [ $rc = 137 ] && echo "KILLED after ${limit} s: did not end" || echo ended)); summary to exit: $tail_s s"
+  if grep -q "teardown did not finish" "$out/$name.err"; then grep -A40 "teardown did not finish" "$out/$name.err" | head -80; fi
+  [ $rc = 0 ] || tail -20 "$out/$name.err"; }
 run one-llama 1 llama
 run agg-tp2 3 llama --set roles.tp=2
 run agg-tp2-tiers 3 llama --set roles.tp=2 "${tiers[@]}"

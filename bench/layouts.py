@@ -7,15 +7,30 @@ per placement policy, on one timed trace replayed by the MPI job (workloads B3, 
     # a prefix-heavy trace (Mooncake format) on four GPUs, kv_aware against round_robin
     python3 bench/layouts.py --model DIR --layouts 2p2d,4agg --policies kv_aware,round_robin \\
         --trace conversation_trace.jsonl --limit 400 --time-scale 4 --json four.json
+    # B3 on the 70B shape: 70B's width at a quarter of its depth (20 of 80 layers, 38 GB of bf16:
+    # fits an H100 80GB) on 2 GPUs (tp=1), and the whole model on 4 GPUs (tp=2)
+    python3 bench/layouts.py --size 70b-shape --layers 20 --layouts 1p1d,2agg --mix 3000:150@2,4,8 \\
+        --mix 3000:1000@2,5 --timing configs/sim/h100-llama70b-20layers-derived.yaml ...
+    python3 bench/layouts.py --size 70b-shape --tp 2 --layouts 1p1d,2agg ... \\
+        --timing configs/sim/h200-llama70b-derived.yaml                         # 4 GPUs, the whole 70B
+
+`--size` (instead of `--model`) writes only the config and tokenizer of that shape (`--layers`
+cuts its depth) and the workers draw random weights on their GPUs (`model.random_weights`):
+nothing is written or read but the files of the tokenizer. `--tp N` makes every worker a group of
+N GPUs (`roles.tp`); per-GPU figures divide by workers x N.
 
 With `--mix`/`--rates` it writes one trace of segments, one per (mix, rate), each a Poisson stream
 of `--requests` requests with fresh (unshared) prompt blocks, separated by a pause long enough for
-the previous segment to drain, so that one job (one model load) serves every rate and metrics are
+the previous segment to drain (`--gap-s`, or the output length x the ITL target if longer), so that one job (one model load) serves every rate and metrics are
 taken per segment by arrival time. Each (layout, policy) is one `kvrelay run` under `--mpiexec`.
 
 Per segment: requests/s and output tokens/s (whole layout and per GPU), TTFT and ITL p50/p90 (from
 OUT.timings.jsonl), goodput (requests/s meeting both targets), prefix-hit ratio and KV handoff GB/s
 (from OUT.summary.json). Prints a table and writes JSON.
+
+With `--timing YAML`, each mix's measured best layout (the most goodput per GPU at any rate, then
+the most requests/s per GPU) is set beside `kvrelay plan`'s advice for the same GPUs, tp, engine
+settings, latency targets and KV cache (the measured workers' blocks): `plan` in the JSON.
 """
 
 from __future__ import annotations
@@ -47,13 +62,28 @@ def parse_layout(name: str) -> dict[str, int]:
     return {"prefill": int(m.group(1)), "decode": int(m.group(2)), "aggregated": 0}
 
 
-def synthetic_trace(path: Path, mixes: list[tuple[int, int]], rates: list[float], requests: int, gap_s: float,
-                    seed: int) -> list[dict]:
-    """Write the segmented trace; returns the segments (mix, rate, first and last trace line)."""
+def parse_mix(text: str, rates: str) -> tuple[int, int, list[float]]:
+    """IN:OUT, or IN:OUT@R1,R2,... with this mix's own rates (else `rates`)."""
+    m = re.fullmatch(r"(\d+):(\d+)(?:@([\d.,]+))?", text)
+    if m is None:
+        raise SystemExit(f"--mix {text!r}: write IN:OUT (input:output tokens), or IN:OUT@R1,R2 with its own request rates")
+    try:
+        own = [float(r) for r in (m.group(3) or rates).split(",")]
+    except ValueError:
+        raise SystemExit(f"--mix {text!r} / --rates {rates!r}: rates are requests/s, comma-separated") from None
+    return int(m.group(1)), int(m.group(2)), own
+
+
+def synthetic_trace(path: Path, mixes: list[tuple[int, int, list[float]]], requests: int, gap_s: float,
+                    seed: int, itl_s: float = 0.0) -> list[dict]:
+    """Write the segmented trace (each mix at each of its rates); returns the segments (mix, rate,
+    first and last trace line). After a segment's last arrival comes a pause of `gap_s`, or of its
+    output length at `itl_s` a token if longer (the time a request that meets the ITL target takes
+    to decode), so that a segment's requests have drained before the next segment's arrive."""
     rng = random.Random(seed)
     next_id, t, line, segments = 0, 0.0, 0, []
     with path.open("w") as f:
-        for inp, out in mixes:
+        for inp, out, rates in mixes:
             for rate in rates:
                 segments.append({"mix": f"{inp}:{out}", "rate": rate, "lines": [line + 1, line + requests]})
                 line += requests
@@ -63,7 +93,7 @@ def synthetic_trace(path: Path, mixes: list[tuple[int, int]], rates: list[float]
                     next_id += nblocks
                     f.write(json.dumps({"timestamp": round(t * 1000), "input_length": inp, "output_length": out, "hash_ids": ids}) + "\n")
                     t += rng.expovariate(rate)
-                t += gap_s
+                t += max(gap_s, out * itl_s)
     return segments
 
 
@@ -82,11 +112,13 @@ def segment_metrics(rows: list[dict], seg: dict, gpus: int, ttft_s: float, itl_s
     return {
         "requests": len(mine),
         "requests_per_s": len(mine) / span,
+        "requests_per_s_per_gpu": len(mine) / span / gpus,
         "output_tokens_per_s": out_tokens / span,
         "output_tokens_per_s_per_gpu": out_tokens / span / gpus,
         "ttft_p50_s": ttft["p50"], "ttft_p90_s": ttft["p90"],
         "itl_p50_s": itl["p50"], "itl_p90_s": itl["p90"],
         "goodput_requests_per_s": len(good) / span,
+        "goodput_requests_per_s_per_gpu": len(good) / span / gpus,
         "goodput_fraction": len(good) / len(mine),
         "prefix_hit_ratio": sum(r["cached_tokens"] for r in mine) / max(1, sum(r["prompt_tokens"] for r in mine)),
     }
@@ -94,7 +126,7 @@ def segment_metrics(rows: list[dict], seg: dict, gpus: int, ttft_s: float, itl_s
 
 def run_layout(args, trace: Path, name: str, policy: str, workdir: Path) -> tuple[dict, list[dict]]:
     roles = parse_layout(name)
-    ranks = 1 + sum(roles.values())
+    ranks = 1 + sum(roles.values()) * args.tp
     out = workdir / f"{name}-{policy}.jsonl"
     for p in workdir.glob(f"{name}-{policy}.*"):
         p.unlink()
@@ -102,7 +134,8 @@ def run_layout(args, trace: Path, name: str, policy: str, workdir: Path) -> tupl
            "-i", str(trace), "-o", str(out), "--model", args.model,
            "--set", "input.format=trace", "--set", f"input.time_scale={args.time_scale}",
            "--set", "job.progress=false", "--set", f"job.device={args.device}", "--set", f"router.policy={policy}",
-           *[x for k, v in roles.items() for x in ("--set", f"roles.{k}={v}")],
+           *[x for k, v in roles.items() for x in ("--set", f"roles.{k}={v}")], "--set", f"roles.tp={args.tp}",
+           *(["--set", "model.random_weights=true"] if args.size else []),
            *([] if args.limit is None else ["--set", f"input.limit={args.limit}"]),
            *[x for s in args.set for x in ("--set", s)]]
     t0 = time.monotonic()
@@ -114,7 +147,7 @@ def run_layout(args, trace: Path, name: str, policy: str, workdir: Path) -> tupl
     rows = [json.loads(x) for x in out.with_name(out.stem + ".timings.jsonl").read_text().splitlines()]
     backend = summary.get("backend", {})
     info = {
-        "layout": name, "policy": policy, "gpus": sum(roles.values()), "wall_s": wall,
+        "layout": name, "policy": policy, "gpus": sum(roles.values()) * args.tp, "tp": args.tp, "wall_s": wall,
         "succeeded": summary["succeeded"], "errors": summary["errors"],
         "prefix_hit_ratio": summary["prefix_hit_ratio"],
         "handoff_bytes": backend.get("handoff_bytes"), "handoff_gb_per_s": backend.get("handoff_gb_per_s"),
@@ -126,18 +159,70 @@ def run_layout(args, trace: Path, name: str, policy: str, workdir: Path) -> tupl
     return info, rows
 
 
+def shape_dir(workdir: Path, size: str, layers: int | None) -> Path:
+    """Config and tokenizer of the Llama `size` shape (cut to `layers`), no weights: the job's
+    workers draw them (model.random_weights). Written once per workdir."""
+    from kvrelay.ranks.engine.checkpoint import make_model
+
+    d = workdir / f"llama-{size}" if layers is None else workdir / f"llama-{size}-{layers}layers"
+    if not (d / "config.json").is_file():
+        make_model(d, "llama", size, layers=layers, weights=False)
+    return d
+
+
+def layout_name(e) -> str:  # a plan Estimate as this script names layouts
+    return f"{e.prefill}p{e.decode}d" if e.aggregated == 0 else f"{e.aggregated}agg"
+
+
+def plan_against_measured(args, results: list[dict]) -> list[dict]:
+    """Per mix: the measured best layout (most goodput per GPU at any rate, then most requests/s per
+    GPU) and `kvrelay plan`'s advice for the same GPUs, tp, engine settings and targets, with the KV
+    cache of the measured workers (their smallest, in tokens)."""
+    from kvrelay.configs.schema import load_config
+    from kvrelay.core.timing import TimingModel
+    from kvrelay.router.layout_advice import Limits, Workload, plan
+
+    cfg = load_config(None, args.set)
+    timing = TimingModel.load(args.timing)
+    runs = [r["run"] for r in results if "run" in r]
+    blocks = [w["kv_blocks"] for run in runs for w in run["workers"] if w.get("kv_blocks")]
+    gpus = max(run["gpus"] for run in runs)
+    kv_tokens = (min(blocks) * cfg.cache.block_size if blocks
+                 else int(timing.for_tp(args.tp).kv_cache_gib * (1 << 30)) // timing.model.kv_bytes_per_token)
+    out = []
+    for mix in dict.fromkeys(r["mix"] for r in results if "mix" in r):
+        rows = [r for r in results if r.get("mix") == mix and r.get("requests")]
+        best = max(rows, key=lambda r: (round(r["goodput_requests_per_s_per_gpu"], 3), r["requests_per_s_per_gpu"]))
+        inp, outp = (int(x) for x in mix.split(":"))
+        advice, options = plan(timing, Workload(inp, outp), Limits(cfg.scheduler.max_batch_tokens, cfg.scheduler.max_seqs, kv_tokens),
+                               gpus, args.ttft_ms / 1e3, args.itl_ms / 1e3, args.tp)
+        out.append({"mix": mix, "gpus": gpus, "tp": args.tp, "kv_tokens_per_worker": kv_tokens, "timing": timing.source,
+                    "measured_best": best["layout"], "measured_best_rate": best["rate"],
+                    "measured_goodput_per_gpu": best["goodput_requests_per_s_per_gpu"],
+                    "advice": layout_name(advice), "advice_requests_per_s_per_gpu": advice.requests_per_s_per_gpu,
+                    "agree": layout_name(advice) == best["layout"], "options": [e.to_json() for e in options]})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="checkpoint directory (kvrelay make-model --size 8b-shape DIR)")
+    ap.add_argument("--model", help="checkpoint directory (kvrelay make-model --size 8b-shape DIR)")
+    ap.add_argument("--size", choices=["tiny", "8b-shape", "70b-shape"],
+                    help="instead of --model: this Llama shape with random weights drawn on the workers' devices")
+    ap.add_argument("--layers", type=int, help="with --size: the shape cut to this many layers")
+    ap.add_argument("--tp", type=int, default=1, help="GPUs per worker (roles.tp)")
+    ap.add_argument("--timing", help="timing model YAML of one GPU: set kvrelay plan's advice beside the measured best")
     ap.add_argument("--layouts", default="1p1d,2agg", help="comma list of NpMd / Nagg")
     ap.add_argument("--policies", default="kv_aware", help="comma list of router policies")
     ap.add_argument("--trace", help="replay this Mooncake-format trace instead of --mix/--rates")
     ap.add_argument("--limit", type=int, help="with --trace: its first N lines")
     ap.add_argument("--time-scale", type=float, default=1.0, help="divide trace timestamps by this")
-    ap.add_argument("--mix", action="append", default=[], metavar="IN:OUT", help="input:output tokens (repeatable)")
-    ap.add_argument("--rates", default="2,4,8", help="requests/s per segment")
+    ap.add_argument("--mix", action="append", default=[], metavar="IN:OUT[@RATES]",
+                    help="input:output tokens, optionally with this mix's own rates, e.g. 3000:1000@2,5 (repeatable)")
+    ap.add_argument("--rates", default="2,4,8", help="requests/s per segment (of every mix without its own)")
     ap.add_argument("--requests", type=int, default=48, help="requests per segment")
-    ap.add_argument("--gap-s", type=float, default=8.0, help="pause between segments (they must drain)")
+    ap.add_argument("--gap-s", type=float, default=8.0,
+                    help="pause between segments (they must drain), at least a segment's output length x --itl-ms")
     ap.add_argument("--ttft-ms", type=float, default=2000.0, help="goodput: time-to-first-token target")
     ap.add_argument("--itl-ms", type=float, default=50.0, help="goodput: inter-token latency target")
     ap.add_argument("--device", default="auto")
@@ -148,9 +233,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
+    if (args.model is None) == (args.size is None):
+        ap.error("give the model: --model DIR (a checkpoint) or --size SHAPE (random weights)")
+    if args.layers is not None and args.size is None:
+        ap.error("--layers cuts a --size shape; a --model checkpoint keeps its own")
+    if args.tp < 1:
+        ap.error(f"--tp must be at least 1, got {args.tp}")
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.size:
+        args.model = str(shape_dir(workdir, args.size, args.layers))
     layouts = args.layouts.split(",")
     for name in layouts:
         parse_layout(name)
@@ -158,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         trace = Path(args.trace)
         segments = [{"mix": "trace", "rate": None, "lines": [1, 1 << 62]}]
     else:
-        mixes = [tuple(int(x) for x in m.split(":")) for m in (args.mix or ["3000:150"])]
+        mixes = [parse_mix(m, args.rates) for m in (args.mix or ["3000:150"])]
         trace = workdir / "trace.jsonl"
-        segments = synthetic_trace(trace, mixes, [float(r) for r in args.rates.split(",")], args.requests, args.gap_s, args.seed)
+        segments = synthetic_trace(trace, mixes, args.requests, args.gap_s, args.seed, args.itl_ms / 1e3)
         args.time_scale = 1.0
     results = []
     for name in layouts:
@@ -171,18 +264,24 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({**{k: info[k] for k in ("layout", "policy", "gpus")}, "mix": seg["mix"], "rate": seg["rate"], **m})
             results.append({"run": info})
             print(json.dumps({"run": {k: info[k] for k in ("layout", "policy", "wall_s", "succeeded", "prefix_hit_ratio", "handoff_gb_per_s", "local_prefills")}}), flush=True)
+    advice = plan_against_measured(args, results) if args.timing and not args.trace else []
 
-    print(f"\n{'layout':<7}{'policy':<12}{'mix':<10}{'rate':>5}{'req/s':>7}{'tok/s/GPU':>10}{'TTFT p50/p90 s':>16}"
-          f"{'ITL p50/p90 ms':>16}{'goodput':>8}{'hit':>6}")
+    print(f"\n{'layout':<7}{'policy':<12}{'mix':<10}{'rate':>5}{'req/s':>7}{'req/s/GPU':>10}{'tok/s/GPU':>10}{'TTFT p50/p90 s':>16}"
+          f"{'ITL p50/p90 ms':>16}{'goodput':>8}{'good/GPU':>9}{'hit':>6}")
     for r in results:
         if "run" in r or not r.get("requests"):
             continue
         print(f"{r['layout']:<7}{r['policy']:<12}{r['mix']:<10}{r['rate'] or '-':>5}{r['requests_per_s']:>7.2f}"
-              f"{r['output_tokens_per_s_per_gpu']:>10.0f}{r['ttft_p50_s']:>8.2f}/{r['ttft_p90_s']:<7.2f}"
+              f"{r['requests_per_s_per_gpu']:>10.3f}{r['output_tokens_per_s_per_gpu']:>10.0f}{r['ttft_p50_s']:>8.2f}/{r['ttft_p90_s']:<7.2f}"
               f"{(r['itl_p50_s'] or 0) * 1e3:>8.1f}/{(r['itl_p90_s'] or 0) * 1e3:<7.1f}{r['goodput_requests_per_s']:>8.2f}"
-              f"{r['prefix_hit_ratio']:>6.2f}")
+              f"{r['goodput_requests_per_s_per_gpu']:>9.3f}{r['prefix_hit_ratio']:>6.2f}")
+    for a in advice:
+        print(f"mix {a['mix']}: measured best {a['measured_best']} ({a['measured_goodput_per_gpu']:.3f} good req/s/GPU); "
+              f"plan advises {a['advice']} ({a['advice_requests_per_s_per_gpu']:.3f} req/s/GPU saturated, modeled); "
+              + ("agree" if a["agree"] else "DISAGREE"))
     if args.json:
-        Path(args.json).write_text(json.dumps({"argv": sys.argv, "date": time.strftime("%Y-%m-%d"), "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"argv": sys.argv, "date": time.strftime("%Y-%m-%d"), "results": results,
+                                               "plan": advice}, indent=2))
     return 0
 
 

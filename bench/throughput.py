@@ -28,9 +28,13 @@ JSON line as it ends (so a run cut short keeps what it measured):
   kvrelay   Engine on the prompts (after a short warm-up run): wall, tokens/s, host time per step,
             CUDA-graph steps, KV blocks; batch-1 decode tok/s vs the weight-streaming bound
             (matmul weight bytes / copy rate per token); its first-step logits of a few prompts;
-  peer      transformers' `generate_batch` (continuous batching, paged attention) on the same
-            weights: with its defaults and/or tuned (CUDA graphs, larger max_batch_tokens, a lower
-            max_memory_percent so that the graphs fit), output ids compared with ours; our logits
+  peer      transformers' continuous batching (`generate_batch`'s manager, paged attention, each
+            prompt its own max_new_tokens) on the same weights: with its defaults and/or tuned (CUDA
+            graphs, larger max_batch_tokens, a lower max_memory_percent so that the graphs fit),
+            output ids compared with ours. With `--peer-prompts K` (B5's default: 128 of 1,024) it
+            runs K prompts spread over the workload, kvrelay runs the same K once more for a
+            like-for-like ratio, and the peer's wall is extrapolated to the whole workload by
+            output tokens (marked "extrapolated" in the table); our logits
             of the first steps against its forward on the same tokens, in the run's dtype and,
             beside its own bf16 logits, against its float32 forward (a deep random model amplifies
             rounding, so bf16 vs bf16 shows bf16's own error: the float32 reference tells whether
@@ -57,7 +61,8 @@ from pathlib import Path
 import torch
 
 from kvrelay.configs.schema import load_config
-from kvrelay.ranks.engine.checkpoint import random_weights, tensor_shapes, write_model_files
+from kvrelay.kernels import compile_log
+from kvrelay.ranks.engine.checkpoint import SIZES, random_weights, tensor_shapes, write_model_files
 from kvrelay.ranks.engine.engine import Engine, make_runner
 from kvrelay.ranks.engine.loader import shard_weights
 from kvrelay.ranks.engine.parallel import TPGroup
@@ -251,17 +256,24 @@ def ours(args, model_dir: Path, cfg: dict, dtype: torch.dtype, device: torch.dev
                                 weights(args, cfg, dtype, device, group), tp=group and group.tp, sync=group and group.sync)
     build_s = time.perf_counter() - t0
     vocab = cfg["vocab_size"]
+    built = compile_log.count()
     run_engine(engine, random_prompts(min(8, len(prompts)), min(map(len, prompts)), vocab, args.seed + 1), 4, "warm")
     engine.stats = type(engine.stats)()
     phases: dict = {}
+    warmed = compile_log.count()
     outputs, wall = run_engine(engine, prompts, output_lens, "", phases, args.n)
+    in_run = compile_log.compiles(warmed)
     s = copy.copy(engine.stats)  # the workload's alone: the runs below add to the engine's
     n_out = sum(len(v) for v in outputs.values())
     assert len(outputs) == args.n * len(prompts) and n_out == args.n * sum(output_lens), "every sample runs to its output length"
+    subset = peer_subset(len(prompts), args.peer_prompts) if args.peer != "none" else []
+    subset_s = None
+    if 0 < len(subset) < len(prompts):  # the peer's share of the workload, for a like-for-like ratio
+        subset_s = run_engine(engine, [prompts[i] for i in subset], [output_lens[i] for i in subset], "subset")[1]
     b1_step = batch1_decode(engine, prompts[0], args.batch1_tokens)
     logits = first_step_logits(engine, prompts[:LOGIT_PROMPTS], LOGIT_STEPS)
     result = {
-        "wall_s": wall, **phases, "build_s": build_s, "steps": s.steps, "decode_steps": s.decode_steps,
+        "wall_s": wall, **phases, "subset_wall_s": subset_s, "build_s": build_s, "steps": s.steps, "decode_steps": s.decode_steps,
         "graph_steps": s.graph_steps, "deferred_steps": s.deferred_steps, "preemptions": s.preemptions, "cached_prompt_tokens": s.cached_prompt_tokens,
         "prompt_tokens": s.prompt_tokens, "computed_tokens": s.computed_tokens, "output_tokens": n_out,
         "output_tok_s": n_out / wall,
@@ -272,6 +284,11 @@ def ours(args, model_dir: Path, cfg: dict, dtype: torch.dtype, device: torch.dev
         # The greedy ids of the whole workload, to compare runs (tp=1 against tp=N in float32).
         "outputs_sha1": hashlib.sha1(json.dumps([outputs[k] for k in sorted(outputs)]).encode()).hexdigest(),
         "attention": "triton" if _triton_attention(cfg["head_dim"]) and device.type == "cuda" else "torch",
+        # Triton compiles after the engine's build (which warms every kernel variant): in the short
+        # warm-up run, and inside the timed run, where each one is a variant the build missed.
+        "triton_compiles": {"warm_up_run": warmed - built, "timed_run": len(in_run),
+                            "timed_run_s": sum(c.seconds for c in in_run),
+                            "timed_run_kernels": [f"{c.kernel} {c.seconds:.2f} s: {c.signature}" for c in in_run]},
     }
     return result, {i: outputs[str(i)] for i in range(len(prompts))}, logits
 
@@ -320,10 +337,12 @@ def our_logit_list(ours_logits: tuple[dict, dict]) -> list[torch.Tensor]:
 
 
 def peer(model, prompts, args, tuned: bool, ours_out: dict, output_lens: list[int]) -> dict:
-    """One generate_batch over the prompts; its wall time, tokens, errors, and agreement with ours.
-    generate_batch takes one max_new_tokens for all: with B5's varied output lengths it runs every
-    prompt to the longest and each output is cut to its own length before comparing and counting
-    (its wall time is then an upper bound; `output_tokens_generated` says how many it made)."""
+    """One continuous-batching run of transformers over the prompts: its wall time, tokens, errors,
+    and agreement with ours. Each prompt generates its own output_lens[i] tokens where this
+    transformers takes a per-request max_new_tokens (its manager's `add_request`, which
+    `generate_batch` itself drives); else `generate_batch`, whose one max_new_tokens runs every
+    prompt to the longest, each output cut to its own length before comparing and counting (its
+    wall is then an upper bound; `output_tokens_generated` says how many it made, `api` which ran)."""
     import transformers
     from transformers import GenerationConfig
 
@@ -332,7 +351,7 @@ def peer(model, prompts, args, tuned: bool, ours_out: dict, output_lens: list[in
     if tuned:
         settings = {"use_cuda_graph": True, "max_batch_tokens": args.peer_max_batch_tokens,
                     "max_memory_percent": args.peer_memory_percent}
-    kwargs = {"generation_config": gen, "progress_bar": False}
+    kwargs = {"generation_config": gen}
     if settings:
         if "continuous_batching_config" in inspect.signature(model.generate_batch).parameters:
             cb_cls = transformers.ContinuousBatchingConfig
@@ -344,13 +363,17 @@ def peer(model, prompts, args, tuned: bool, ours_out: dict, output_lens: list[in
     sync_dev = next(model.parameters()).device
     sync(sync_dev)
     t0 = time.perf_counter()
-    results = model.generate_batch(inputs=prompts, **kwargs)
+    results = _generate_each(model, prompts, output_lens, kwargs)
+    api = "add_request, each prompt's own max_new_tokens"
+    if results is None:
+        results = model.generate_batch(inputs=prompts, progress_bar=False, **kwargs)
+        api = "generate_batch, every prompt run to the longest output (wall is an upper bound)"
     sync(sync_dev)
     wall = time.perf_counter() - t0
     by_prompt = {tuple(p): i for i, p in enumerate(prompts)}
     errors, n_out, n_generated, same = 0, 0, 0, 0
-    # generate_batch warms up (and with graphs, captures) inside the call; its requests' lifespans
-    # give the generation alone, which compares with our wall (our build and warm-up are outside it).
+    # The run warms up (and with graphs, captures) inside the call; its requests' lifespans give
+    # the generation alone, which compares with our wall (our build and warm-up are outside it).
     spans = [r.lifespan for r in results.values() if min(getattr(r, "lifespan", (-1, -1))) >= 0]
     generation_s = max(e for _, e in spans) - min(s for s, _ in spans) if spans else None
     for r in results.values():
@@ -363,8 +386,61 @@ def peer(model, prompts, args, tuned: bool, ours_out: dict, output_lens: list[in
         n_out += len(mine)
         same += int(i is not None and mine == ours_out[i])
     return {"wall_s": wall, "generation_s": generation_s, "settings": settings or "defaults", "transformers": transformers.__version__,
-            "requests": len(results), "errors": errors, "output_tokens": n_out, "output_tokens_generated": n_generated,
-            "same_ids_as_kvrelay": same}
+            "api": api, "requests": len(results), "errors": errors, "output_tokens": n_out,
+            "output_tokens_generated": n_generated, "same_ids_as_kvrelay": same}
+
+
+def _generate_each(model, prompts, output_lens: list[int], kwargs: dict) -> dict | None:
+    """transformers' continuous batching with max_new_tokens per prompt, as `generate_batch` runs it
+    (its context manager: warm-up, start, stop), results by request id; None where this
+    transformers lacks the pieces (then the caller uses generate_batch)."""
+    try:
+        from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager
+    except ImportError:
+        return None
+    context = getattr(model, "continuous_batching_context_manager", None)
+    if context is None or "max_new_tokens" not in inspect.signature(ContinuousBatchingManager.add_request).parameters:
+        return None
+    accepted = set(inspect.signature(context).parameters)
+    options = {k: v for k, v in {**kwargs, "block": True, "timeout": 5}.items() if k in accepted}
+    if "workload_hints" in accepted:  # what generate_batch passes to size its cache
+        from transformers.generation.continuous_batching.utils import WorkloadHints
+
+        options["workload_hints"] = WorkloadHints(max(map(len, prompts)), max(output_lens), len(prompts))
+    results = {}
+    with torch.no_grad(), context(**options) as manager:
+        for i, (prompt, n) in enumerate(zip(prompts, output_lens, strict=True)):
+            manager.add_request(prompt, request_id=f"p{i}", max_new_tokens=n)
+        while len(results) < len(prompts):
+            r = manager.get_result(timeout=1)
+            if r is not None and r.is_finished():
+                results[r.request_id] = r
+            elif r is None and not manager.is_running():
+                raise RuntimeError(f"transformers' generation thread stopped after {len(results)}/{len(prompts)} requests")
+    return results
+
+
+def peer_on_subset(model, prompts, args, tuned: bool, ours_out: dict, output_lens: list[int], mine: dict) -> dict:
+    """`peer` over the prompts of `peer_subset`; on a part of the workload, its wall is also
+    extrapolated to the whole by output tokens, beside kvrelay's wall on the same part."""
+    subset = peer_subset(len(prompts), args.peer_prompts)
+    if len(subset) == len(prompts):
+        return peer(model, prompts, args, tuned, ours_out, output_lens)
+    lens = [output_lens[i] for i in subset]
+    result = peer(model, [prompts[i] for i in subset], args, tuned, {j: ours_out[i] for j, i in enumerate(subset)}, lens)
+    if "wall_s" in result:
+        result["subset"] = {"prompts": len(subset), "of": len(prompts), "output_tokens": sum(lens),
+                            "kvrelay_wall_s": mine["subset_wall_s"],
+                            "x_kvrelay_same_prompts": result["wall_s"] / mine["subset_wall_s"]}
+        result["extrapolated_wall_s"] = result["wall_s"] * sum(output_lens) / sum(lens)
+    return result
+
+
+def peer_subset(n: int, k: int | None) -> list[int]:
+    """The prompts the peer runs: all, or k spread evenly over the workload (every n/k-th, in order)."""
+    if k is None or k >= n:
+        return list(range(n))
+    return [i * n // k for i in range(k)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--b5-min", type=int, default=100)
     ap.add_argument("--b5-max", type=int, default=1024)
     ap.add_argument("--arch", default="llama", choices=["llama", "mistral", "qwen2", "qwen3"])
-    ap.add_argument("--size", default="8b-shape", choices=["tiny", "8b-shape", "70b-shape"])
+    ap.add_argument("--size", default="8b-shape", choices=list(SIZES))
     ap.add_argument("--layers", type=int, default=None, help="the size's shape with this many layers (a 70b-shape "
                     "that fits fewer or smaller GPUs); reported in the workload")
     ap.add_argument("--tp", type=int, default=1, help="GPUs of one tensor-parallel worker; run under mpiexec -n TP")
@@ -392,6 +468,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch1-tokens", type=int, default=32, help="decode steps timed at batch 1")
     ap.add_argument("--peer-max-batch-tokens", type=int, default=4096)
     ap.add_argument("--peer-memory-percent", type=float, default=0.6)
+    ap.add_argument("--peer-prompts", type=int, default=None,
+                    help="transformers runs only this many of the prompts, spread evenly over the workload; "
+                         "kvrelay runs them too, for the ratio, and the peer's time is also extrapolated to "
+                         "the whole workload by output tokens (default: all for b1, 128 for b5, whose "
+                         "1,024 prompts would take transformers about half an hour)")
     ap.add_argument("--matmul-n", type=int, default=None, help="default: 8192 on GPU, 512 on CPU")
     ap.add_argument("--copy-mib", type=int, default=None, help="default: 2048 on GPU, 64 on CPU")
     ap.add_argument("--seed", type=int, default=0)
@@ -400,6 +481,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write all results here")
     args = ap.parse_args(argv)
     args.num_prompts = args.num_prompts or (1024 if args.workload == "b5" else 512)
+    if args.peer_prompts is None and args.workload == "b5":
+        args.peer_prompts = 128
+    if args.peer_prompts is not None and args.peer_prompts < 1:
+        ap.error(f"--peer-prompts must be at least 1, got {args.peer_prompts}")
     group = None
     if args.tp > 1:
         from mpi4py import MPI
@@ -484,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         for tuned in runs:
             name = "peer_tuned" if tuned else "peer_defaults"
             try:
-                emit(name, peer(model, prompts, args, tuned, our_out, output_lens))
+                emit(name, peer_on_subset(model, prompts, args, tuned, our_out, output_lens, report["kvrelay"]))
             except Exception as e:  # a peer that fails (out of memory, say) is reported, not fatal
                 emit(name, {"error": f"{type(e).__name__}: {e}"[:500]})
             gc.collect()
@@ -522,20 +607,28 @@ def print_table(report: dict, args, input_lens: list[int], output_lens: list[int
     total = sum(input_lens) + out
     floor_s = report["floor"]["floor_s"]
     ours_s = report["kvrelay"]["wall_s"]
+    # A peer that ran part of the workload enters the table at its wall extrapolated to the whole.
     rows = [("kvrelay", ours_s)] + [
-        (f"transformers {k.removeprefix('peer_')}", report[k]["wall_s"]) for k in ("peer_defaults", "peer_tuned")
-        if k in report and "wall_s" in report[k]
+        (f"transformers {k.removeprefix('peer_')}" + (" (extrapolated)" if "subset" in report[k] else ""),
+         report[k].get("extrapolated_wall_s", report[k]["wall_s"]))
+        for k in ("peer_defaults", "peer_tuned") if k in report and "wall_s" in report[k]
     ] + [("floor", floor_s)]
     shape = (f"{args.input_len} in, {args.output_len} out" if args.workload == "b1"
              else f"{args.b5_min}-{args.b5_max} in and out (mean {sum(input_lens) / n:.0f} in, {out / n:.0f} out)")
     samples = f", n={args.n} samples each (x floor: against the n=1 floor)" if args.n > 1 else ""
     size = args.size + (f" with {args.layers} layers" if args.layers else "") + (f", tp={args.tp}" if args.tp > 1 else "")
     print(f"\n{args.workload.upper()} run on {report['device']}: {n} prompts x {shape}{samples}, {size}")
-    print(f"{'engine':<24}{'wall s':>9}{'total tok/s':>13}{'out tok/s':>11}{'x peer':>9}{'x floor':>9}")
+    print(f"{'engine':<38}{'wall s':>9}{'total tok/s':>13}{'out tok/s':>11}{'x peer':>9}{'x floor':>9}")
     for name, wall in rows:
         x_peer = f"{wall / ours_s:.2f}" if name.startswith("transformers") else ""
-        print(f"{name:<24}{wall:>9.2f}{total / wall:>13.0f}{out / wall:>11.0f}{x_peer:>9}{wall / floor_s:>9.2f}")
+        print(f"{name:<38}{wall:>9.2f}{total / wall:>13.0f}{out / wall:>11.0f}{x_peer:>9}{wall / floor_s:>9.2f}")
     for key in ("peer_defaults", "peer_tuned"):
+        sub = report.get(key, {}).get("subset")
+        if sub:
+            print(f"transformers {key.removeprefix('peer_')} ran {sub['prompts']} of the {sub['of']} prompts (spread evenly, "
+                  f"{sub['output_tokens']} output tokens) in {report[key]['wall_s']:.2f} s, "
+                  f"kvrelay the same prompts in {sub['kvrelay_wall_s']:.2f} s: {sub['x_kvrelay_same_prompts']:.2f} x; "
+                  f"its row above is that wall scaled to the whole workload's output tokens")
         gen_s = report.get(key, {}).get("generation_s")
         if gen_s:
             print(f"transformers {key.removeprefix('peer_')} without its warm-up: {gen_s:.2f} s = {gen_s / ours_s:.2f} x kvrelay")
@@ -544,6 +637,11 @@ def print_table(report: dict, args, input_lens: list[int], output_lens: list[int
           f"({k['batch1_bound_tok_s']:.1f}); host per step {k['host_ms_per_step']:.2f} ms, per decode step "
           f"{k['host_ms_per_decode_step']:.2f} ms; {k['graph_steps']}/{k['decode_steps']} decode steps on CUDA graphs; "
           f"{k['deferred_steps']}/{k['steps']} steps read their sampled ids during the next step")
+    compiles = k["triton_compiles"]
+    print(f"Triton compiles after the engine's warm-up: {compiles['timed_run']} in the timed run "
+          f"({compiles['timed_run_s']:.2f} s), {compiles['warm_up_run']} in the short run before it")
+    for line in compiles["timed_run_kernels"]:
+        print(f"  {line}")
 
 
 if __name__ == "__main__":

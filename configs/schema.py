@@ -34,6 +34,10 @@ class ModelSection(_Section):
     max_model_len: int | None = Field(None, ge=2, description="context length; default: the model's")
     name: str | None = Field(None, description="model name written in output lines; default: the directory name")
     enforce_eager: bool = Field(False, description="run every step eagerly: no CUDA graphs for decode steps")
+    random_weights: bool = Field(
+        False, description="benchmarks only: draw random weights of config.json's shape on the device (seed 0, as "
+        "`kvrelay make-model` draws them) instead of reading safetensors files, which then need not exist"
+    )
 
 
 class CacheSection(_Section):
@@ -198,6 +202,10 @@ class JobSection(_Section):
     device: Device = "auto"
     seed: int = Field(0, description="seed of requests that give none")
     progress: bool = True
+    teardown_timeout_s: float = Field(
+        60.0, gt=0.0, description="seconds a rank may take, once the job's work is done, to close its windows, "
+        "communicators and MPI; past it the rank prints what it waits for and exits with the job's exit code"
+    )
 
 
 Launcher = Literal["srun", "mpirun"]

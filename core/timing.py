@@ -61,6 +61,10 @@ class TensorParallelCoefficients(_Strict):
     activation_bytes: int = Field(2, gt=0, description="bytes per activation element all-reduced (bf16: 2)")
     decode_fixed_s: float = Field(ge=0.0, description="the part of decode.base_s that tp does not split (launches, sampling, host work)")
     weights_gib: float = Field(0.0, ge=0.0, description="the model's weights: each of tp ranks holds 1/tp, and its KV cache gets the rest")
+    min_tp: int = Field(1, ge=1, description="the fewest ranks whose memory holds the model (a 70B in bf16: 2 H200)")
+    kv_cache_gib_by_tp: dict[int, float] = Field(
+        default_factory=dict, description="tp -> KV memory of one rank as measured at that tp; used instead of the estimate"
+    )
     # NCCL all-reduce on 2-4 H200 outside CUDA graphs (2026-11-27): 16 KiB in 23-25 us, 4 MiB in 40-51 us.
     allreduce_latency_s: float = Field(24e-6, ge=0.0, description="one all-reduce of a few KiB")
     allreduce_bus_gb_s: float = Field(180.0, gt=0.0, description="bus bandwidth of a large all-reduce, GB/s")
@@ -93,10 +97,16 @@ class TimingModel(_Strict):
         KV heads), and so does the weight streaming of a decode step (decode.base_s less its fixed part);
         each layer adds two all-reduces of the step's [tokens, hidden] activations (ring: 2 (tp-1)/tp of
         the bytes over the bus, plus a latency each). Each rank's KV cache gains the weights it no longer
-        holds; the handoff and the host copies run on every rank at once (tp times the bandwidth)."""
+        holds (or is what `tp.kv_cache_gib_by_tp` measured); the handoff and the host copies run on every
+        rank at once (tp times the bandwidth). A tp below `tp.min_tp` is refused."""
+        c = self.tp
+        if c is not None and tp < c.min_tp:
+            raise ModelConfigError(
+                f"this timing model ({self.source!r}) is of a model that needs tp >= {c.min_tp} (its weights do not fit "
+                f"fewer GPUs); set roles.*tp (or kvrelay plan --tp) to {c.min_tp} or more"
+            )
         if tp == 1:
             return self
-        c = self.tp
         if c is None:
             raise ModelConfigError(
                 f"this timing model ({self.source!r}) has no `tp` section, so it cannot model a worker of {tp} ranks; "
@@ -110,7 +120,7 @@ class TimingModel(_Strict):
         p, d = self.prefill, self.decode
         return self.model_copy(update={
             "source": f"{self.source}; at tp={tp}",
-            "kv_cache_gib": tp * (self.kv_cache_gib + c.weights_gib * (1 - 1 / tp)),
+            "kv_cache_gib": tp * c.kv_cache_gib_by_tp.get(tp, self.kv_cache_gib + c.weights_gib * (1 - 1 / tp)),
             "prefill": PrefillCoefficients(base_s=p.base_s + latency, per_token_s=p.per_token_s / tp + per_token,
                                            per_attn_pair_s=p.per_attn_pair_s / tp),
             "decode": DecodeCoefficients(base_s=c.decode_fixed_s + (d.base_s - c.decode_fixed_s) / tp + latency,

@@ -8,8 +8,12 @@ Rows with seq_len 0 (a graph's padding) read nothing and come out as zeros.
 One program serves one (sequence, kv head, context partition) and all the query heads of that kv
 head (GQA), so each K/V tile is loaded once per group and the group's scores are one tensor-core
 dot. Softmax is online, in float32. When the batch alone cannot fill the device (batch 1 with 8 kv
-heads is 8 programs), the context is split into partitions that run in parallel and a second small
-kernel merges their partial softmax states (split-K, "flash decoding").
+heads is 8 programs), the context is split into partitions that run in parallel and their partial
+softmax states are merged (split-K, "flash decoding") by the last program of each (sequence, kv
+head) to finish, which an arrival counter names.
+NOTE: merged in the same launch, not by a second kernel: at batch 1 the merge launch was one of
+ten launches per layer, and the gaps between a CUDA graph's small launches, not their work, were
+what batch-1 decode lost to the weight-streaming bound (1.6 ms a step, BENCHMARKS.md).
 
 Tested by tests/test_triton_attention.py (Triton's interpreter on the CPU; the `gpu` tests on CUDA);
 timed by bench/attention.py.
@@ -73,7 +77,7 @@ def decode_attention(
     group_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs 16 rows at least
     window = sliding_window or 0
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    split_kernel, merge_kernel = _kernels(interpret)
+    kernel = _kernel(interpret)
     common = dict(
         BLOCK_SIZE=block_size,
         GROUP=group,
@@ -88,20 +92,16 @@ def decode_attention(
         common.update(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     strides = (q.stride(0), q.stride(1), *k_cache.stride()[:3], block_tables.stride(0))
     if num_splits == 1:
-        split_kernel[(B, kv_heads, 1)](
-            q, k_cache, v_cache, seq_lens, block_tables, out, out, out,
+        kernel[(B, kv_heads, 1)](
+            q, k_cache, v_cache, seq_lens, block_tables, out, out, out, seq_lens,
             scale * LOG2E, window, partition, *strides, out.stride(0), out.stride(1), SPLIT=False, **common,
         )  # fmt: skip
         return out
     part_acc = torch.empty((B, heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
     part_ml = torch.empty((B, heads, num_splits, 2), dtype=torch.float32, device=q.device)  # running max, sum
-    split_kernel[(B, kv_heads, num_splits)](
-        q, k_cache, v_cache, seq_lens, block_tables, out, part_acc, part_ml,
+    kernel[(B, kv_heads, num_splits)](
+        q, k_cache, v_cache, seq_lens, block_tables, out, part_acc, part_ml, arrival_counters(q.device, B * kv_heads),
         scale * LOG2E, window, partition, *strides, out.stride(0), out.stride(1), SPLIT=True, **common,
-    )  # fmt: skip
-    merge_kernel[(B, heads)](
-        part_acc, part_ml, seq_lens, out, window, partition, num_splits, out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, SLIDING=sliding_window is not None,
     )  # fmt: skip
     return out
 
@@ -130,20 +130,34 @@ def _sm_count(device: torch.device) -> int:
     return 2  # the interpreter: a couple of partitions, so the CPU tests cover the split path
 
 
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:  # [>= n] int32 zeros on device
+    """Arrival counters of the split path, one per (sequence, kv head); each launch leaves them zero.
+
+    One buffer per device, grown (never freed: CUDA graphs captured with an older one keep its
+    address) to at least 65,536 counters, so that no capture allocates: the eager run before each
+    capture has already taken the buffer."""
+    have = _COUNTERS.setdefault(device, [])
+    if not have or have[-1].numel() < n:
+        have.append(torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device))
+    return have[-1]
+
+
 @functools.cache
-def _kernels(interpret: bool):
+def _kernel(interpret: bool):
     # Jitted on first use, not at import: triton.jit reads TRITON_INTERPRET when it wraps the function,
     # and the tests set it after kvrelay may have been imported. `interpret` only keys the cache.
     # NOTE: Triton compiles a kernel per specialization of its int arguments (== 1, divisible by
-    # 16, neither). The block table's width, the partition and the split count change from step to
-    # step, so specializing on them compiled new kernels in the middle of a run (B1 on an H100: 4 s
-    # of a 14 s run); they are plain ints here, one kernel for all their values.
-    return (triton.jit(_decode_split, do_not_specialize=["window", "partition", "stride_bt"]),
-            triton.jit(_decode_merge, do_not_specialize=["window", "partition", "num_splits"]))
+    # 16, neither). The block table's width and the partition change from step to step, so
+    # specializing on them compiled new kernels in the middle of a run (B1 on an H100: 4 s of a
+    # 14 s run); they are plain ints here, one kernel for all their values.
+    return triton.jit(_decode, do_not_specialize=["window", "partition", "stride_bt"])
 
 
-def _decode_split(
-    q, k_cache, v_cache, seq_lens, block_tables, out, part_acc, part_ml,
+def _decode(
+    q, k_cache, v_cache, seq_lens, block_tables, out, part_acc, part_ml, counters,
     qk_scale,  # scale * log2(e): the softmax runs in base 2
     window, partition,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_ob, stride_oh,
@@ -152,8 +166,9 @@ def _decode_split(
 ):  # fmt: skip
     """Online softmax of one kv head's query group over the context positions [s * partition, (s + 1) * partition).
 
-    SPLIT: store the unnormalized f32 sum and its (max, sum of weights) for the merge kernel, nothing
-    for an empty partition; else normalize into `out` (zeros for a row with no context).
+    Without SPLIT (one partition): normalize into `out` (zeros for a row with no context). SPLIT:
+    store the unnormalized f32 sum and its (max, sum of weights) for the merge, nothing for an empty
+    partition; then count this program's arrival, and the last of the group's programs merges.
     """
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -164,82 +179,79 @@ def _decode_split(
         first = tl.maximum(seq_len - window, 0)
     lo = tl.maximum(s * partition, first)
     hi = tl.minimum(s * partition + partition, seq_len)
-    if SPLIT and lo >= hi:
-        return
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, HEAD_DIM)
     head = kvh * GROUP + g  # [GROUP_PAD]
-    q_tile = tl.load(
-        q + b.to(tl.int64) * stride_qb + head[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None], other=0.0
-    )  # [GROUP_PAD, HEAD_DIM]
-    if F32_DOTS:
-        q_tile = q_tile.to(tl.float32)
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    table = block_tables + b.to(tl.int64) * stride_bt
-    for start in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
-        t = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] context positions
-        valid = (t >= lo) & (t < hi)
-        block = tl.load(table + t // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-        kv_off = block * stride_kb + (t % BLOCK_SIZE) * stride_kt + kvh * stride_kh  # [BLOCK_N]
-        k = tl.load(k_cache + kv_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
-        v = tl.load(v_cache + kv_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-        if F32_DOTS:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-            scores = tl.dot(q_tile, tl.trans(k), input_precision="ieee")
-        else:
-            scores = tl.dot(q_tile, tl.trans(k))
-        scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))  # [GROUP_PAD, BLOCK_N] f32
-        # Every tile holds a valid position, so the new max is finite and exp2 sees no -inf - -inf.
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        p = tl.exp2(scores - m_new[:, None])
-        alpha = tl.exp2(m - m_new)
-        l = l * alpha + tl.sum(p, 1)
-        if F32_DOTS:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
     rows = (g < GROUP)[:, None]
+    o_ptr = out + b.to(tl.int64) * stride_ob + head[:, None] * stride_oh + d[None, :]
+    if lo < hi:
+        q_tile = tl.load(
+            q + b.to(tl.int64) * stride_qb + head[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None], other=0.0
+        )  # [GROUP_PAD, HEAD_DIM]
+        if F32_DOTS:
+            q_tile = q_tile.to(tl.float32)
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        table = block_tables + b.to(tl.int64) * stride_bt
+        for start in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+            t = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] context positions
+            valid = (t >= lo) & (t < hi)
+            block = tl.load(table + t // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            kv_off = block * stride_kb + (t % BLOCK_SIZE) * stride_kt + kvh * stride_kh  # [BLOCK_N]
+            k = tl.load(k_cache + kv_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+            v = tl.load(v_cache + kv_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            if F32_DOTS:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+                scores = tl.dot(q_tile, tl.trans(k), input_precision="ieee")
+            else:
+                scores = tl.dot(q_tile, tl.trans(k))
+            scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))  # [GROUP_PAD, BLOCK_N] f32
+            # Every tile holds a valid position, so the new max is finite and exp2 sees no -inf - -inf.
+            m_new = tl.maximum(m, tl.max(scores, 1))
+            p = tl.exp2(scores - m_new[:, None])
+            alpha = tl.exp2(m - m_new)
+            l = l * alpha + tl.sum(p, 1)
+            if F32_DOTS:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        if SPLIT:
+            part = (b * GROUP * tl.num_programs(1) + head).to(tl.int64) * tl.num_programs(2) + s  # [GROUP_PAD]
+            tl.store(part_acc + part[:, None] * HEAD_DIM + d[None, :], acc, mask=rows)
+            tl.store(part_ml + part * 2, m, mask=g < GROUP)
+            tl.store(part_ml + part * 2 + 1, l, mask=g < GROUP)
+        else:
+            tl.store(o_ptr, (acc / tl.where(l > 0, l, 1.0)[:, None]).to(out.dtype.element_ty), mask=rows)
+    elif not SPLIT:
+        tl.store(o_ptr, tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32).to(out.dtype.element_ty), mask=rows)
     if SPLIT:
-        part = (b * GROUP * tl.num_programs(1) + head).to(tl.int64) * tl.num_programs(2) + s  # [GROUP_PAD]
-        tl.store(part_acc + part[:, None] * HEAD_DIM + d[None, :], acc, mask=rows)
-        tl.store(part_ml + part * 2, m, mask=g < GROUP)
-        tl.store(part_ml + part * 2 + 1, l, mask=g < GROUP)
-    else:
-        o = acc / tl.where(l > 0, l, 1.0)[:, None]
-        o_ptr = out + b.to(tl.int64) * stride_ob + head[:, None] * stride_oh + d[None, :]
-        tl.store(o_ptr, o.to(out.dtype.element_ty), mask=rows)
+        # Every thread's stores above are issued before the arrival, whose release (gpu scope)
+        # publishes them; the last arrival's acquire makes all the group's partitions visible, and
+        # its loads bypass L1 (.cg), where another program's old lines could sit.
+        tl.debug_barrier()
+        counter = counters + b * tl.num_programs(1) + kvh
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == tl.num_programs(2) - 1:
+            tl.store(counter, 0)  # for the next launch (the layer after, the next replay)
+            tl.debug_barrier()
+            base = (b * GROUP * tl.num_programs(1) + head).to(tl.int64) * tl.num_programs(2)  # [GROUP_PAD]
+            m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+            l = tl.zeros([GROUP_PAD], tl.float32)
+            acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+            # Exactly the partitions written above: those meeting [first, seq_len). Pad heads read
+            # (0, 0, 0), which keeps their exp2 arguments finite.
+            for i in range(first // partition, tl.cdiv(seq_len, partition)):
+                m_p = tl.load(part_ml + (base + i) * 2, mask=g < GROUP, other=0.0, cache_modifier=".cg")
+                l_p = tl.load(part_ml + (base + i) * 2 + 1, mask=g < GROUP, other=0.0, cache_modifier=".cg")
+                a_p = tl.load(part_acc + (base + i)[:, None] * HEAD_DIM + d[None, :], mask=rows, other=0.0,
+                              cache_modifier=".cg")
+                m_new = tl.maximum(m, m_p)
+                alpha = tl.exp2(m - m_new)
+                beta = tl.exp2(m_p - m_new)
+                acc = acc * alpha[:, None] + a_p * beta[:, None]
+                l = l * alpha + l_p * beta
+                m = m_new
+            tl.store(o_ptr, (acc / tl.where(l > 0, l, 1.0)[:, None]).to(out.dtype.element_ty), mask=rows)
 
-
-def _decode_merge(
-    part_acc, part_ml, seq_lens, out, window, partition, num_splits, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, SLIDING: tl.constexpr,
-):  # fmt: skip
-    """Combine the partitions that held context for one (sequence, head) into the normalized output."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    seq_len = tl.load(seq_lens + b)
-    first = 0
-    if SLIDING:
-        first = tl.maximum(seq_len - window, 0)
-    d = tl.arange(0, HEAD_DIM)
-    base = (b * tl.num_programs(1) + h).to(tl.int64) * num_splits
-    m = float("-inf")
-    l = 0.0
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    # Exactly the partitions the split kernel wrote: those meeting [first, seq_len).
-    for s in range(first // partition, tl.cdiv(seq_len, partition)):
-        m_s = tl.load(part_ml + (base + s) * 2)
-        l_s = tl.load(part_ml + (base + s) * 2 + 1)
-        a_s = tl.load(part_acc + (base + s) * HEAD_DIM + d)
-        m_new = tl.maximum(m, m_s)
-        alpha = tl.exp2(m - m_new)
-        beta = tl.exp2(m_s - m_new)
-        acc = acc * alpha + a_s * beta
-        l = l * alpha + l_s * beta
-        m = m_new
-    o = acc / tl.where(l > 0, l, 1.0)
-    tl.store(out + b.to(tl.int64) * stride_ob + h * stride_oh + d, o.to(out.dtype.element_ty))

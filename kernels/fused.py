@@ -60,21 +60,24 @@ def rms_norm(
 def apply_rope_(
     q: torch.Tensor,  # [T, heads, head_dim], last dim contiguous; rotated in place
     k: torch.Tensor,  # [T, kv_heads, head_dim], last dim contiguous; rotated in place
-    cos: torch.Tensor,  # [T, head_dim // 2] (or [T, 1, head_dim // 2]), dtype of q: the position's table row
+    cos: torch.Tensor,  # [max_pos, head_dim // 2], dtype of q: the whole table, row p for position p
     sin: torch.Tensor,  # same shape as cos
+    positions: torch.Tensor,  # [T] int64 (or int32): each token's position, its row of the tables
     write: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # v, k_cache, v_cache, slot_mapping
 ) -> None:
     """Hugging Face's rotate-half RoPE on half-width tables, q and k in one launch: x1*c - x2*s, x2*c + x1*s.
 
-    With `write` (the arguments of `write_kv` after k), the same launch also stores the rotated k
-    and v in their cache slots, as `write_kv(k, v, k_cache, v_cache, slot_mapping)` after it would:
-    one launch per layer fewer."""
+    The launch reads each token's table row itself: gathering the rows first (and casting a float32
+    table to the dtype, as Hugging Face does per step) cost four launches per step; a table cast
+    once holds the same values. With `write` (the arguments of `write_kv` after k), the same launch
+    also stores the rotated k and v in their cache slots, as `write_kv(k, v, k_cache, v_cache,
+    slot_mapping)` after it would: one launch per layer fewer."""
     _require_triton()
     T, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     half = head_dim // 2
-    cos, sin = cos.reshape(T, half), sin.reshape(T, half)
     assert k.shape == (T, kv_heads, head_dim) and q.stride(-1) == k.stride(-1) == 1, (q.shape, k.shape)
+    assert cos.shape == sin.shape and cos.shape[1:] == (half,) and positions.shape == (T,), (cos.shape, positions.shape)
     assert cos.dtype == sin.dtype == q.dtype == k.dtype and cos.stride(-1) == sin.stride(-1) == 1
     assert cos.stride() == sin.stride(), (cos.stride(), sin.stride())
     v, k_cache, v_cache, slots = write if write is not None else (k, k, k, cos)  # unread without WRITE
@@ -83,7 +86,7 @@ def apply_rope_(
     if T:
         block = triton.next_power_of_2(half)
         _kernels(_interpret()).rope[(T, 2)](
-            q, k, cos, sin, v, k_cache, v_cache, slots, heads, kv_heads, half,
+            q, k, cos, sin, positions, v, k_cache, v_cache, slots, heads, kv_heads, half,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), v.stride(0), v.stride(1),
             HEADS=triton.next_power_of_2(max(heads, kv_heads)), BLOCK=block, WRITE=write is not None,
             **_options(heads * block),
@@ -171,11 +174,11 @@ def _rms_norm(x, residual, weight, out, summed, eps, N, stride_t, stride_h, BLOC
     tl.store(out + row + cols, y.to(out.dtype.element_ty), mask=mask)
 
 
-def _rope(q, k, cos, sin, v, k_cache, v_cache, slot_mapping, heads, kv_heads, half,
+def _rope(q, k, cos, sin, positions, v, k_cache, v_cache, slot_mapping, heads, kv_heads, half,
           stride_qt, stride_qh, stride_kt, stride_kh, stride_ct, stride_vt, stride_vh,
           HEADS: tl.constexpr, BLOCK: tl.constexpr, WRITE: tl.constexpr):  # fmt: skip
-    """One token's q heads (axis 1 = 0) or k heads (1), rotated in place; products and sums rounded to
-    the dtype. WRITE: the k program also stores the rotated k and the token's v in its cache slot
+    """One token's q heads (axis 1 = 0) or k heads (1), rotated in place by its position's table row;
+    products and sums rounded to the dtype. WRITE: the k program also stores the rotated k and the token's v in its cache slot
     (`_write_kv`'s layout), unless the slot is < 0."""
     t = tl.program_id(0).to(tl.int64)
     if tl.program_id(1) == 0:
@@ -184,8 +187,9 @@ def _rope(q, k, cos, sin, v, k_cache, v_cache, slot_mapping, heads, kv_heads, ha
         x, n, stride_t, stride_h = k, kv_heads, stride_kt, stride_kh
     h = tl.arange(0, HEADS)[:, None]
     i = tl.arange(0, BLOCK)[None, :]
-    c = tl.load(cos + t * stride_ct + i, mask=i < half, other=0.0).to(tl.float32)  # [1, BLOCK]
-    s = tl.load(sin + t * stride_ct + i, mask=i < half, other=0.0).to(tl.float32)
+    row = tl.load(positions + t).to(tl.int64)
+    c = tl.load(cos + row * stride_ct + i, mask=i < half, other=0.0).to(tl.float32)  # [1, BLOCK]
+    s = tl.load(sin + row * stride_ct + i, mask=i < half, other=0.0).to(tl.float32)
     ptr = x + t * stride_t + h * stride_h + i  # [HEADS, BLOCK]
     mask = (h < n) & (i < half)
     x1 = tl.load(ptr, mask=mask, other=0.0)

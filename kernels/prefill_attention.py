@@ -91,7 +91,7 @@ def prefill_attention(
 def _kernel(interpret: bool):
     # Jitted on first use: triton.jit reads TRITON_INTERPRET when it wraps the function (see decode_attention).
     # first_seq and the block table's width change every mixed step: one compiled kernel for all
-    # their values (NOTE in decode_attention._kernels).
+    # their values (NOTE in decode_attention._kernel).
     return triton.jit(_prefill, do_not_specialize=["first_seq", "window", "stride_bt"])
 
 

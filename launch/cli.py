@@ -1,7 +1,7 @@
 """The `kvrelay` command.
 
     kvrelay run [CONFIG.yaml] -i IN.jsonl -o OUT.jsonl [--model DIR] [--set KEY=VALUE ...] [--fail-on-error]
-    kvrelay make-model --arch llama [--size tiny|8b-shape] [--seed 0] [--shards N] [--dtype D] DIR
+    kvrelay make-model --arch llama [--size tiny|8b-shape|70b-shape] [--layers N] [--no-weights] [--seed 0] [--shards N] [--dtype D] DIR
     kvrelay demo [--workdir runs/demo]
     kvrelay plan [CONFIG] --gpus G --input-len I --output-len O [--cached F] [--ttft-ms T] [--itl-ms L]
     kvrelay bench route --trace TRACE.jsonl [--workers 4,8,16] [--policy P,...] [--json PATH] [--plot PNG]
@@ -54,9 +54,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                               f"pass --local {layout.world_size} or change roles.prefill/decode/aggregated (and roles.*tp)")
         return local_mpiexec(args.local, _without_local(args.argv), cfg.output.path)
     if launched_by_mpi():
+        from kvrelay.launch import teardown
         from kvrelay.launch.job import run_mpi
 
-        return run_mpi(cfg)[0]
+        # MPI_Finalize here, then out without the interpreter's teardown (launch/teardown.py).
+        teardown.end_process(run_mpi(cfg)[0], cfg.job.teardown_timeout_s)
     return exit_code(cfg, run_local(cfg))
 
 
@@ -75,7 +77,8 @@ def _without_local(argv: list[str]) -> list[str]:
 def cmd_make_model(args: argparse.Namespace) -> int:
     from kvrelay.ranks.engine.checkpoint import make_model
 
-    out = make_model(args.dir, arch=args.arch, size=args.size, seed=args.seed, shards=args.shards, dtype=args.dtype)
+    out = make_model(args.dir, arch=args.arch, size=args.size, seed=args.seed, shards=args.shards, dtype=args.dtype,
+                     layers=args.layers, weights=not args.no_weights)
     print(out)
     return 0
 
@@ -239,10 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("make-model", help="write a checkpoint with deterministic random weights")
     m.add_argument("--arch", required=True, choices=["llama", "mistral", "qwen2", "qwen3"])
-    m.add_argument("--size", default="tiny", choices=["tiny", "8b-shape"])
+    m.add_argument("--size", default="tiny", choices=["tiny", "8b-shape", "70b-shape"])
+    m.add_argument("--layers", type=int, default=None, help="the size's shape with this many layers")
+    m.add_argument("--no-weights", action="store_true",
+                   help="only config and tokenizer files: a benchmark job draws the weights (--set model.random_weights=true)")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--shards", type=int, default=None, help="default: 1 for tiny, 5 for 8b-shape")
-    m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 for tiny, bfloat16 for 8b-shape")
+    m.add_argument("--shards", type=int, default=None, help="default: 1 for tiny, about 4 GB a shard for the shapes")
+    m.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="default: float32 for tiny, bfloat16 for the others")
     m.add_argument("dir")
     m.set_defaults(func=cmd_make_model)
 

@@ -24,7 +24,7 @@ import torch
 
 from kvrelay.configs.schema import JobConfig
 from kvrelay.core.layout import LaunchError, Layout
-from kvrelay.launch import ranks
+from kvrelay.launch import ranks, teardown
 from kvrelay.launch.environment import cpu_threads, hostname
 from kvrelay.launch.stop import STOP_SIGNALS, Stopped, on_stop, on_stop_worker, record_stop, release_node_segments, stop_marker
 from kvrelay.router.frontend import Summary
@@ -127,8 +127,11 @@ def _router(cfg: JobConfig, world, layout: Layout) -> tuple[int, Summary]:
         raise
     assert cfg.output.path is not None
     log.info("summary written to %s", write_summary(summary, cfg.output.path, frontend.timings if cfg.input.format == "trace" else None))
+    rc = exit_code(cfg, summary)
+    teardown.begin(f"rank {world.rank} (router)", cfg.job.teardown_timeout_s, rc)
+    teardown.stage("freeing the cache windows (MPI_Win_free, with every rank of the job)")
     backend.close()
-    return exit_code(cfg, summary), summary
+    return rc, summary
 
 
 def _worker(cfg: JobConfig, world, workers, group, layout: Layout) -> None:
@@ -137,7 +140,7 @@ def _worker(cfg: JobConfig, world, workers, group, layout: Layout) -> None:
     from kvrelay.ranks.engine.engine import pick_device
     from kvrelay.ranks.engine.parallel import TPGroup
     from kvrelay.ranks.engine.step_sync import StepSync
-    from kvrelay.ranks.follower import run_follower
+    from kvrelay.ranks.follower import close_group, run_follower
     from kvrelay.ranks.worker import Worker
 
     for signum in STOP_SIGNALS:
@@ -168,11 +171,15 @@ def _worker(cfg: JobConfig, world, workers, group, layout: Layout) -> None:
     # A simulated worker's group runs no model: its ranks need no collectives of their own.
     tp = TPGroup.from_mpi(group, device) if not cfg.sim.enabled else TPGroup()
     sync = StepSync(group) if group.size > 1 else None
+
+    def done() -> Callable[[str], None]:  # the work is done: bound the teardown
+        who = f"rank {world.rank} ({role}{f', tp rank {group.rank} of {group.size}' if group.size > 1 else ''})"
+        teardown.begin(who, cfg.job.teardown_timeout_s)
+        return teardown.stage
+
     if group.rank != 0:
-        run_follower(cfg, world, workers, device, tp, sync)
+        run_follower(cfg, world, workers, device, tp, sync, done)
         return
     worker = Worker(cfg, world, workers, role, device, layout, tp, sync)
     worker.run()
-    worker.window.close()
-    worker.transport.close()
-    tp.close()
+    close_group(done(), worker.window, worker.transport, worker.engine.runner, tp)

@@ -77,7 +77,7 @@ def check_model_dir(path: str | None, cfg: JobConfig | None = None) -> None:
 
     if path is None:
         raise ModelConfigError("no model: set model.path in the config or pass --model DIR")
-    spec, files = read_model_dir(path)
+    spec, files = read_model_dir(path, with_weights=cfg is None or not cfg.model.random_weights)
     for f in files:
         check_safetensors(f)
     if cfg is not None and not cfg.sim.enabled:

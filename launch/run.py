@@ -43,7 +43,7 @@ def frontend_for(cfg: JobConfig) -> tuple[Frontend, int]:
         return Frontend(cfg, SimTokenizer(), sim_max_model_len(cfg, timing), timing.model.vocab_size, model_name(cfg)), job_hash_seed(cfg)
     if cfg.model.path is None:
         raise ModelConfigError("no model: set model.path in the config or pass --model DIR")
-    spec, _ = read_model_dir(cfg.model.path)
+    spec, _ = read_model_dir(cfg.model.path, with_weights=not cfg.model.random_weights)
     tokenizer = Tokenizer.from_dir(cfg.model.path)
     frontend = Frontend(cfg, tokenizer, resolve_max_model_len(cfg, spec), spec.vocab_size, model_name(cfg))
     return frontend, job_hash_seed(cfg)

@@ -13,6 +13,7 @@ repeats the leader's copies and disk jobs (ranks/engine/group_tiers.py).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -28,10 +29,13 @@ from kvrelay.ranks.transport import KVTransport, Pending, make_transport
 log = logging.getLogger("kvrelay")
 
 
-def run_follower(cfg: JobConfig, world, workers, device: torch.device, tp: TPGroup, sync: StepSync) -> None:
+def run_follower(cfg: JobConfig, world, workers, device: torch.device, tp: TPGroup, sync: StepSync,
+                 done: Callable[[], Callable[[str], None]] | None = None) -> None:
     """This rank's whole part of the job. It makes the same collective calls as its leader
     (ranks/worker.py), in the same order: the runner (the group's), the cache windows (the
-    world's: it publishes none, so it joins as the router does), the KV transport (the workers')."""
+    world's: it publishes none, so it joins as the router does), the KV transport (the workers').
+    `done()`, called when the leader stops, returns a function that names each step of the
+    teardown (launch/teardown.py bounds it)."""
     runner = tiers = None
     if not cfg.sim.enabled:
         runner = make_runner(cfg, device, tp=tp, sync=sync)[0]
@@ -42,8 +46,23 @@ def run_follower(cfg: JobConfig, world, workers, device: torch.device, tp: TPGro
     transport = make_transport(workers, device)
     counts = follow(runner, sync, transport, tiers)
     log.debug("rank %d (tp rank %d): %s", world.rank, tp.rank, counts)
+    stage = done() if done is not None else (lambda name: None)
+    close_group(stage, windows, transport, runner, tp)
+
+
+def close_group(stage: Callable[[str], None], windows, transport: KVTransport, runner, tp: TPGroup) -> None:
+    """A group rank's teardown, leader and followers alike, in this order: the windows (MPI, with
+    every rank), the KV transport (its NCCL pairs, with the other workers), the decode graphs, and
+    only then the group's communicators, which NCCL does not let go while a graph holds them
+    (ModelRunner.release_graphs)."""
+    stage("freeing the cache windows (MPI_Win_free, with every rank of the job)")
     windows.close()
+    stage("closing the KV transport (with the other workers)")
     transport.close()
+    if isinstance(runner, ModelRunner):
+        stage("destroying the decode CUDA graphs")
+        runner.release_graphs()
+    stage(f"closing the tensor-parallel group's communicators (tp={tp.size})")
     tp.close()
 
 

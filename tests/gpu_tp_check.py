@@ -2,6 +2,7 @@
 
     python tests/gpu_tp_check.py --tp 2          # needs 2 GPUs; prints "gpu_tp_check OK"
     python tests/gpu_tp_check.py --tp 2 --cpu    # the same on the CPU over gloo, without graphs
+    python tests/gpu_tp_check.py --tp 2 --close-with-graphs   # the cause of a tp job that never ended
 
 One process per GPU (torch.multiprocessing; the group is bootstrapped through a queue standing in
 for the MPI communicator, since the GPU machines may have no MPI launcher). Each rank builds the
@@ -10,6 +11,11 @@ whole (tp=1) and sharded over the group, each in a ModelRunner with CUDA graphs.
 step for 3 sequences and then decode steps that replay a captured graph (holding the sharded model's
 all-reduces); the logits must agree to 1e-3 and the greedy tokens must be the same. Then it times
 a batch-1 decode step of both.
+
+Last it closes the group as a job's ranks do (launch/job.py): the decode graphs destroyed first,
+then the communicators; that must take seconds, not hang. `--close-with-graphs` closes the group
+while its graphs still live instead (what a rank did before): it shows whether NCCL's abort waits
+for them, bounded by a 20 s timer ("hung", exit code 3).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import threading
 import time
 import traceback
 
@@ -83,14 +90,29 @@ def decode_step_ms(runner: ModelRunner) -> float:
     return statistics.median(times[10:]) * 1e3
 
 
-def worker(rank: int, size: int, queues, cpu: bool) -> None:
+def worker(rank: int, size: int, queues, cpu: bool, close_with_graphs: bool) -> None:
     # The engine builds and runs its runner under inference mode (graph buffers are inference
     # tensors): so does this check.
     with torch.inference_mode():
-        _worker(rank, size, queues, cpu)
+        _worker(rank, size, queues, cpu, close_with_graphs)
 
 
-def _worker(rank: int, size: int, queues, cpu: bool) -> None:
+def close(group: TPGroup, runners: list[ModelRunner], rank: int, with_graphs: bool, limit_s: float = 20.0) -> None:
+    """Close the group as a job's rank does (graphs first), or with its graphs alive, within `limit_s`."""
+    what = "with its decode graphs alive" if with_graphs else "after destroying its decode graphs"
+    timer = threading.Timer(limit_s, lambda: (print(f"rank {rank}: closing the tp group {what}: hung > {limit_s:g} s",
+                                                    flush=True), os._exit(3)))
+    timer.start()
+    t0 = time.perf_counter()
+    if not with_graphs:
+        for r in runners:
+            r.release_graphs()
+    group.close()
+    timer.cancel()
+    print(f"rank {rank}: closed the tp group {what} in {time.perf_counter() - t0:.2f} s", flush=True)
+
+
+def _worker(rank: int, size: int, queues, cpu: bool, close_with_graphs: bool) -> None:
     try:
         device = torch.device("cpu") if cpu else torch.device("cuda", rank)
         if cpu:
@@ -118,6 +140,8 @@ def _worker(rank: int, size: int, queues, cpu: bool) -> None:
         if rank == 0:
             how = "CPU, eager" if cpu else f"{torch.cuda.get_device_name(device)}, CUDA graph"
             print(f"tokens {want_tokens[0]}; batch-1 decode step ({how}): tp=1 {t1:.3f} ms, tp={size} {tn:.3f} ms", flush=True)
+        close(group, [whole, sharded], rank, close_with_graphs)
+        if rank == 0:
             print("gpu_tp_check OK", flush=True)
     except BaseException:  # noqa: BLE001 - any failure must end every rank, not leave them hanging
         print(f"rank {rank}:", traceback.format_exc(), flush=True)
@@ -128,10 +152,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--cpu", action="store_true", help="run on the CPU over gloo (no CUDA graphs)")
+    ap.add_argument("--close-with-graphs", action="store_true", help="close the group while its graphs live (expected: hung)")
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
     queues = [ctx.Queue() for _ in range(args.tp - 1)]
-    mp.start_processes(worker, (args.tp, queues, args.cpu), nprocs=args.tp, start_method="spawn")
+    mp.start_processes(worker, (args.tp, queues, args.cpu, args.close_with_graphs), nprocs=args.tp, start_method="spawn")
 
 
 if __name__ == "__main__":

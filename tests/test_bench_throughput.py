@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
+
 from kvrelay.bench.throughput import floor, workload_lengths
 from kvrelay.launch.cli import main
 
@@ -35,22 +37,28 @@ def test_throughput_smoke(tmp_path, capsys):
 
 
 def test_b5_varied_lengths(tmp_path, capsys):
-    """B5: each prompt its own input and output length; every request runs to its own length, the
-    peer's outputs are cut to them and equal ours, and the floor counts only the running sequences."""
+    """B5: each prompt its own input and output length; every request runs to its own length, in
+    the peer too (its per-request max_new_tokens), whose outputs equal ours; on a subset of the
+    prompts (--peer-prompts) kvrelay runs the same subset and the peer's wall is extrapolated; the
+    floor counts only the running sequences."""
     out = tmp_path / "b5.json"
     rc = main([
         "bench", "throughput", "--workload", "b5", "--b5-min", "4", "--b5-max", "24", "--size", "tiny",
         "--device", "cpu", "--num-prompts", "6", "--max-batch-tokens", "64", "--max-seqs", "4",
-        "--batch1-tokens", "4", "--peer", "defaults", "--json", str(out),
+        "--batch1-tokens", "4", "--peer", "both", "--peer-prompts", "3", "--json", str(out),
     ])
     assert rc == 0
     report = json.loads(out.read_text())
     args = argparse.Namespace(**report["workload"])
     input_lens, output_lens = workload_lengths(args)
     assert len(set(input_lens)) > 1 and len(set(output_lens)) > 1 and min(input_lens + output_lens) >= 4
-    peer = report["peer_defaults"]
-    assert peer["errors"] == 0 and peer["output_tokens"] == sum(output_lens)
-    assert peer["same_ids_as_kvrelay"] == 6
+    subset = [0, 2, 4]  # 3 of 6, spread evenly
+    for peer in (report["peer_defaults"], report["peer_tuned"]):
+        assert peer["errors"] == 0 and peer["output_tokens"] == sum(output_lens[i] for i in subset)
+        assert peer["api"].startswith("add_request") and peer["output_tokens_generated"] == peer["output_tokens"]
+        assert peer["same_ids_as_kvrelay"] == 3
+        assert peer["subset"]["prompts"] == 3 and peer["subset"]["kvrelay_wall_s"] == report["kvrelay"]["subset_wall_s"] > 0
+        assert peer["extrapolated_wall_s"] == pytest.approx(peer["wall_s"] * sum(output_lens) / peer["output_tokens"])
     # A workload whose longest output is 2 decodes once, with only that sequence's KV read.
     ceil = {"matmul_tflops": 1.0, "copy_gbps": 1.0}
     cfg = {"num_hidden_layers": 1, "head_dim": 1, "num_attention_heads": 1, "num_key_value_heads": 1,
@@ -67,8 +75,6 @@ def test_a_tensor_parallel_worker_of_two_ranks_gives_the_tp1_outputs(tmp_path):
     import os
     import subprocess
     import sys
-
-    import pytest
 
     from kvrelay.launch.run import find_mpiexec
 

@@ -115,12 +115,22 @@ def test_8b_shape_config_is_llama_3_1_8b():
     assert hf.rope_parameters["rope_type"] == "llama3" and hf.rope_parameters["rope_theta"] == 500000.0
 
 
+def test_70b_shape_config_is_llama_3_1_70b():
+    cfg = model_config("llama", "70b-shape", build_tokenizer("llama"), "bfloat16")
+    spec = ModelSpec.from_hf_config(cfg)
+    assert (spec.hidden_size, spec.num_layers, spec.num_heads, spec.num_kv_heads) == (8192, 80, 64, 8)
+    assert (spec.intermediate_size, spec.vocab_size, spec.head_dim) == (28672, 128256, 128)
+    assert spec.rope.original_max_position_embeddings == 8192
+    assert sum(torch.Size(s).numel() for _, s in tensor_shapes(cfg)) == 70_553_706_496  # Llama-3.1-70B's count
+
+
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [
         ({"arch": "gpt2"}, "unknown arch 'gpt2'"),
         ({"arch": "qwen3", "size": "8b-shape"}, "use --arch llama"),
-        ({"arch": "llama", "size": "70b"}, "tiny, 8b-shape"),
+        ({"arch": "mistral", "size": "70b-shape"}, "70b-shape is a Llama-3.1 shape"),
+        ({"arch": "llama", "size": "70b"}, "tiny, 8b-shape, 70b-shape"),
         ({"arch": "llama", "shards": 500}, "ask for fewer shards"),
         ({"arch": "llama", "dtype": "int8"}, "float32, bfloat16, float16"),
     ],

@@ -61,16 +61,25 @@ def _check_rms_norm(tokens, hidden, dtype, device="cpu"):
     torch.testing.assert_close(out, norm(x + res), **_tol(dtype, device))
 
 
+def _rope_tables(tokens, head_dim, dtype, device):
+    """Tables of 3 * tokens positions in the dtype, each token's position (shuffled, so that the
+    kernel's gather is checked), and the rows the model's torch path gathers: [T, 1, half]."""
+    g = torch.Generator().manual_seed(tokens)
+    angles = torch.arange(3 * tokens, device=device).float()[:, None] * 10000.0 ** (-torch.arange(head_dim // 2, device=device) / (head_dim // 2))
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    positions = torch.randperm(3 * tokens, generator=g)[:tokens].to(device)
+    return cos, sin, positions, cos[positions][:, None, :], sin[positions][:, None, :]
+
+
 def _check_rope(tokens, heads, kv_heads, head_dim, dtype, device="cpu"):
     from kvrelay.kernels.fused import apply_rope_
 
     qkv = _randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=device)
     q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q, k = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)  # strided views, as in the model
-    angles = torch.arange(tokens, device=device).float()[:, None] * 10000.0 ** (-torch.arange(head_dim // 2, device=device) / (head_dim // 2))
-    cos, sin = angles.cos().to(dtype)[:, None, :], angles.sin().to(dtype)[:, None, :]  # [T, 1, half], as the model passes them
-    want_q, want_k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    apply_rope_(q, k, cos, sin)
+    cos, sin, positions, cos_rows, sin_rows = _rope_tables(tokens, head_dim, dtype, device)
+    want_q, want_k = apply_rope(q, cos_rows, sin_rows), apply_rope(k, cos_rows, sin_rows)
+    apply_rope_(q, k, cos, sin, positions)
     _assert_rounds_like_torch(q, want_q, dtype, device)
     _assert_rounds_like_torch(k, want_k, dtype, device)
 
@@ -83,8 +92,7 @@ def _check_rope_write(tokens, heads, kv_heads, head_dim, block_size, dtype, devi
     qkv = _randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=device)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q, k, v = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim), v.view(tokens, kv_heads, head_dim)
-    angles = torch.arange(tokens, device=device).float()[:, None] * 10000.0 ** (-torch.arange(head_dim // 2, device=device) / (head_dim // 2))
-    cos, sin = angles.cos().to(dtype)[:, None, :], angles.sin().to(dtype)[:, None, :]
+    cos, sin, positions = _rope_tables(tokens, head_dim, dtype, device)[:3]
     num_blocks = 2 + tokens // block_size
     slots = torch.randperm(num_blocks * block_size, generator=g)[:tokens]
     slots[1::3] = -1  # padding rows
@@ -92,9 +100,9 @@ def _check_rope_write(tokens, heads, kv_heads, head_dim, block_size, dtype, devi
     caches = [_randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device, seed=s) for s in (5, 6)]
     want = [c.clone() for c in caches]
     want_q, want_k = q.clone(), k.clone()
-    apply_rope_(want_q, want_k, cos, sin)  # checked against the model's RoPE by _check_rope
+    apply_rope_(want_q, want_k, cos, sin, positions)  # checked against the model's RoPE by _check_rope
     write_kv_reference(want_k, v, *want, slots)
-    apply_rope_(q, k, cos, sin, (v, *caches, slots))
+    apply_rope_(q, k, cos, sin, positions, (v, *caches, slots))
     assert torch.equal(q, want_q) and torch.equal(k, want_k)
     assert torch.equal(caches[0], want[0]) and torch.equal(caches[1], want[1])
 

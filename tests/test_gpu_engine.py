@@ -72,3 +72,25 @@ def test_gpu_greedy_equals_cpu_triton(wide_models, name):
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_gpu_greedy_equals_cpu_torch_fallback(tiny_models, arch):
     _check(tiny_models[arch], f"{arch} (torch fallback)")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_no_triton_compile_after_the_warm_up(tmp_path, dtype):
+    """The engine's build warms every Triton variant a run can meet (ModelRunner.warm_up): a run of
+    prompts of many lengths (prefill chunks, mixed steps of 1 to 11 decode rows, decode graphs,
+    prefix hits) compiles nothing. The shape (group of 4 query heads per kv head, hidden 256) is
+    used by no other test of the process, so no earlier test has compiled its variants."""
+    from kvrelay.kernels import compile_log
+
+    cfg = write_model_files(tmp_path, "llama", "tiny", dtype)
+    cfg.update(hidden_size=256, num_attention_heads=4, num_key_value_heads=1, head_dim=64)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    save_file({n: t.contiguous() for n, t in random_weights(cfg, torch.float32)}, str(tmp_path / "model.safetensors"))
+    settings = {"scheduler.max_batch_tokens": 64, "scheduler.max_seqs": 12, "model.dtype": dtype}
+    for eager in (False, True):
+        engine = make_engine(tmp_path, **settings, **{"job.device": "cuda", "model.enforce_eager": eager})
+        built = compile_log.count()
+        generate(engine, prompts(500, n=24, seed=5))
+        missed = [f"{c.kernel}: {c.signature}" for c in compile_log.compiles(built)]
+        assert missed == [], f"graphs {'off' if eager else 'on'}: compiled after the warm-up: {missed}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -80,3 +81,40 @@ def test_mixed_step_logits_equal_reference(wide_llama, triton_interpreter):
     sampled = [i for i in order if batch[i].samples]
     position = [sum(batch[j].samples for j in range(i)) for i in sampled]
     torch.testing.assert_close(again, want[position], atol=1e-5, rtol=1e-5)
+
+
+def test_warm_up_touches_only_the_scratch_block(wide_llama, triton_interpreter):
+    """The engine's warm-up (every kernel variant a run can meet, ModelRunner.warm_up) runs its
+    steps through the kernels and writes only the scratch block: a mixed step after it gives the
+    logits it gave before."""
+    engine = make_engine(wide_llama, **{"cache.block_size": BLOCK_SIZE, "scheduler.max_batch_tokens": 64})
+    runner = engine.runner
+    g = torch.Generator().manual_seed(3)
+    for k, v in runner.kv_caches:
+        k.copy_(torch.randn(k.shape, generator=g))
+        v.copy_(torch.randn(v.shape, generator=g))
+    batch = _batch([(36, 16, 20), (41, 40, 1), (9, 8, 1)], engine.vocab_size)
+    runner.kernel_metadata = True
+    before = runner.execute(batch)  # writes this step's KV into the batch's blocks
+    owned = [(k[: runner.num_blocks].clone(), v[: runner.num_blocks].clone()) for k, v in runner.kv_caches]
+    scratch_before = runner.kv_caches[0][0][runner.num_blocks].clone()
+    runner.warm_up()
+    assert not torch.equal(runner.kv_caches[0][0][runner.num_blocks], scratch_before), "the warm-up ran no step"
+    for (k, v), (k0, v0) in zip(runner.kv_caches, owned):
+        assert torch.equal(k[: runner.num_blocks], k0) and torch.equal(v[: runner.num_blocks], v0)
+    torch.testing.assert_close(runner.execute(batch), before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [[(36, 16, 20), (41, 40, 1), (9, 8, 1)], [(5, 4, 1)], [(7, 0, 7), (3, 2, 1), (4, 3, 1)]])
+def test_step_metadata_is_16_byte_aligned(wide_llama, rows):
+    """Triton compiles a kernel per 16-byte alignment of each pointer: every device view of a step's
+    metadata starts 16-byte aligned, whatever the step's row counts (else mixed steps compiled new
+    variants mid-run)."""
+    engine = make_engine(wide_llama, **{"cache.block_size": BLOCK_SIZE, "scheduler.max_batch_tokens": 64})
+    runner = engine.runner
+    batch = _batch(rows, engine.vocab_size)
+    a = runner._arrays([(s.seq.token_ids, s.seq.num_computed_tokens, s.num_new_tokens, s.seq.block_ids, s.samples)
+                        for s in batch])
+    views = runner._upload([(a.ids, np.int64), (a.positions, np.int64), (a.slots, np.int64), (a.last_rows, np.int64),
+                            (a.query_start_loc, np.int32), (a.seq_lens, np.int32), (a.tables, np.int32)])
+    assert [v.data_ptr() % 16 for v in views] == [0] * len(views)

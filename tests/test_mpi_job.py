@@ -423,6 +423,23 @@ def test_groups_with_host_and_disk_tiers_match_one_rank(ranks, layout, tiny_mode
     assert first["host_hit_tokens"] > 0 and first["disk_hit_tokens"] > 0 and first["disk_failed_reads"] == 0, first
 
 
+def test_random_weights_job_equals_the_checkpoint_of_the_same_seed(tiny_models, tp_lines, single_outputs, tmp_path):
+    """model.random_weights on a directory without weights (make-model --no-weights): every rank of a
+    1 prefill (tp=2) + 1 decode (tp=1) job draws the seed-0 tensors and keeps its slice, so the job
+    answers as the seed-0 checkpoint does on one rank."""
+    model = tmp_path / "no-weights"
+    proc = run([*CLI, "make-model", "--arch", "llama", "--no-weights", str(model)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(model.glob("*.safetensors"))
+    got, backend = tp_job(4, model, tp_lines, tmp_path, "model.random_weights=true", "roles.aggregated=0",
+                          "roles.prefill=1", "roles.decode=1", "roles.prefill_tp=2")
+    assert [k for k in single_outputs("llama") if got.get(k) != single_outputs("llama")[k]] == []
+    assert [w["tp"] for w in backend["workers"]] == [2, 1]
+    out = str(tmp_path / "o.jsonl")
+    proc = run([*CLI, "run", "-i", str(tp_lines), "-o", out, "--model", str(model), *SETTINGS])
+    assert proc.returncode == 2 and "has no *.safetensors weights" in proc.stderr, proc.stderr[-3000:]
+
+
 def test_rank_counts_and_tp_are_checked_before_anything_starts(tiny_models, tp_lines, tmp_path):
     out = str(tmp_path / "o.jsonl")
     proc = run([*CLI, "run", "--local", "3", "-i", str(tp_lines), "-o", out, "--model", str(tiny_models["llama"]), *SETTINGS,

@@ -5,13 +5,16 @@ There is no model hub on the cluster, so kvrelay's tests and GPU benchmarks make
 safetensors weights in the layout transformers reads, so kvrelay's outputs can be checked against
 transformers on the same files. The command that runs it:
 
-    kvrelay make-model --arch llama [--size tiny|8b-shape] [--seed S] [--shards N] DIR
+    kvrelay make-model --arch llama [--size tiny|8b-shape|70b-shape] [--layers N] [--seed S] [--shards N] DIR
+    kvrelay make-model --arch llama --size 70b-shape --layers 40 --no-weights DIR   # for model.random_weights
 
 The tiny arch variants each carry what their real family has, so together they cover every path of
 the model code: llama has Llama-3.1 llama3 RoPE scaling and tied embeddings; mistral is untied with
 rope_theta 1e6; qwen2 has q/k/v biases and a sliding window switched off; qwen3 has q_norm/k_norm and
-a head_dim that is not hidden_size / num_heads. "8b-shape" is Llama-3.1-8B's shape (about 16 GB of
-bf16); it is written tensor by tensor, so memory holds one tensor at a time.
+a head_dim that is not hidden_size / num_heads. "8b-shape" and "70b-shape" are Llama-3.1-8B's
+and -70B's shapes (`SHAPES`; about 16 and 141 GB of bf16); they are written tensor by tensor, so
+memory holds one tensor at a time. `layers` cuts a shape's depth, and `weights=False` writes
+everything but the weights: a benchmark job then draws them on its GPUs (`model.random_weights`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,15 @@ from kvrelay.ranks.engine.spec import SUPPORTED_ARCHITECTURES
 from kvrelay.core.model_files import ModelConfigError
 
 ARCHS = tuple(SUPPORTED_ARCHITECTURES.values())
-SIZES = ("tiny", "8b-shape")
+# The full-size shapes, Llama-3.1's (random weights at the size of the real thing, for the GPU
+# benchmarks); "tiny" is each arch's own small config. Every shape shares _LLAMA_3_1.
+SHAPES = {
+    "8b-shape": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32},
+    "70b-shape": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64},
+}
+_LLAMA_3_1 = {"vocab_size": 128256, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072,
+              "tie_word_embeddings": False}
+SIZES = ("tiny", *SHAPES)
 
 # BPE vocabulary size including the special tokens; the model's vocab_size is this rounded up to a
 # multiple of 64, so the embedding has unused rows as real Qwen and Llama checkpoints do.
@@ -326,31 +337,8 @@ def model_config(arch: str, size: str, tokenizer: Tokenizer, dtype: str) -> dict
         cfg.update(
             head_dim=32, attention_bias=False, use_sliding_window=False, sliding_window=None, max_window_layers=2
         )
-    if size == "8b-shape":
-        cfg.update(
-            vocab_size=128256,
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            max_position_embeddings=131072,
-            tie_word_embeddings=False,
-        )
-        cfg["rope_scaling"]["original_max_position_embeddings"] = 8192
-    if size == "70b-shape":  # Llama-3.1-70B
-        cfg.update(
-            vocab_size=128256,
-            hidden_size=8192,
-            intermediate_size=28672,
-            num_hidden_layers=80,
-            num_attention_heads=64,
-            num_key_value_heads=8,
-            head_dim=128,
-            max_position_embeddings=131072,
-            tie_word_embeddings=False,
-        )
+    if size in SHAPES:
+        cfg.update(_LLAMA_3_1, **SHAPES[size])
         cfg["rope_scaling"]["original_max_position_embeddings"] = 8192
     return cfg
 
@@ -435,13 +423,16 @@ def _shard_of(shapes: list[tuple[str, tuple[int, ...]]], shards: int) -> list[in
     return out
 
 
-def write_model_files(out: Path, arch: str, size: str, dtype: str) -> dict:
-    """Everything of a checkpoint but its weights (config, generation config, tokenizer); returns config.json's dict."""
+def write_model_files(out: Path, arch: str, size: str, dtype: str, layers: int | None = None) -> dict:
+    """Everything of a checkpoint but its weights (config, generation config, tokenizer); returns config.json's dict.
+    `layers` replaces the size's num_hidden_layers."""
     out.mkdir(parents=True, exist_ok=True)
     family = _FAMILIES[arch]
     tok = build_tokenizer(arch)
     tok.save(str(out / "tokenizer.json"))
     cfg = model_config(arch, size, tok, dtype)
+    if layers is not None:
+        cfg["num_hidden_layers"] = layers
     _write_json(out / "config.json", cfg)
     generation = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": [tok.token_to_id(t) for t in family.stop]}
     _write_json(out / "generation_config.json", generation)
@@ -479,19 +470,24 @@ def make_model(
     seed: int = 0,
     shards: int | None = None,
     dtype: str | None = None,
+    layers: int | None = None,
+    weights: bool = True,
 ) -> Path:
     """Write a checkpoint to out_dir, which must be new or empty, and return its path.
 
-    shards None means one file for tiny and about 4 GB a shard for 8b-shape; dtype None means float32
-    for tiny and bfloat16 for 8b-shape. The same arguments give byte-identical files.
+    shards None means one file for tiny and about 4 GB a shard for the larger shapes; dtype None means
+    float32 for tiny and bfloat16 for the others. `layers` replaces the shape's layer count; without
+    `weights` only the config and tokenizer files are written. The same arguments give byte-identical files.
     """
     if arch not in ARCHS:
         raise ModelConfigError(f"unknown arch {arch!r}; make-model writes {', '.join(ARCHS)}")
     if size not in SIZES:
         raise ModelConfigError(f"unknown size {size!r}; make-model writes {', '.join(SIZES)}")
-    if size == "8b-shape" and arch != "llama":
-        raise ModelConfigError("8b-shape is the shape of Llama-3.1-8B; use --arch llama with it")
-    dtype = dtype or ("bfloat16" if size == "8b-shape" else "float32")
+    if size != "tiny" and arch != "llama":
+        raise ModelConfigError(f"{size} is the shape of a Llama-3.1 model; use --arch llama with it")
+    if layers is not None and layers < 1:
+        raise ModelConfigError(f"layers must be at least 1, got {layers}")
+    dtype = dtype or ("float32" if size == "tiny" else "bfloat16")
     if dtype not in DTYPES:
         raise ModelConfigError(f"unknown dtype {dtype!r}; make-model writes {', '.join(DTYPES)}")
     if shards is not None and shards < 1:
@@ -501,7 +497,9 @@ def make_model(
     # Files of an earlier model (another shard count) would be read as part of this one.
     if out.exists() and any(out.iterdir()):
         raise ModelConfigError(f"{out} is not empty; give make-model a new directory")
-    cfg = write_model_files(out, arch, size, dtype)
+    cfg = write_model_files(out, arch, size, dtype, layers)
+    if not weights:
+        return out
     shapes = tensor_shapes(cfg)
     torch_dtype = DTYPES[dtype]
     if shards is None:

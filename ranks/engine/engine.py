@@ -24,10 +24,12 @@ import torch
 import xxhash
 
 from kvrelay.configs.schema import JobConfig
+from kvrelay.kernels import compile_log
 from kvrelay.ranks.engine.disk_tier import DiskStore, DiskTier
 from kvrelay.ranks.engine.host_tier import HostTier
+from kvrelay.ranks.engine.checkpoint import random_weights
 from kvrelay.ranks.engine.kv_cache import EvictHook, CacheHook, KVCacheManager
-from kvrelay.ranks.engine.loader import check_dtype, iter_weights, read_model_dir
+from kvrelay.ranks.engine.loader import check_dtype, iter_weights, read_model_dir, shard_weights
 from kvrelay.ranks.engine.group_runner import LeaderRunner
 from kvrelay.ranks.engine.model_runner import ModelRunner
 from kvrelay.ranks.engine.parallel import TPGroup
@@ -36,12 +38,12 @@ from kvrelay.ranks.engine.step_sync import StepSync
 from kvrelay.ranks.engine.penalties import TokenHistory
 from kvrelay.ranks.engine.sampler import PendingTokens, SampleRow, request_generator, sample, sample_later, to_device
 from kvrelay.ranks.engine.scheduler import Scheduler
-from kvrelay.ranks.engine.structured import Grammars
+from kvrelay.ranks.engine.structured import Grammars, warm_up_bitmask
 from kvrelay.ranks.engine.sequence import Sequence, SeqStatus, sample_key
 from kvrelay.ranks.engine.sim_runner import SimDiskStore, SimRunner
 from kvrelay.core.tokenizer import SimTokenizer
 from kvrelay.core.timing import load_timing, sim_max_model_len
-from kvrelay.core.model_files import ModelConfigError
+from kvrelay.core.model_files import ModelConfigError, read_json
 from kvrelay.ranks.engine.spec import ModelSpec
 from kvrelay.core.tokenizer import Tokenizer
 from kvrelay.core.block_hash import block_hashes, hash_seed, num_blocks
@@ -136,12 +138,27 @@ def make_runner(
     if cfg.model.path is None:
         raise ModelConfigError("no model: set model.path in the config or pass --model DIR")
     tp = tp or TPGroup()
-    spec, files = read_model_dir(cfg.model.path, with_weights=weights is None)
+    draw = weights is None and cfg.model.random_weights
+    spec, files = read_model_dir(cfg.model.path, with_weights=weights is None and not draw)
     shard = TPShard.of(spec, tp.rank, tp.size)  # raises for a tp that does not split the model, before any read
     device = device or pick_device(cfg.job.device)
+    if device.type == "cuda":
+        compile_log.install()
+    with compile_log.warming():
+        return _build_runner(cfg, spec, files, shard, device, weights, staging_bytes, tp, sync, draw)
+
+
+def _build_runner(cfg, spec, files, shard, device, weights, staging_bytes, tp, sync, draw) -> tuple[ModelRunner, ModelSpec, int]:
+    """make_runner's work, inside which every Triton compile is the warm-up's (`draw`: random weights
+    of the config's shape, `model.random_weights`)."""
     dtype = check_dtype(cfg.model.dtype, device, spec)
     max_model_len = resolve_max_model_len(cfg, spec)
     sched = cfg.scheduler
+    if draw:
+        # Every rank draws each whole tensor in turn and keeps its slice: the same model at every tp,
+        # and on every worker of the job (the same seed on the same kind of device).
+        weights = random_weights(read_json(Path(cfg.model.path) / "config.json"), dtype, device)
+        weights = shard_weights(weights, shard) if tp.size > 1 else weights
     args = (spec, iter_weights(files, dtype, device, shard if tp.size > 1 else None) if weights is None else weights,
             dtype, device, cfg.cache.block_size, max_model_len, sched.max_seqs, sched.max_batch_tokens)
     kwargs = dict(cuda_graphs=not cfg.model.enforce_eager, tp=tp)
@@ -165,7 +182,9 @@ def make_runner(
         )
     runner.allocate(cache_blocks)
     runner.capture_graphs()
+    runner.warm_up()
     if device.type == "cuda":
+        warm_up_bitmask(device, spec.vocab_size)
         log.info("device memory: %s", runner.memory_report())
     return runner, spec, max_model_len
 
@@ -225,6 +244,9 @@ class Engine:
         self.sending: dict[str, Sequence] = {}
         # The last step's sampled ids, still on the device, and their sequences (`_defers`).
         self.pending: tuple[list[Sequence], PendingTokens] | None = None
+        # Sequences that finished on a deferred id (their length limit): their results go out once
+        # the id is read, in the next step.
+        self.unread_finished: list[Sequence] = []
         self.stats = EngineStats()
         self.host_barriers = 0  # compute stream writes that had to wait for a copy-out in flight
 
@@ -271,7 +293,7 @@ class Engine:
         self.stats.requests += 1
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.unread_finished)
 
     # --- the KV surface of a handoff (ranks/handoff.py drives it) --------------------------------
 
@@ -554,7 +576,7 @@ class Engine:
                 self._issue_disk_jobs()
             self._move_kv()
         if not batch:
-            self._read_pending()
+            self._read_pending(out)
             if self.scheduler.loading:
                 self._wait_loads()
             return out
@@ -564,7 +586,7 @@ class Engine:
         else:
             logits = self.runner.execute(batch, fed=self.pending[1].tokens)
         t_read = time.perf_counter()
-        self._read_pending()  # while this step runs on the device
+        self._read_pending(out)  # while this step runs on the device
         waited = time.perf_counter() - t_read
         for item in batch:
             self.scheduler.on_computed(item)
@@ -642,20 +664,22 @@ class Engine:
 
     def _defers(self, seq: Sequence) -> bool:
         """Whether the host can do without the sequence's sampled id until the next step is launched:
-        the id cannot stop it (no EOS or stop token or string to check, the length limit not
-        reached), no other sample forks from it and no handoff carries it, and no logprob, penalty
-        count or grammar state on the host waits for it. The rest of a step's bookkeeping (first
-        token time and news, counts) needs no id value. (`step` defers nothing under tensor
+        the id cannot stop it (no EOS or stop token or string to check: only the length limit, which
+        needs no id, and a sequence that reaches it has its result sent when the id is read), no
+        other sample forks from it and no handoff carries it, and no logprob, penalty count or
+        grammar state on the host waits for it. The rest of a step's bookkeeping (first token time
+        and news, counts) needs no id value. (`step` defers nothing under tensor
         parallelism: the other ranks take their ids from the host, step_sync.py.)"""
         sp = seq.sampling
         return (
-            sp.best_of == 1 and not seq.handoff and seq.num_tokens + 1 < seq.max_total_tokens
+            sp.best_of == 1 and not seq.handoff
             and sp.ignore_eos and not sp.stop_token_ids and not sp.stop and sp.structured is None
             and not sp.penalized and sp.logprobs is None and not sp.tracks_logprob
         )
 
-    def _read_pending(self) -> None:
-        """The last step's deferred ids into their sequences, in place of the placeholders."""
+    def _read_pending(self, out: StepOutput) -> None:
+        """The last step's deferred ids into their sequences, in place of the placeholders; the
+        results of those that finished on them go out with `out`."""
         if self.pending is None:
             return
         seqs, pending = self.pending
@@ -666,6 +690,8 @@ class Engine:
             seq.token_ids[-1] = token
             if seq.num_output_tokens == 1:
                 seq.first_token_time = now  # when the host has it, as for an id read at once
+        out.finished += [seq.result() for seq in self.unread_finished]
+        self.unread_finished = []
 
     def _stopped(self, seq: Sequence, out: StepOutput, free: bool = True) -> bool:
         """If the sequence's last token ends it: its result goes out, and (with `free`) its blocks
@@ -678,7 +704,10 @@ class Engine:
             self.kv.free(seq)
         self._drop_sampler_state(seq.key)
         self.stats.output_tokens += seq.num_output_tokens
-        out.finished.append(seq.result())
+        if seq.token_ids[-1] < 0:  # its last id is still on the device (`_defers`): sent when read
+            self.unread_finished.append(seq)
+        else:
+            out.finished.append(seq.result())
         return True
 
     def _sample_row(self, seq: Sequence) -> SampleRow:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,16 @@ from kvrelay.ranks.engine.sharding import TPShard
 from kvrelay.ranks.engine.spec import ModelSpec, RopeSpec
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # k, v: [num_blocks, block_size, kv_heads, head_dim]
+
+
+class Rope(NamedTuple):
+    """One forward's rotary tables: each token's rows ([T, 1, head_dim // 2], positions None) for
+    the torch ops, or the whole tables ([max_pos, head_dim // 2]) and the tokens' positions ([T]
+    int64) for the fused kernel, which gathers the rows itself; in the activation dtype."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: torch.Tensor | None = None
 
 
 def allocate_kv_cache(
@@ -158,8 +169,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [T, hidden]
-        cos: torch.Tensor,  # [T, 1, head_dim // 2]
-        sin: torch.Tensor,  # [T, 1, head_dim // 2]
+        rope: Rope,
         meta: AttentionMetadata,
         kv_cache: KVCache,
     ) -> torch.Tensor:  # [T, hidden]
@@ -175,9 +185,9 @@ class Attention(nn.Module):
         # (attend's device path would write them with the same stores, one launch later).
         written = use_fused(q) and meta.seq_lens_dev is not None
         if use_fused(q):
-            fused.apply_rope_(q, k, cos, sin, (v, *kv_cache, meta.slot_mapping) if written else None)
+            fused.apply_rope_(q, k, rope.cos, rope.sin, rope.positions, (v, *kv_cache, meta.slot_mapping) if written else None)
         else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)
         o = attend(q, k, v, kv_cache, meta, self.scale, self.sliding_window, kv_written=written)  # [T, heads, head_dim]
         return row_parallel(self.o_proj, o.view(T, self.q_size), self.tp)
 
@@ -209,15 +219,14 @@ class DecoderLayer(nn.Module):
         self,
         h: torch.Tensor,  # [T, hidden]: the last layer's MLP output (the embedding for layer 0)
         residual: torch.Tensor | None,  # [T, hidden]: the residual stream before h is added; None in layer 0
-        cos: torch.Tensor,  # [T, 1, head_dim // 2]
-        sin: torch.Tensor,  # [T, 1, head_dim // 2]
+        rope: Rope,
         meta: AttentionMetadata,
         kv_cache: KVCache,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # this layer's MLP output, the residual stream before it
         # The residual adds ride with the next norm (one fused kernel on the GPU); the sums are
         # HF's `residual + hidden_states`, in the same order, so the arithmetic is unchanged.
         x, residual = self.input_layernorm.add_forward(h, residual)
-        x, residual = self.post_attention_layernorm.add_forward(self.self_attn(x, cos, sin, meta, kv_cache), residual)
+        x, residual = self.post_attention_layernorm.add_forward(self.self_attn(x, rope, meta, kv_cache), residual)
         return self.mlp(x), residual
 
 
@@ -269,6 +278,10 @@ class LlamaForCausalLM(nn.Module):
         freqs = torch.arange(spec.max_position_embeddings, device=device).float()[:, None] * inv_freq
         self.register_buffer("rope_cos", freqs.cos(), persistent=False)  # [max_pos, head_dim // 2] f32
         self.register_buffer("rope_sin", freqs.sin(), persistent=False)  # [max_pos, head_dim // 2] f32
+        # The same tables cast to the activation dtype once, for the fused RoPE (which reads each
+        # token's row itself): the cast of a row is the row of the cast table, bit for bit.
+        self.register_buffer("rope_cos_act", self.rope_cos.to(dtype), persistent=False)  # [max_pos, head_dim // 2]
+        self.register_buffer("rope_sin_act", self.rope_sin.to(dtype), persistent=False)
         self.requires_grad_(False)
 
     def forward(
@@ -279,12 +292,13 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[KVCache],  # one per layer
     ) -> torch.Tensor:  # [T, hidden], after the final norm
         h = self.embed(input_ids)
-        # HF computes cos/sin in f32 and casts them to the activation dtype before the rotation.
-        cos = self.rope_cos[positions].to(h.dtype)[:, None, :]  # [T, 1, head_dim // 2]
-        sin = self.rope_sin[positions].to(h.dtype)[:, None, :]
+        if use_fused(h):  # the RoPE kernel reads each position's row of the dtype tables
+            rope = Rope(self.rope_cos_act, self.rope_sin_act, positions)
+        else:  # HF computes cos/sin in f32 and casts them to the activation dtype before the rotation.
+            rope = Rope(self.rope_cos[positions].to(h.dtype)[:, None, :], self.rope_sin[positions].to(h.dtype)[:, None, :])
         residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            h, residual = layer(h, residual, cos, sin, meta, kv_cache)
+            h, residual = layer(h, residual, rope, meta, kv_cache)
         return self.model.norm.add_forward(h, residual)[0]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] int64 -> [T, hidden]

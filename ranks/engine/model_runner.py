@@ -38,6 +38,7 @@ from kvrelay.ranks.engine.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 _GIB = 1 << 30
+_ALIGN = 16  # bytes: where each section of the step's metadata starts in the staging buffer
 
 
 def graph_batch_sizes(max_seqs: int) -> list[int]:
@@ -127,10 +128,10 @@ class ModelRunner:
         self.host: HostKVMemory | None = None  # the host KV tier's memory and copy stream (`allocate_host`)
         self.scratch_slot = 0  # first slot of the scratch block past the pool's blocks
         # One staging buffer for all of a step's metadata: int64 ids, positions, slots and sampled
-        # rows, int32 offsets, lengths and block tables, each section 8-byte aligned.
+        # rows, int32 offsets, lengths and block tables, each section 16-byte aligned.
         self.graph_rows = max(graph_batch_sizes(max_seqs)) if self.use_graphs else 0
         self._rows = rows = max(max_batch_tokens, max_seqs, self.graph_rows)
-        nbytes = 8 * (3 * rows + max_seqs) + 4 * (max_seqs * (self.table_width + 2) + 1) + 64
+        nbytes = 8 * (3 * rows + max_seqs) + 4 * (max_seqs * (self.table_width + 2) + 1) + 8 * _ALIGN
         self._host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.is_cuda)
         self._host_np = self._host.numpy()
         self._dev = torch.empty(nbytes, dtype=torch.uint8, device=device) if self.is_cuda else self._host
@@ -255,6 +256,56 @@ class ModelRunner:
         self.memory.cuda_graphs = len(self.graphs)
         self.memory.capture_s = time.perf_counter() - t0
         self.memory.graph_pool_gib = (torch.cuda.memory_reserved(self.device) - before) / _GIB
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run one eager step of each kind that a run can hand the kernels, so that every Triton
+        variant compiles here and not inside the run (kernels/compile_log.py shows that none is left).
+
+        What selects a variant, per kernel: the model's shapes and dtype (fixed), the sliding
+        window's presence (fixed), the 16-byte alignment of each pointer (the step metadata is
+        16-byte aligned, `_upload`), and in the decode kernel whether it splits the context
+        (SPLIT), which depends on the decode rows' count and the block tables' width. So: mixed
+        steps and decode-only steps with one decode row and with as many as a step can hold, at
+        the narrowest and the widest table, and a step of one whole prompt; then the handoff's
+        pack and unpack of one block. Every read and write goes to the scratch block, which no
+        sequence owns. Nothing to do where no kernel runs."""
+        if not self.kernel_metadata:
+            return
+        scratch = self.num_blocks
+        ctx = min(self.max_model_len, self.block_size)  # short contexts: the kernels' work follows seq_lens, not the table
+        most = min(self.max_seqs - 1, self.max_batch_tokens - 2)  # decode rows beside a 2-token chunk
+
+        def decode(n: int, width: int) -> list:  # n rows of `ctx` tokens, block tables `width` blocks wide
+            return [([0] * ctx, ctx - 1, 1, [scratch] * width, True)] * n
+
+        def prompt(q: int) -> list:
+            return [([0] * q, 0, q, [scratch] * blocks_for(q, self.block_size), True)]
+
+        steps = [prompt(min(self.max_model_len, self.max_batch_tokens))]
+        for width in sorted({1, self.max_blocks}):
+            for n in sorted({1, max(most, 1), min(self.max_seqs, self.max_batch_tokens)}):
+                steps.append(decode(n, width))
+            steps += [decode(n, width) + prompt(min(2, ctx)) for n in sorted({1, most}) if n >= 1]
+        for items in steps:
+            self._run(self._arrays(items), graphs=False).argmax(dim=-1)
+        self.unpack_kv(self.pack_kv([scratch]), [scratch])  # the handoff's copy kernel, both ways
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def release_graphs(self) -> None:
+        """Destroy the decode graphs and wait until the device has let go of them (end of the job).
+        NOTE: before the tensor-parallel group's communicators close (TPGroup.close): NCCL counts
+        every CUDA graph that captured one of its collectives, and ending a communicator (abort or
+        destroy) waits until each such graph is destroyed (NCCL's commDestroySync spins on
+        localPersistentRefs; vLLM hit the same, its PR 39846). Left to the interpreter's exit, the
+        graphs may outlive the communicator's teardown: the job never ends."""
+        if not self.graphs:
+            return
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        torch.cuda.synchronize(self.device)
 
     # ---- one step --------------------------------------------------------------------------------
 
@@ -421,7 +472,11 @@ class ModelRunner:
         layout, off = [], 0
         for i, (arr, dtype) in enumerate(parts):
             size = np.dtype(dtype).itemsize
-            off = -(-off // 8) * 8
+            # NOTE: 16-byte aligned, not 8: Triton compiles a kernel per 16-byte alignment of each
+            # pointer, and an 8-byte start here moved with the step's row counts, so mixed steps
+            # met new variants of the attention kernels mid-run (B1's first run on 2 H200,
+            # 2026-11-27: 4 prefill and 1 decode variant compiled inside the timed steps, ~3 s of 12.4 s).
+            off = -(-off // _ALIGN) * _ALIGN
             self._host_np[off : off + arr.size * size].view(dtype)[:] = arr.ravel()
             layout.append((off, arr.size, dtype))
             off += (capacities[i] if capacities else arr.size) * size

@@ -71,7 +71,9 @@ class TPGroup:
         NOTE: left to the interpreter's exit, a tp=2 job on two H200 wrote its whole output and
         summary and then never exited (2026-11-27): the bare NCCL backend is not one of
         torch.distributed's groups, so nothing destroys it in order. An abort ends its NCCL
-        communicators without a handshake (nothing is in flight any more); gloo shuts down."""
+        communicators without a handshake (nothing is in flight any more); gloo shuts down.
+        NOTE: destroy the CUDA graphs that captured this group's all-reduces first
+        (ModelRunner.release_graphs): NCCL's abort waits until no graph holds the communicator."""
         if self._pg is None:
             return
         if self._pg.name().lower() == "nccl":

@@ -173,3 +173,17 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) 
     import xgrammar as xgr
 
     xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1], indices=rows)
+
+
+def warm_up_bitmask(device: torch.device, vocab_size: int) -> None:
+    """Compile xgrammar's mask kernel for every row count it specializes on (Triton: 1, a multiple
+    of 16, any other), so that the first steps with grammar rows compile nothing; a no-op without
+    xgrammar, whose absence a request with a grammar reports by itself."""
+    try:
+        import xgrammar  # noqa: F401
+    except ImportError:
+        return
+    logits = torch.zeros(16, vocab_size, dtype=torch.float32, device=device)
+    bitmask = torch.full((16, -(-vocab_size // 32)), -1, dtype=torch.int32, device=device)
+    for rows in (1, 3, 16):
+        apply_bitmask(logits, bitmask, list(range(rows)))

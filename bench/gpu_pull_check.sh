@@ -11,14 +11,7 @@ mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 model=$out/tiny-llama
 [ -f "$model/config.json" ] || python3 -m kvrelay.launch.cli make-model --arch llama "$model" >/dev/null
-python3 - "$out/in.jsonl" <<'PY'
-import json, sys
-with open(sys.argv[1], "w") as f:
-    for q in range(40):
-        for s in range(6):
-            system = f"System prompt {s}: answer questions about cluster {s} and cite the handbook of site {s}. " * 3
-            f.write(json.dumps({"custom_id": f"s{s}-q{q}", "prompt": f"{system} Question {q}: how do I run job {q * 7 + s}?"}) + "\n")
-PY
+python3 -m kvrelay.bench.check_lines "$out/in.jsonl" --system-repeat 3
 common=(-i "$out/in.jsonl" --model "$model" --set model.dtype=float32 --set model.max_model_len=512
         --set cache.num_blocks=2048 --set defaults.temperature=0 --set defaults.max_tokens=24
         --set defaults.ignore_eos=true --set job.progress=false --set job.device=cuda --set router.lookahead_lines=1)
@@ -38,9 +31,9 @@ if [ "$ngpu" -ge 4 ]; then
 fi
 python3 - "$out" <<'PY'
 import json, os, sys
+from kvrelay.bench.check_lines import texts
 def load(name):
-    rows = [json.loads(x) for x in open(f"{sys.argv[1]}/{name}.jsonl")]
-    return {d["custom_id"]: d["response"]["body"]["choices"][0]["text"] for d in rows}
+    return texts(f"{sys.argv[1]}/{name}.jsonl")
 one = load("one")
 for name, what in (("two", "2 GPUs (2 aggregated, pulls)"), ("two-chunked", "2 GPUs (pulls, 8 KiB staging)"),
                    ("four", "4 GPUs (2P+2D, pulls)")):

@@ -261,14 +261,6 @@ class JobConfig(_Section):
     sim: SimSection = SimSection()
     slurm: SlurmSection = SlurmSection()
 
-    @model_validator(mode="after")
-    def _pulls_need_whole_workers(self) -> JobConfig:
-        # NOTE: a pull moves one rank's KV blocks; a tensor-parallel worker's KV is sharded over its group.
-        if self.router.pulls and any(self.roles.tp_of(r) > 1 for r in get_args(Role) if getattr(self.roles, r)):
-            raise ValueError("router.pulls needs one rank per worker (roles.tp=1 for every role): a "
-                             "tensor-parallel worker's KV is split over its ranks; turn router.pulls off or tp to 1")
-        return self
-
     @property
     def cache_affinity(self) -> float:
         """router.cache_affinity, or its default for the input's kind (batch file or timed trace)."""

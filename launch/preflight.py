@@ -81,19 +81,9 @@ def check_model_dir(path: str | None, cfg: JobConfig | None = None) -> None:
     for f in files:
         check_safetensors(f)
     if cfg is not None and not cfg.sim.enabled:
-        wide = []
         for role in ("prefill", "decode", "aggregated"):
             if getattr(cfg.roles, role):
                 check_tp(spec, cfg.roles.tp_of(role), key=cfg.roles.tp_key(role))
-                if cfg.roles.tp_of(role) > 1:
-                    wide.append(f"{cfg.roles.tp_key(role)}={cfg.roles.tp_of(role)}")
-        # NOTE: a group's other ranks do not mirror the host tier's copy stream or the disk tier's
-        # thread yet (ranks/engine/group_runner.py).
-        tiers = [k for k in ("host_kv_gib", "disk_kv_gib") if getattr(cfg.cache, k)]
-        if wide and tiers:
-            raise LaunchError(f"{', '.join(f'cache.{k}' for k in tiers)} with tensor-parallel workers "
-                              f"({', '.join(dict.fromkeys(wide))}) does not run yet; set cache.host_kv_gib=0 and "
-                              "cache.disk_kv_gib=0, or tp to 1")
 
 
 def check_safetensors(path: Path) -> None:

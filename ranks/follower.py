@@ -4,7 +4,8 @@ It keeps no scheduler, block pool, window or router messages: it runs, on its sh
 and of the KV cache, exactly what the leader broadcasts (ranks/engine/step_sync.py), in order,
 until the leader stops. Steps meet the leader's inside the forward (the row-parallel all-reduces);
 its share of a KV handoff goes straight to or from the other group's ranks over the transport
-(ranks/kv_link.py).
+(ranks/kv_link.py). With the host and disk KV tiers on, it holds its own tiers of its shard and
+repeats the leader's copies and disk jobs (ranks/engine/group_tiers.py).
 
     mpiexec -n 3 python -m kvrelay.launch.cli run -i in.jsonl -o out.jsonl --model DIR --set roles.tp=2
 """
@@ -18,10 +19,11 @@ import torch
 
 from kvrelay.configs.schema import JobConfig
 from kvrelay.core.window import WindowReader
-from kvrelay.ranks.engine.engine import make_runner
+from kvrelay.ranks.engine.engine import make_runner, tier_sizes
+from kvrelay.ranks.engine.group_tiers import TierFollower
 from kvrelay.ranks.engine.model_runner import ModelRunner, StepArrays
 from kvrelay.ranks.engine.parallel import TPGroup
-from kvrelay.ranks.engine.step_sync import CopyBlocks, RecvKV, SendKV, StepSync, UnpackKV
+from kvrelay.ranks.engine.step_sync import CopyBlocks, CopyKV, DiskJobs, PollDisk, RecvKV, SendKV, StepSync, UnpackKV
 from kvrelay.ranks.transport import KVTransport, Pending, make_transport
 
 log = logging.getLogger("kvrelay")
@@ -34,12 +36,15 @@ def run_follower(cfg: JobConfig, world, workers, device: torch.device, tp: TPGro
     world's: it publishes none, so it joins as the router does), the KV transport (the workers').
     `done()`, called when the leader stops, returns a function that names each step of the
     teardown (launch/teardown.py bounds it)."""
-    runner = None
+    runner = tiers = None
     if not cfg.sim.enabled:
         runner = make_runner(cfg, device, tp=tp, sync=sync)[0]
+        host_slots, disk_blocks = tier_sizes(cfg, runner.tier_block_bytes())
+        if host_slots:
+            tiers = TierFollower(runner, sync, host_slots, cfg.cache.disk_kv_path if disk_blocks else None)
     windows = WindowReader.create(world, [])
     transport = make_transport(workers, device)
-    counts = follow(runner, sync, transport)
+    counts = follow(runner, sync, transport, tiers)
     log.debug("rank %d (tp rank %d): %s", world.rank, tp.rank, counts)
     stage = done() if done is not None else (lambda name: None)
     close_group(stage, windows, transport, runner, tp)
@@ -61,9 +66,10 @@ def close_group(stage: Callable[[str], None], windows, transport: KVTransport, r
     tp.close()
 
 
-def follow(runner: ModelRunner | None, sync: StepSync, transport: KVTransport) -> dict:
+def follow(runner: ModelRunner | None, sync: StepSync, transport: KVTransport, tiers: TierFollower | None = None) -> dict:
     """Run the leader's steps and commands until it stops; a simulated worker's followers
-    (`runner` None) only wait for the stop. Returns counters for the log."""
+    (`runner` None) only wait for the stop. `tiers`: this rank's host and disk KV tiers, if on.
+    Returns counters for the log."""
     me = sync.comm.rank
     sending: list[Pending] = []
     receiving: dict[int, list[tuple[Pending, torch.Tensor, int]]] = {}
@@ -72,11 +78,23 @@ def follow(runner: ModelRunner | None, sync: StepSync, transport: KVTransport) -
         sending = [p for p in sending if not p.done()]
         assert runner is not None, f"a simulated worker's follower got {type(cmd).__name__}"
         if isinstance(cmd, StepArrays):
+            if tiers is not None:
+                tiers.before_step(cmd)
             runner.run(cmd)
             counts["steps"] += 1
         elif isinstance(cmd, CopyBlocks):
+            if tiers is not None:
+                tiers.before(cmd.src, cmd.dst)
             runner.copy_blocks(cmd.src, cmd.dst)
+        elif isinstance(cmd, CopyKV):
+            tiers.copy(cmd)
+        elif isinstance(cmd, DiskJobs):
+            tiers.disk_jobs(cmd)
+        elif isinstance(cmd, PollDisk):
+            tiers.poll_disk(cmd)
         elif isinstance(cmd, SendKV):
+            if tiers is not None:
+                tiers.before(cmd.block_ids, [])
             for p in cmd.pieces:
                 if p.rank == me:
                     sending.append(transport.send(runner.pack_kv(cmd.block_ids, (p.first_head, p.num_heads)), p.peer, p.tag))
@@ -90,6 +108,8 @@ def follow(runner: ModelRunner | None, sync: StepSync, transport: KVTransport) -
             if mine:
                 receiving[cmd.key] = mine
         elif isinstance(cmd, UnpackKV):
+            if tiers is not None:
+                tiers.before([], cmd.block_ids)
             for pending, buf, first_head in receiving.pop(cmd.key, []):
                 pending.wait()
                 runner.unpack_kv(buf, cmd.block_ids, first_head)

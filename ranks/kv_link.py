@@ -1,8 +1,9 @@
 """How one chunk of a handoff's KV moves between two workers (ranks/handoff.py decides when).
 
-    link = PairLink(engine, transport, rank)            # one rank to one rank (tp=1 on both sides); pulls too
+    link = PairLink(engine, transport, rank)            # one rank to one rank (tp=1 on both sides)
     link = GroupLink(engine, transport, rank, tp, tp_of, num_kv_heads, sync)   # tensor-parallel groups
     sending = link.send(request_id, first, count, dest)  # Pending: this rank's part has left
+    sending = link.send_blocks(block_ids, dest)          # cache blocks by id: a pull's (ranks/pulls.py)
     receiving = link.recv(count, src)                    # Receiving: done(), then unpack(block_ids)
 
 Ranks are world ranks of the workers' leaders (the router is rank 0); the transport's communicator
@@ -44,6 +45,7 @@ class LinkEngine(Protocol):
     """The part of ranks/engine/engine.py's Engine that moves packed KV."""
 
     def pack_kv(self, request_id: str, first: int, count: int, heads: tuple[int, int] | None = None) -> torch.Tensor: ...
+    def pack_blocks(self, block_ids: list[int], heads: tuple[int, int] | None = None) -> torch.Tensor: ...
     def handoff_blocks(self, request_id: str, first: int, count: int) -> list[int]: ...
     def staging_buffer(self, n: int, num_heads: int | None = None) -> torch.Tensor: ...
     def unpack_kv(self, buf: torch.Tensor, block_ids: list[int], first_head: int = 0) -> None: ...
@@ -89,11 +91,11 @@ class PairLink:
         self.engine, self.transport, self.rank = engine, transport, rank
 
     def send(self, request_id: str, first: int, count: int, dest: int) -> Pending:
-        return self.send_packed(self.engine.pack_kv(request_id, first, count), dest)
+        return self.transport.send(self.engine.pack_kv(request_id, first, count), dest - 1, dest)
 
-    def send_packed(self, buf: torch.Tensor, dest: int) -> Pending:
-        """Blocks packed by the caller (a pull's cached blocks, ranks/pulls.py)."""
-        return self.transport.send(buf, dest - 1, dest)
+    def send_blocks(self, block_ids: list[int], dest: int) -> Pending:
+        """Cache blocks named by id (a pull's cached blocks, ranks/pulls.py)."""
+        return self.transport.send(self.engine.pack_blocks(block_ids), dest - 1, dest)
 
     def recv(self, count: int, src: int) -> Receiving:
         buf = self.engine.staging_buffer(count)
@@ -113,12 +115,15 @@ class GroupLink:
         self.next_key = 0
 
     def send(self, request_id: str, first: int, count: int, dest: int) -> Pending:
+        return self.send_blocks(self.engine.handoff_blocks(request_id, first, count), dest)
+
+    def send_blocks(self, block_ids: list[int], dest: int) -> Pending:
         pieces = [KVPiece(m.src, dest + m.dst - 1, dest + m.dst, m.src_offset, m.heads[1] - m.heads[0])
                   for m in regroup_kv(self.num_kv_heads, self.tp, self.tp_of(dest))]
         theirs = [p for p in pieces if p.rank != 0]
         if theirs:
-            self.sync.publish(SendKV(self.engine.handoff_blocks(request_id, first, count), theirs))
-        return AllOf([self.transport.send(self.engine.pack_kv(request_id, first, count, (p.first_head, p.num_heads)), p.peer, p.tag)
+            self.sync.publish(SendKV(block_ids, theirs))
+        return AllOf([self.transport.send(self.engine.pack_blocks(block_ids, (p.first_head, p.num_heads)), p.peer, p.tag)
                       for p in pieces if p.rank == 0])
 
     def recv(self, count: int, src: int) -> Receiving:

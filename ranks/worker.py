@@ -68,9 +68,9 @@ class Worker:
         self.transport = make_transport(workers, device)
         self.outbox = Outbox(world)
         link = None
-        if role in ("prefill", "decode") and (layout.prefill_tp, layout.decode_tp) != (1, 1) and not cfg.sim.enabled:
-            # A handoff between groups: each rank moves its own shard (ranks/kv_link.py). A simulated
-            # handoff's payload is its block count, sent by the leaders alone.
+        if max(layout.prefill_tp, layout.decode_tp, layout.aggregated_tp) > 1 and not cfg.sim.enabled:
+            # A handoff or a pull between groups: each rank moves its own shard (ranks/kv_link.py).
+            # A simulated transfer's payload is its block count, sent by the leaders alone.
             link = GroupLink(self.engine, self.transport, world.rank, tp.size, lambda r: layout.group_of(r)[2],
                              self.engine.runner.spec.num_kv_heads, sync)
         self.handoffs = Handoffs(self.engine, self.transport, self.outbox, world.rank, staging_budget, link=link)

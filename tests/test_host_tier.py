@@ -4,6 +4,7 @@ enough that prefixes come back from the host."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,7 +12,7 @@ from kvrelay.configs.schema import load_config
 from kvrelay.core.block_hash import hash_seed
 from kvrelay.core.request import Request, SamplingParams
 from kvrelay.ranks.engine.engine import Engine
-from kvrelay.ranks.engine.host_memory import HostKVMemory
+from kvrelay.ranks.engine.host_memory import HostKVMemory, last_conflict
 from kvrelay.ranks.engine.host_tier import CopyBatch, HostTier
 from kvrelay.ranks.engine.kv_cache import KVCacheManager
 from kvrelay.ranks.engine.sequence import Sequence
@@ -141,6 +142,27 @@ def test_block_offloaded_evicted_and_brought_back_holds_the_same_bytes():
     assert mem.completed() == 1  # the CPU copies at once
     for (k, v), (bk, bv) in zip(caches, before):
         assert torch.equal(k[[0, 5]], bk) and torch.equal(v[[0, 5]], bv)
+
+
+def test_runs_of_consecutive_slots_go_in_one_copy_each():
+    g = torch.Generator().manual_seed(1)
+    shape = (8, 4, 2, 8)  # [num_blocks, block_size, kv_heads, head_dim] f32 cpu
+    caches = [(torch.randn(shape, generator=g), torch.randn(shape, generator=g)) for _ in range(2)]
+    mem = HostKVMemory(caches, num_slots=8)
+    mem.chunk_slots = 3
+    mem.chunks = [None] * 3
+    # A run stops at a gap and at a chunk's end (slots 0-2 | 3-5 | 6-7).
+    assert [(i, j) for i, j, _ in mem._spans((1, 2, 3, 4, 6, 5))] == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    blocks, slots = [2, 0, 7, 3, 1, 5], [1, 2, 3, 4, 6, 5]
+    before = [(k[blocks].clone(), v[blocks].clone()) for k, v in caches]
+    mem.issue(CopyBatch(0, out=list(zip(blocks, slots))))
+    for k, v in caches:
+        k.zero_()
+        v.zero_()
+    back = [6, 4, 0, 1, 2, 3]  # into other blocks, slots in another order
+    mem.issue(CopyBatch(1, inn=list(zip(slots[::-1], back))))
+    for (k, v), (bk, bv) in zip(caches, before):
+        assert torch.equal(k[back], bk.flip(0)) and torch.equal(v[back], bv.flip(0))
 
 
 def run_waves(engine: Engine, waves: list[list[list[int]]], first: int = 0) -> dict[str, list[int]]:
@@ -351,3 +373,17 @@ def test_simulated_worker_runs_the_disk_tier(tmp_path):
     report = engine.report()
     assert report["disk_hit_tokens"] >= 16 and report["disk_read_bytes"] > 0 and report["disk_write_bytes"] > 0, report
     assert report["gpu_hit_tokens"] + report["host_hit_tokens"] + report["disk_hit_tokens"] == 6 * 16
+
+
+def test_a_step_waits_for_the_last_copy_batch_that_moves_a_block_it_uses():
+    # (batch, blocks copied out, blocks copied in): what another rank of a tensor-parallel group
+    # has in flight on its copy stream when the leader's step arrives (group_tiers.py).
+    def ids(*xs: int) -> np.ndarray:
+        return np.array(xs, np.int64)
+
+    batches = [(3, ids(1, 2), ids()), (4, ids(5), ids(7)), (5, ids(), ids(9))]
+    assert last_conflict(batches, read=ids(1, 2, 3), written=ids(3)) == -1  # reading a block being copied out is fine
+    assert last_conflict(batches, read=ids(2), written=ids(2)) == 3  # writing it is not
+    assert last_conflict(batches, read=ids(7, 1), written=ids(1)) == 4  # nor reading a block being copied in
+    assert last_conflict(batches, read=ids(9), written=ids(5)) == 5  # the last one that conflicts
+    assert last_conflict(batches, read=ids(), written=ids(7)) == 4  # nor writing one

@@ -405,6 +405,24 @@ def test_split_groups_hand_off_their_shards(prefill_tp, decode_tp, tiny_models, 
     assert decode["handoffs_received"] == len(want) and decode["chunks_received"] > len(want)
 
 
+@pytest.mark.parametrize("ranks,layout", [(3, ["roles.tp=2"]),
+                                          (5, ["roles.aggregated=0", "roles.prefill=1", "roles.decode=1", "roles.tp=2"])],
+                         ids=["aggregated-tp2", "split-tp2"])
+def test_groups_with_host_and_disk_tiers_match_one_rank(ranks, layout, tiny_models, tp_lines, single_outputs, tmp_path):
+    """tp=2 workers on a 24-block cache with a host tier of 16 blocks and a disk tier below it: the
+    system prompts leave the cache for the host tier and the disk, and come back on every shard
+    (each rank has its own tiers of its shard; ranks/engine/group_tiers.py)."""
+    want = single_outputs("llama")
+    block = 2 * 2 * 2 * 16 * 8 * 4  # K and V, 2 layers, 2 KV heads of 16, 8 tokens, float32: the whole group's
+    got, backend = tp_job(ranks, tiny_models["llama"], tp_lines, tmp_path, *layout,
+                          "cache.num_blocks=24", f"cache.host_kv_gib={16 * block / (1 << 30)}", "cache.disk_kv_gib=0.01",
+                          f"cache.disk_kv_path={tmp_path / 'kv'}")
+    assert [k for k in want if got.get(k) != want[k]] == []
+    first = backend["workers"][0]  # the aggregated or the prefill worker: the prompts' prefixes hit there
+    assert first["tp"] == 2 and first["host_kv_blocks"] == 16, first
+    assert first["host_hit_tokens"] > 0 and first["disk_hit_tokens"] > 0 and first["disk_failed_reads"] == 0, first
+
+
 def test_random_weights_job_equals_the_checkpoint_of_the_same_seed(tiny_models, tp_lines, single_outputs, tmp_path):
     """model.random_weights on a directory without weights (make-model --no-weights): every rank of a
     1 prefill (tp=2) + 1 decode (tp=1) job draws the seed-0 tensors and keeps its slice, so the job
@@ -436,7 +454,3 @@ def test_rank_counts_and_tp_are_checked_before_anything_starts(tiny_models, tp_l
     assert proc.returncode == 2
     assert "roles.tp=3 does not split this llama model evenly" in proc.stderr and "Use one of 1, 2, 4" in proc.stderr
     assert "Traceback" not in proc.stderr
-    # The host and disk KV tiers are not mirrored on a group's other ranks yet: refused, not run wrong.
-    proc = run([*CLI, "run", "--local", "3", "-i", str(tp_lines), "-o", out, "--model", str(tiny_models["llama"]), *SETTINGS,
-                "--set", "roles.tp=2", "--set", "cache.host_kv_gib=0.001"])
-    assert proc.returncode == 2 and "cache.host_kv_gib with tensor-parallel workers (roles.tp=2) does not run yet" in proc.stderr

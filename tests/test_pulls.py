@@ -381,16 +381,6 @@ def test_a_served_prefix_becomes_the_next_to_evict_on_its_source_tail_first_unle
     assert kv.pin_cached([100]) == prefix[:1]  # the shared block stayed
 
 
-def test_pulls_with_tensor_parallel_workers_are_a_clear_config_error():
-    import pytest
-
-    from kvrelay.configs.schema import ConfigError
-
-    with pytest.raises(ConfigError, match="router.pulls needs one rank per worker"):
-        load_config(overrides=["router.pulls=true", "roles.aggregated=2", "roles.tp=2"])
-    assert load_config(overrides=["router.pulls=true", "roles.aggregated=2"]).router.pulls
-
-
 def test_a_request_that_would_compute_blocks_on_their_way_waits_for_the_pull():
     prefix = list(range(10, 20))
     source, puller, pair = fake_pair(prefix, prefix[:2])

@@ -123,3 +123,20 @@ def test_simulated_workers_pull_a_hot_prefix_from_its_holder(tmp_path):
     assert min(w["requests"] for w in b["workers"]) >= 4  # spread by load, not pinned to the holder
     # The document is computed once and pulled by the other workers; every later request hits it.
     assert s["cached_prompt_tokens"] >= 31 * 4096 - 64 * 64, s["cached_prompt_tokens"]
+
+
+@pytest.mark.parametrize("layout,n", [(["--set", "roles.aggregated=2", "--set", "roles.tp=2"], 5),
+                                     (["--set", "roles.aggregated=1", "--set", "roles.prefill=1", "--set", "roles.prefill_tp=2",
+                                       "--set", "roles.decode=1"], 5)],
+                         ids=["2-aggregated-tp2", "prefill-tp2-aggregated-tp1"])
+def test_tensor_parallel_workers_pull_shard_by_shard(layout, n, tiny_models, conversation_input, single_rank, tmp_path):
+    """Each rank of the source group sends its own shard of the pulled blocks to the puller's ranks
+    (ranks/kv_link.py GroupLink.send_blocks), regrouped where the tps differ."""
+    out = tmp_path / "out.jsonl"
+    proc = run([*CLI, "run", "--local", str(n), "-i", str(conversation_input), "-o", str(out),
+                "--model", str(tiny_models["llama"]), *SETTINGS, *PULLS, *layout])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = outputs(out)
+    assert [k for k in single_rank if got.get(k) != single_rank[k]] == []
+    b = json.loads((tmp_path / "out.summary.json").read_text())["backend"]
+    assert b["pulled_blocks"] > 0 and b["pulled_blocks"] == b["served_blocks"], b

@@ -225,9 +225,18 @@ def test_layout_places_groups_of_tp_ranks_and_the_router_sees_their_leaders():
 
 
 def test_group_commands_round_trip_through_their_int64_encoding():
-    from kvrelay.ranks.engine.step_sync import CopyBlocks, KVPiece, RecvKV, SendKV, UnpackKV, _KINDS, _decode, _encode
+    from kvrelay.ranks.engine.step_sync import (CopyBlocks, CopyKV, DiskJobs, KVPiece, PollDisk, RecvKV, SendKV,
+                                                UnpackKV, _KINDS, _decode, _encode)
 
     pieces = [KVPiece(1, 5, 6, 0, 2), KVPiece(3, 6, 7, 1, 1)]
     for cmd in (CopyBlocks([3, 4], [9, 10]), SendKV([4, 0, 7], pieces),
-                RecvKV(12, 3, pieces), UnpackKV(12, []), SendKV([], [])):
+                RecvKV(12, 3, pieces), UnpackKV(12, []), SendKV([], []), CopyKV(7, [1, 2], [30, 31], [], []),
+                CopyKV(8, [], [], [5], [19]), DiskJobs(-1, [0, 1, 2], [-(2**63), 2**63 - 1, 5], [3, 4, -1]), PollDisk(10000)):
         assert _decode(_KINDS[type(cmd)], _encode(cmd)) == cmd
+
+
+def test_disk_jobs_carry_64_bit_block_hashes():
+    from kvrelay.ranks.engine.group_tiers import _U64, _signed
+
+    for h in (0, 5, 2**63 - 1, 2**63, 2**64 - 1):
+        assert -(2**63) <= _signed(h) < 2**63 and _signed(h) % _U64 == h

@@ -1,5 +1,6 @@
-"""Tensor-parallel groups of real ranks: tests/mpi/tp_check.py under mpiexec at tp=2 and tp=4, and
-tests/mpi/tp_follow_check.py (only the leader schedules; the others run its broadcast steps).
+"""Tensor-parallel groups of real ranks: tests/mpi/tp_check.py under mpiexec at tp=2 and tp=4,
+tests/mpi/tp_follow_check.py (only the leader schedules; the others run its broadcast steps) and
+tests/mpi/tp_tier_check.py (the host and disk KV tiers of a group).
 
 The tiny checkpoints have 2 KV heads, so tp=4 replicates each KV head on two ranks. One more
 checkpoint, "llama-vocab509", is the tied tiny Llama cut to 509 vocab rows: no tp divides it, so
@@ -45,10 +46,10 @@ def checkpoints(tiny_models, tmp_path_factory) -> dict[str, Path]:
     return {**tiny_models, "llama-vocab509": cut}
 
 
-def _run(tp: int, models: dict[str, Path], script: str = "tp_check") -> str:
+def _run(tp: int, models: dict[str, Path], script: str = "tp_check", args: list[str] | None = None) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     cmd = [MPIEXEC, "-n", str(tp), *(["--oversubscribe"] if OPEN_MPI else []), sys.executable, str(MPI_DIR / f"{script}.py")]
-    cmd += [f"{arch}={path}" for arch, path in models.items()]
+    cmd += args if args is not None else [f"{arch}={path}" for arch, path in models.items()]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"{script} OK tp={tp}" in proc.stdout, proc.stdout + proc.stderr
@@ -68,3 +69,9 @@ def test_tp4_replicated_kv_heads_match_tp1(checkpoints):
 def test_followers_run_the_steps_the_leader_broadcasts(checkpoints):
     out = _run(2, {"qwen2": checkpoints["qwen2"]}, "tp_follow_check")
     assert "publish a decode step" in out
+
+
+def test_group_tiers_match_transformers_and_a_follower_checksum_failure_is_recomputed(tiny_models, tmp_path):
+    pytest.importorskip("transformers")
+    out = _run(2, {}, "tp_tier_check", [str(tiny_models["llama"]), str(tmp_path / "kv")])
+    assert "'host_hit_tokens': 40" in out and "'disk_failed_reads': 0" not in out

@@ -151,16 +151,12 @@ class DiskStore:
     def path(self, block_hash: int) -> str:
         return os.path.join(self.dir, f"{block_hash:016x}.kv")
 
-    def write(self, block_hash: int, slot: int) -> None:
-        self.jobs.put(("w", block_hash, slot, self.buffer(slot)))
-        self.in_flight += 1
-
-    def read(self, block_hash: int, slot: int) -> None:
-        self.jobs.put(("r", block_hash, slot, self.buffer(slot)))
-        self.in_flight += 1
-
-    def remove(self, block_hash: int) -> None:
-        self.jobs.put(("d", block_hash, -1, None))
+    def submit(self, jobs: list[tuple[str, int, int]]) -> None:
+        """Queue (op, block hash, host slot) jobs, run in this order: "w" writes the slot's block to
+        its file, "r" reads the file into the slot, "d" removes the file (no result)."""
+        for op, h, slot in jobs:
+            self.jobs.put((op, h, slot, None if op == "d" else self.buffer(slot)))
+            self.in_flight += op != "d"
 
     def poll(self, wait_s: float = 0.0) -> list[tuple[str, int, int, bool]]:
         """Finished jobs as (op, hash, slot, ok); with `wait_s`, wait that long for the first."""

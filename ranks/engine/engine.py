@@ -191,6 +191,16 @@ def _build_runner(cfg, spec, files, shard, device, weights, staging_bytes, tp, s
     return runner, spec, max_model_len
 
 
+def tier_sizes(cfg: JobConfig, block_bytes: int) -> tuple[int, int]:
+    """Blocks of the host and disk KV tiers (0: off) for blocks of `block_bytes` (a worker's whole
+    block: under tensor parallelism the tiers' GiB are the group's, each rank holding its shard of
+    the same blocks)."""
+    if not cfg.cache.enable_prefix_caching:
+        return 0, 0
+    host = int(cfg.cache.host_kv_gib * (1 << 30)) // block_bytes
+    return host, int(cfg.cache.disk_kv_gib * (1 << 30)) // block_bytes if host else 0
+
+
 class Engine:
     def __init__(
         self,
@@ -210,15 +220,13 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids)
         if tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
-        host_slots = int(cfg.cache.host_kv_gib * (1 << 30)) // runner.block_bytes()
-        self.host = HostTier(host_slots) if host_slots and cfg.cache.enable_prefix_caching else None
+        host_slots, disk_blocks = tier_sizes(cfg, runner.tier_block_bytes())
+        self.host = HostTier(host_slots) if host_slots else None
         if self.host is not None:
             runner.allocate_host(host_slots)
-        disk_blocks = int(cfg.cache.disk_kv_gib * (1 << 30)) // runner.block_bytes()
-        self.disk = DiskTier(disk_blocks) if disk_blocks and self.host is not None else None
+        self.disk = DiskTier(disk_blocks) if disk_blocks else None
         if self.disk is not None:
-            self.disk_store = SimDiskStore(runner) if runner.simulated else \
-                DiskStore(cfg.cache.disk_kv_path, runner.host.slot_bytes)
+            self.disk_store = SimDiskStore(runner) if runner.simulated else runner.disk_store(cfg.cache.disk_kv_path)
         self.kv = KVCacheManager(
             cache_blocks, cfg.cache.block_size, job_hash_seed(cfg), cfg.cache.enable_prefix_caching, self.host,
             self.disk,
@@ -346,9 +354,10 @@ class Engine:
     def unpin(self, block_ids: list[int], cold: bool = False) -> None:
         self.kv.unpin(block_ids, cold)
 
-    def pack_blocks(self, block_ids: list[int]) -> torch.Tensor:  # packed KV (kernels/kv_pack.py) on the runner's device
-        """Cached blocks (pinned), packed into one contiguous buffer to send (one chunk of a pull)."""
-        return self.runner.pack_kv(block_ids)
+    def pack_blocks(self, block_ids: list[int], heads: tuple[int, int] | None = None) -> torch.Tensor:  # packed KV (kernels/kv_pack.py) on the runner's device
+        """Cached blocks (pinned), packed into one contiguous buffer to send (one chunk of a pull);
+        `heads` as in `pack_kv`."""
+        return self.runner.pack_kv(block_ids, heads)
 
     def adopt_blocks(self, hashes: list[int], block_ids: list[int]) -> None:
         """Blocks from `reserve` holding the KV of `hashes` (unpacked): cached here from now on."""
@@ -506,13 +515,8 @@ class Engine:
                 self.kv.disk_done(op, h, slot, ok)
 
     def _issue_disk_jobs(self) -> None:
-        for op, h, slot in self.kv.take_disk_jobs():
-            if op == "w":
-                self.disk_store.write(h, slot)
-            elif op == "r":
-                self.disk_store.read(h, slot)
-            else:
-                self.disk_store.remove(h)
+        if jobs := self.kv.take_disk_jobs():
+            self.disk_store.submit(jobs)
 
     def _wait_loads(self) -> None:
         """Nothing runs until a load lands: wait for a disk read if one is pending, else for the
@@ -528,8 +532,9 @@ class Engine:
             self.runner.idle()  # the wait is not a late step
 
     def tier_report(self) -> dict:
-        """Prefix hits per tier (tokens) and the host tier's traffic (bytes)."""
-        bs, bb = self.kv.block_size, self.runner.block_bytes()
+        """Prefix hits per tier (tokens) and the tiers' traffic (bytes of the worker's whole blocks;
+        the copy stream's and the disk thread's own figures are the leader's, under tensor parallelism)."""
+        bs, bb = self.kv.block_size, self.runner.tier_block_bytes()
         out = {"gpu_hit_tokens": self.kv.gpu_hit_blocks * bs, "host_hit_tokens": self.kv.host_hit_blocks * bs}
         if self.disk is not None:
             d, io = self.disk.stats, self.disk_store.stats

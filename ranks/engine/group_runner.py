@@ -1,8 +1,8 @@
 """The model runner of a tensor-parallel group's leader: each operation on the model or the KV
 cache goes to the group's other ranks first (StepSync), then runs on the leader's own shard.
 
-NOTE: the host and disk KV tiers (their copy stream and disk thread) are not mirrored yet: a job
-with tp > 1 refuses cache.host_kv_gib and cache.disk_kv_gib (launch/preflight.py).
+The host and disk KV tiers go the same way: each rank has its own, of its shard, and repeats the
+leader's copies and disk jobs (ranks/engine/group_tiers.py).
 
 The other ranks run plain ModelRunners over their shards and do what arrives, in the same order
 (ranks/follower.py); their collectives (the row-parallel all-reduces, the vocab all-gather) meet the
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from kvrelay.ranks.engine.group_tiers import GroupDiskStore, GroupHostMemory
 from kvrelay.ranks.engine.model_runner import ModelRunner, StepArrays
 from kvrelay.ranks.engine.step_sync import CopyBlocks, StepSync
 
@@ -33,3 +34,9 @@ class LeaderRunner(ModelRunner):
     def copy_blocks(self, src: list[int], dst: list[int]) -> None:
         self.sync.publish(CopyBlocks(src, dst))
         super().copy_blocks(src, dst)
+
+    def allocate_host(self, num_slots: int) -> None:
+        self.host = GroupHostMemory(self.kv_caches, num_slots, self.sync)
+
+    def disk_store(self, root: str) -> GroupDiskStore:
+        return GroupDiskStore(super().disk_store(root), self.sync, self.host)

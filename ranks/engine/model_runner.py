@@ -26,6 +26,7 @@ import torch
 
 from kvrelay.kernels.kv_pack import pack_blocks, packed_shape, unpack_blocks
 from kvrelay.ranks.engine.attention_backend import AttentionMetadata
+from kvrelay.ranks.engine.disk_tier import DiskStore
 from kvrelay.ranks.engine.host_memory import HostKVMemory
 from kvrelay.ranks.engine.model import LlamaForCausalLM, allocate_kv_cache
 from kvrelay.ranks.engine.parallel import TPGroup
@@ -146,6 +147,11 @@ class ModelRunner:
         per_token = 2 * self.spec.num_layers * shard.num_kv_heads * shard.head_dim
         return per_token * self.block_size * torch.empty((), dtype=self.dtype).element_size()
 
+    def tier_block_bytes(self) -> int:
+        """Bytes of one whole block of the worker (every rank's shard of it): the host and disk KV
+        tiers are sized in these."""
+        return self.block_bytes() * self.model.shard.size
+
     # ---- memory ----------------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -208,6 +214,10 @@ class ModelRunner:
     def allocate_host(self, num_slots: int) -> None:
         """Host memory for `num_slots` blocks of the host KV tier (allocated as it fills)."""
         self.host = HostKVMemory(self.kv_caches, num_slots)
+
+    def disk_store(self, root: str) -> DiskStore:
+        """The files of the disk KV tier, in a directory of this rank's own under `root`."""
+        return DiskStore(root, self.host.slot_bytes)
 
     def memory_report(self) -> dict:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self.memory).items()}

@@ -69,6 +69,9 @@ class SimRunner:
     def block_bytes(self) -> int:
         return self.timing.model.kv_bytes_per_token * self.block_size
 
+    def tier_block_bytes(self) -> int:
+        return self.block_bytes()  # the whole model's: the timing model is the group's
+
     def size_kv_cache(self, num_blocks: int | None) -> int:
         return num_blocks or int(self.timing.kv_cache_gib * (1 << 30)) // self.block_bytes()
 
@@ -199,14 +202,10 @@ class SimDiskStore:
             self.stats.read_bytes += nbytes
             self.stats.read_s += modeled
 
-    def write(self, block_hash: int, slot: int) -> None:
-        self._add("w", block_hash, slot)
-
-    def read(self, block_hash: int, slot: int) -> None:
-        self._add("r", block_hash, slot)
-
-    def remove(self, block_hash: int) -> None:
-        """Nothing to remove: simulated blocks have no files."""
+    def submit(self, jobs: list[tuple[str, int, int]]) -> None:
+        for op, h, slot in jobs:
+            if op != "d":  # simulated blocks have no files to remove
+                self._add(op, h, slot)
 
     def poll(self, wait_s: float = 0.0) -> list[tuple[str, int, int, bool]]:
         if wait_s and self.queue:

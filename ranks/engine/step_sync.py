@@ -10,7 +10,7 @@ to run a step is exactly what the model runner uploads to the device, the step's
 mean the same on every rank, since each rank's KV cache holds the same blocks (its own heads).
 Besides steps, the leader sends the other operations on the KV cache that each rank must do on
 its own shard, in the order the leader does them (`GroupCommand`s: fork copies, its share of a KV
-handoff). Everything travels as one int64 buffer after a fixed 8-int header
+handoff, the host and disk KV tiers' copies and file jobs: ranks/engine/group_tiers.py). Everything travels as one int64 buffer after a fixed 8-int header
 (what follows and how long), two `Bcast`s on the group's communicator, which lives on one node
 (shared memory): a decode step of 128 sequences with 4k-token block tables is about 300 KiB, a
 batch-1 step under 1 KiB.
@@ -73,8 +73,39 @@ class UnpackKV:
     block_ids: list[int]
 
 
-GroupCommand = CopyBlocks | SendKV | RecvKV | UnpackKV
-_KINDS = {cls: 3 + i for i, cls in enumerate((CopyBlocks, SendKV, RecvKV, UnpackKV))}
+@dataclass
+class CopyKV:
+    """One batch of the host KV tier's copies (HostTier.take_batch): blocks out to host slots, then
+    host slots into blocks."""
+
+    number: int
+    out_blocks: list[int]
+    out_slots: list[int]
+    in_slots: list[int]
+    in_blocks: list[int]
+
+
+@dataclass
+class DiskJobs:
+    """Disk tier jobs for each rank's own files, in order (group_tiers.py encodes them): after the
+    rank's copy stream has finished batch `settled`, the last one the leader saw finished."""
+
+    settled: int
+    ops: list[int]
+    hashes: list[int]  # block hashes as signed int64
+    slots: list[int]
+
+
+@dataclass
+class PollDisk:
+    """Collective: every rank reports its finished disk jobs (group_tiers.agree), waiting up to
+    `wait_us` for its first."""
+
+    wait_us: int
+
+
+GroupCommand = CopyBlocks | SendKV | RecvKV | UnpackKV | CopyKV | DiskJobs | PollDisk
+_KINDS = {cls: 3 + i for i, cls in enumerate((CopyBlocks, SendKV, RecvKV, UnpackKV, CopyKV, DiskJobs, PollDisk))}
 _CLASSES = {kind: cls for cls, kind in _KINDS.items()}
 
 

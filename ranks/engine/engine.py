@@ -25,7 +25,7 @@ import xxhash
 
 from kvrelay.configs.schema import JobConfig
 from kvrelay.kernels import compile_log
-from kvrelay.ranks.engine.disk_tier import DiskStore, DiskTier
+from kvrelay.ranks.engine.disk_tier import DiskTier
 from kvrelay.ranks.engine.host_tier import HostTier
 from kvrelay.ranks.engine.checkpoint import random_weights
 from kvrelay.ranks.engine.kv_cache import EvictHook, CacheHook, KVCacheManager

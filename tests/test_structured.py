@@ -147,6 +147,8 @@ def test_mask_may_stop_only_where_a_grammar_allows_a_stop_token(tiny_models):
     assert not g.fill_bitmask(["start"], [1], 3, cpu).may_stop
     assert g.fill_bitmask(["end"], [0], 3, cpu).may_stop
     assert g.fill_bitmask(["start", "end"], [2, 0], 3, cpu).may_stop
+    # A step whose grammars have all ended has no grammar rows (tests/test_gpu_sampling.py's loop).
+    assert not g.fill_bitmask([], [], 3, cpu).may_stop
 
 
 def test_json_rows_mask_control_bytes_and_surrogates(tiny_models):

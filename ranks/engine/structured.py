@@ -160,11 +160,13 @@ class Grammars:
 
     def _may_stop(self, host: torch.Tensor, rows: list[int]) -> bool:
         """Whether any of `rows` of the host bitmask allows one of the grammars' stop tokens."""
+        if not rows:
+            return False
         if self._stop_words is None:
             stops = [t for t in self._info.stop_token_ids if t < self.vocab_size]
             self._stop_words = np.array([t // 32 for t in stops], dtype=np.int64)
             self._stop_bits = np.array([1 << (t % 32) for t in stops], dtype=np.uint32)
-        bits = host.numpy().view(np.uint32)[np.asarray(rows)[:, None], self._stop_words[None, :]]
+        bits = host.numpy().view(np.uint32)[np.asarray(rows, dtype=np.int64)[:, None], self._stop_words[None, :]]
         return bool((bits & self._stop_bits).any())
 
     def _json_masks(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:

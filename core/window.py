@@ -19,8 +19,16 @@ The table mirrors the prefix cache through the KV-cache manager's `on_cache` / `
 the host and disk tables their tiers through the tiers' `on_add` / `on_drop` hooks (LOWER_TIERS). A
 block in several tiers is in each table: the router's probe takes the GPU's leading run, then the
 host's from there, then the disk's, as the worker's own match does (`TableSnapshot.tier_lengths`).
-A full bucket drops its oldest entry (FIFO within the bucket): the router may miss a cached
-block (a recompute), never sees one that was not cached. A block hash of 0 is stored and looked
+A full bucket drops its least recently used entry: the router may miss a cached block (a
+recompute), never sees one that was not cached. A hit refreshes an entry (the engine passes hit
+blocks to `on_cache` again, and its tiers theirs to `on_add`), so the blocks that every prompt
+starts with stay in the table.
+
+NOTE (LRU, not FIFO, within a bucket): with the oldest entry dropped, a hot block inserted once at
+the start (a system prompt's, never evicted) was the first to go when its bucket overflowed, and
+from then on the router saw none of that worker's prefixes past it (its probe takes the leading
+run). On B2 with a host tier this hid 5 of 8 workers' conversations: the windows showed 26k of
+the 41k leading blocks the workers held (BENCHMARKS, issue 15's placement section). A block hash of 0 is stored and looked
 up as 1 (`table_key`), since 0 marks an empty slot; a worker holding hash 0 therefore also
 answers for hash 1, a 2**-64 false hit that costs nothing, because the window is only a hint:
 a worker checks its own pool when the request arrives. For the same reason a torn read (header
@@ -109,7 +117,7 @@ def n_buckets_for(num_blocks: int) -> int:
 class BucketTable:
     """The set-associative table over `slots` (`[n_buckets * WAYS] uint64`, window memory or a plain
     array). The owner keeps, outside the window, where each key is, which slots of each bucket are
-    used and when each slot was filled, so an update is a few Python operations and one word store
+    used and when each slot was last filled or used, so an update is a few Python operations and one word store
     at 8 bytes of bookkeeping per slot plus a dict entry per key."""
 
     def __init__(self, slots: np.ndarray) -> None:
@@ -119,15 +127,19 @@ class BucketTable:
         self.n_buckets = slots.size // WAYS
         self.where: dict[int, int] = {}  # key -> slot index
         self.used = [0] * self.n_buckets  # per bucket, a bit per slot
-        self.born = np.zeros(slots.size, np.int64)  # insertion count per slot: the FIFO order
+        self.born = np.zeros(slots.size, np.int64)  # per slot, the count of inserts at its last insert or use
         self.inserts = 0
         self.drops = 0  # entries pushed out of full buckets (diagnostics)
         self.log: StoreLog | None = None  # every store into `slots`, for readers that replay them
 
     def insert(self, block_hash: int) -> int | None:
-        """Store a hash; return the key it pushed out of a full bucket, if any."""
+        """Store a hash, or mark a held one used now (its bucket drops it last); return the key it
+        pushed out of a full bucket, if any."""
         key = table_key(block_hash)
-        if key in self.where:
+        self.inserts += 1
+        slot = self.where.get(key)
+        if slot is not None:
+            self.born[slot] = self.inserts
             return None
         b = key % self.n_buckets
         used = self.used[b]
@@ -141,7 +153,6 @@ class BucketTable:
             free = (~used & (used + 1)).bit_length() - 1  # lowest clear bit
             self.used[b] = used | (1 << free)
             slot = b * WAYS + free
-        self.inserts += 1
         self.born[slot] = self.inserts
         self.where[key] = slot
         self._store(slot, key)
@@ -286,6 +297,11 @@ class CacheWindow:
 
     def on_disk_drop(self, block_hash: int) -> None:
         self.lower["disk"].remove(block_hash)
+
+    def drops(self) -> dict[str, int]:
+        """Entries each table dropped from a full bucket (cached blocks the router could not see)."""
+        tables = {"gpu": self.table, **self.lower}
+        return {f"window_{tier}_drops": t.drops for tier, t in tables.items() if t is not None}
 
     def publish(self, load: Load) -> None:
         """Write the load header; its Sync also publishes the table updates since the last call."""

@@ -46,7 +46,7 @@ def test_insert_duplicate_and_evict():
     assert t.drops == 0
 
 
-def test_full_bucket_drops_its_oldest_entry_fifo():
+def test_full_bucket_drops_its_least_recently_used_entry():
     t = table(1)
     for h in range(10, 10 + WAYS):
         assert t.insert(h) is None
@@ -54,12 +54,26 @@ def test_full_bucket_drops_its_oldest_entry_fifo():
     assert bucket(t, 0)[0] == 100
     t.remove(12)  # a hole: the next insert takes it without dropping
     assert t.insert(101) is None
-    assert t.insert(102) == 11  # FIFO order survives the hole
+    assert t.insert(102) == 11  # the order survives the hole
     assert t.insert(103) == 13
     assert t.drops == 3
     assert t.keys() == {14, 15, 16, 17, 100, 101, 102, 103}
     t.remove(11)  # dropped earlier: a no-op
     assert len(t.keys()) == WAYS
+
+
+def test_a_used_entry_outlives_newer_ones_a_hot_prefix_stays_visible():
+    # A system prompt's block, cached first and hit by every prompt since, must not be the one a
+    # full bucket drops: the router's probe stops at the first block it cannot see.
+    t = table(1)
+    assert t.insert(10) is None
+    for h in range(11, 10 + WAYS):
+        t.insert(h)
+        t.insert(10)  # a prefix hit uses it again
+    assert t.insert(100) == 11  # the least recently used goes, not the first inserted
+    assert t.insert(101) == 12
+    assert 10 in t.keys() and t.drops == 2
+    assert t.insert(10) is None and bucket(t, 0).count(10) == 1  # a use stores nothing
 
 
 def test_hash_zero_is_stored_as_one():
@@ -77,7 +91,7 @@ def test_hash_zero_is_stored_as_one():
 def test_random_operations_match_a_list_model():
     rng = random.Random(0)
     t = table(8)
-    model: list[list[int]] = [[] for _ in range(8)]  # per bucket, keys oldest first
+    model: list[list[int]] = [[] for _ in range(8)]  # per bucket, keys least recently used first
     universe = [rng.getrandbits(64) for _ in range(200)] + [0, 1, 2**64 - 1]
     for _ in range(5000):
         h = rng.choice(universe)
@@ -85,10 +99,11 @@ def test_random_operations_match_a_list_model():
         b = model[k % 8]
         if rng.random() < 0.6:
             expect = None
-            if k not in b:
-                if len(b) == WAYS:
-                    expect = b.pop(0)
-                b.append(k)
+            if k in b:
+                b.remove(k)  # used again: the most recent
+            elif len(b) == WAYS:
+                expect = b.pop(0)
+            b.append(k)
             assert t.insert(h) == expect
         else:
             if k in b:

@@ -80,6 +80,12 @@ class MPIBackend:
         self.seen_cached_blocks = 0
         self.placed_cached_blocks = 0
         self.placed_inflight_blocks = 0
+        # Requests placed away from the worker worth the most to them (its prefix's holder): how
+        # many, the worth they left there (GPU blocks), and how far the holder's prefill queue was
+        # ahead of the chosen worker's (blocks), which is what outweighed the hit.
+        self.off_holder = 0
+        self.off_holder_worth = 0.0
+        self.off_holder_queue_ahead: list[float] = []
         self.samples_left: dict[str, int] = {}  # request id -> samples whose result has not come
         self.max_inflight_prefix_blocks = 0
 
@@ -128,6 +134,12 @@ class MPIBackend:
             rank = choose(self.policy, self.entry)
             if self.layout.role(rank) == "prefill":
                 decode = self.decode_policy.choose([self.states[r] for r in self.decoders], nblocks, lambda r: 0)
+        holder = max(self.entry, key=worth.__getitem__)
+        if worth[holder] > worth[rank]:
+            self.off_holder += 1
+            self.off_holder_worth += worth[holder] - worth[rank]
+            self.off_holder_queue_ahead.append(self.states[holder].queued_prefill_blocks(self.block_size)
+                                               - self.states[rank].queued_prefill_blocks(self.block_size))
         # The worker's queue grows by what it must compute, not by what it has cached or pulls.
         tokens = uncached_tokens(rank)
         pull = None
@@ -240,6 +252,9 @@ class MPIBackend:
             "window_cached_blocks_placed": self.placed_cached_blocks,
             "inflight_cached_blocks_placed": self.placed_inflight_blocks,
             "inflight_prefix_blocks_max": self.max_inflight_prefix_blocks,
+            "off_holder_requests": self.off_holder,
+            "off_holder_worth_blocks": self.off_holder_worth,
+            "off_holder_queue_ahead_blocks": percentiles(self.off_holder_queue_ahead, (10, 50, 90)),
         }
 
     def close(self) -> None:

@@ -163,13 +163,13 @@ def isolated_decision_us(trace: str, workers: int, block_size: int, kv_blocks: i
     import numpy as np
 
     from kvrelay.configs.schema import RouterSection
-    from kvrelay.core.window import WAYS, BucketTable, TableSnapshot, n_buckets_for
+    from kvrelay.core.window import GPU_SLOTS_PER_BLOCK, WAYS, BucketTable, TableSnapshot, n_buckets_for
     from kvrelay.core.block_hash import block_hashes
     from kvrelay.router.frontend import percentiles
     from kvrelay.router.placement import WorkerState, make_policy
     from kvrelay.router.trace import prompt_tokens
 
-    nb = n_buckets_for(kv_blocks)
+    nb = n_buckets_for(kv_blocks, GPU_SLOTS_PER_BLOCK)
     ranks = list(range(1, workers + 1))
     snap = TableSnapshot(dict.fromkeys(ranks, nb))
     tables = [BucketTable(np.zeros(nb * WAYS, np.uint64)) for _ in ranks]

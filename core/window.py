@@ -108,10 +108,24 @@ def table_key(block_hash: int) -> int:
     return block_hash or 1
 
 
-def n_buckets_for(num_blocks: int) -> int:
-    """Next power of two >= num_blocks / 4: WAYS * n_buckets >= 2 * num_blocks slots, so a full
-    pool leaves buckets half full on average and few overflow."""
-    return 1 << max(0, (-(-num_blocks // 4) - 1).bit_length())
+GPU_SLOTS_PER_BLOCK = 4  # a GPU table's slots per cache block; a host or disk table's: 2
+
+
+def n_buckets_for(num_blocks: int, slots_per_block: int = 2) -> int:
+    """Next power of two >= num_blocks * slots_per_block / WAYS buckets: at 2 slots a block a full
+    pool leaves buckets half full on average, at 4 a quarter full.
+
+    NOTE (GPU_SLOTS_PER_BLOCK): every overflow drops a block the worker still holds, and the
+    router's probe stops at the first block it cannot see, so one drop hides the rest of every
+    prefix through it: the loss grows with prefix length. A GPU cache is always full and churns
+    (its table at 2 slots a block: 3 entries a bucket, a Poisson tail of ~0.4% of buckets over 8).
+    On B2 at W=8 (12k-token prompts, 6,144 blocks a worker) the GPU tables dropped ~180 entries a
+    worker and the windows showed 34.0k of the 41k leading blocks the workers held; at 4 slots a
+    block, 3 drops a worker and 40.8k (BENCHMARKS, issue 15's placement section). Lower tiers
+    fill slowly and churn little (28 drops over 8 host tables there), and are 4-16x larger, so
+    they stay at 2."""
+    slots = -(-num_blocks * slots_per_block // WAYS)
+    return 1 << max(0, (slots - 1).bit_length())
 
 
 class BucketTable:
@@ -270,7 +284,7 @@ class CacheWindow:
         `disk_blocks` size the host and disk tables (0: no such tier)."""
         if role not in ROLE_CODES:
             raise ValueError(f"unknown worker role {role!r}; valid roles: {', '.join(ROLE_CODES)}")
-        n_buckets = n_buckets or n_buckets_for(num_blocks)
+        n_buckets = n_buckets or n_buckets_for(num_blocks, GPU_SLOTS_PER_BLOCK)
         lower = tuple(n_buckets_for(b) if b else 0 for b in (host_blocks, disk_blocks))
         win, _ = _allocate(comm, n_buckets, lower)
         self = cls(win, n_buckets, role, lower)
@@ -413,7 +427,7 @@ class TableSnapshot:
 
     NOTE: probing the live window costs one Get per block per worker (~2.5 us each here): a
     12k-token prompt of 64-token blocks on 16 workers would be ~3,000 Gets, ~8 ms per decision.
-    A snapshot costs one Get per worker (the whole table, 128 KiB for 6k blocks) and is refreshed
+    A snapshot costs one Get per worker (the whole table, 256 KiB for 6k blocks) and is refreshed
     when older than router.window_max_age_ms; the probe is then a few vectorized numpy operations
     over [workers, blocks, WAYS] words. It is as stale as its age, which is a hint's right: blocks
     computed since then are found by the next snapshot, or by the worker itself on arrival.

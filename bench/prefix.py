@@ -167,7 +167,7 @@ def isolated_decision_us(lines: list[dict], workers: int, block_size: int, kv_bl
                              queued_prefill_tokens=int(rng.integers(0, 20000)), running_seqs=8,
                              active_decode_blocks=int(rng.integers(500, 2000))) for r in ranks}
     books = Books(states)
-    policy = make_policy(RouterSection(), block_size, 4.0)
+    policy = make_policy(RouterSection(), block_size)
     times = []
     for i, h in enumerate(hashes[half:]):
         arr = np.array(h, np.uint64)

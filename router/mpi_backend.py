@@ -45,7 +45,7 @@ class MPIBackend:
         # Collective over the world: each worker creates its window at the same point.
         self.reader = WindowReader.create(world, layout.workers)
         self.outbox = Outbox(world)
-        self.policy = make_policy(cfg.router, self.block_size, cfg.cache_affinity)
+        self.policy = make_policy(cfg.router, self.block_size)
         # A block in a worker's host or disk tier is credited by what it saves (timing model), not as a GPU block.
         timing = load_timing(cfg)
         self.tier_credit = partial(timing.tier_credit, self.block_size) if self.reader.host_buckets else None
@@ -53,7 +53,7 @@ class MPIBackend:
         # Conditional disaggregation: the decode worker that would prefill a request locally is
         # chosen as an aggregated worker would be (cached prefix against prefill and decode load).
         self.local_prefill_max_tokens = cfg.router.local_prefill_max_tokens
-        self.local_policy = make_policy(cfg.router, self.block_size, cfg.cache_affinity)
+        self.local_policy = make_policy(cfg.router, self.block_size)
         self.local_prefills = 0
         self.states = {
             r: WorkerState(rank=r, role=layout.role(r), total_blocks=0, free_blocks=0, queued_prefill_tokens=0,

@@ -146,12 +146,12 @@ def isolated_decision_us(lines: list[dict], workers: int, block_size: int, kv_bl
 
     from kvrelay.configs.schema import RouterSection
     from kvrelay.core.block_hash import block_hashes
-    from kvrelay.core.window import WAYS, BucketTable, TableSnapshot, n_buckets_for
+    from kvrelay.core.window import GPU_SLOTS_PER_BLOCK, WAYS, BucketTable, TableSnapshot, n_buckets_for
     from kvrelay.router.books import Books, leading_blocks
     from kvrelay.router.frontend import percentiles
     from kvrelay.router.placement import WorkerState, make_policy
 
-    nb = n_buckets_for(kv_blocks)
+    nb = n_buckets_for(kv_blocks, GPU_SLOTS_PER_BLOCK)
     ranks = list(range(1, workers + 1))
     snap = TableSnapshot(dict.fromkeys(ranks, nb))
     tables = [BucketTable(np.zeros(nb * WAYS, np.uint64)) for _ in ranks]
@@ -167,7 +167,7 @@ def isolated_decision_us(lines: list[dict], workers: int, block_size: int, kv_bl
                              queued_prefill_tokens=int(rng.integers(0, 20000)), running_seqs=8,
                              active_decode_blocks=int(rng.integers(500, 2000))) for r in ranks}
     books = Books(states)
-    policy = make_policy(RouterSection(), block_size, 4.0)
+    policy = make_policy(RouterSection(), block_size)
     times = []
     for i, h in enumerate(hashes[half:]):
         arr = np.array(h, np.uint64)

@@ -145,7 +145,11 @@ def run_one(args, workers: int, policy: str, limit: int, workdir: Path) -> dict:
         "clock_slip_s": sum(w["sim"]["slip_s"] for w in ws) * args.speed,
         "window_cached_blocks_best": b["window_cached_blocks_best"],
         "window_cached_blocks_placed": b["window_cached_blocks_placed"],
+        "off_holder_requests": b.get("off_holder_requests"),
+        "off_holder_worth_blocks": b.get("off_holder_worth_blocks"),
+        "off_holder_queue_ahead_blocks": b.get("off_holder_queue_ahead_blocks"),
         "steps": steps,
+        "window_drops": {t: sum(w.get(f"window_{t}_drops", 0) for w in ws) for t in ("gpu", "host", "disk")},
         "preemptions": sum(w["preemptions"] for w in ws),
         "requests_per_worker": [w["requests"] for w in ws],
         "wall_s": wall,
@@ -159,13 +163,13 @@ def isolated_decision_us(trace: str, workers: int, block_size: int, kv_blocks: i
     import numpy as np
 
     from kvrelay.configs.schema import RouterSection
-    from kvrelay.core.window import WAYS, BucketTable, TableSnapshot, n_buckets_for
+    from kvrelay.core.window import GPU_SLOTS_PER_BLOCK, WAYS, BucketTable, TableSnapshot, n_buckets_for
     from kvrelay.core.block_hash import block_hashes
     from kvrelay.router.frontend import percentiles
     from kvrelay.router.placement import WorkerState, make_policy
     from kvrelay.router.trace import prompt_tokens
 
-    nb = n_buckets_for(kv_blocks)
+    nb = n_buckets_for(kv_blocks, GPU_SLOTS_PER_BLOCK)
     ranks = list(range(1, workers + 1))
     snap = TableSnapshot(dict.fromkeys(ranks, nb))
     tables = [BucketTable(np.zeros(nb * WAYS, np.uint64)) for _ in ranks]

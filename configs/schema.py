@@ -125,11 +125,11 @@ class RouterSection(_Section):
     # worker is this short is prefilled there, with no handoff. 0 = every request prefills remotely.
     local_prefill_max_tokens: int = Field(0, ge=0, description="prefill on the decode worker at or under this many uncached tokens")
     window_max_age_ms: float = Field(5.0, ge=0.0, description="re-read the workers' cache tables when the copy is older (wall ms)")
-    # kv_aware in a batch (router/placement.py, NOTE in KvAware): each cached or in-flight prefix block of a line also
-    # offsets this many blocks of its holder's queue, so lines that share a prefix stay together until the holder
-    # is that far ahead of the others (then the prefix is computed again elsewhere). null: 4 for batch files, 0 for
-    # timed traces, whose lines are placed as they arrive and wait for their first token.
-    cache_affinity: float | None = Field(None, ge=0.0, description="queue blocks one cached prefix block is worth beyond its compute")
+    # kv_aware (router/placement.py, NOTE in KvAware): each cached or in-flight prefix block of a request also
+    # offsets this many blocks of its holder's queue, so requests that share a prefix (a batch's questions about one
+    # document, a conversation's turns) stay together until the holder is that far ahead of the others (then the
+    # prefix is computed again elsewhere). The same for batch files and timed traces (BENCHMARKS B6 and issue 15).
+    cache_affinity: float = Field(4.0, ge=0.0, description="queue blocks one cached prefix block is worth beyond its compute")
     # Look-ahead (router/lookahead.py): lines read ahead of placement and placed in prefix order; 1 = file order.
     lookahead_lines: int = Field(4096, ge=1, description="input lines read and tokenized ahead of placement")
     lookahead_tokens: int = Field(4_000_000, ge=1, description="prompt tokens the look-ahead holds at most (memory bound)")
@@ -261,12 +261,6 @@ class JobConfig(_Section):
     sim: SimSection = SimSection()
     slurm: SlurmSection = SlurmSection()
 
-    @property
-    def cache_affinity(self) -> float:
-        """router.cache_affinity, or its default for the input's kind (batch file or timed trace)."""
-        if self.router.cache_affinity is not None:
-            return self.router.cache_affinity
-        return 0.0 if self.input.format == "trace" else 4.0
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **direct: Any) -> JobConfig:

@@ -19,8 +19,16 @@ The table mirrors the prefix cache through the KV-cache manager's `on_cache` / `
 the host and disk tables their tiers through the tiers' `on_add` / `on_drop` hooks (LOWER_TIERS). A
 block in several tiers is in each table: the router's probe takes the GPU's leading run, then the
 host's from there, then the disk's, as the worker's own match does (`TableSnapshot.tier_lengths`).
-A full bucket drops its oldest entry (FIFO within the bucket): the router may miss a cached
-block (a recompute), never sees one that was not cached. A block hash of 0 is stored and looked
+A full bucket drops its least recently used entry: the router may miss a cached block (a
+recompute), never sees one that was not cached. A hit refreshes an entry (the engine passes hit
+blocks to `on_cache` again, and its tiers theirs to `on_add`), so the blocks that every prompt
+starts with stay in the table.
+
+NOTE (LRU, not FIFO, within a bucket): with the oldest entry dropped, a hot block inserted once at
+the start (a system prompt's, never evicted) was the first to go when its bucket overflowed, and
+from then on the router saw none of that worker's prefixes past it (its probe takes the leading
+run). On B2 with a host tier this hid 5 of 8 workers' conversations: the windows showed 26k of
+the 41k leading blocks the workers held (BENCHMARKS, issue 15's placement section). A block hash of 0 is stored and looked
 up as 1 (`table_key`), since 0 marks an empty slot; a worker holding hash 0 therefore also
 answers for hash 1, a 2**-64 false hit that costs nothing, because the window is only a hint:
 a worker checks its own pool when the request arrives. For the same reason a torn read (header
@@ -100,16 +108,30 @@ def table_key(block_hash: int) -> int:
     return block_hash or 1
 
 
-def n_buckets_for(num_blocks: int) -> int:
-    """Next power of two >= num_blocks / 4: WAYS * n_buckets >= 2 * num_blocks slots, so a full
-    pool leaves buckets half full on average and few overflow."""
-    return 1 << max(0, (-(-num_blocks // 4) - 1).bit_length())
+GPU_SLOTS_PER_BLOCK = 4  # a GPU table's slots per cache block; a host or disk table's: 2
+
+
+def n_buckets_for(num_blocks: int, slots_per_block: int = 2) -> int:
+    """Next power of two >= num_blocks * slots_per_block / WAYS buckets: at 2 slots a block a full
+    pool leaves buckets half full on average, at 4 a quarter full.
+
+    NOTE (GPU_SLOTS_PER_BLOCK): every overflow drops a block the worker still holds, and the
+    router's probe stops at the first block it cannot see, so one drop hides the rest of every
+    prefix through it: the loss grows with prefix length. A GPU cache is always full and churns
+    (its table at 2 slots a block: 3 entries a bucket, a Poisson tail of ~0.4% of buckets over 8).
+    On B2 at W=8 (12k-token prompts, 6,144 blocks a worker) the GPU tables dropped ~180 entries a
+    worker and the windows showed 34.0k of the 41k leading blocks the workers held; at 4 slots a
+    block, 3 drops a worker and 40.8k (BENCHMARKS, issue 15's placement section). Lower tiers
+    fill slowly and churn little (28 drops over 8 host tables there), and are 4-16x larger, so
+    they stay at 2."""
+    slots = -(-num_blocks * slots_per_block // WAYS)
+    return 1 << max(0, (slots - 1).bit_length())
 
 
 class BucketTable:
     """The set-associative table over `slots` (`[n_buckets * WAYS] uint64`, window memory or a plain
     array). The owner keeps, outside the window, where each key is, which slots of each bucket are
-    used and when each slot was filled, so an update is a few Python operations and one word store
+    used and when each slot was last filled or used, so an update is a few Python operations and one word store
     at 8 bytes of bookkeeping per slot plus a dict entry per key."""
 
     def __init__(self, slots: np.ndarray) -> None:
@@ -119,15 +141,19 @@ class BucketTable:
         self.n_buckets = slots.size // WAYS
         self.where: dict[int, int] = {}  # key -> slot index
         self.used = [0] * self.n_buckets  # per bucket, a bit per slot
-        self.born = np.zeros(slots.size, np.int64)  # insertion count per slot: the FIFO order
+        self.born = np.zeros(slots.size, np.int64)  # per slot, the count of inserts at its last insert or use
         self.inserts = 0
         self.drops = 0  # entries pushed out of full buckets (diagnostics)
         self.log: StoreLog | None = None  # every store into `slots`, for readers that replay them
 
     def insert(self, block_hash: int) -> int | None:
-        """Store a hash; return the key it pushed out of a full bucket, if any."""
+        """Store a hash, or mark a held one used now (its bucket drops it last); return the key it
+        pushed out of a full bucket, if any."""
         key = table_key(block_hash)
-        if key in self.where:
+        self.inserts += 1
+        slot = self.where.get(key)
+        if slot is not None:
+            self.born[slot] = self.inserts
             return None
         b = key % self.n_buckets
         used = self.used[b]
@@ -141,7 +167,6 @@ class BucketTable:
             free = (~used & (used + 1)).bit_length() - 1  # lowest clear bit
             self.used[b] = used | (1 << free)
             slot = b * WAYS + free
-        self.inserts += 1
         self.born[slot] = self.inserts
         self.where[key] = slot
         self._store(slot, key)
@@ -259,7 +284,7 @@ class CacheWindow:
         `disk_blocks` size the host and disk tables (0: no such tier)."""
         if role not in ROLE_CODES:
             raise ValueError(f"unknown worker role {role!r}; valid roles: {', '.join(ROLE_CODES)}")
-        n_buckets = n_buckets or n_buckets_for(num_blocks)
+        n_buckets = n_buckets or n_buckets_for(num_blocks, GPU_SLOTS_PER_BLOCK)
         lower = tuple(n_buckets_for(b) if b else 0 for b in (host_blocks, disk_blocks))
         win, _ = _allocate(comm, n_buckets, lower)
         self = cls(win, n_buckets, role, lower)
@@ -286,6 +311,11 @@ class CacheWindow:
 
     def on_disk_drop(self, block_hash: int) -> None:
         self.lower["disk"].remove(block_hash)
+
+    def drops(self) -> dict[str, int]:
+        """Entries each table dropped from a full bucket (cached blocks the router could not see)."""
+        tables = {"gpu": self.table, **self.lower}
+        return {f"window_{tier}_drops": t.drops for tier, t in tables.items() if t is not None}
 
     def publish(self, load: Load) -> None:
         """Write the load header; its Sync also publishes the table updates since the last call."""
@@ -397,7 +427,7 @@ class TableSnapshot:
 
     NOTE: probing the live window costs one Get per block per worker (~2.5 us each here): a
     12k-token prompt of 64-token blocks on 16 workers would be ~3,000 Gets, ~8 ms per decision.
-    A snapshot costs one Get per worker (the whole table, 128 KiB for 6k blocks) and is refreshed
+    A snapshot costs one Get per worker (the whole table, 256 KiB for 6k blocks) and is refreshed
     when older than router.window_max_age_ms; the probe is then a few vectorized numpy operations
     over [workers, blocks, WAYS] words. It is as stale as its age, which is a hint's right: blocks
     computed since then are found by the next snapshot, or by the worker itself on arrival.

@@ -108,7 +108,8 @@ class Worker:
         if self.sync is not None:
             self.sync.stop()  # the group's other ranks leave their loops
         stats = {"rank": self.world.rank, "role": self.role, "tp": self.tp, **self.engine.report(),
-                 **vars(self.handoffs.stats), **vars(self.pulls.stats), "step_wall_s": self.step_wall_s}
+                 **vars(self.handoffs.stats), **vars(self.pulls.stats), **self.window.drops(),
+                 "step_wall_s": self.step_wall_s}
         self.outbox.send(Stats(stats), ROUTER)
         self.outbox.flush()
 

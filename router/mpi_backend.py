@@ -31,6 +31,8 @@ from kvrelay.router.pulls import PULL_KEYS, PullPlanner
 from kvrelay.core.request import Request, RequestResult
 
 IDLE_SLEEP_S = 0.0002
+# A table refresh waits at least this many times the last one's duration (see the NOTE in submit).
+READ_SPACING = 4
 TIER_KEYS = ("gpu_hit_tokens", "host_hit_tokens", "host_offload_bytes", "host_onload_bytes", "disk_hit_tokens",
              "disk_write_bytes", "disk_read_bytes", "disk_failed_reads")
 STATS_TIMEOUT_S = 60.0
@@ -45,7 +47,7 @@ class MPIBackend:
         # Collective over the world: each worker creates its window at the same point.
         self.reader = WindowReader.create(world, layout.workers)
         self.outbox = Outbox(world)
-        self.policy = make_policy(cfg.router, self.block_size, cfg.cache_affinity)
+        self.policy = make_policy(cfg.router, self.block_size)
         # A block in a worker's host or disk tier is credited by what it saves (timing model), not as a GPU block.
         timing = load_timing(cfg)
         self.tier_credit = partial(timing.tier_credit, self.block_size) if self.reader.host_buckets else None
@@ -53,7 +55,7 @@ class MPIBackend:
         # Conditional disaggregation: the decode worker that would prefill a request locally is
         # chosen as an aggregated worker would be (cached prefix against prefill and decode load).
         self.local_prefill_max_tokens = cfg.router.local_prefill_max_tokens
-        self.local_policy = make_policy(cfg.router, self.block_size, cfg.cache_affinity)
+        self.local_policy = make_policy(cfg.router, self.block_size)
         self.local_prefills = 0
         self.states = {
             r: WorkerState(rank=r, role=layout.role(r), total_blocks=0, free_blocks=0, queued_prefill_tokens=0,
@@ -70,6 +72,7 @@ class MPIBackend:
         self.max_age_s = cfg.router.window_max_age_ms / 1e3
         self.snapshot: TableSnapshot | None = None
         self.snapshot_time = 0.0
+        self.last_read_s = 0.0
         self.hash_s: list[float] = []
         self.read_s: list[float] = []  # load headers, and the tables when refreshed, per decision
         self.header_read_s: list[float] = []  # the load headers alone
@@ -80,6 +83,12 @@ class MPIBackend:
         self.seen_cached_blocks = 0
         self.placed_cached_blocks = 0
         self.placed_inflight_blocks = 0
+        # Requests placed away from the worker worth the most to them (its prefix's holder): how
+        # many, the worth they left there (GPU blocks), and how far the holder's prefill queue was
+        # ahead of the chosen worker's (blocks), which is what outweighed the hit.
+        self.off_holder = 0
+        self.off_holder_worth = 0.0
+        self.off_holder_queue_ahead: list[float] = []
         self.samples_left: dict[str, int] = {}  # request id -> samples whose result has not come
         self.max_inflight_prefix_blocks = 0
 
@@ -94,13 +103,20 @@ class MPIBackend:
         self._refresh_loads()
         self.header_read_s.append(time.perf_counter() - t1)
         inflight = self.books.prefixes
-        if self.snapshot is None or t1 - self.snapshot_time > self.max_age_s:
+        # NOTE: the copy is re-read when older than router.window_max_age_ms and than READ_SPACING x
+        # the last read's time, so reading never takes more than ~1/READ_SPACING of the router's
+        # time. With GPU tables of 256 KiB (6k blocks) a refresh of 16 workers took 7-9 ms p50 on a
+        # loaded 2-core machine; at W=16's ~37 decisions a second every decision refreshed and the
+        # router fell behind by seconds (B2 with placement that keeps conversations). A longer age
+        # costs little: the books credit what the router placed until a refresh shows it.
+        if self.snapshot is None or t1 - self.snapshot_time > max(self.max_age_s, READ_SPACING * self.last_read_s):
             t = time.perf_counter()
             retiring, inflight.retiring = inflight.retiring, []
             self.snapshot = self.reader.snapshot()
             self.snapshot_time = time.perf_counter()
             inflight.drop_retired(retiring)
-            self.table_read_s.append(self.snapshot_time - t)
+            self.last_read_s = self.snapshot_time - t
+            self.table_read_s.append(self.last_read_s)
         t2 = time.perf_counter()
         # Per worker: leading blocks its window shows, those it holds (window or books), and their
         # worth in GPU blocks (host-tier hits count less): one numpy probe of the table copies and
@@ -128,6 +144,12 @@ class MPIBackend:
             rank = choose(self.policy, self.entry)
             if self.layout.role(rank) == "prefill":
                 decode = self.decode_policy.choose([self.states[r] for r in self.decoders], nblocks, lambda r: 0)
+        holder = max(self.entry, key=worth.__getitem__)
+        if worth[holder] > worth[rank]:
+            self.off_holder += 1
+            self.off_holder_worth += worth[holder] - worth[rank]
+            self.off_holder_queue_ahead.append(self.states[holder].queued_prefill_blocks(self.block_size)
+                                               - self.states[rank].queued_prefill_blocks(self.block_size))
         # The worker's queue grows by what it must compute, not by what it has cached or pulls.
         tokens = uncached_tokens(rank)
         pull = None
@@ -240,6 +262,9 @@ class MPIBackend:
             "window_cached_blocks_placed": self.placed_cached_blocks,
             "inflight_cached_blocks_placed": self.placed_inflight_blocks,
             "inflight_prefix_blocks_max": self.max_inflight_prefix_blocks,
+            "off_holder_requests": self.off_holder,
+            "off_holder_worth_blocks": self.off_holder_worth,
+            "off_holder_queue_ahead_blocks": percentiles(self.off_holder_queue_ahead, (10, 50, 90)),
         }
 
     def close(self) -> None:

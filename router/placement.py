@@ -122,6 +122,12 @@ class KvAware:
     # each line goes to the less loaded of them, and a third copy follows when both are (1 + A) * p
     # ahead of another worker. The queue still counts in full (no max(0, ...) floor), so the
     # imbalance the cache can buy is bounded by the prefix's size, never by the queue.
+    # NOTE (cache_affinity, timed traces): the same default (4) since issue 15. Without it a
+    # conversation's next turn left its holder as soon as the holder's queue was more than the
+    # turn's history ahead (the hit saves that request's compute, nothing more), and its history
+    # was computed again elsewhere: work added to a busy system that every later request waits
+    # behind. On B2 at W=8 with a host tier, affinity 0 -> 4 raised the hit ratio 0.146 -> 0.189
+    # at the same TTFT (BENCHMARKS, "B2 with placement that keeps conversations").
     # One exception: an idle worker (nothing in the books or its window) while another worker
     # holds more than half its fair share of router.max_inflight gets no affinity against it
     # (the plain cost decides). Without it a long hot prefix never reached some workers at all:
@@ -221,12 +227,12 @@ class RandomChoice:
         return self.rng.choice(workers).rank
 
 
-_POLICIES: dict[str, Callable[[RouterSection, int, float], Policy]] = {
-    "kv_aware": lambda cfg, bs, aff: KvAware(cfg.prefill_load_scale, cfg.overlap_credit, bs, cfg.seed, aff,
-                                             cfg.max_inflight),
-    "least_loaded": lambda cfg, bs, aff: LeastLoaded(cfg.seed),
-    "round_robin": lambda cfg, bs, aff: RoundRobin(),
-    "random": lambda cfg, bs, aff: RandomChoice(cfg.seed),
+_POLICIES: dict[str, Callable[[RouterSection, int], Policy]] = {
+    "kv_aware": lambda cfg, bs: KvAware(cfg.prefill_load_scale, cfg.overlap_credit, bs, cfg.seed, cfg.cache_affinity,
+                                        cfg.max_inflight),
+    "least_loaded": lambda cfg, bs: LeastLoaded(cfg.seed),
+    "round_robin": lambda cfg, bs: RoundRobin(),
+    "random": lambda cfg, bs: RandomChoice(cfg.seed),
 }
 
 _DECODE_POLICIES: dict[str, Callable[[RouterSection], Policy]] = {
@@ -241,12 +247,11 @@ def _unknown(name: str) -> ValueError:
     return ValueError(f"router.policy {name!r} is not a placement policy; allowed: {', '.join(_POLICIES)}")
 
 
-def make_policy(cfg: RouterSection, block_size: int, cache_affinity: float = 0.0) -> Policy:
-    """The policy for requests that start with a prefill (prefill or aggregated workers);
-    `cache_affinity` is `JobConfig.cache_affinity` (it depends on the input's kind)."""
+def make_policy(cfg: RouterSection, block_size: int) -> Policy:
+    """The policy for requests that start with a prefill (prefill or aggregated workers)."""
     if cfg.policy not in _POLICIES:
         raise _unknown(cfg.policy)
-    return _POLICIES[cfg.policy](cfg, block_size, cache_affinity)
+    return _POLICIES[cfg.policy](cfg, block_size)
 
 
 def make_decode_policy(cfg: RouterSection) -> Policy:

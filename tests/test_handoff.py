@@ -8,23 +8,14 @@ from __future__ import annotations
 import torch
 
 from kvrelay.core.block_hash import num_blocks
-from kvrelay.core.messages import Handoff, Ready, SeqState, decode, encode
+from kvrelay.core.messages import Handoff, Ready, SeqState
 from kvrelay.core.request import Request, SamplingParams
 from kvrelay.ranks.handoff import Handoffs
 
+from .fakes import FakeOutbox, FakePending, PairTransport
+
 BLOCK_SIZE, BLOCK_BYTES = 4, 100
 PREFILL, DECODE = 1, 2  # world ranks
-
-
-class FakePending:
-    def __init__(self) -> None:
-        self.finished = False
-
-    def done(self) -> bool:
-        return self.finished
-
-    def wait(self) -> None:
-        self.finished = True
 
 
 class FakeTransport:
@@ -44,14 +35,6 @@ class FakeTransport:
 
     def close(self) -> None:
         pass
-
-
-class FakeOutbox:
-    def __init__(self) -> None:
-        self.sent: list[tuple[object, int]] = []
-
-    def send(self, record, dest: int) -> None:
-        self.sent.append((decode(record.TAG, encode(record)), dest))  # through the real serializer
 
 
 class FakeEngine:
@@ -286,43 +269,6 @@ def test_random_traffic_never_stages_more_than_the_budget():
     assert most > budget // 2
     assert h.stats.chunks_sent > h.stats.handoffs_sent  # the 1200-byte transfers went in chunks
     assert sorted(engine.freed) == sorted(sizes) == sorted(s.request_id for s, _ in decode_engine.received)
-
-
-class PairTransport:
-    """Both ends of one prefill -> decode pair, matched as NCCL matches them: the k-th send with
-    the k-th receive, whatever their tags; a size mismatch means the two sides' orders differ."""
-
-    def __init__(self) -> None:
-        self.sends: list[tuple[torch.Tensor, FakePending]] = []
-        self.recvs: list[tuple[torch.Tensor, FakePending]] = []
-
-    def end(self):
-        pair = self
-
-        class End:
-            def send(self, buf, peer, tag):
-                return pair._post(pair.sends, buf)
-
-            def recv(self, buf, peer, tag):
-                return pair._post(pair.recvs, buf)
-
-            def close(self) -> None:
-                pass
-
-        return End()
-
-    def _post(self, queue, buf):
-        p = FakePending()
-        queue.append((buf, p))
-        return p
-
-    def deliver(self, rng) -> None:
-        """Complete some matched pairs (in any order): copy the bytes, mark both ends done."""
-        for (sbuf, sp), (rbuf, rp) in zip(self.sends, self.recvs):
-            if not rp.finished and rng.random() < 0.5:
-                assert sbuf.numel() == rbuf.numel(), "transfers posted in different orders on the two sides"
-                rbuf.copy_(sbuf)
-                sp.finished = rp.finished = True
 
 
 def block_byte(request_id: str, i: int) -> int:

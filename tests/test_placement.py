@@ -30,7 +30,7 @@ def workers(ranks, role: str = "aggregated", **fields) -> list[WorkerState]:
 
 
 def kv_aware(seed: int = 0, cache_affinity: float = 0.0, **kw) -> KvAware:
-    policy = make_policy(RouterSection(policy="kv_aware", seed=seed, **kw), BS, cache_affinity)
+    policy = make_policy(RouterSection(policy="kv_aware", seed=seed, cache_affinity=cache_affinity, **kw), BS)
     assert isinstance(policy, KvAware)
     return policy
 
@@ -304,12 +304,23 @@ def test_no_worker_stays_idle_beside_holders_of_a_long_hot_prefix():
     assert len(counts) == 16 and min(counts.values()) > 1000 / 16 / 3, counts
 
 
-def test_cache_affinity_defaults_by_input_kind():
-    from kvrelay.configs.schema import load_config
+def test_a_conversations_next_turn_stays_with_its_holder_by_default():
+    # Issue 15 (B2): a turn whose history (p blocks) one worker holds goes elsewhere as soon as that
+    # worker's prefill queue is more than p blocks ahead without affinity (the hit only saves this
+    # request's compute), and the history is computed again. With the default affinity (4, batch
+    # files and traces alike) it stays until the holder is (1 + 4) x p blocks ahead.
+    p, n = 100, 150
 
-    assert load_config(overrides=["input.format=jsonl"]).cache_affinity == 4.0
-    assert load_config(overrides=["input.format=trace"]).cache_affinity == 0.0
-    assert load_config(overrides=["input.format=trace", "router.cache_affinity=2"]).cache_affinity == 2.0
+    def chosen(policy, ahead_blocks: int) -> int:
+        ws = workers([1, 2, 3, 4])
+        ws[0].queued_prefill_tokens = ahead_blocks * BS
+        return policy.choose(ws, n, lambda r: p if r == 1 else 0)
+
+    default = make_policy(RouterSection(), BS)
+    assert RouterSection().cache_affinity == 4.0
+    assert chosen(default, 4 * p) == 1 and chosen(default, int(4.9 * p)) == 1
+    assert chosen(default, int(5.1 * p)) != 1
+    assert chosen(kv_aware(cache_affinity=0.0), int(1.1 * p)) != 1
 
 
 def test_the_in_flight_walk_and_the_affinity_bound_change_no_decision():

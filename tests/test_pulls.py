@@ -12,7 +12,7 @@ from collections import Counter
 import torch
 
 from kvrelay.configs.schema import load_config
-from kvrelay.core.messages import Pull, Pulled, Ready, decode, encode
+from kvrelay.core.messages import Pull, Pulled, Ready
 from kvrelay.core.request import Request, SamplingParams
 from kvrelay.core.timing import TimingModel, load_timing
 from kvrelay.ranks.engine.engine import Engine
@@ -20,66 +20,17 @@ from kvrelay.ranks.handoff import Handoffs
 from kvrelay.ranks.pulls import Pulls
 from kvrelay.router.pulls import PullPlanner
 
+from .fakes import FakeOutbox, PairTransport
+
 SOURCE, PULLER = 1, 2  # world ranks
 BLOCK_BYTES = 16
-
-
-class Done:
-    def __init__(self) -> None:
-        self.finished = False
-
-    def done(self) -> bool:
-        return self.finished
-
-    def wait(self) -> None:
-        assert self.finished
-
-
-class Pair:
-    """The KV link of one source -> puller pair: the k-th send lands in the k-th receive."""
-
-    def __init__(self) -> None:
-        self.sends: list[tuple[torch.Tensor, Done]] = []
-        self.recvs: list[tuple[torch.Tensor, Done]] = []
-
-    def end(self):
-        pair = self
-
-        class End:
-            def send(self, buf, peer, tag):
-                return pair._post(pair.sends, buf)
-
-            def recv(self, buf, peer, tag):
-                return pair._post(pair.recvs, buf)
-
-        return End()
-
-    @staticmethod
-    def _post(queue, buf) -> Done:
-        queue.append((buf, Done()))
-        return queue[-1][1]
-
-    def deliver(self) -> None:
-        for (sbuf, sp), (rbuf, rp) in zip(self.sends, self.recvs):
-            if not rp.finished:
-                assert sbuf.numel() * sbuf.element_size() == rbuf.numel() * rbuf.element_size(), "orders differ"
-                rbuf.view(torch.uint8).view(-1).copy_(sbuf.contiguous().view(torch.uint8).view(-1))
-                sp.finished = rp.finished = True
-
-
-class Outbox:
-    def __init__(self) -> None:
-        self.sent: list[tuple[object, int]] = []
-
-    def send(self, record, dest: int) -> None:
-        self.sent.append((decode(record.TAG, encode(record)), dest))
 
 
 class Worker:
     """One side: an engine with its Handoffs and Pulls units; requests it admits are collected."""
 
     def __init__(self, engine, rank: int, end, block_size: int, budget: int) -> None:
-        self.engine, self.rank, self.outbox = engine, rank, Outbox()
+        self.engine, self.rank, self.outbox = engine, rank, FakeOutbox()
         self.handoffs = Handoffs(engine, end, self.outbox, rank, budget)
         self.admitted: list[Request] = []
         self.pulls = Pulls(engine, self.handoffs, self.outbox, block_size, self._admit)
@@ -110,7 +61,7 @@ class Worker:
         return self.pulls.busy() or self.handoffs.busy()
 
 
-def run(source: Worker, puller: Worker, pair: Pair, turns: int = 100, check=lambda: None) -> None:
+def run(source: Worker, puller: Worker, pair: PairTransport, turns: int = 100, check=lambda: None) -> None:
     for _ in range(turns):
         for w, other in ((puller, source), (source, puller)):
             w.turn(other)
@@ -201,7 +152,7 @@ class CacheEngine:
 
 
 def fake_pair(source_cached, puller_cached, puller_blocks: int = 100, budget_blocks: int = 3):
-    pair = Pair()
+    pair = PairTransport()
     source = Worker(CacheEngine(100, source_cached), SOURCE, pair.end(), 1, budget_blocks * BLOCK_BYTES)
     puller = Worker(CacheEngine(puller_blocks, puller_cached), PULLER, pair.end(), 1, budget_blocks * BLOCK_BYTES)
     return source, puller, pair
@@ -312,7 +263,7 @@ def test_a_pulled_prefix_gives_the_tokens_of_a_computed_one_even_when_the_source
     filler = greedy("filler", torch.randint(3, 200, (120,), generator=g).tolist())  # 16 blocks of the 20
     expected = drain(make_engine(tiny_models["llama"]), [second])
     for evict in (False, True):
-        pair = Pair()
+        pair = PairTransport()
         a, b = make_engine(tiny_models["llama"]), make_engine(tiny_models["llama"])
         budget = 2 * a.kv_bytes(1)  # chunks of two blocks
         source = Worker(a, SOURCE, pair.end(), 8, budget)

@@ -19,10 +19,11 @@ def bucket(t: BucketTable, b: int) -> list[int]:
     return t.slots[b * WAYS : (b + 1) * WAYS].tolist()
 
 
-def test_sizing_gives_about_two_slots_per_block():
+def test_sizing_gives_about_two_slots_per_block_or_four_for_a_gpu_table():
     assert [n_buckets_for(n) for n in (1, 4, 5, 8, 9, 1000, 1024, 1025)] == [1, 1, 2, 2, 4, 256, 256, 512]
     for n in range(1, 3000, 7):
         assert n_buckets_for(n) * WAYS >= 2 * n
+        assert n_buckets_for(n, 4) * WAYS >= 4 * n and n_buckets_for(n, 4) <= max(1, 2 * n_buckets_for(n))
         assert n_buckets_for(n) & (n_buckets_for(n) - 1) == 0
 
 
@@ -46,7 +47,7 @@ def test_insert_duplicate_and_evict():
     assert t.drops == 0
 
 
-def test_full_bucket_drops_its_oldest_entry_fifo():
+def test_full_bucket_drops_its_least_recently_used_entry():
     t = table(1)
     for h in range(10, 10 + WAYS):
         assert t.insert(h) is None
@@ -54,12 +55,26 @@ def test_full_bucket_drops_its_oldest_entry_fifo():
     assert bucket(t, 0)[0] == 100
     t.remove(12)  # a hole: the next insert takes it without dropping
     assert t.insert(101) is None
-    assert t.insert(102) == 11  # FIFO order survives the hole
+    assert t.insert(102) == 11  # the order survives the hole
     assert t.insert(103) == 13
     assert t.drops == 3
     assert t.keys() == {14, 15, 16, 17, 100, 101, 102, 103}
     t.remove(11)  # dropped earlier: a no-op
     assert len(t.keys()) == WAYS
+
+
+def test_a_used_entry_outlives_newer_ones_a_hot_prefix_stays_visible():
+    # A system prompt's block, cached first and hit by every prompt since, must not be the one a
+    # full bucket drops: the router's probe stops at the first block it cannot see.
+    t = table(1)
+    assert t.insert(10) is None
+    for h in range(11, 10 + WAYS):
+        t.insert(h)
+        t.insert(10)  # a prefix hit uses it again
+    assert t.insert(100) == 11  # the least recently used goes, not the first inserted
+    assert t.insert(101) == 12
+    assert 10 in t.keys() and t.drops == 2
+    assert t.insert(10) is None and bucket(t, 0).count(10) == 1  # a use stores nothing
 
 
 def test_hash_zero_is_stored_as_one():
@@ -77,7 +92,7 @@ def test_hash_zero_is_stored_as_one():
 def test_random_operations_match_a_list_model():
     rng = random.Random(0)
     t = table(8)
-    model: list[list[int]] = [[] for _ in range(8)]  # per bucket, keys oldest first
+    model: list[list[int]] = [[] for _ in range(8)]  # per bucket, keys least recently used first
     universe = [rng.getrandbits(64) for _ in range(200)] + [0, 1, 2**64 - 1]
     for _ in range(5000):
         h = rng.choice(universe)
@@ -85,10 +100,11 @@ def test_random_operations_match_a_list_model():
         b = model[k % 8]
         if rng.random() < 0.6:
             expect = None
-            if k not in b:
-                if len(b) == WAYS:
-                    expect = b.pop(0)
-                b.append(k)
+            if k in b:
+                b.remove(k)  # used again: the most recent
+            elif len(b) == WAYS:
+                expect = b.pop(0)
+            b.append(k)
             assert t.insert(h) == expect
         else:
             if k in b:
@@ -108,7 +124,7 @@ def test_one_rank_window_reads_itself():
     # NOTE: in a job the router and the owners are different ranks; one rank can read its own window.
     cw = CacheWindow.create(MPI.COMM_SELF, 40, "prefill")
     try:
-        assert cw.table.n_buckets == 16
+        assert cw.table.n_buckets == 32  # 4 slots a block (GPU_SLOTS_PER_BLOCK): 160 of 256
         reader = WindowReader(cw.win, {0: cw.table.n_buckets})
         assert reader.loads() == {0: WorkerLoad(0, "prefill", 0, Load(0, 0, 0, 0, 0, 0))}
         chain = [0, 2**64 - 1, 77, 1234567890123]

@@ -453,7 +453,7 @@ class Engine:
         return self.host.num_slots if self.host is not None else 0
 
     def watch_host(self, on_add: CacheHook, on_drop: CacheHook) -> None:
-        """Listeners of the host tier: a block hash entered it; one left it."""
+        """Listeners of the host tier: a block hash entered it (or a match used it again); one left it."""
         self.host.on_add, self.host.on_drop = on_add, on_drop
 
     @property

@@ -111,6 +111,8 @@ class HostTier:
             self.lru.move_to_end(h)
             self.pinned[slot] = self.pinned.get(slot, 0) + 1
             out.append(slot)
+            if self.on_add is not None:  # used again: the window's host table keeps it longer
+                self.on_add(h)
         return out
 
     def pin(self, slot: int) -> None:

@@ -6,7 +6,8 @@ computed blocks, reserves blocks for KV that another worker sends, and frees a s
 The BlockPool below it is plain bookkeeping; every moment that someone outside may care about
 passes through here:
 
-    on_cache(block_hash)           a block became findable (the worker's window adds it)
+    on_cache(block_hash)           a block became findable (the worker's window adds it), or a
+                                   new sequence's prefix hit uses it again (the window marks it used)
     on_evict(block_id, block_hash) a cached block is about to be reused: its KV is still intact,
                                    so this is the one place a host tier copies it out first
 
@@ -167,6 +168,9 @@ class KVCacheManager:
             return False
         assert len(host_slots) + len(disk_hashes) <= need
         self.pool.touch(hits)
+        if self.on_cache is not None:
+            for h in seq.block_hashes[: len(hits)]:
+                self.on_cache(h)
         fresh = self.allocate(need)
         seq.block_ids = hits + fresh
         if host_slots or disk_hashes:

@@ -47,7 +47,9 @@ def run(device: torch.device, model_dir, vocab: int, steps: int) -> list[list[in
             matcher = grammars.matcher(f"r{i}", p.structured, outs[i]) if p.structured else None
             rows.append(SampleRow(p, None, [], f"r{i}", slot, matcher))
         structured = [j for j, r in enumerate(rows) if r.matcher is not None]
-        mask = grammars.fill_bitmask([rows[j].request_id for j in structured], structured, len(rows), device)
+        mask = None
+        if structured:  # the engine's rule: a step whose grammars have all ended has no mask
+            mask = grammars.fill_bitmask([rows[j].request_id for j in structured], structured, len(rows), device)
         tokens, _ = sample(logits[live], rows, history, mask)
         grammars.accept_batch([rows[j].request_id for j in structured], [tokens[j] for j in structured])
         for i, t in zip(live, tokens):

@@ -36,7 +36,8 @@ from kvrelay.ranks.engine.parallel import TPGroup
 from kvrelay.ranks.engine.sharding import TPShard
 from kvrelay.ranks.engine.step_sync import StepSync
 from kvrelay.ranks.engine.penalties import TokenHistory
-from kvrelay.ranks.engine.sampler import PendingTokens, SampleRow, request_generator, sample, sample_later, to_device
+from kvrelay.ranks.engine.device import to_device
+from kvrelay.ranks.engine.sampler import PendingTokens, SampleRow, request_generator, sample, sample_later
 from kvrelay.ranks.engine.scheduler import Scheduler
 from kvrelay.ranks.engine.structured import Grammars, warm_up_bitmask
 from kvrelay.ranks.engine.sequence import Sequence, SeqStatus, sample_key

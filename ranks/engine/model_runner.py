@@ -30,7 +30,7 @@ from kvrelay.ranks.engine.disk_tier import DiskStore
 from kvrelay.ranks.engine.host_memory import HostKVMemory
 from kvrelay.ranks.engine.model import LlamaForCausalLM, allocate_kv_cache
 from kvrelay.ranks.engine.parallel import TPGroup
-from kvrelay.ranks.engine.sampler import to_device
+from kvrelay.ranks.engine.device import to_device
 from kvrelay.ranks.engine.scheduler import ScheduledSeq
 from kvrelay.core.model_files import ModelConfigError
 from kvrelay.core.block_hash import num_blocks as blocks_for  # `num_blocks` is the cache's size here

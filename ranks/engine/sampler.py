@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvrelay.core.request import SamplingParams, TokenLogprob
+from kvrelay.ranks.engine.device import to_device
 from kvrelay.ranks.engine.penalties import TokenHistory, apply_penalties
 
 if TYPE_CHECKING:
@@ -58,12 +59,6 @@ class PendingTokens:
         if self._ready is not None:
             self._ready.synchronize()
         return self._host.tolist()
-
-
-def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-    """A small host list as a tensor on `device`, copied from pinned memory without a wait: a
-    blocking copy would wait for every kernel queued before it, the step's forward included."""
-    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
 
 
 @torch.inference_mode()

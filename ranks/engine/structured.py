@@ -34,7 +34,7 @@ import torch
 
 from kvrelay.core.grammar import to_grammar
 from kvrelay.core.request import StructuredOutput
-from kvrelay.ranks.engine.sampler import to_device
+from kvrelay.ranks.engine.device import to_device
 
 
 @dataclass

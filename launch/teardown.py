@@ -14,7 +14,8 @@ the stage it is in, and a watchdog thread ends the process if the whole teardown
 job's exit code (the output is complete by then, so nothing is lost; the launcher may still report
 that a rank left without MPI_Finalize).
 
-`end_process` finalizes MPI itself and then leaves with os._exit: the interpreter's own teardown
+In a process that used CUDA, `end_process` finalizes MPI itself and then leaves with os._exit
+(elsewhere it exits the usual way, see its NOTE): the interpreter's own teardown
 (module and object destructors: torch's process groups, CUDA graphs and caches, whose order
 Python does not fix) never runs, so nothing there can hang a finished job. A caller that must
 return (submitit's task, launch/submit.py) skips it: the watchdog, a daemon thread, then bounds
@@ -88,10 +89,20 @@ def stage(name: str) -> None:
 
 def end_process(exit_code: int, limit_s: float) -> None:
     """Finalize MPI (bounded by the watchdog, armed here with `limit_s` if it is not yet) and leave
-    the process with `exit_code`, skipping the interpreter's teardown. Never returns."""
+    the process with `exit_code`, skipping the interpreter's teardown where the process used CUDA.
+    Never returns.
+
+    NOTE: a process that never touched CUDA leaves the usual way (SystemExit; mpi4py finalizes MPI
+    at exit), as every CPU job did before: with MPI_Finalize and os._exit back to back on every
+    rank, 2 of a CI run's ~40 CPU MPI jobs (MPICH) ended with exit status 9 right after writing
+    their summary (2026-11-28), a rank gone while another still finalized; not reproduced alone."""
     from mpi4py import MPI
 
     t = begin(_current.who if _current else f"rank {MPI.COMM_WORLD.rank}", limit_s, exit_code)
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        t.stage("exit (MPI_Finalize at the interpreter's exit)")
+        raise SystemExit(exit_code)
     t.stage("MPI_Finalize (waits for every rank of the job to reach it)")
     if not MPI.Is_finalized():
         MPI.Finalize()

@@ -17,20 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_layouts_bench_measures_each_segment(tiny_models, tmp_path):
-    try:
-        mpiexec, open_mpi = find_mpiexec()
-    except Exception as e:  # noqa: BLE001 - any failure to find MPI means: skip
-        pytest.skip(f"no MPI launcher here: {e}")
-    launcher = f"{mpiexec} --oversubscribe" if open_mpi else mpiexec
-    out = tmp_path / "b.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "layouts.py"), "--model", str(tiny_models["llama"]), "--layouts", "1p1d",
-         "--mix", "120:6", "--rates", "20,40", "--requests", "4", "--gap-s", "0.5", "--device", "cpu",
-         "--mpiexec", launcher, "--set", "cache.block_size=16", "--workdir", str(tmp_path / "w"), "--json", str(out)],
-        capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(out.read_text())["results"]
+    _, report = _layouts(tmp_path, "--model", str(tiny_models["llama"]), "--layouts", "1p1d", "--mix", "120:6", "--rates", "20,40")
+    results = report["results"]
     segments = [r for r in results if "run" not in r]
     assert [(s["mix"], s["rate"], s["requests"]) for s in segments] == [("120:6", 20.0, 4), ("120:6", 40.0, 4)]
     assert all(s["ttft_p50_s"] > 0 and s["itl_p50_s"] > 0 and s["goodput_fraction"] <= 1 for s in segments)
@@ -41,23 +29,12 @@ def test_layouts_bench_measures_each_segment(tiny_models, tmp_path):
 def test_layouts_bench_on_a_random_shape_with_tp_groups_and_the_plan(tmp_path):
     """--size: the workers draw the weights (no checkpoint written); --tp 2: one aggregated worker of
     two ranks counts as 2 GPUs; --timing: plan's advice for those GPUs beside the measured best."""
-    try:
-        mpiexec, open_mpi = find_mpiexec()
-    except Exception as e:  # noqa: BLE001 - any failure to find MPI means: skip
-        pytest.skip(f"no MPI launcher here: {e}")
-    launcher = f"{mpiexec} --oversubscribe" if open_mpi else mpiexec
-    out = tmp_path / "b.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "layouts.py"), "--size", "tiny", "--layers", "1", "--tp", "2", "--layouts", "1agg",
-         "--mix", "120:6@40", "--rates", "1", "--requests", "4", "--gap-s", "0.5", "--device", "cpu",
-         "--timing", str(ROOT / "configs" / "sim" / "h100-llama8b.yaml"), "--mpiexec", launcher,
-         "--set", "cache.block_size=16", "--set", "cache.num_blocks=64", "--workdir", str(tmp_path / "w"), "--json", str(out)],
-        capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc, report = _layouts(
+        tmp_path, "--size", "tiny", "--layers", "1", "--tp", "2", "--layouts", "1agg", "--mix", "120:6@40", "--rates", "1",
+        "--timing", str(ROOT / "configs" / "sim" / "h100-llama8b.yaml"), "--set", "cache.num_blocks=64",
+    )
     model = tmp_path / "w" / "llama-tiny-1layers"
     assert json.loads((model / "config.json").read_text())["num_hidden_layers"] == 1 and not list(model.glob("*.safetensors"))
-    report = json.loads(out.read_text())
     [segment] = [r for r in report["results"] if "run" not in r]
     assert (segment["rate"], segment["requests"], segment["gpus"]) == (40.0, 4, 2)
     assert segment["requests_per_s_per_gpu"] == pytest.approx(segment["requests_per_s"] / 2)
@@ -82,3 +59,20 @@ def test_segments_pause_long_enough_to_drain_at_the_itl_target(tmp_path):
     assert 500 <= ts[6] - ts[5] < 1000  # 2 tokens: the gap itself
     with pytest.raises(SystemExit, match="IN:OUT@R1,R2"):
         parse_mix("3000-150", "1")
+
+
+def _layouts(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """bench/layouts.py with `args` on CPU ranks (4 requests a segment, block size 16): its output and JSON report."""
+    try:
+        mpiexec, open_mpi = find_mpiexec()
+    except Exception as e:  # noqa: BLE001 - any failure to find MPI means: skip
+        pytest.skip(f"no MPI launcher here: {e}")
+    out = tmp_path / "b.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "layouts.py"), *args, "--requests", "4", "--gap-s", "0.5", "--device", "cpu",
+         "--mpiexec", f"{mpiexec} --oversubscribe" if open_mpi else mpiexec, "--set", "cache.block_size=16",
+         "--workdir", str(tmp_path / "w"), "--json", str(out)],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())

@@ -1,5 +1,6 @@
-"""Smoke test of bench/layouts.py on CPU ranks: a segmented synthetic trace through a 1 prefill +
-1 decode job, every request answered and measured once per segment."""
+"""Smoke tests of bench/layouts.py on CPU ranks: a segmented synthetic trace through a 1 prefill +
+1 decode job, every request answered and measured once per segment; the head of a Mooncake-format
+trace through both layouts, beside the plan's advice."""
 
 from __future__ import annotations
 
@@ -59,6 +60,62 @@ def test_segments_pause_long_enough_to_drain_at_the_itl_target(tmp_path):
     assert 500 <= ts[6] - ts[5] < 1000  # 2 tokens: the gap itself
     with pytest.raises(SystemExit, match="IN:OUT@R1,R2"):
         parse_mix("3000-150", "1")
+
+
+# A conversation-like trace in the Mooncake format: turns that extend earlier turns' hash ids.
+TRACE = [(0, 300, [0]), (1000, 700, [0, 1]), (2000, 200, [2]), (3000, 900, [0, 1]), (4000, 400, [2]), (5000, 1000, [0, 1])]
+
+
+def _write_trace(path: Path) -> Path:
+    path.write_text("".join(json.dumps({"timestamp": ts, "input_length": n, "output_length": 4, "hash_ids": ids}) + "\n"
+                            for ts, n, ids in TRACE))
+    return path
+
+
+def test_trace_segments_copy_the_head_once_per_speedup(tmp_path):
+    from kvrelay.bench.layouts import parse_scales, trace_segments
+
+    segments, head = trace_segments(tmp_path / "t.jsonl", _write_trace(tmp_path / "src.jsonl"), 5, parse_scales("2,4"),
+                                    gap_s=0.5, itl_s=0.05)
+    assert len(head) == 5
+    assert segments == [{"mix": "trace", "rate": 2.0, "time_scale": 2.0, "lines": [1, 5]},
+                        {"mix": "trace", "rate": 4.0, "time_scale": 4.0, "lines": [6, 10]}]
+    lines = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert [x["timestamp"] for x in lines] == [0, 500, 1000, 1500, 2000] + [2500 + t for t in (0, 250, 500, 750, 1000)]
+    assert [x["input_length"] for x in lines] == [n for _, n, _ in TRACE[:5]] * 2
+    # Shared inside a copy as in the trace, never across copies (hash ids 0-2, moved by 3).
+    assert [x["hash_ids"] for x in lines] == [ids for _, _, ids in TRACE[:5]] + [[h + 3 for h in ids] for _, _, ids in TRACE[:5]]
+    with pytest.raises(SystemExit, match="speedups > 0"):
+        parse_scales("1,0")
+    with pytest.raises(SystemExit, match="2 requests at least"):
+        trace_segments(tmp_path / "t.jsonl", tmp_path / "src.jsonl", 1, [1.0], gap_s=0.5)
+    with pytest.raises(SystemExit, match="does not exist"):
+        trace_segments(tmp_path / "t.jsonl", tmp_path / "missing.jsonl", 5, [1.0], gap_s=0.5)
+
+
+def test_layouts_bench_on_the_head_of_a_trace_compares_both_layouts_with_the_plan(tiny_models, tmp_path):
+    """--trace: both layouts replay the head at each speedup and report what the mixes report, and
+    the plan's advice for the head's workload (its lengths, its prefix hits) beside the measured best."""
+    proc, report = _layouts(
+        tmp_path, "--model", str(tiny_models["llama"]), "--layouts", "1p1d,2agg", "--trace", str(_write_trace(tmp_path / "t.jsonl")),
+        "--limit", "5", "--time-scale", "2,4", "--timing", str(ROOT / "configs" / "sim" / "h100-llama8b.yaml"),
+    )
+    results = report["results"]
+    segments = [r for r in results if "run" not in r]
+    assert [(s["layout"], s["mix"], s["time_scale"], s["rate"], s["requests"], s["gpus"]) for s in segments] == [
+        (layout, "trace", x, x, 5, 2) for layout in ("1p1d", "2agg") for x in (2.0, 4.0)]
+    for s in segments:
+        assert s["requests_per_s_per_gpu"] == pytest.approx(s["requests_per_s"] / 2)
+        assert s["ttft_p50_s"] > 0 and s["itl_p50_s"] > 0 and 0 <= s["goodput_requests_per_s_per_gpu"] <= s["requests_per_s_per_gpu"]
+    runs = {r["run"]["layout"]: r["run"] for r in results if "run" in r}
+    assert {k: v["succeeded"] for k, v in runs.items()} == {"1p1d": 10, "2agg": 10}
+    assert runs["1p1d"]["handoff_bytes"] > 0 and runs["1p1d"]["prefix_hit_ratio"] > 0  # one prefill worker sees every turn
+    [advice] = report["plan"]
+    assert advice["mix"] == "trace" and advice["gpus"] == 2
+    assert advice["workload"]["input_tokens"] == pytest.approx(sum(n for _, n, _ in TRACE[:5]) / 5)
+    assert 0 < advice["workload"]["cached_fraction"] < 1
+    assert advice["measured_best"] in ("1p1d", "2agg") and advice["advice"] in ("1p1d", "2agg")
+    assert "mix trace: measured best" in proc.stdout
 
 
 def _layouts(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:

@@ -5,14 +5,14 @@ trace through both layouts, beside the plan's advice."""
 from __future__ import annotations
 
 import json
-import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from kvrelay.launch.run import find_mpiexec
+from .mpi_launch import mpi_launcher
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,15 +120,11 @@ def test_layouts_bench_on_the_head_of_a_trace_compares_both_layouts_with_the_pla
 
 def _layouts(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     """bench/layouts.py with `args` on CPU ranks (4 requests a segment, block size 16): its output and JSON report."""
-    try:
-        mpiexec, open_mpi = find_mpiexec()
-    except Exception as e:  # noqa: BLE001 - any failure to find MPI means: skip
-        pytest.skip(f"no MPI launcher here: {e}")
+    launcher, env = mpi_launcher()
     out = tmp_path / "b.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "layouts.py"), *args, "--requests", "4", "--gap-s", "0.5", "--device", "cpu",
-         "--mpiexec", f"{mpiexec} --oversubscribe" if open_mpi else mpiexec, "--set", "cache.block_size=16",
+         "--mpiexec", shlex.join(launcher), "--set", "cache.block_size=16",
          "--workdir", str(tmp_path / "w"), "--json", str(out)],
         capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -10,6 +10,11 @@
 #            on an H200 (70 GB), 20 on an H100 80GB (38 GB)
 #   bash bench/gpu_b3_70b.sh OUTDIR
 # Env: B3_LAYERS, B3_MIXES (space-separated IN:OUT@RATES), B3_REQUESTS (per segment, 16), B3_TP.
+# B3_TRACE_HEAD=N: the same comparison on the first N requests of the Mooncake conversation trace
+# instead of the mixes, replayed once per speedup in B3_TRACE_SCALES (comma list), prompts built from
+# its hash ids (shared prefixes are real). B3_TRACE: the trace file, by default
+# ../shared/data/mooncake_conversation_trace.jsonl beside the repository, which does not travel to a
+# device machine with the repository: copy it into the checkout (an ignored folder) and point B3_TRACE there.
 set -euo pipefail
 out=${1:?OUTDIR}
 mkdir -p "$out"
@@ -24,14 +29,29 @@ elif [ "$ngpu" -ge 2 ]; then
 else
   echo "gpu_b3_70b: needs 2 or 4 GPUs, this host has $ngpu" >&2; exit 2
 fi
-# Rates around the modeled saturation of the split (its prefill side) and of 2 aggregated workers.
-if [ "$layers" -le 20 ]; then default_mixes="3000:150@2,4,8 3000:1000@5"; else default_mixes="3000:150@1,2,4 3000:1000@2.5"; fi
-mixes=()
-for m in ${B3_MIXES:-$default_mixes}; do mixes+=(--mix "$m"); done
+if [ -n "${B3_TRACE_HEAD:-}" ]; then
+  trace=${B3_TRACE:-$here/../../shared/data/mooncake_conversation_trace.jsonl}
+  [ -f "$trace" ] || { echo "gpu_b3_70b: no trace at $trace; copy mooncake_conversation_trace.jsonl into the checkout and set B3_TRACE" >&2; exit 2; }
+  # Its first 20-60 requests arrive at 3-6 requests/s with 12-14k-token prompts (few shared). The split's
+  # prefill worker took about 9.5k prompt tokens/s on the 20-layer cut (B3 on 2 H100, BENCHMARKS.md),
+  # so the split saturates near 0.7 requests/s there and near half that with twice the layers per
+  # GPU: the default speedups put one segment under that and one past it. Each segment lasts the
+  # head's span over its speedup, then drains for the longest output at 50 ms a token.
+  if [ "$layers" -le 20 ]; then default_scales=0.1,0.3; else default_scales=0.05,0.15; fi
+  workload=(--trace "$trace" --limit "$B3_TRACE_HEAD" --time-scale "${B3_TRACE_SCALES:-$default_scales}")
+  name=b3-70b-trace$B3_TRACE_HEAD
+else
+  # Rates around the modeled saturation of the split (its prefill side) and of 2 aggregated workers.
+  if [ "$layers" -le 20 ]; then default_mixes="3000:150@2,4,8 3000:1000@5"; else default_mixes="3000:150@1,2,4 3000:1000@2.5"; fi
+  mixes=()
+  for m in ${B3_MIXES:-$default_mixes}; do mixes+=(--mix "$m"); done
+  workload=("${mixes[@]}" --requests "${B3_REQUESTS:-16}")
+  name=b3-70b
+fi
 timing="$out/timing-$card-llama70b-${layers}layers.yaml"
 python3 "$here/derive_timing.py" --layers "$layers" --card "$card" --out "$timing" >/dev/null
-echo "B3 70B shape: $layers of 80 layers, tp=$tp, $card x $ngpu (GPUs $gpus), mixes ${mixes[*]}"
+echo "B3 70B shape: $layers of 80 layers, tp=$tp, $card x $ngpu (GPUs $gpus), ${workload[*]}"
 CUDA_VISIBLE_DEVICES=$gpus python3 "$here/layouts.py" --size 70b-shape --layers "$layers" --tp "$tp" --layouts 1p1d,2agg \
-  "${mixes[@]}" --requests "${B3_REQUESTS:-16}" --gap-s 4 --ttft-ms 2000 --itl-ms 50 --timing "$timing" \
+  "${workload[@]}" --gap-s 4 --ttft-ms 2000 --itl-ms 50 --timing "$timing" \
   --device cuda --mpiexec "$KVRELAY_MPIEXEC" --set scheduler.max_batch_tokens=8192 --set scheduler.max_seqs=256 \
-  --workdir "$out/runs" --json "$out/b3-70b-${layers}layers-tp$tp-$card.json"
+  --workdir "$out/runs" --json "$out/$name-${layers}layers-tp$tp-$card.json"

@@ -7,6 +7,9 @@ per placement policy, on one timed trace replayed by the MPI job (workloads B3, 
     # a prefix-heavy trace (Mooncake format) on four GPUs, kv_aware against round_robin
     python3 bench/layouts.py --model DIR --layouts 2p2d,4agg --policies kv_aware,round_robin \\
         --trace conversation_trace.jsonl --limit 400 --time-scale 4 --json four.json
+    # the head of the Mooncake trace on the 70B shape, B3's comparison at three speedups
+    python3 bench/layouts.py --size 70b-shape --layers 20 --layouts 1p1d,2agg --trace conversation_trace.jsonl \\
+        --limit 60 --time-scale 0.25,0.5,1 --timing configs/sim/h100-llama70b-20layers-derived.yaml ...
     # B3 on the 70B shape: 70B's width at a quarter of its depth (20 of 80 layers, 38 GB of bf16:
     # fits an H100 80GB) on 2 GPUs (tp=1), and the whole model on 4 GPUs (tp=2)
     python3 bench/layouts.py --size 70b-shape --layers 20 --layouts 1p1d,2agg --mix 3000:150@2,4,8 \\
@@ -22,7 +25,11 @@ N GPUs (`roles.tp`); per-GPU figures divide by workers x N.
 With `--mix`/`--rates` it writes one trace of segments, one per (mix, rate), each a Poisson stream
 of `--requests` requests with fresh (unshared) prompt blocks, separated by a pause long enough for
 the previous segment to drain (`--gap-s`, or the output length x the ITL target if longer), so that one job (one model load) serves every rate and metrics are
-taken per segment by arrival time. Each (layout, policy) is one `kvrelay run` under `--mpiexec`.
+taken per segment by arrival time. With `--trace` (Mooncake format, router/trace.py) the segments are
+its first `--limit` requests, once per `--time-scale` (a speedup: timestamps are divided by it), with
+the trace's own lengths, arrivals and shared prefixes (prompts are built from its hash ids); each
+copy's hash ids are its own, so every segment starts on cold caches. Each (layout, policy) is one
+`kvrelay run` under `--mpiexec`.
 
 Per segment: requests/s and output tokens/s (whole layout and per GPU), TTFT and ITL p50/p90 (from
 OUT.timings.jsonl), goodput (requests/s meeting both targets), prefix-hit ratio and KV handoff GB/s
@@ -30,7 +37,9 @@ OUT.timings.jsonl), goodput (requests/s meeting both targets), prefix-hit ratio 
 
 With `--timing YAML`, each mix's measured best layout (the most goodput per GPU at any rate, then
 the most requests/s per GPU) is set beside `kvrelay plan`'s advice for the same GPUs, tp, engine
-settings, latency targets and KV cache (the measured workers' blocks): `plan` in the JSON.
+settings, latency targets and KV cache (the measured workers' blocks): `plan` in the JSON. The trace's
+workload for `plan` is its head's mean lengths and the prefix-hit ratio one worker's cache reaches
+on the head (router/oracle.py).
 """
 
 from __future__ import annotations
@@ -46,9 +55,9 @@ import sys
 import time
 from pathlib import Path
 
-from kvrelay.router.frontend import percentiles
 from kvrelay.core.block_hash import num_blocks
-from kvrelay.router.trace import TRACE_BLOCK_TOKENS
+from kvrelay.router.frontend import percentiles
+from kvrelay.router.trace import TRACE_BLOCK_TOKENS, TraceEntry, TraceError, read_trace
 
 LAYOUT = re.compile(r"^(?:(\d+)p(\d+)d|(\d+)agg)$")
 
@@ -97,6 +106,49 @@ def synthetic_trace(path: Path, mixes: list[tuple[int, int, list[float]]], reque
     return segments
 
 
+def trace_segments(path: Path, source: Path, head: int | None, scales: list[float], gap_s: float,
+                   itl_s: float = 0.0) -> tuple[list[dict], list[TraceEntry]]:
+    """Write the first `head` requests of the Mooncake-format trace `source` once per speedup in
+    `scales` (timestamps divided by it), each copy's hash ids moved past the previous copy's: prefixes
+    are shared inside a copy as in the trace, never across copies. Copies are separated as in
+    `synthetic_trace`, by the longest output at `itl_s` a token. Returns the segments (mix "trace",
+    rate: the copy's requests/s) and the head's entries."""
+    try:
+        entries = list(read_trace(source, limit=head))
+    except TraceError as e:
+        raise SystemExit(f"--trace: {e}") from None
+    if len(entries) < 2:
+        raise SystemExit(f"--trace {source}: its head needs 2 requests at least to have a rate, it has {len(entries)}")
+    start, span = entries[0].arrival_s, entries[-1].arrival_s - entries[0].arrival_s
+    stride = 1 + max(h for e in entries for h in e.hash_ids)
+    if stride * len(scales) >= 1 << 63:
+        raise SystemExit(f"--trace {source}: its hash ids reach {stride - 1}, too large to give {len(scales)} copies "
+                         "ids of their own under 2**63; give one --time-scale")
+    drain = max(gap_s, max(e.output_length for e in entries) * itl_s)
+    t, segments = 0.0, []
+    with path.open("w") as f:
+        for i, scale in enumerate(scales):
+            first = i * len(entries) + 1
+            segments.append({"mix": "trace", "rate": round((len(entries) - 1) / span * scale, 3) if span else None,
+                             "time_scale": scale, "lines": [first, first + len(entries) - 1]})
+            for e in entries:
+                f.write(json.dumps({"timestamp": round((t + (e.arrival_s - start) / scale) * 1000),
+                                    "input_length": e.input_length, "output_length": e.output_length,
+                                    "hash_ids": [h + i * stride for h in e.hash_ids]}) + "\n")
+            t += span / scale + drain
+    return segments, entries
+
+
+def parse_scales(text: str) -> list[float]:
+    try:
+        scales = [float(x) for x in text.split(",")]
+    except ValueError:
+        scales = []
+    if not scales or min(scales) <= 0:
+        raise SystemExit(f"--time-scale {text!r}: write speedups > 0, comma-separated (0.5 replays the trace at half speed)")
+    return scales
+
+
 def segment_metrics(rows: list[dict], seg: dict, gpus: int, ttft_s: float, itl_s: float) -> dict:
     lo, hi = seg["lines"]
     mine = [r for r in rows if lo <= int(r["custom_id"].removeprefix("trace-")) <= hi]
@@ -132,11 +184,10 @@ def run_layout(args, trace: Path, name: str, policy: str, workdir: Path) -> tupl
         p.unlink()
     cmd = [*shlex.split(args.mpiexec), "-n", str(ranks), sys.executable, "-m", "kvrelay.launch.cli", "run",
            "-i", str(trace), "-o", str(out), "--model", args.model,
-           "--set", "input.format=trace", "--set", f"input.time_scale={args.time_scale}",
+           "--set", "input.format=trace",
            "--set", "job.progress=false", "--set", f"job.device={args.device}", "--set", f"router.policy={policy}",
            *[x for k, v in roles.items() for x in ("--set", f"roles.{k}={v}")], "--set", f"roles.tp={args.tp}",
            *(["--set", "model.random_weights=true"] if args.size else []),
-           *([] if args.limit is None else ["--set", f"input.limit={args.limit}"]),
            *[x for s in args.set for x in ("--set", s)]]
     t0 = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -174,13 +225,14 @@ def layout_name(e) -> str:  # a plan Estimate as this script names layouts
     return f"{e.prefill}p{e.decode}d" if e.aggregated == 0 else f"{e.aggregated}agg"
 
 
-def plan_against_measured(args, results: list[dict]) -> list[dict]:
+def plan_against_measured(args, results: list[dict], head: list[TraceEntry]) -> list[dict]:
     """Per mix: the measured best layout (most goodput per GPU at any rate, then most requests/s per
     GPU) and `kvrelay plan`'s advice for the same GPUs, tp, engine settings and targets, with the KV
-    cache of the measured workers (their smallest, in tokens)."""
+    cache of the measured workers (their smallest, in tokens). `head`: the trace's requests, for its workload."""
     from kvrelay.configs.schema import load_config
     from kvrelay.core.timing import TimingModel
     from kvrelay.router.layout_advice import Limits, Workload, plan
+    from kvrelay.router.oracle import oracle
 
     cfg = load_config(None, args.set)
     timing = TimingModel.load(args.timing)
@@ -193,10 +245,15 @@ def plan_against_measured(args, results: list[dict]) -> list[dict]:
     for mix in dict.fromkeys(r["mix"] for r in results if "mix" in r):
         rows = [r for r in results if r.get("mix") == mix and r.get("requests")]
         best = max(rows, key=lambda r: (round(r["goodput_requests_per_s_per_gpu"], 3), r["requests_per_s_per_gpu"]))
-        inp, outp = (int(x) for x in mix.split(":"))
-        advice, options = plan(timing, Workload(inp, outp), Limits(cfg.scheduler.max_batch_tokens, cfg.scheduler.max_seqs, kv_tokens),
+        if mix == "trace":
+            hits = oracle(head, cfg.cache.block_size, kv_tokens // cfg.cache.block_size).hit_ratio
+            work = Workload(sum(e.input_length for e in head) / len(head), sum(e.output_length for e in head) / len(head), hits)
+        else:
+            work = Workload(*(int(x) for x in mix.split(":")))
+        advice, options = plan(timing, work, Limits(cfg.scheduler.max_batch_tokens, cfg.scheduler.max_seqs, kv_tokens),
                                gpus, args.ttft_ms / 1e3, args.itl_ms / 1e3, args.tp)
-        out.append({"mix": mix, "gpus": gpus, "tp": args.tp, "kv_tokens_per_worker": kv_tokens, "timing": timing.source,
+        out.append({"mix": mix, "workload": vars(work), "gpus": gpus, "tp": args.tp, "kv_tokens_per_worker": kv_tokens,
+                    "timing": timing.source,
                     "measured_best": best["layout"], "measured_best_rate": best["rate"],
                     "measured_goodput_per_gpu": best["goodput_requests_per_s_per_gpu"],
                     "advice": layout_name(advice), "advice_requests_per_s_per_gpu": advice.requests_per_s_per_gpu,
@@ -214,9 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timing", help="timing model YAML of one GPU: set kvrelay plan's advice beside the measured best")
     ap.add_argument("--layouts", default="1p1d,2agg", help="comma list of NpMd / Nagg")
     ap.add_argument("--policies", default="kv_aware", help="comma list of router policies")
-    ap.add_argument("--trace", help="replay this Mooncake-format trace instead of --mix/--rates")
-    ap.add_argument("--limit", type=int, help="with --trace: its first N lines")
-    ap.add_argument("--time-scale", type=float, default=1.0, help="divide trace timestamps by this")
+    ap.add_argument("--trace", help="replay the head of this Mooncake-format trace instead of --mix/--rates")
+    ap.add_argument("--limit", type=int, help="with --trace: its first N requests (default: all)")
+    ap.add_argument("--time-scale", default="1", metavar="X1,X2,...",
+                    help="with --trace: replay its head once per speedup (timestamps divided by it)")
     ap.add_argument("--mix", action="append", default=[], metavar="IN:OUT[@RATES]",
                     help="input:output tokens, optionally with this mix's own rates, e.g. 3000:1000@2,5 (repeatable)")
     ap.add_argument("--rates", default="2,4,8", help="requests/s per segment (of every mix without its own)")
@@ -247,24 +305,27 @@ def main(argv: list[str] | None = None) -> int:
     layouts = args.layouts.split(",")
     for name in layouts:
         parse_layout(name)
+    if args.trace and args.mix:
+        ap.error("give --trace or --mix, not both")
+    if args.limit is not None and args.limit < 1:
+        ap.error(f"--limit must be at least 1, got {args.limit}")
+    trace, head = workdir / "trace.jsonl", []
     if args.trace:
-        trace = Path(args.trace)
-        segments = [{"mix": "trace", "rate": None, "lines": [1, 1 << 62]}]
+        segments, head = trace_segments(trace, Path(args.trace), args.limit, parse_scales(args.time_scale), args.gap_s,
+                                        args.itl_ms / 1e3)
     else:
         mixes = [parse_mix(m, args.rates) for m in (args.mix or ["3000:150"])]
-        trace = workdir / "trace.jsonl"
         segments = synthetic_trace(trace, mixes, args.requests, args.gap_s, args.seed, args.itl_ms / 1e3)
-        args.time_scale = 1.0
     results = []
     for name in layouts:
         for policy in args.policies.split(","):
             info, rows = run_layout(args, trace, name, policy, workdir)
             for seg in segments:
                 m = segment_metrics(rows, seg, info["gpus"], args.ttft_ms / 1e3, args.itl_ms / 1e3)
-                results.append({**{k: info[k] for k in ("layout", "policy", "gpus")}, "mix": seg["mix"], "rate": seg["rate"], **m})
+                results.append({**{k: info[k] for k in ("layout", "policy", "gpus")}, **{k: v for k, v in seg.items() if k != "lines"}, **m})
             results.append({"run": info})
             print(json.dumps({"run": {k: info[k] for k in ("layout", "policy", "wall_s", "succeeded", "prefix_hit_ratio", "handoff_gb_per_s", "local_prefills")}}), flush=True)
-    advice = plan_against_measured(args, results) if args.timing and not args.trace else []
+    advice = plan_against_measured(args, results, head) if args.timing else []
 
     print(f"\n{'layout':<7}{'policy':<12}{'mix':<10}{'rate':>5}{'req/s':>7}{'req/s/GPU':>10}{'tok/s/GPU':>10}{'TTFT p50/p90 s':>16}"
           f"{'ITL p50/p90 ms':>16}{'goodput':>8}{'good/GPU':>9}{'hit':>6}")

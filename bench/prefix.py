@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
@@ -99,24 +98,23 @@ def make_file(name: str, args: argparse.Namespace) -> list[dict]:
 
 
 def run_one(args: argparse.Namespace, path: Path, workers: int, policy: str, workdir: Path) -> dict:
-    from kvrelay.launch.run import find_mpiexec  # imports the engine (torch): only when a run starts
+    from kvrelay.launch.run import local_launcher  # imports the engine (torch): only when a run starts
 
     out = workdir / f"{path.stem}-w{workers}-{policy}.jsonl"
     for stale in workdir.glob(f"{out.stem}.*"):
         stale.unlink()  # a rerun must run everything, not resume
-    mpiexec, open_mpi = find_mpiexec()
+    launcher, env = local_launcher()
     sets = [f"roles.aggregated={workers}", f"router.policy={policy}", f"cache.block_size={args.block_size}",
             "job.progress=false"]
     if args.model is None:
         sets += ["sim.enabled=true", f"sim.speed={args.speed}"] + ([f"sim.timing={args.timing}"] if args.timing else [])
     sets += args.set
-    cmd = [mpiexec, "-n", str(workers + 1), *(["--oversubscribe"] if open_mpi else []),
-           sys.executable, "-m", "kvrelay.launch.cli", "run", "-i", str(path), "-o", str(out),
+    cmd = [*launcher, "-n", str(workers + 1), sys.executable, "-m", "kvrelay.launch.cli", "run", "-i", str(path), "-o", str(out),
            *(["--model", args.model] if args.model else [])]
     for s in sets:
         cmd += ["--set", s]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"},
                           timeout=args.timeout)
     wall = time.monotonic() - t0
     if proc.returncode != 0:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -73,9 +72,9 @@ def run_one(args, workers: int, policy: str, limit: int, workdir: Path) -> dict:
     out = workdir / f"w{workers}-{policy}.jsonl"
     for stale in workdir.glob(f"w{workers}-{policy}.*"):
         stale.unlink()  # a rerun must replay everything, not resume
-    from kvrelay.launch.run import find_mpiexec  # imports the engine (torch): only when a run starts
+    from kvrelay.launch.run import local_launcher  # imports the engine (torch): only when a run starts
 
-    mpiexec, open_mpi = find_mpiexec()
+    launcher, env = local_launcher()
     time_scale = args.time_scale_per_worker * workers
     sets = [
         "sim.enabled=true", f"sim.speed={args.speed}", "input.format=trace", f"input.time_scale={time_scale}",
@@ -87,13 +86,11 @@ def run_one(args, workers: int, policy: str, limit: int, workdir: Path) -> dict:
         sets += [f"cache.disk_kv_gib={args.disk_kv_gib}", f"cache.disk_kv_path={workdir / 'disk-kv'}"]
     if args.timing:
         sets.append(f"sim.timing={args.timing}")
-    cmd = [mpiexec, "-n", str(workers + 1), *(["--oversubscribe"] if open_mpi else []),
-           sys.executable, "-m", "kvrelay.launch.cli", "run", "-i", args.trace, "-o", str(out)]
+    cmd = [*launcher, "-n", str(workers + 1), sys.executable, "-m", "kvrelay.launch.cli", "run", "-i", args.trace, "-o", str(out)]
     for s in sets:
         cmd += ["--set", s]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=args.timeout)
     wall = time.monotonic() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"run W={workers} {policy} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -147,8 +147,9 @@ def arrival_counters(device: torch.device, n: int) -> torch.Tensor:  # [>= n] in
 
 @functools.cache
 def _kernel(interpret: bool):
-    # Jitted on first use, not at import: triton.jit reads TRITON_INTERPRET when it wraps the function,
-    # and the tests set it after kvrelay may have been imported. `interpret` only keys the cache.
+    # Jitted on first use; `interpret` only keys the cache. triton.jit reads TRITON_INTERPRET when it
+    # wraps a function, and attend_tile, which both attention kernels call, is wrapped at import: the
+    # interpreter must be on before kvrelay is imported (tests/conftest.py turns it on first).
     # NOTE: Triton compiles a kernel per specialization of its int arguments (== 1, divisible by
     # 16, neither). The block table's width and the partition change from step to step, so
     # specializing on them compiled new kernels in the middle of a run (B1 on an H100: 4 s of a
@@ -197,27 +198,10 @@ def _decode(
         for start in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
             t = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] context positions
             valid = (t >= lo) & (t < hi)
-            block = tl.load(table + t // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-            kv_off = block * stride_kb + (t % BLOCK_SIZE) * stride_kt + kvh * stride_kh  # [BLOCK_N]
-            k = tl.load(k_cache + kv_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
-            v = tl.load(v_cache + kv_off[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-            if F32_DOTS:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-                scores = tl.dot(q_tile, tl.trans(k), input_precision="ieee")
-            else:
-                scores = tl.dot(q_tile, tl.trans(k))
-            scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))  # [GROUP_PAD, BLOCK_N] f32
-            # Every tile holds a valid position, so the new max is finite and exp2 sees no -inf - -inf.
-            m_new = tl.maximum(m, tl.max(scores, 1))
-            p = tl.exp2(scores - m_new[:, None])
-            alpha = tl.exp2(m - m_new)
-            l = l * alpha + tl.sum(p, 1)
-            if F32_DOTS:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
+            m, l, acc = attend_tile(
+                q_tile, m, l, acc, k_cache, v_cache, table, kvh, t, valid, valid[None, :], qk_scale,
+                stride_kb, stride_kt, stride_kh, BLOCK_SIZE, HEAD_DIM, F32_DOTS,
+            )  # fmt: skip
         if SPLIT:
             part = (b * GROUP * tl.num_programs(1) + head).to(tl.int64) * tl.num_programs(2) + s  # [GROUP_PAD]
             tl.store(part_acc + part[:, None] * HEAD_DIM + d[None, :], acc, mask=rows)
@@ -255,3 +239,45 @@ def _decode(
                 m = m_new
             tl.store(o_ptr, (acc / tl.where(l > 0, l, 1.0)[:, None]).to(out.dtype.element_ty), mask=rows)
 
+
+def _attend_tile(
+    q_tile,  # [R, HEAD_DIM] query rows, f32 when F32_DOTS
+    m, l, acc,  # [R] f32 running max (base 2), [R] f32 sum of weights, [R, HEAD_DIM] f32 unnormalized output
+    k_cache, v_cache, table,  # table: this sequence's row of the block tables
+    kvh, t, key_ok,  # t: [BLOCK_N] context positions; key_ok: [BLOCK_N] those to load
+    visible,  # [R or 1, BLOCK_N] bool: the (row, key) pairs that attend
+    qk_scale,
+    stride_kb, stride_kt, stride_kh,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, F32_DOTS: tl.constexpr,
+):  # fmt: skip
+    """One key tile of an online softmax, shared by the decode and prefill kernels: load kv head kvh's
+    K/V rows at positions t through the block table, score them against q_tile where `visible`, and
+    fold them into (m, l, acc). Returns the new (m, l, acc)."""
+    d = tl.arange(0, HEAD_DIM)
+    block = tl.load(table + t // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+    kv_off = block * stride_kb + (t % BLOCK_SIZE) * stride_kt + kvh * stride_kh  # [BLOCK_N]
+    k = tl.load(k_cache + kv_off[:, None] + d[None, :], mask=key_ok[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+    v = tl.load(v_cache + kv_off[:, None] + d[None, :], mask=key_ok[:, None], other=0.0)
+    if F32_DOTS:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+        scores = tl.dot(q_tile, tl.trans(k), input_precision="ieee")
+    else:
+        scores = tl.dot(q_tile, tl.trans(k))
+    scores = tl.where(visible, scores * qk_scale, float("-inf"))  # [R, BLOCK_N] f32
+    m_new = tl.maximum(m, tl.max(scores, 1))
+    # A row can see nothing in a tile (prefill: the window, pad rows): keep its exp2 arguments finite.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(scores - m_safe[:, None])
+    alpha = tl.exp2(m - m_safe)
+    l = l * alpha + tl.sum(p, 1)
+    if F32_DOTS:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l, acc
+
+
+# Wrapped at import, as Triton wraps its own tl helpers: TRITON_INTERPRET must be set before kvrelay
+# is imported (tests/conftest.py sets it first) for the interpreted kernels to call it.
+attend_tile = triton.jit(_attend_tile) if triton is not None else None

@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from kvrelay.kernels.decode_attention import LOG2E, check_inputs
+from kvrelay.kernels.decode_attention import LOG2E, attend_tile, check_inputs
 
 try:
     import triton
@@ -140,31 +140,13 @@ def _prefill(
     for start in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
         t = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
         key_ok = t < hi
-        block = tl.load(table + t // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-        kv_off = block * stride_kb + (t % BLOCK_SIZE) * stride_kt + kvh * stride_kh
-        k = tl.load(k_cache + kv_off[:, None] + d[None, :], mask=key_ok[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
-        v = tl.load(v_cache + kv_off[:, None] + d[None, :], mask=key_ok[:, None], other=0.0)
-        if F32_DOTS:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-            scores = tl.dot(q_tile, tl.trans(k), input_precision="ieee")
-        else:
-            scores = tl.dot(q_tile, tl.trans(k))
         visible = t[None, :] <= pos[:, None]  # causal; also drops keys past hi, which lie past every valid row
         if SLIDING:
             visible &= t[None, :] > pos[:, None] - window
-        scores = tl.where(visible, scores * qk_scale, float("-inf"))  # [BLOCK_M, BLOCK_N] f32
-        m_new = tl.maximum(m, tl.max(scores, 1))
-        # A row can see nothing in a tile (window, pad rows): keep its exp2 arguments finite.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(scores - m_safe[:, None])
-        alpha = tl.exp2(m - m_safe)
-        l = l * alpha + tl.sum(p, 1)
-        if F32_DOTS:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        m, l, acc = attend_tile(
+            q_tile, m, l, acc, k_cache, v_cache, table, kvh, t, key_ok, visible, qk_scale,
+            stride_kb, stride_kt, stride_kh, BLOCK_SIZE, HEAD_DIM, F32_DOTS,
+        )  # fmt: skip
     o = acc / tl.where(l > 0, l, 1.0)[:, None]
     o_ptr = out + rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     tl.store(o_ptr, o.to(out.dtype.element_ty), mask=row_ok[:, None])

@@ -98,6 +98,19 @@ def exit_code(cfg: JobConfig, summary: Summary) -> int:
     return 0
 
 
+def local_launcher() -> tuple[list[str], dict[str, str]]:
+    """The mpiexec command (before `-n N`) that starts ranks on this machine, more of them than cores
+    if need be, and the environment to run it in: this process's, with Open MPI allowed to run as root
+    (containers and device machines run as root)."""
+    exe, open_mpi = find_mpiexec()
+    env = dict(os.environ)
+    if not open_mpi:
+        return [exe], env
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    return [exe, "--oversubscribe"], env
+
+
 def find_mpiexec() -> tuple[str, bool]:
     """mpiexec beside this Python (an MPI wheel in the venv) or on PATH, and whether it is Open MPI's."""
     here = Path(sys.executable).parent / "mpiexec"
@@ -121,13 +134,8 @@ def local_mpiexec(n: int, argv: list[str], output: str | os.PathLike | None = No
     When a rank dies, mpiexec kills the others before they can say anything: this process watches
     the ranks of the job's rank table (written beside `output`, launch/ranks.py) and names the one
     that died first."""
-    exe, open_mpi = find_mpiexec()
-    env = dict(os.environ)
-    cmd = [exe, "-n", str(n)]
-    if open_mpi:
-        cmd.append("--oversubscribe")
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    launcher, env = local_launcher()
+    cmd = [*launcher, "-n", str(n)]
     # NOTE: no MPIR_CVAR_ASYNC_PROGRESS: on one node MPICH serves window reads from shared
     # memory without the target's help, and the progress threads slowed the router 10x on an
     # oversubscribed node (measured in tests/mpi/window_check.py).

@@ -72,25 +72,20 @@ def test_b5_varied_lengths(tmp_path, capsys):
 def test_a_tensor_parallel_worker_of_two_ranks_gives_the_tp1_outputs(tmp_path):
     """--tp 2 under mpiexec (gloo on the CPU): rank 0 runs the engine, rank 1 follows; the greedy ids
     equal the tp=1 run's in float32, and the floor is the group's (twice the slowest rank's rates)."""
-    import os
     import subprocess
     import sys
 
-    from kvrelay.launch.run import find_mpiexec
+    from .mpi_launch import mpi_launcher
 
-    try:
-        mpiexec, open_mpi = find_mpiexec()
-    except Exception as e:  # noqa: BLE001 - no launcher: skip
-        pytest.skip(f"no MPI launcher here: {e}")
+    launcher, env = mpi_launcher()
     args = ["--size", "tiny", "--device", "cpu", "--num-prompts", "5", "--input-len", "20", "--output-len", "5",
             "--max-batch-tokens", "64", "--max-seqs", "4", "--batch1-tokens", "4", "--peer", "none", "--layers", "3"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     reports = {}
     for tp in (1, 2):
         out = tmp_path / f"tp{tp}.json"
         cmd = [sys.executable, "-m", "kvrelay.bench.throughput", *args, "--json", str(out)]
         if tp > 1:
-            cmd = [mpiexec, "-n", str(tp), *(["--oversubscribe"] if open_mpi else []), *cmd, "--tp", str(tp)]
+            cmd = [*launcher, "-n", str(tp), *cmd, "--tp", str(tp)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         reports[tp] = json.loads(out.read_text())

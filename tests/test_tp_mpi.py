@@ -11,7 +11,6 @@ the last rank's embedding (and the LM head tied to it) carries padding rows. Abo
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,16 +18,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from kvrelay.core.layout import LaunchError
-from kvrelay.launch.run import find_mpiexec
+from .mpi_launch import mpi_launcher
 
 MPI_DIR = Path(__file__).resolve().parent / "mpi"
 VOCAB = 509
-
-try:
-    MPIEXEC, OPEN_MPI = find_mpiexec()
-except LaunchError as e:
-    pytest.skip(f"no MPI launcher here: {e}", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +40,8 @@ def checkpoints(tiny_models, tmp_path_factory) -> dict[str, Path]:
 
 
 def _run(tp: int, models: dict[str, Path], script: str = "tp_check", args: list[str] | None = None) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    cmd = [MPIEXEC, "-n", str(tp), *(["--oversubscribe"] if OPEN_MPI else []), sys.executable, str(MPI_DIR / f"{script}.py")]
+    launcher, env = mpi_launcher()
+    cmd = [*launcher, "-n", str(tp), sys.executable, str(MPI_DIR / f"{script}.py")]
     cmd += args if args is not None else [f"{arch}={path}" for arch, path in models.items()]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import random
 import sys
-import traceback
 from pathlib import Path
 
 import torch
 from mpi4py import MPI
 from safetensors.torch import load_file
 
+from abort_on_failure import run_or_abort
 from kvrelay.ranks.engine.attention_backend import AttentionMetadata
 from kvrelay.ranks.engine.loader import iter_weights, read_model_dir, shard_weights
 from kvrelay.ranks.engine.model import LlamaForCausalLM, allocate_kv_cache
@@ -156,10 +156,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:  # noqa: BLE001 - any failure must end every rank, not leave them hanging in a collective
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        MPI.COMM_WORLD.Abort(1)
+    run_or_abort(main)

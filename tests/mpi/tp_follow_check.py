@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import sys
 import time
-import traceback
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
+from abort_on_failure import run_or_abort
 from kvrelay.ranks.engine.loader import iter_weights, read_model_dir
 from kvrelay.ranks.engine.model_runner import ModelRunner, StepArrays
 from kvrelay.ranks.engine.parallel import TPGroup
@@ -100,10 +100,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:  # noqa: BLE001 - any failure must end every rank, not leave them hanging in a collective
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        MPI.COMM_WORLD.Abort(1)
+    run_or_abort(main)

@@ -15,12 +15,12 @@ before chat 0's third turn, whose reads must fail on rank 1 and be recomputed by
 from __future__ import annotations
 
 import sys
-import traceback
 from pathlib import Path
 
 import torch
 from mpi4py import MPI
 
+from abort_on_failure import run_or_abort
 from kvrelay.configs.schema import load_config
 from kvrelay.core.request import Request, SamplingParams
 from kvrelay.ranks.engine.engine import Engine, make_runner, tier_sizes
@@ -126,10 +126,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:  # noqa: BLE001 - any failure must end every rank, not leave them hanging in a collective
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        MPI.COMM_WORLD.Abort(1)
+    run_or_abort(main)

@@ -18,12 +18,11 @@ Prints "transport_check OK".
 from __future__ import annotations
 
 import random
-import sys
-import traceback
 
 import torch
 from mpi4py import MPI
 
+from abort_on_failure import run_or_abort
 from kvrelay.kernels.kv_pack import pack_blocks, packed_shape, unpack_blocks
 from kvrelay.ranks import transport
 from kvrelay.ranks.transport import KVTransport, make_transport
@@ -133,10 +132,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:  # noqa: BLE001 - any failure must end every rank, not leave them hanging
-        traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        MPI.COMM_WORLD.Abort(1)
+    run_or_abort(main)

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import random
-import sys
 import time
-import traceback
 
 import numpy as np
 from mpi4py import MPI
 
+from abort_on_failure import run_or_abort
 from kvrelay.ranks.engine.host_tier import HostTier
 from kvrelay.ranks.engine.kv_cache import KVCacheManager
 from kvrelay.core import window as window_module
@@ -241,9 +240,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:  # noqa: BLE001 - any failure must end the whole job, not hang it
-        sys.stderr.write(f"window_check: rank {MPI.COMM_WORLD.rank} failed:\n{traceback.format_exc()}")
-        sys.stderr.flush()
-        MPI.COMM_WORLD.Abort(1)
+    run_or_abort(main)

@@ -1,0 +1,224 @@
+"""Linear layers for a few rows (decode steps): y[M, N] = x[M, K] @ W[N, K]^T (+ bias), W read once.
+
+At batch 1 a decode step is a chain of matrix-vector products, and its cost is the time to read the
+weights. cuBLAS serves M = 1 with GEMV kernels that reach ~2.4-2.86 TB/s on an H100 and, for
+N = 4096 (o_proj, down_proj), split K into a second reduce launch (bench/results/
+profile-h100-speed.json). Here one program owns BLOCK_N output features (rows of W) and walks all
+of K in BLOCK_K-wide loads along the contiguous dimension (16 bytes a thread), for all M rows at
+once: every byte of W is read once, x (a few KB) comes from the caches. Enough programs come from a
+small BLOCK_N, so nothing splits K and no second pass runs.
+
+`linear_silu_mul` is the MLP's gate/up projection with its activation: a program computes the same
+BLOCK_N features of the gate half and of the up half of the fused weight and writes
+silu(gate) * up, rounded as kernels/fused.py's `silu_mul` rounds (gate and up to the dtype first,
+as the projection's output would be, silu to the dtype, then the product), so the [M, 2 * I]
+intermediate and the separate activation launch go away.
+
+Accumulation is float32 (fused multiply-adds); the sum runs in another order than cuBLAS's, so
+results match F.linear to float32 rounding of the sum, then the dtype's rounding.
+
+Variants: Triton compiles one kernel per dtype, bias or not, SiLU or not, row tile BLOCK_M (M
+rounded up to a power of two: 1, 2, 4, 8) and config; M and x's row stride are not specialized.
+The engine's warm-up runs decode steps of 1, 2, 4 and 8 rows so that each compiles there
+(ModelRunner.warm_up). Configs per shape come from TABLE (kernels/gemv_table.json, written by
+`python -m kvrelay.bench.gemv --sweep --write-table kernels/gemv_table.json` on the target GPU),
+else from `heuristic`; never from autotuning, which would time kernels inside the decode graphs'
+capture.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the model's F.linear serves
+    triton = None
+
+MAX_ROWS = 8  # the model uses these kernels up to this many rows, F.linear above (cuBLAS's tensor-core tiles win there)
+TABLE_PATH = Path(__file__).with_name("gemv_table.json")
+_TILE_ELEMENTS = 8192  # W elements a program holds per step (and float32 partial sums at M = 1): 64 registers a thread at 4 warps
+
+
+@dataclass(frozen=True)
+class Config:
+    block_n: int  # output features (rows of W; with SiLU, of each half) per program
+    block_k: int  # elements of K per load step
+    warps: int = 4
+    stages: int = 1
+
+
+def linear(
+    x: torch.Tensor,  # [M, K], last dim contiguous
+    weight: torch.Tensor,  # [N, K] contiguous, dtype of x
+    bias: torch.Tensor | None = None,  # [N], dtype of x
+    config: Config | None = None,  # None: TABLE's entry for the shape, else `heuristic`'s
+) -> torch.Tensor:  # [M, N] contiguous, dtype of x
+    """F.linear(x, weight, bias) for a few rows."""
+    return _launch(x, weight, bias, False, config)
+
+
+def linear_silu_mul(
+    x: torch.Tensor,  # [M, K], last dim contiguous
+    weight: torch.Tensor,  # [2 * I, K] contiguous, dtype of x: gate rows, then up rows
+    bias: torch.Tensor | None = None,  # [2 * I], dtype of x
+    config: Config | None = None,
+) -> torch.Tensor:  # [M, I] contiguous, dtype of x
+    """silu(gate) * up of gate_up = F.linear(x, weight, bias), each rounded to the dtype as the unfused ops round."""
+    return _launch(x, weight, bias, True, config)
+
+
+def config_for(n: int, k: int, rows: int, silu: bool, dtype: torch.dtype, device: torch.device) -> Config:
+    """The config of a product of `rows` rows with an [n, k] weight ([2n, k] with SiLU): TABLE's, else the heuristic's."""
+    key = (n, k, triton.next_power_of_2(rows), silu, str(dtype).removeprefix("torch."))
+    return TABLE.get(key) or heuristic(n, k, key[2], silu, dtype.itemsize, _sm_count(device))
+
+
+def heuristic(n: int, k: int, block_m: int, silu: bool, elem_bytes: int, sms: int) -> Config:
+    """512-byte rows of W per load step (16 bytes a thread), and the widest BLOCK_N, up to 32, that
+    still gives four programs per SM (two per SM with the SiLU's two halves) and fits the tile budget."""
+    block_k = min(triton.next_power_of_2(k), 512 // elem_bytes)
+    halves = 2 if silu else 1
+    block_n = 32
+    while block_n > 1 and (
+        triton.cdiv(n, block_n) < 4 * sms // halves or block_m * halves * block_n * block_k > _TILE_ELEMENTS
+    ):
+        block_n //= 2
+    return Config(block_n, block_k)
+
+
+def load_table(path: Path) -> dict[tuple, Config]:
+    """(n, k, block_m, silu, dtype) -> Config from a table file (a JSON list of entries; none: empty)."""
+    if not path.exists():
+        return {}
+    table = {}
+    for e in json.loads(path.read_text())["configs"]:
+        try:
+            key = (int(e["n"]), int(e["k"]), int(e["block_m"]), bool(e["silu"]), str(e["dtype"]))
+            table[key] = Config(int(e["block_n"]), int(e["block_k"]), int(e["warps"]), int(e["stages"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"{path}: bad entry {e} ({err!r}); each needs n, k, block_m, silu, dtype, block_n, block_k, "
+                "warps, stages: rewrite it with `python -m kvrelay.bench.gemv --sweep --write-table PATH`"
+            ) from None
+        powers = (key[2], table[key].block_n, table[key].block_k, table[key].warps)
+        if not all(v > 0 and v & (v - 1) == 0 for v in powers) or table[key].stages < 1:
+            raise ValueError(f"{path}: bad entry {e}: block_m, block_n, block_k and warps are powers of two, stages >= 1")
+    return table
+
+
+def table_entry(n: int, k: int, block_m: int, silu: bool, dtype: torch.dtype, config: Config) -> dict:
+    """One entry of a table file, as `load_table` reads it."""
+    return dict(n=n, k=k, block_m=block_m, silu=silu, dtype=str(dtype).removeprefix("torch."), **asdict(config))
+
+
+TABLE = load_table(TABLE_PATH)
+
+
+def _launch(x, weight, bias, silu: bool, config: Config | None) -> torch.Tensor:
+    if triton is None:
+        raise RuntimeError("the small-batch linear kernels need the triton package: pip install triton")
+    M, K = x.shape
+    rows = weight.shape[0]
+    n = rows // 2 if silu else rows
+    assert weight.shape == (rows, K) and weight.is_contiguous() and x.stride(-1) == 1, (x.shape, weight.shape, x.stride())
+    assert weight.dtype == x.dtype and (not silu or rows % 2 == 0), (weight.dtype, x.dtype, rows)
+    assert bias is None or (bias.shape == (rows,) and bias.dtype == x.dtype and bias.is_contiguous()), bias
+    out = torch.empty((M, n), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out
+    cfg = config or config_for(n, K, M, silu, x.dtype, x.device)
+    block_m = triton.next_power_of_2(M)
+    options = {} if _interpret() else dict(num_warps=cfg.warps, num_stages=cfg.stages)
+    _kernel(_interpret())[(triton.cdiv(n, cfg.block_n),)](
+        x, weight, weight if bias is None else bias, out, M, n, K, x.stride(0),
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None, SILU=silu,
+        EVEN_K=K % cfg.block_k == 0, **options,
+    )  # fmt: skip
+    return out
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    # The interpreter (CPU tensors) runs programs one after another: few, wide ones are quicker there.
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _kernel(interpret: bool):
+    # Jitted on first use: triton.jit reads TRITON_INTERPRET when it wraps the function (see kv_pack).
+    return triton.jit(_gemv, do_not_specialize=["M", "stride_xm"])
+
+
+def _gemv(x, w, bias, out, M, N, K, stride_xm,
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          HAS_BIAS: tl.constexpr, SILU: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
+    """Features [pid * BLOCK_N, +BLOCK_N) of all M rows: out = x @ W^T (+ bias); with SILU, W's row
+    N + f is the up row of gate row f and out = silu(gate) * up. EVEN_K: K is whole tiles (no masks)."""
+    f = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output features
+    m = tl.arange(0, BLOCK_M)
+    kk = tl.arange(0, BLOCK_K)
+    # Features past N read row N - 1 and rows past M read row M - 1 (no masks in the loop); their
+    # sums are never stored.
+    f_w = tl.minimum(f, N - 1).to(tl.int64)
+    w_gate = w + f_w[:, None] * K + kk[None, :]  # [BLOCK_N, BLOCK_K]
+    w_up = w + (f_w + N)[:, None] * K + kk[None, :]  # read only with SILU
+    x_rows = x + tl.minimum(m, M - 1)[:, None] * stride_xm + kk[None, :]  # [BLOCK_M, BLOCK_K]
+    # M = 1 keeps a [BLOCK_N, BLOCK_K] partial sum and reduces it once at the end; more rows reduce
+    # each step (a [BLOCK_M, BLOCK_N, BLOCK_K] partial sum would not fit in registers).
+    if BLOCK_M == 1:
+        gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    else:
+        gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            xt = tl.load(x_rows + k0).to(tl.float32)
+            wg = tl.load(w_gate + k0, eviction_policy="evict_first").to(tl.float32)
+            if SILU:
+                wu = tl.load(w_up + k0, eviction_policy="evict_first").to(tl.float32)
+        else:
+            k_ok = (k0 + kk < K)[None, :]
+            xt = tl.load(x_rows + k0, mask=k_ok, other=0.0).to(tl.float32)
+            wg = tl.load(w_gate + k0, mask=k_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            if SILU:
+                wu = tl.load(w_up + k0, mask=k_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        if BLOCK_M == 1:
+            gate += wg * xt
+            if SILU:
+                up += wu * xt
+        else:
+            gate += tl.sum(wg[None, :, :] * xt[:, None, :], axis=2)
+            if SILU:
+                up += tl.sum(wu[None, :, :] * xt[:, None, :], axis=2)
+    f_ok = f < N
+    if BLOCK_M == 1:
+        y = tl.sum(gate, axis=1)[None, :]  # [1, BLOCK_N]
+    else:
+        y = gate
+    if HAS_BIAS:
+        y += tl.load(bias + f, mask=f_ok, other=0.0).to(tl.float32)[None, :]
+    dt = out.dtype.element_ty
+    if SILU:
+        if BLOCK_M == 1:
+            u = tl.sum(up, axis=1)[None, :]
+        else:
+            u = up
+        if HAS_BIAS:
+            u += tl.load(bias + N + f, mask=f_ok, other=0.0).to(tl.float32)[None, :]
+        g = y.to(dt).to(tl.float32)  # the projection's output, rounded, as silu_mul reads it
+        act = (g / (1.0 + tl.exp(-g))).to(dt)
+        y = act.to(tl.float32) * u.to(dt).to(tl.float32)
+    tl.store(out + m[:, None] * N + f[None, :], y.to(dt), mask=(m[:, None] < M) & f_ok[None, :])

@@ -82,9 +82,9 @@ def config_for(n: int, k: int, rows: int, silu: bool, dtype: torch.dtype, device
 
 
 def heuristic(n: int, k: int, block_m: int, silu: bool, elem_bytes: int, sms: int) -> Config:
-    """512-byte rows of W per load step (16 bytes a thread), and the widest BLOCK_N, up to 32, that
-    still gives four programs per SM (two per SM with the SiLU's two halves) and fits the tile budget."""
-    block_k = min(triton.next_power_of_2(k), 512 // elem_bytes)
+    """1 KB of each row of W per load step (two 16-byte loads a thread), and the widest BLOCK_N, up
+    to 32, that still gives four programs per SM (two with the SiLU's two halves) and fits the tile budget."""
+    block_k = min(triton.next_power_of_2(k), 1024 // elem_bytes)
     halves = 2 if silu else 1
     block_n = 32
     while block_n > 1 and (

@@ -24,6 +24,7 @@ from itertools import chain
 import numpy as np
 import torch
 
+from kvrelay.kernels import gemv
 from kvrelay.kernels.kv_pack import pack_blocks, packed_shape, unpack_blocks
 from kvrelay.ranks.engine.attention_backend import AttentionMetadata
 from kvrelay.ranks.engine.disk_tier import DiskStore
@@ -100,6 +101,7 @@ class ModelRunner:
         max_batch_tokens: int,
         cuda_graphs: bool = True,
         tp: TPGroup | None = None,
+        small_batch_linear: bool = True,
     ) -> None:
         self.spec = spec
         self.dtype = dtype
@@ -116,7 +118,7 @@ class ModelRunner:
         # on a CPU runner the tests turn it on to run those kernels in Triton's interpreter.
         self.kernel_metadata = self.is_cuda
         with torch.device(device):
-            self.model = LlamaForCausalLM(spec, dtype=dtype, tp=tp)
+            self.model = LlamaForCausalLM(spec, dtype=dtype, tp=tp, small_batch_linear=small_batch_linear)
         self.model.load_weights(weights)
         self.model.eval()
         self.memory = MemoryReport()
@@ -265,10 +267,12 @@ class ModelRunner:
         What selects a variant, per kernel: the model's shapes and dtype (fixed), the sliding
         window's presence (fixed), the 16-byte alignment of each pointer (the step metadata is
         16-byte aligned, `_upload`), and in the decode kernel whether it splits the context
-        (SPLIT), which depends on the decode rows' count and the block tables' width. So: mixed
-        steps and decode-only steps with one decode row and with as many as a step can hold, at
-        the narrowest and the widest table, and a step of one whole prompt; then the handoff's
-        pack and unpack of one block. Every read and write goes to the scratch block, which no
+        (SPLIT), which depends on the decode rows' count and the block tables' width; in the
+        small-batch linears (kernels/gemv.py), the row tile (1, 2, 4 or 8 rows: the step's rows and
+        its sampled rows, rounded up to a power of two). So: mixed steps and decode-only steps with
+        one decode row and with as many as a step can hold, at the narrowest and the widest table,
+        decode-only steps of each row tile, and a step of one whole prompt; then the handoff's pack
+        and unpack of one block. Every read and write goes to the scratch block, which no
         sequence owns. Nothing to do where no kernel runs."""
         if not self.kernel_metadata:
             return
@@ -283,8 +287,10 @@ class ModelRunner:
             return [([0] * q, 0, q, [scratch] * blocks_for(q, self.block_size), True)]
 
         steps = [prompt(min(self.max_model_len, self.max_batch_tokens))]
+        widest = min(self.max_seqs, self.max_batch_tokens)
+        row_tiles = {1 << i for i in range(gemv.MAX_ROWS.bit_length()) if 1 << i <= widest}
         for width in sorted({1, self.max_blocks}):
-            for n in sorted({1, max(most, 1), min(self.max_seqs, self.max_batch_tokens)}):
+            for n in sorted({1, max(most, 1), widest} | (row_tiles if width == 1 else set())):
                 steps.append(decode(n, width))
             steps += [decode(n, width) + prompt(min(2, ctx)) for n in sorted({1, most}) if n >= 1]
         for items in steps:

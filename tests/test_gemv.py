@@ -1,0 +1,145 @@
+"""The small-batch linear kernels (kernels/gemv.py) against F.linear and the MLP's SiLU-mul.
+
+On the CPU the kernels run through Triton's interpreter (TRITON_INTERPRET=1) at small shapes with
+explicit configs (several programs, partial tiles of N and K); the `gpu` tests run them compiled at
+the 8B model's shapes with the configs the engine picks.
+
+    python -m pytest -q tests/test_gemv.py            # CPU, interpreter
+    python -m pytest -q -m gpu tests/test_gemv.py     # on a CUDA machine
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="no triton")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _randn(*shape, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype).to(device)
+
+
+def _silu_mul_reference(x, weight, bias):
+    """The model's unfused path: the projection rounded to the dtype, then F.silu(gate) * up."""
+    gate, up = F.linear(x, weight, bias).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _inputs(m, n, k, dtype=torch.float32, device="cpu"):
+    return _randn(m, k, dtype=dtype, device=device), _randn(n, k, dtype=dtype, device=device, seed=1), _randn(n, dtype=dtype, device=device, seed=2)
+
+
+# (n, k, config): whole tiles; a partial last tile of N and of K; one feature per program; K under one tile.
+SHAPES = [(64, 128, (16, 64)), (40, 100, (16, 32)), (7, 33, (1, 16)), (48, 24, (8, 32))]
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("n,k,cfg", SHAPES)
+def test_linear_equals_f_linear(triton_interpreter, m, n, k, cfg):
+    from kvrelay.kernels import gemv
+
+    x, w, b = _inputs(m, n, k)
+    config = gemv.Config(*cfg)
+    torch.testing.assert_close(gemv.linear(x, w, b, config), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gemv.linear(x, w, None, config), F.linear(x, w), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("n,k,cfg", [s for s in SHAPES if s[0] % 2 == 0])
+def test_linear_silu_mul_equals_the_unfused_ops(triton_interpreter, m, n, k, cfg):
+    from kvrelay.kernels import gemv
+
+    x, w, b = _inputs(m, n, k)
+    config = gemv.Config(*cfg)
+    for bias in (b, None):
+        got = gemv.linear_silu_mul(x, w, bias, config)
+        assert got.shape == (m, n // 2)
+        # gate * up multiplies two sums, each float32-close to the reference's: twice the relative error.
+        torch.testing.assert_close(got, _silu_mul_reference(x, w, bias), atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_rows_of_a_strided_input(triton_interpreter):
+    """bf16 in, float32 sums, one rounding out; x may be rows of a wider buffer (the row stride is an argument)."""
+    from kvrelay.kernels import gemv
+
+    wide = _randn(4, 96, dtype=torch.bfloat16)
+    x = wide[:, :64]  # [4, 64], row stride 96
+    w, b = _randn(32, 64, dtype=torch.bfloat16, seed=1), _randn(32, dtype=torch.bfloat16, seed=2)
+    want = F.linear(x.float(), w.float(), b.float())
+    # The interpreter truncates float32 -> bf16 where the GPU rounds to nearest: up to 2 bf16 ulps apart.
+    torch.testing.assert_close(gemv.linear(x, w, b, gemv.Config(8, 32)).float(), want, atol=3e-2, rtol=2e-2)
+    gate, up = want.to(torch.bfloat16).chunk(2, dim=-1)
+    got = gemv.linear_silu_mul(x, w, b, gemv.Config(4, 16)).float()
+    torch.testing.assert_close(got, (F.silu(gate) * up).float(), atol=3e-2, rtol=3e-2)
+
+
+def test_no_rows():
+    from kvrelay.kernels import gemv
+
+    assert gemv.linear(torch.empty(0, 8), torch.ones(4, 8)).shape == (0, 4)
+
+
+def test_heuristic_fills_an_h100_and_keeps_its_tile_budget():
+    from kvrelay.kernels import gemv
+
+    sms = 132
+    for n, k, silu in [(4096, 4096, False), (4096, 14336, False), (6144, 4096, False), (14336, 4096, True),
+                       (128256, 4096, False), (2560, 8192, False), (32064, 8192, False)]:  # fmt: skip
+        for block_m in (1, 2, 4, 8):
+            c = gemv.heuristic(n, k, block_m, silu, 2, sms)
+            assert c.block_k == 512 and c.block_n >= 1, c
+            assert block_m * (2 if silu else 1) * c.block_n * c.block_k <= 8192 or c.block_n == 1, (n, k, block_m, c)
+            assert -(-n // c.block_n) >= 2 * sms, (n, k, block_m, c)
+    assert gemv.heuristic(64, 24, 1, False, 4, sms).block_k == 32  # K under one tile: a tile of K rounded up
+
+
+def test_table_entries_take_precedence_and_bad_ones_are_refused(tmp_path):
+    from kvrelay.kernels import gemv
+
+    cfg = gemv.Config(block_n=8, block_k=256, warps=8, stages=3)
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"configs": [gemv.table_entry(4096, 4096, 1, False, torch.bfloat16, cfg)]}))
+    table = gemv.load_table(path)
+    assert table == {(4096, 4096, 1, False, "bfloat16"): cfg}
+    assert gemv.load_table(tmp_path / "absent.json") == {}
+    entry = gemv.table_entry(4096, 4096, 1, False, torch.bfloat16, cfg) | {"block_n": 12}
+    path.write_text(json.dumps({"configs": [entry]}))
+    with pytest.raises(ValueError, match="powers of two"):
+        gemv.load_table(path)
+    path.write_text(json.dumps({"configs": [{"n": 1}]}))
+    with pytest.raises(ValueError, match="--write-table"):
+        gemv.load_table(path)
+
+
+def test_the_committed_table_loads():
+    from kvrelay.kernels import gemv
+
+    assert gemv.load_table(gemv.TABLE_PATH) == gemv.TABLE
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_8b_shapes_equal_f_linear(dtype):
+    """Llama-3.1-8B's projections (qkv, o, gate_up with SiLU, down, lm_head) at 1 to 8 rows, the
+    engine's configs, against cuBLAS (a different summation order: float32-sum close, then one rounding)."""
+    from kvrelay.kernels import gemv
+
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for n, k, silu in [(6144, 4096, False), (4096, 4096, False), (28672, 4096, True), (4096, 14336, False), (128256, 4096, False)]:
+        w = (_randn(n, k, device="cuda", seed=1) / k**0.5).to(dtype)
+        b = _randn(n, device="cuda", seed=2).to(dtype)
+        for m in range(1, gemv.MAX_ROWS + 1):
+            x = _randn(m, k, device="cuda", seed=m).to(dtype)
+            if silu:
+                torch.testing.assert_close(gemv.linear_silu_mul(x, w, b), _silu_mul_reference(x, w, b), **tol)
+            else:
+                torch.testing.assert_close(gemv.linear(x, w, b), F.linear(x, w, b), **tol)
+                torch.testing.assert_close(gemv.linear(x, w), F.linear(x, w), **tol)

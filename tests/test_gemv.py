@@ -143,3 +143,18 @@ def test_gpu_8b_shapes_equal_f_linear(dtype):
             else:
                 torch.testing.assert_close(gemv.linear(x, w, b), F.linear(x, w, b), **tol)
                 torch.testing.assert_close(gemv.linear(x, w), F.linear(x, w), **tol)
+
+
+def test_bench_projections_are_rank_0_slices():
+    """bench/gemv.py's shapes: Llama-3.1-70B at tp 4 is 16 q heads and 2 kv heads, a quarter of the FFN and vocab a rank."""
+    from kvrelay.bench.gemv import candidates, projections
+
+    _, projs = projections("70b-shape", 4)
+    got = {p["name"]: (p["n"], p["k"], p["per_step"]) for p in projs}
+    assert got == {"qkv": (2560, 8192, 80), "o_proj": (8192, 2048, 80), "gate_up+silu": (7168, 8192, 80),
+                   "down_proj": (8192, 7168, 80), "lm_head": (32064, 8192, 1)}  # fmt: skip
+    eight = {p["name"]: (p["n"], p["k"]) for p in projections("8b-shape", 1)[1]}
+    assert eight == {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up+silu": (14336, 4096),
+                     "down_proj": (4096, 14336), "lm_head": (128256, 4096)}  # fmt: skip
+    configs = candidates(projs[0], 1, 2, 132)
+    assert configs and all(-(-2560 // c.block_n) >= 132 and c.block_n * c.block_k <= 4 * 8192 for c in configs)

@@ -89,15 +89,22 @@ def gemv_call(p: dict, config: gemv.Config | None = None):
 
 
 def candidates(p: dict, block_m: int, elem_bytes: int, sms: int) -> list[gemv.Config]:
-    """The sweep's configs: tiles of up to 4x the heuristic's budget that give every SM a program."""
+    """The sweep's configs that give every SM a program: on the CUDA cores, tiles of up to 4x the
+    heuristic's budget; for more than one row, also on the tensor cores (rows padded to 16)."""
     halves = 2 if p["silu"] else 1
+    k_tile = 1 << (p["k"] - 1).bit_length()
     out = []
     for block_n in (1, 2, 4, 8, 16, 32):
         for k_bytes in (512, 1024, 2048):
-            block_k = min(k_bytes // elem_bytes, 1 << (p["k"] - 1).bit_length())
-            if block_m * halves * block_n * block_k > 4 * 8192 or -(-p["n"] // block_n) < sms:
-                continue
-            out += [gemv.Config(block_n, block_k, warps, stages) for warps in (4, 8) for stages in (1, 3)]
+            block_k = min(k_bytes // elem_bytes, k_tile)
+            if block_m * halves * block_n * block_k <= 4 * 8192 and -(-p["n"] // block_n) >= sms:
+                out += [gemv.Config(block_n, block_k, warps, stages) for warps in (4, 8) for stages in (1, 3)]
+    if block_m > 1:
+        for block_n in (16, 32, 64):
+            for k_bytes in (128, 256, 512):
+                block_k = max(16, min(k_bytes // elem_bytes, k_tile))
+                if -(-p["n"] // block_n) >= sms:
+                    out += [gemv.Config(block_n, block_k, 4, stages, dot=True) for stages in (2, 3, 4)]
     return sorted(set(out), key=astuple)
 
 

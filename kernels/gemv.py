@@ -18,7 +18,7 @@ Accumulation is float32 (fused multiply-adds); the sum runs in another order tha
 results match F.linear to float32 rounding of the sum, then the dtype's rounding.
 
 Variants: Triton compiles one kernel per dtype, bias or not, SiLU or not, row tile BLOCK_M (M
-rounded up to a power of two: 1, 2, 4, 8) and config; M and x's row stride are not specialized.
+rounded up to a power of two: 1, 2, 4, 8; 16 for a config that multiplies on the tensor cores) and config; M and x's row stride are not specialized.
 The engine's warm-up runs decode steps of 1, 2, 4 and 8 rows so that each compiles there
 (ModelRunner.warm_up). Configs per shape come from TABLE (kernels/gemv_table.json, written by
 `python -m kvrelay.bench.gemv --sweep --write-table kernels/gemv_table.json` on the target GPU),
@@ -53,6 +53,7 @@ class Config:
     block_k: int  # elements of K per load step
     warps: int = 4
     stages: int = 1
+    dot: bool = False  # rows padded to a tile of 16 and multiplied on the tensor cores (tl.dot); BLOCK_N, BLOCK_K >= 16
 
 
 def linear(
@@ -102,11 +103,11 @@ def load_table(path: Path) -> dict[tuple, Config]:
     for e in json.loads(path.read_text())["configs"]:
         try:
             key = (int(e["n"]), int(e["k"]), int(e["block_m"]), bool(e["silu"]), str(e["dtype"]))
-            table[key] = Config(int(e["block_n"]), int(e["block_k"]), int(e["warps"]), int(e["stages"]))
+            table[key] = Config(int(e["block_n"]), int(e["block_k"]), int(e["warps"]), int(e["stages"]), bool(e["dot"]))
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(
                 f"{path}: bad entry {e} ({err!r}); each needs n, k, block_m, silu, dtype, block_n, block_k, "
-                "warps, stages: rewrite it with `python -m kvrelay.bench.gemv --sweep --write-table PATH`"
+                "warps, stages, dot: rewrite it with `python -m kvrelay.bench.gemv --sweep --write-table PATH`"
             ) from None
         powers = (key[2], table[key].block_n, table[key].block_k, table[key].warps)
         if not all(v > 0 and v & (v - 1) == 0 for v in powers) or table[key].stages < 1:
@@ -135,12 +136,13 @@ def _launch(x, weight, bias, silu: bool, config: Config | None) -> torch.Tensor:
     if M == 0:
         return out
     cfg = config or config_for(n, K, M, silu, x.dtype, x.device)
-    block_m = triton.next_power_of_2(M)
+    block_m = max(16, triton.next_power_of_2(M)) if cfg.dot else triton.next_power_of_2(M)
+    assert not cfg.dot or min(cfg.block_n, cfg.block_k) >= 16, cfg
     options = {} if _interpret() else dict(num_warps=cfg.warps, num_stages=cfg.stages)
     _kernel(_interpret())[(triton.cdiv(n, cfg.block_n),)](
         x, weight, weight if bias is None else bias, out, M, n, K, x.stride(0),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None, SILU=silu,
-        EVEN_K=K % cfg.block_k == 0, **options,
+        EVEN_K=K % cfg.block_k == 0, DOT=cfg.dot, **options,
     )  # fmt: skip
     return out
 
@@ -163,9 +165,10 @@ def _kernel(interpret: bool):
 
 def _gemv(x, w, bias, out, M, N, K, stride_xm,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-          HAS_BIAS: tl.constexpr, SILU: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
+          HAS_BIAS: tl.constexpr, SILU: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr):  # fmt: skip
     """Features [pid * BLOCK_N, +BLOCK_N) of all M rows: out = x @ W^T (+ bias); with SILU, W's row
-    N + f is the up row of gate row f and out = silu(gate) * up. EVEN_K: K is whole tiles (no masks)."""
+    N + f is the up row of gate row f and out = silu(gate) * up. EVEN_K: K is whole tiles (no masks).
+    DOT: the products on the tensor cores (float32 inputs without TF32 rounding)."""
     f = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output features
     m = tl.arange(0, BLOCK_M)
     kk = tl.arange(0, BLOCK_K)
@@ -176,8 +179,9 @@ def _gemv(x, w, bias, out, M, N, K, stride_xm,
     w_up = w + (f_w + N)[:, None] * K + kk[None, :]  # read only with SILU
     x_rows = x + tl.minimum(m, M - 1)[:, None] * stride_xm + kk[None, :]  # [BLOCK_M, BLOCK_K]
     # M = 1 keeps a [BLOCK_N, BLOCK_K] partial sum and reduces it once at the end; more rows reduce
-    # each step (a [BLOCK_M, BLOCK_N, BLOCK_K] partial sum would not fit in registers).
-    if BLOCK_M == 1:
+    # each step (a [BLOCK_M, BLOCK_N, BLOCK_K] partial sum would not fit in registers), or sum on
+    # the tensor cores.
+    if BLOCK_M == 1 and not DOT:
         gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
@@ -185,26 +189,31 @@ def _gemv(x, w, bias, out, M, N, K, stride_xm,
         up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
-            xt = tl.load(x_rows + k0).to(tl.float32)
-            wg = tl.load(w_gate + k0, eviction_policy="evict_first").to(tl.float32)
+            xt = tl.load(x_rows + k0)
+            wg = tl.load(w_gate + k0, eviction_policy="evict_first")
             if SILU:
-                wu = tl.load(w_up + k0, eviction_policy="evict_first").to(tl.float32)
+                wu = tl.load(w_up + k0, eviction_policy="evict_first")
         else:
             k_ok = (k0 + kk < K)[None, :]
-            xt = tl.load(x_rows + k0, mask=k_ok, other=0.0).to(tl.float32)
-            wg = tl.load(w_gate + k0, mask=k_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            xt = tl.load(x_rows + k0, mask=k_ok, other=0.0)
+            wg = tl.load(w_gate + k0, mask=k_ok, other=0.0, eviction_policy="evict_first")
             if SILU:
-                wu = tl.load(w_up + k0, mask=k_ok, other=0.0, eviction_policy="evict_first").to(tl.float32)
-        if BLOCK_M == 1:
-            gate += wg * xt
+                wu = tl.load(w_up + k0, mask=k_ok, other=0.0, eviction_policy="evict_first")
+        if DOT:
+            gate = tl.dot(xt, tl.trans(wg), gate, input_precision="ieee")
             if SILU:
-                up += wu * xt
+                up = tl.dot(xt, tl.trans(wu), up, input_precision="ieee")
+        elif BLOCK_M == 1:
+            gate += wg.to(tl.float32) * xt.to(tl.float32)
+            if SILU:
+                up += wu.to(tl.float32) * xt.to(tl.float32)
         else:
-            gate += tl.sum(wg[None, :, :] * xt[:, None, :], axis=2)
+            x32 = xt.to(tl.float32)[:, None, :]
+            gate += tl.sum(wg.to(tl.float32)[None, :, :] * x32, axis=2)
             if SILU:
-                up += tl.sum(wu[None, :, :] * xt[:, None, :], axis=2)
+                up += tl.sum(wu.to(tl.float32)[None, :, :] * x32, axis=2)
     f_ok = f < N
-    if BLOCK_M == 1:
+    if BLOCK_M == 1 and not DOT:
         y = tl.sum(gate, axis=1)[None, :]  # [1, BLOCK_N]
     else:
         y = gate
@@ -212,7 +221,7 @@ def _gemv(x, w, bias, out, M, N, K, stride_xm,
         y += tl.load(bias + f, mask=f_ok, other=0.0).to(tl.float32)[None, :]
     dt = out.dtype.element_ty
     if SILU:
-        if BLOCK_M == 1:
+        if BLOCK_M == 1 and not DOT:
             u = tl.sum(up, axis=1)[None, :]
         else:
             u = up

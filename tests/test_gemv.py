@@ -36,8 +36,9 @@ def _inputs(m, n, k, dtype=torch.float32, device="cpu"):
     return _randn(m, k, dtype=dtype, device=device), _randn(n, k, dtype=dtype, device=device, seed=1), _randn(n, dtype=dtype, device=device, seed=2)
 
 
-# (n, k, config): whole tiles; a partial last tile of N and of K; one feature per program; K under one tile.
-SHAPES = [(64, 128, (16, 64)), (40, 100, (16, 32)), (7, 33, (1, 16)), (48, 24, (8, 32))]
+# (n, k, config): whole tiles; a partial last tile of N and of K; one feature per program; K under
+# one tile; on the tensor cores (rows padded to 16), with partial tiles of N and K.
+SHAPES = [(64, 128, (16, 64)), (40, 100, (16, 32)), (7, 33, (1, 16)), (48, 24, (8, 32)), (40, 100, (16, 32, 4, 1, True))]
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8])

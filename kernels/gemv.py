@@ -18,9 +18,9 @@ Accumulation is float32 (fused multiply-adds); the sum runs in another order tha
 results match F.linear to float32 rounding of the sum, then the dtype's rounding.
 
 Variants: Triton compiles one kernel per dtype, bias or not, SiLU or not, row tile BLOCK_M (M
-rounded up to a power of two: 1, 2, 4, 8; 16 for a config that multiplies on the tensor cores) and config; M and x's row stride are not specialized.
-The engine's warm-up runs decode steps of 1, 2, 4 and 8 rows so that each compiles there
-(ModelRunner.warm_up). Configs per shape come from TABLE (kernels/gemv_table.json, written by
+rounded up to a power of two: 1, 2, 4, 8; 16 for a config that multiplies on the tensor cores)
+and config; M and x's row stride are not specialized. The engine's warm-up runs decode steps of
+1, 2, 4 and 8 rows so that each compiles there (ModelRunner.warm_up). Configs per shape come from TABLE (kernels/gemv_table.json, written by
 `python -m kvrelay.bench.gemv --sweep --write-table kernels/gemv_table.json` on the target GPU),
 else from `heuristic`; never from autotuning, which would time kernels inside the decode graphs'
 capture.

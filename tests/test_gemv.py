@@ -33,7 +33,8 @@ def _silu_mul_reference(x, weight, bias):
 
 
 def _inputs(m, n, k, dtype=torch.float32, device="cpu"):
-    return _randn(m, k, dtype=dtype, device=device), _randn(n, k, dtype=dtype, device=device, seed=1), _randn(n, dtype=dtype, device=device, seed=2)
+    x = _randn(m, k, dtype=dtype, device=device)
+    return x, _randn(n, k, dtype=dtype, device=device, seed=1), _randn(n, dtype=dtype, device=device, seed=2)
 
 
 # (n, k, config): whole tiles; a partial last tile of N and of K; one feature per program; K under
@@ -134,7 +135,8 @@ def test_gpu_8b_shapes_equal_f_linear(dtype):
     from kvrelay.kernels import gemv
 
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    for n, k, silu in [(6144, 4096, False), (4096, 4096, False), (28672, 4096, True), (4096, 14336, False), (128256, 4096, False)]:
+    shapes = [(6144, 4096, False), (4096, 4096, False), (28672, 4096, True), (4096, 14336, False), (128256, 4096, False)]
+    for n, k, silu in shapes:  # n: rows of W (gate and up rows with SiLU)
         w = (_randn(n, k, device="cuda", seed=1) / k**0.5).to(dtype)
         b = _randn(n, device="cuda", seed=2).to(dtype)
         for m in range(1, gemv.MAX_ROWS + 1):

@@ -42,7 +42,7 @@ def _inputs(m, n, k, dtype=torch.float32, device="cpu"):
 SHAPES = [(64, 128, (16, 64)), (40, 100, (16, 32)), (7, 33, (1, 16)), (48, 24, (8, 32)), (40, 100, (16, 32, 4, 1, True))]
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("n,k,cfg", SHAPES)
 def test_linear_equals_f_linear(triton_interpreter, m, n, k, cfg):
     from kvrelay.kernels import gemv

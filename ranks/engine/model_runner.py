@@ -268,10 +268,10 @@ class ModelRunner:
         window's presence (fixed), the 16-byte alignment of each pointer (the step metadata is
         16-byte aligned, `_upload`), and in the decode kernel whether it splits the context
         (SPLIT), which depends on the decode rows' count and the block tables' width; in the
-        small-batch linears (kernels/gemv.py), the row tile (1, 2, 4 or 8 rows: the step's rows and
-        its sampled rows, rounded up to a power of two). So: mixed steps and decode-only steps with
-        one decode row and with as many as a step can hold, at the narrowest and the widest table,
-        decode-only steps of each row tile, and a step of one whole prompt; then the handoff's pack
+        small-batch linears (kernels/gemv.py), the row tile (a step's rows, and its sampled rows,
+        rounded up to a power of two up to 8). So: mixed steps and decode-only steps with one
+        decode row and with as many as a step can hold, at the narrowest and the widest table, a
+        step of one whole prompt, prompt and decode steps of each row tile; then the handoff's pack
         and unpack of one block. Every read and write goes to the scratch block, which no
         sequence owns. Nothing to do where no kernel runs."""
         if not self.kernel_metadata:
@@ -286,13 +286,17 @@ class ModelRunner:
         def prompt(q: int) -> list:
             return [([0] * q, 0, q, [scratch] * blocks_for(q, self.block_size), True)]
 
-        steps = [prompt(min(self.max_model_len, self.max_batch_tokens))]
-        widest = min(self.max_seqs, self.max_batch_tokens)
-        row_tiles = {1 << i for i in range(gemv.MAX_ROWS.bit_length()) if 1 << i <= widest}
+        longest = min(self.max_model_len, self.max_batch_tokens)
+        steps = [prompt(longest)]
         for width in sorted({1, self.max_blocks}):
-            for n in sorted({1, max(most, 1), widest} | (row_tiles if width == 1 else set())):
+            for n in sorted({1, max(most, 1), min(self.max_seqs, self.max_batch_tokens)}):
                 steps.append(decode(n, width))
             steps += [decode(n, width) + prompt(min(2, ctx)) for n in sorted({1, most}) if n >= 1]
+        # The small-batch linears' row tiles: steps of 1, 2, 4, 8 rows (prompts: a run's short
+        # prompts and chunks), and of as many sampled rows (decode steps: the LM head's rows).
+        tiles = [1 << i for i in range(gemv.MAX_ROWS.bit_length())]
+        steps += [prompt(q) for q in tiles if q <= longest]
+        steps += [decode(n, 1) for n in tiles if n <= min(self.max_seqs, self.max_batch_tokens)]
         for items in steps:
             self._run(self._arrays(items), graphs=False).argmax(dim=-1)
         self.unpack_kv(self.pack_kv([scratch]), [scratch])  # the handoff's copy kernel, both ways

@@ -19,8 +19,9 @@ results match F.linear to float32 rounding of the sum, then the dtype's rounding
 
 Variants: Triton compiles one kernel per dtype, bias or not, SiLU or not, row tile BLOCK_M (M
 rounded up to a power of two: 1, 2, 4, 8; 16 for a config that multiplies on the tensor cores)
-and config; M and x's row stride are not specialized. The engine's warm-up runs decode steps of
-1, 2, 4 and 8 rows so that each compiles there (ModelRunner.warm_up). Configs per shape come from TABLE (kernels/gemv_table.json, written by
+and config; M is not specialized, x's row stride only on divisibility by 16 (one row passes K).
+The engine's warm-up runs steps of 1, 2, 4 and 8 rows so that each compiles there
+(ModelRunner.warm_up). Configs per shape come from TABLE (kernels/gemv_table.json, written by
 `python -m kvrelay.bench.gemv --sweep --write-table kernels/gemv_table.json` on the target GPU),
 else from `heuristic`; never from autotuning, which would time kernels inside the decode graphs'
 capture.
@@ -140,7 +141,7 @@ def _launch(x, weight, bias, silu: bool, config: Config | None) -> torch.Tensor:
     assert not cfg.dot or min(cfg.block_n, cfg.block_k) >= 16, cfg
     options = {} if _interpret() else dict(num_warps=cfg.warps, num_stages=cfg.stages)
     _kernel(_interpret())[(triton.cdiv(n, cfg.block_n),)](
-        x, weight, weight if bias is None else bias, out, M, n, K, x.stride(0),
+        x, weight, weight if bias is None else bias, out, M, n, K, x.stride(0) if M > 1 else K,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None, SILU=silu,
         EVEN_K=K % cfg.block_k == 0, DOT=cfg.dot, **options,
     )  # fmt: skip
@@ -160,7 +161,7 @@ def _interpret() -> bool:
 @functools.cache
 def _kernel(interpret: bool):
     # Jitted on first use: triton.jit reads TRITON_INTERPRET when it wraps the function (see kv_pack).
-    return triton.jit(_gemv, do_not_specialize=["M", "stride_xm"])
+    return triton.jit(_gemv, do_not_specialize=["M"])
 
 
 def _gemv(x, w, bias, out, M, N, K, stride_xm,
@@ -177,7 +178,12 @@ def _gemv(x, w, bias, out, M, N, K, stride_xm,
     f_w = tl.minimum(f, N - 1).to(tl.int64)
     w_gate = w + f_w[:, None] * K + kk[None, :]  # [BLOCK_N, BLOCK_K]
     w_up = w + (f_w + N)[:, None] * K + kk[None, :]  # read only with SILU
-    x_rows = x + tl.minimum(m, M - 1)[:, None] * stride_xm + kk[None, :]  # [BLOCK_M, BLOCK_K]
+    # Triton specializes stride_xm on divisibility by 16 (x's rows are 16-byte aligned then, and
+    # its loads vectorize); one row needs no stride.
+    if BLOCK_M == 1:
+        x_rows = x + m[:, None] + kk[None, :]  # [1, BLOCK_K]
+    else:
+        x_rows = x + tl.minimum(m, M - 1)[:, None] * stride_xm + kk[None, :]  # [BLOCK_M, BLOCK_K]
     # M = 1 keeps a [BLOCK_N, BLOCK_K] partial sum and reduces it once at the end; more rows reduce
     # each step (a [BLOCK_M, BLOCK_N, BLOCK_K] partial sum would not fit in registers), or sum on
     # the tensor cores.

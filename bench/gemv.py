@@ -18,11 +18,12 @@ bandwidth of the same run (a 1 GiB device-to-device copy, read + write bytes). T
 one decode step's products (layers x the four per layer, plus the LM head) each way, against the
 weight bytes at the copy bandwidth.
 
---sweep also times every candidate config (BLOCK_N, BLOCK_K, warps, stages) of the kernels and
-prints the best per projection and row tile beside the heuristic's; --write-table merges the best
-into a table file that kernels/gemv.py reads at import (commit kernels/gemv_table.json for the
-engine to use it). A sweep compiles some 50 variants per row tile and kind: one row count per
-call fits a 10-minute limit comfortably.
+--sweep also times every candidate config (BLOCK_N, BLOCK_K, warps, stages, CUDA or tensor cores)
+of the kernels and prints the best per projection and row count beside the one picked today;
+--write-table merges the best per row tile (1 row; 2 to 16 rows: the least time summed over the
+swept row counts) into a table file that kernels/gemv.py reads at import (commit
+kernels/gemv_table.json for the engine to use it). A sweep compiles some 50-100 variants per row
+tile and kind: one row count per call keeps it inside a 10-minute limit.
 """
 
 from __future__ import annotations
@@ -88,23 +89,23 @@ def gemv_call(p: dict, config: gemv.Config | None = None):
     return lambda x, w: gemv.linear(x, w, None, config)
 
 
-def candidates(p: dict, block_m: int, elem_bytes: int, sms: int) -> list[gemv.Config]:
-    """The sweep's configs that give every SM a program: on the CUDA cores, tiles of up to 4x the
-    heuristic's budget; for more than one row, also on the tensor cores (rows padded to 16)."""
+def candidates(p: dict, tile: int, elem_bytes: int, sms: int) -> list[gemv.Config]:
+    """The sweep's configs that give at least half the SMs a program: for one row, on the CUDA cores
+    with tiles of up to 4x the heuristic's budget; for any rows, on the tensor cores."""
     halves = 2 if p["silu"] else 1
     k_tile = 1 << (p["k"] - 1).bit_length()
     out = []
-    for block_n in (1, 2, 4, 8, 16, 32):
-        for k_bytes in (512, 1024, 2048):
-            block_k = min(k_bytes // elem_bytes, k_tile)
-            if block_m * halves * block_n * block_k <= 4 * 8192 and -(-p["n"] // block_n) >= sms:
-                out += [gemv.Config(block_n, block_k, warps, stages) for warps in (4, 8) for stages in (1, 3)]
-    if block_m > 1:
-        for block_n in (16, 32, 64):
-            for k_bytes in (128, 256, 512):
-                block_k = max(16, min(k_bytes // elem_bytes, k_tile))
-                if -(-p["n"] // block_n) >= sms:
-                    out += [gemv.Config(block_n, block_k, 4, stages, dot=True) for stages in (2, 3, 4)]
+    if tile == 1:
+        for block_n in (1, 2, 4, 8, 16, 32):
+            for k_bytes in (512, 1024, 2048):
+                block_k = min(k_bytes // elem_bytes, k_tile)
+                if halves * block_n * block_k <= 4 * 8192 and -(-p["n"] // block_n) >= sms // 2:
+                    out += [gemv.Config(block_n, block_k, warps) for warps in (4, 8)]
+    for block_n in (16, 32, 64):
+        for k_bytes in (128, 256, 512, 1024):
+            block_k = max(16, min(k_bytes // elem_bytes, k_tile))
+            if -(-p["n"] // block_n) >= sms // 2:
+                out += [gemv.Config(block_n, block_k, warps, stages, dot=True) for warps in (4, 8) for stages in (2, 3, 4)]
     return sorted(set(out), key=astuple)
 
 
@@ -128,7 +129,8 @@ def main() -> None:
     copy_tbs = copy_gbs(device) / 1e3
     name = torch.cuda.get_device_name(device)
     print(f"{name}, {sms} SMs, {args.dtype}; copy bandwidth {copy_tbs:.3f} TB/s (read + write)")
-    rows, steps, sweep, best = [], [], [], {}
+    rows, steps, sweep = [], [], []
+    totals: dict[tuple, dict[gemv.Config, list[float]]] = {}  # (n, k, row tile, silu) -> config -> its times at each M
     for model in args.models.split(","):
         size, tp = model.split(":")
         spec, projs = projections(size, int(tp))
@@ -153,19 +155,16 @@ def main() -> None:
                       f"{row['torch_tbs']:5.2f} TB/s | gemv {t_gemv * 1e3:7.1f} us {row['gemv_tbs']:5.2f} TB/s "
                       f"| x{t_torch / t_gemv:4.2f} | {config}")  # fmt: skip
                 if args.sweep:
-                    block_m = 1 << (m - 1).bit_length()
-                    timed = []
-                    for c in candidates(p, block_m, dtype.itemsize, sms):
+                    timed = totals.setdefault((p["n"], p["k"], gemv.row_tile(m), p["silu"]), {})
+                    for c in candidates(p, gemv.row_tile(m), dtype.itemsize, sms):
                         t = time_ms(gemv_call(p, c), ws, x, max(5, args.reps // 2))
-                        timed.append((t, c))
+                        timed.setdefault(c, []).append(t)
                         sweep.append(dict(model=size, tp=int(tp), proj=p["name"], m=m, config=asdict(c), ms=t,
                                           tbs=nbytes / t / 1e9))  # fmt: skip
-                    t_best, c_best = min(timed, key=lambda tc: tc[0])
+                    c_best = min(timed, key=lambda c: timed[c][-1])
+                    t_best = timed[c_best][-1]
                     print(f"    sweep of {len(timed)}: best {c_best} {t_best * 1e3:7.1f} us {nbytes / t_best / 1e9:5.2f} TB/s "
                           f"(picked today: x{t_gemv / t_best:4.2f} its time)")  # fmt: skip
-                    key = (p["n"], p["k"], block_m, p["silu"])
-                    if key not in best or t_best < best[key][0]:
-                        best[key] = (t_best, c_best)
             del ws
         floor_ms = step_bytes / (copy_tbs * 1e12) * 1e3
         for m, s in step.items():
@@ -176,9 +175,11 @@ def main() -> None:
     if args.write_table:
         path = Path(args.write_table)
         table = gemv.load_table(path)
-        for (n, k, block_m, silu), (_, c) in best.items():
-            table[(n, k, block_m, silu, args.dtype)] = c
-        entries = [gemv.table_entry(n, k, bm, silu, DTYPES[dt], c) for (n, k, bm, silu, dt), c in sorted(table.items())]
+        for (n, k, tile, silu), timed in totals.items():
+            # A row tile serves several row counts: the config with the least time summed over those swept.
+            swept = max(len(ts) for ts in timed.values())
+            table[(n, k, tile, silu, args.dtype)] = min((c for c in timed if len(timed[c]) == swept), key=lambda c: sum(timed[c]))
+        entries = [gemv.table_entry(n, k, tile, silu, DTYPES[dt], c) for (n, k, tile, silu, dt), c in sorted(table.items())]
         path.write_text(json.dumps({"device": name, "configs": entries}, indent=1) + "\n")
         print(f"wrote {len(entries)} configs to {path}")
     if args.json:

@@ -8,19 +8,24 @@ of K in BLOCK_K-wide loads along the contiguous dimension (16 bytes a thread), f
 once: every byte of W is read once, x (a few KB) comes from the caches. Enough programs come from a
 small BLOCK_N, so nothing splits K and no second pass runs.
 
+Two paths, by the row tile (`row_tile`): one row multiplies on the CUDA cores, each thread keeping
+float32 partial sums of its slice of the tile and reducing them once at the end; more rows are
+padded to a tile of 16 and multiplied on the tensor cores (tl.dot, whose W tiles stream through
+shared memory with cp.async, `stages` deep). A config may also send one row to the tensor cores.
+
 `linear_silu_mul` is the MLP's gate/up projection with its activation: a program computes the same
 BLOCK_N features of the gate half and of the up half of the fused weight and writes
 silu(gate) * up, rounded as kernels/fused.py's `silu_mul` rounds (gate and up to the dtype first,
 as the projection's output would be, silu to the dtype, then the product), so the [M, 2 * I]
 intermediate and the separate activation launch go away.
 
-Accumulation is float32 (fused multiply-adds); the sum runs in another order than cuBLAS's, so
-results match F.linear to float32 rounding of the sum, then the dtype's rounding.
+Accumulation is float32 (fused multiply-adds; float32 inputs are not rounded to TF32); the sum runs
+in another order than cuBLAS's, so results match F.linear to float32 rounding of the sum, then the
+dtype's rounding.
 
-Variants: Triton compiles one kernel per dtype, bias or not, SiLU or not, row tile BLOCK_M (M
-rounded up to a power of two: 1, 2, 4, 8; 16 for a config that multiplies on the tensor cores)
-and config; M is not specialized, x's row stride only on divisibility by 16 (one row passes K).
-The engine's warm-up runs steps of 1, 2, 4 and 8 rows so that each compiles there
+Variants: Triton compiles one kernel per dtype, bias or not, SiLU or not, BLOCK_M (1 or 16) and
+config; M is not specialized, x's row stride only on divisibility by 16 (one row passes K). The
+engine's warm-up runs steps of one row count per row tile so that each compiles there
 (ModelRunner.warm_up). Configs per shape come from TABLE (kernels/gemv_table.json, written by
 `python -m kvrelay.bench.gemv --sweep --write-table kernels/gemv_table.json` on the target GPU),
 else from `heuristic`; never from autotuning, which would time kernels inside the decode graphs'
@@ -45,7 +50,8 @@ except ImportError:  # CPU-only installs: the model's F.linear serves
 
 MAX_ROWS = 8  # the model uses these kernels up to this many rows, F.linear above (cuBLAS's tensor-core tiles win there)
 TABLE_PATH = Path(__file__).with_name("gemv_table.json")
-_TILE_ELEMENTS = 8192  # W elements a program holds per step (and float32 partial sums at M = 1): 64 registers a thread at 4 warps
+_TILE_ELEMENTS = 8192  # W elements a CUDA-core program holds per step, and as many float32 partial sums: 64 registers a thread at 4 warps
+_DOT_ROWS = 16  # the tensor cores' smallest tile of rows
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ class Config:
     block_k: int  # elements of K per load step
     warps: int = 4
     stages: int = 1
-    dot: bool = False  # rows padded to a tile of 16 and multiplied on the tensor cores (tl.dot); BLOCK_N, BLOCK_K >= 16
+    dot: bool = False  # rows padded to 16 and multiplied on the tensor cores (block_n, block_k >= 16); more than one row needs it
 
 
 def linear(
@@ -77,48 +83,60 @@ def linear_silu_mul(
     return _launch(x, weight, bias, True, config)
 
 
+def row_tile(rows: int) -> int:
+    """The row tile of a product of `rows` rows: 1 (one row), else the tensor cores' 16 (or a power of two above)."""
+    return 1 if rows == 1 else max(_DOT_ROWS, 1 << (rows - 1).bit_length())
+
+
 def config_for(n: int, k: int, rows: int, silu: bool, dtype: torch.dtype, device: torch.device) -> Config:
     """The config of a product of `rows` rows with an [n, k] weight ([2n, k] with SiLU): TABLE's, else the heuristic's."""
-    key = (n, k, triton.next_power_of_2(rows), silu, str(dtype).removeprefix("torch."))
+    key = (n, k, row_tile(rows), silu, str(dtype).removeprefix("torch."))
     return TABLE.get(key) or heuristic(n, k, key[2], silu, dtype.itemsize, _sm_count(device))
 
 
-def heuristic(n: int, k: int, block_m: int, silu: bool, elem_bytes: int, sms: int) -> Config:
-    """1 KB of each row of W per load step (two 16-byte loads a thread), and the widest BLOCK_N, up
-    to 32, that still gives four programs per SM (two with the SiLU's two halves) and fits the tile budget."""
+def heuristic(n: int, k: int, tile: int, silu: bool, elem_bytes: int, sms: int) -> Config:
+    """One row: 1 KB of each row of W per load step (two 16-byte loads a thread) and the widest
+    BLOCK_N, up to 32, that still gives four programs per SM (two with the SiLU's two halves) and
+    fits the tile budget. More rows: the tensor cores' 16 features a program, 512 bytes of K a
+    step, three steps in flight."""
     block_k = min(triton.next_power_of_2(k), 1024 // elem_bytes)
+    if tile > 1:
+        return Config(_DOT_ROWS, max(16, block_k // 2), warps=4, stages=3, dot=True)
     halves = 2 if silu else 1
     block_n = 32
-    while block_n > 1 and (
-        triton.cdiv(n, block_n) < 4 * sms // halves or block_m * halves * block_n * block_k > _TILE_ELEMENTS
-    ):
+    while block_n > 1 and (triton.cdiv(n, block_n) < 4 * sms // halves or halves * block_n * block_k > _TILE_ELEMENTS):
         block_n //= 2
     return Config(block_n, block_k)
 
 
 def load_table(path: Path) -> dict[tuple, Config]:
-    """(n, k, block_m, silu, dtype) -> Config from a table file (a JSON list of entries; none: empty)."""
+    """(n, k, row tile, silu, dtype) -> Config from a table file (a JSON list of entries; none: empty)."""
     if not path.exists():
         return {}
     table = {}
     for e in json.loads(path.read_text())["configs"]:
         try:
-            key = (int(e["n"]), int(e["k"]), int(e["block_m"]), bool(e["silu"]), str(e["dtype"]))
+            key = (int(e["n"]), int(e["k"]), int(e["row_tile"]), bool(e["silu"]), str(e["dtype"]))
             table[key] = Config(int(e["block_n"]), int(e["block_k"]), int(e["warps"]), int(e["stages"]), bool(e["dot"]))
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(
-                f"{path}: bad entry {e} ({err!r}); each needs n, k, block_m, silu, dtype, block_n, block_k, "
+                f"{path}: bad entry {e} ({err!r}); each needs n, k, row_tile, silu, dtype, block_n, block_k, "
                 "warps, stages, dot: rewrite it with `python -m kvrelay.bench.gemv --sweep --write-table PATH`"
             ) from None
-        powers = (key[2], table[key].block_n, table[key].block_k, table[key].warps)
-        if not all(v > 0 and v & (v - 1) == 0 for v in powers) or table[key].stages < 1:
-            raise ValueError(f"{path}: bad entry {e}: block_m, block_n, block_k and warps are powers of two, stages >= 1")
+        c = table[key]
+        if not all(v > 0 and v & (v - 1) == 0 for v in (key[2], c.block_n, c.block_k, c.warps)) or c.stages < 1 or (
+            (c.dot or key[2] > 1) and (not c.dot or min(c.block_n, c.block_k) < 16)
+        ):
+            raise ValueError(
+                f"{path}: bad entry {e}: row_tile, block_n, block_k and warps are powers of two, stages >= 1; "
+                "a row tile above 1 needs dot, and dot needs block_n and block_k >= 16"
+            )
     return table
 
 
-def table_entry(n: int, k: int, block_m: int, silu: bool, dtype: torch.dtype, config: Config) -> dict:
+def table_entry(n: int, k: int, tile: int, silu: bool, dtype: torch.dtype, config: Config) -> dict:
     """One entry of a table file, as `load_table` reads it."""
-    return dict(n=n, k=k, block_m=block_m, silu=silu, dtype=str(dtype).removeprefix("torch."), **asdict(config))
+    return dict(n=n, k=k, row_tile=tile, silu=silu, dtype=str(dtype).removeprefix("torch."), **asdict(config))
 
 
 TABLE = load_table(TABLE_PATH)
@@ -137,13 +155,13 @@ def _launch(x, weight, bias, silu: bool, config: Config | None) -> torch.Tensor:
     if M == 0:
         return out
     cfg = config or config_for(n, K, M, silu, x.dtype, x.device)
-    block_m = max(16, triton.next_power_of_2(M)) if cfg.dot else triton.next_power_of_2(M)
-    assert not cfg.dot or min(cfg.block_n, cfg.block_k) >= 16, cfg
+    assert (M == 1 or cfg.dot) and (not cfg.dot or min(cfg.block_n, cfg.block_k) >= 16), (M, cfg)
+    block_m = max(_DOT_ROWS, triton.next_power_of_2(M)) if cfg.dot else 1
     options = {} if _interpret() else dict(num_warps=cfg.warps, num_stages=cfg.stages)
     _kernel(_interpret())[(triton.cdiv(n, cfg.block_n),)](
         x, weight, weight if bias is None else bias, out, M, n, K, x.stride(0) if M > 1 else K,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HAS_BIAS=bias is not None, SILU=silu,
-        EVEN_K=K % cfg.block_k == 0, DOT=cfg.dot, **options,
+        EVEN_K=K % cfg.block_k == 0, **options,
     )  # fmt: skip
     return out
 
@@ -166,31 +184,25 @@ def _kernel(interpret: bool):
 
 def _gemv(x, w, bias, out, M, N, K, stride_xm,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-          HAS_BIAS: tl.constexpr, SILU: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr):  # fmt: skip
+          HAS_BIAS: tl.constexpr, SILU: tl.constexpr, EVEN_K: tl.constexpr):  # fmt: skip
     """Features [pid * BLOCK_N, +BLOCK_N) of all M rows: out = x @ W^T (+ bias); with SILU, W's row
-    N + f is the up row of gate row f and out = silu(gate) * up. EVEN_K: K is whole tiles (no masks).
-    DOT: the products on the tensor cores (float32 inputs without TF32 rounding)."""
+    N + f is the up row of gate row f and out = silu(gate) * up. BLOCK_M 1: on the CUDA cores; 16 or
+    more: on the tensor cores. EVEN_K: K is whole tiles (no masks)."""
     f = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output features
-    m = tl.arange(0, BLOCK_M)
     kk = tl.arange(0, BLOCK_K)
-    # Features past N read row N - 1 and rows past M read row M - 1 (no masks in the loop); their
-    # sums are never stored.
+    # Features past N read row N - 1 and rows past M read row M - 1 (no masks on rows); their sums are never stored.
     f_w = tl.minimum(f, N - 1).to(tl.int64)
     w_gate = w + f_w[:, None] * K + kk[None, :]  # [BLOCK_N, BLOCK_K]
     w_up = w + (f_w + N)[:, None] * K + kk[None, :]  # read only with SILU
-    # Triton specializes stride_xm on divisibility by 16 (x's rows are 16-byte aligned then, and
-    # its loads vectorize); one row needs no stride.
     if BLOCK_M == 1:
-        x_rows = x + m[:, None] + kk[None, :]  # [1, BLOCK_K]
-    else:
-        x_rows = x + tl.minimum(m, M - 1)[:, None] * stride_xm + kk[None, :]  # [BLOCK_M, BLOCK_K]
-    # M = 1 keeps a [BLOCK_N, BLOCK_K] partial sum and reduces it once at the end; more rows reduce
-    # each step (a [BLOCK_M, BLOCK_N, BLOCK_K] partial sum would not fit in registers), or sum on
-    # the tensor cores.
-    if BLOCK_M == 1 and not DOT:
-        gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        # x's row as a [BLOCK_N, BLOCK_K] load, each row of the tile the same addresses: it takes
+        # W's layout, where a [1, BLOCK_K] load took another and a shared-memory shuffle every step.
+        x_rows = x + tl.broadcast_to(kk[None, :], (BLOCK_N, BLOCK_K))
+        gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # partial sums, reduced after the loop
         up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
+        # Triton specializes stride_xm on divisibility by 16, so these loads vectorize too.
+        x_rows = x + tl.minimum(tl.arange(0, BLOCK_M), M - 1)[:, None] * stride_xm + kk[None, :]  # [BLOCK_M, BLOCK_K]
         gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -205,35 +217,28 @@ def _gemv(x, w, bias, out, M, N, K, stride_xm,
             wg = tl.load(w_gate + k0, mask=k_ok, other=0.0, eviction_policy="evict_first")
             if SILU:
                 wu = tl.load(w_up + k0, mask=k_ok, other=0.0, eviction_policy="evict_first")
-        if DOT:
-            gate = tl.dot(xt, tl.trans(wg), gate, input_precision="ieee")
-            if SILU:
-                up = tl.dot(xt, tl.trans(wu), up, input_precision="ieee")
-        elif BLOCK_M == 1:
+        if BLOCK_M == 1:
             gate += wg.to(tl.float32) * xt.to(tl.float32)
             if SILU:
                 up += wu.to(tl.float32) * xt.to(tl.float32)
         else:
-            x32 = xt.to(tl.float32)[:, None, :]
-            gate += tl.sum(wg.to(tl.float32)[None, :, :] * x32, axis=2)
+            gate = tl.dot(xt, tl.trans(wg), gate, input_precision="ieee")
             if SILU:
-                up += tl.sum(wu.to(tl.float32)[None, :, :] * x32, axis=2)
+                up = tl.dot(xt, tl.trans(wu), up, input_precision="ieee")
+    if BLOCK_M == 1:
+        gate = tl.sum(gate, axis=1)[None, :]  # [1, BLOCK_N]
+        up = tl.sum(up, axis=1)[None, :]
     f_ok = f < N
-    if BLOCK_M == 1 and not DOT:
-        y = tl.sum(gate, axis=1)[None, :]  # [1, BLOCK_N]
-    else:
-        y = gate
+    y = gate
     if HAS_BIAS:
         y += tl.load(bias + f, mask=f_ok, other=0.0).to(tl.float32)[None, :]
     dt = out.dtype.element_ty
     if SILU:
-        if BLOCK_M == 1 and not DOT:
-            u = tl.sum(up, axis=1)[None, :]
-        else:
-            u = up
+        u = up
         if HAS_BIAS:
             u += tl.load(bias + N + f, mask=f_ok, other=0.0).to(tl.float32)[None, :]
         g = y.to(dt).to(tl.float32)  # the projection's output, rounded, as silu_mul reads it
         act = (g / (1.0 + tl.exp(-g))).to(dt)
         y = act.to(tl.float32) * u.to(dt).to(tl.float32)
+    m = tl.arange(0, BLOCK_M)
     tl.store(out + m[:, None] * N + f[None, :], y.to(dt), mask=(m[:, None] < M) & f_ok[None, :])

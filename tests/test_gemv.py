@@ -37,13 +37,15 @@ def _inputs(m, n, k, dtype=torch.float32, device="cpu"):
     return x, _randn(n, k, dtype=dtype, device=device, seed=1), _randn(n, dtype=dtype, device=device, seed=2)
 
 
-# (n, k, config): whole tiles; a partial last tile of N and of K; one feature per program; K under
-# one tile; on the tensor cores (rows padded to 16), with partial tiles of N and K.
-SHAPES = [(64, 128, (16, 64)), (40, 100, (16, 32)), (7, 33, (1, 16)), (48, 24, (8, 32)), (40, 100, (16, 32, 4, 1, True))]
+# (n, k, config) on the CUDA cores (one row): whole tiles; a partial last tile of N and of K; one
+# feature per program; K under one tile.
+ONE_ROW = [(64, 128, (16, 64)), (40, 100, (16, 32)), (7, 33, (1, 16)), (48, 24, (8, 32))]
+# On the tensor cores (rows padded to 16): whole tiles; partial tiles of N and K; K under one tile.
+DOT = [(64, 128, (16, 64, 4, 2, True)), (40, 100, (16, 32, 4, 1, True)), (48, 24, (32, 32, 4, 1, True))]
+CASES = [(1, *c) for c in ONE_ROW] + [(m, *c) for m in (1, 3, 8) for c in DOT]
 
 
-@pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("n,k,cfg", SHAPES)
+@pytest.mark.parametrize("m,n,k,cfg", CASES)
 def test_linear_equals_f_linear(triton_interpreter, m, n, k, cfg):
     from kvrelay.kernels import gemv
 
@@ -53,8 +55,7 @@ def test_linear_equals_f_linear(triton_interpreter, m, n, k, cfg):
     torch.testing.assert_close(gemv.linear(x, w, None, config), F.linear(x, w), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("n,k,cfg", [s for s in SHAPES if s[0] % 2 == 0])
+@pytest.mark.parametrize("m,n,k,cfg", [c for c in CASES if c[1] % 2 == 0])
 def test_linear_silu_mul_equals_the_unfused_ops(triton_interpreter, m, n, k, cfg):
     from kvrelay.kernels import gemv
 
@@ -67,19 +68,20 @@ def test_linear_silu_mul_equals_the_unfused_ops(triton_interpreter, m, n, k, cfg
         torch.testing.assert_close(got, _silu_mul_reference(x, w, bias), atol=1e-4, rtol=1e-4)
 
 
-def test_bf16_rows_of_a_strided_input(triton_interpreter):
-    """bf16 in, float32 sums, one rounding out; x may be rows of a wider buffer (the row stride is an argument)."""
+def test_rows_of_a_strided_input_with_the_configs_the_engine_picks(triton_interpreter):
+    """x may be rows of a wider buffer (the row stride is an argument): 4 rows on the tensor cores in
+    float32, one row on the CUDA cores in bf16 (float32 sums, one rounding out). Triton's interpreter
+    multiplies bf16 tl.dot operands as raw bits, so bf16 on the tensor cores is the gpu test's."""
     from kvrelay.kernels import gemv
 
-    wide = _randn(4, 96, dtype=torch.bfloat16)
-    x = wide[:, :64]  # [4, 64], row stride 96
-    w, b = _randn(32, 64, dtype=torch.bfloat16, seed=1), _randn(32, dtype=torch.bfloat16, seed=2)
-    want = F.linear(x.float(), w.float(), b.float())
-    # The interpreter truncates float32 -> bf16 where the GPU rounds to nearest: up to 2 bf16 ulps apart.
-    torch.testing.assert_close(gemv.linear(x, w, b, gemv.Config(8, 32)).float(), want, atol=3e-2, rtol=2e-2)
-    gate, up = want.to(torch.bfloat16).chunk(2, dim=-1)
-    got = gemv.linear_silu_mul(x, w, b, gemv.Config(4, 16)).float()
-    torch.testing.assert_close(got, (F.silu(gate) * up).float(), atol=3e-2, rtol=3e-2)
+    for dtype, rows, tol in ((torch.float32, slice(0, 4), 1e-4), (torch.bfloat16, slice(1, 2), 3e-2)):
+        x = _randn(4, 96, dtype=dtype)[rows, :64]  # row stride 96
+        w, b = _randn(32, 64, dtype=dtype, seed=1), _randn(32, dtype=dtype, seed=2)
+        want = F.linear(x.float(), w.float(), b.float())
+        # The interpreter truncates float32 -> bf16 where the GPU rounds to nearest: up to 2 bf16 ulps apart.
+        torch.testing.assert_close(gemv.linear(x, w, b).float(), want, atol=tol, rtol=tol)
+        gate, up = want.to(dtype).chunk(2, dim=-1)
+        torch.testing.assert_close(gemv.linear_silu_mul(x, w, b).float(), (F.silu(gate) * up).float(), atol=tol, rtol=tol)
 
 
 def test_no_rows():
@@ -94,27 +96,33 @@ def test_heuristic_fills_an_h100_and_keeps_its_tile_budget():
     sms = 132
     for n, k, silu in [(4096, 4096, False), (4096, 14336, False), (6144, 4096, False), (14336, 4096, True),
                        (128256, 4096, False), (2560, 8192, False), (32064, 8192, False)]:  # fmt: skip
-        for block_m in (1, 2, 4, 8):
-            c = gemv.heuristic(n, k, block_m, silu, 2, sms)
-            assert c.block_k == 512 and c.block_n >= 1, c
-            assert block_m * (2 if silu else 1) * c.block_n * c.block_k <= 8192 or c.block_n == 1, (n, k, block_m, c)
-            assert -(-n // c.block_n) >= 2 * sms, (n, k, block_m, c)
+        c = gemv.heuristic(n, k, 1, silu, 2, sms)
+        assert c.block_k == 512 and not c.dot and (2 if silu else 1) * c.block_n * c.block_k <= 8192, (n, k, c)
+        assert -(-n // c.block_n) >= 2 * sms, (n, k, c)
+        for rows in range(2, gemv.MAX_ROWS + 1):
+            assert gemv.heuristic(n, k, gemv.row_tile(rows), silu, 2, sms) == gemv.Config(16, 256, 4, 3, dot=True)
     assert gemv.heuristic(64, 24, 1, False, 4, sms).block_k == 32  # K under one tile: a tile of K rounded up
+    assert gemv.heuristic(64, 24, 16, False, 4, sms).block_k == 16  # the tensor cores' smallest
 
 
-def test_table_entries_take_precedence_and_bad_ones_are_refused(tmp_path):
+def test_table_entries_take_precedence_and_bad_ones_are_refused(tmp_path, monkeypatch):
     from kvrelay.kernels import gemv
 
-    cfg = gemv.Config(block_n=8, block_k=256, warps=8, stages=3)
+    one, more = gemv.Config(block_n=8, block_k=256, warps=8), gemv.Config(32, 128, 4, 4, dot=True)
     path = tmp_path / "table.json"
-    path.write_text(json.dumps({"configs": [gemv.table_entry(4096, 4096, 1, False, torch.bfloat16, cfg)]}))
+    entries = [gemv.table_entry(4096, 4096, 1, False, torch.bfloat16, one), gemv.table_entry(4096, 4096, 16, False, torch.bfloat16, more)]
+    path.write_text(json.dumps({"configs": entries}))
     table = gemv.load_table(path)
-    assert table == {(4096, 4096, 1, False, "bfloat16"): cfg}
+    assert table == {(4096, 4096, 1, False, "bfloat16"): one, (4096, 4096, 16, False, "bfloat16"): more}
+    monkeypatch.setattr(gemv, "TABLE", table)
+    cpu = torch.device("cpu")
+    assert [gemv.config_for(4096, 4096, rows, False, torch.bfloat16, cpu) for rows in (1, 2, 8)] == [one, more, more]
+    assert gemv.config_for(4096, 4096, 1, True, torch.bfloat16, cpu) == gemv.heuristic(4096, 4096, 1, True, 2, 1)
     assert gemv.load_table(tmp_path / "absent.json") == {}
-    entry = gemv.table_entry(4096, 4096, 1, False, torch.bfloat16, cfg) | {"block_n": 12}
-    path.write_text(json.dumps({"configs": [entry]}))
-    with pytest.raises(ValueError, match="powers of two"):
-        gemv.load_table(path)
+    for bad in ({"block_n": 12}, {"row_tile": 16}, {"dot": True}):  # not a power of two; 16 rows without dot; dot at 8 wide
+        path.write_text(json.dumps({"configs": [entries[0] | bad]}))
+        with pytest.raises(ValueError, match="powers of two"):
+            gemv.load_table(path)
     path.write_text(json.dumps({"configs": [{"n": 1}]}))
     with pytest.raises(ValueError, match="--write-table"):
         gemv.load_table(path)
@@ -159,5 +167,7 @@ def test_bench_projections_are_rank_0_slices():
     eight = {p["name"]: (p["n"], p["k"]) for p in projections("8b-shape", 1)[1]}
     assert eight == {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up+silu": (14336, 4096),
                      "down_proj": (4096, 14336), "lm_head": (128256, 4096)}  # fmt: skip
-    configs = candidates(projs[0], 1, 2, 132)
-    assert configs and all(-(-2560 // c.block_n) >= 132 and c.block_n * c.block_k <= 4 * 8192 for c in configs)
+    one, more = candidates(projs[0], 1, 2, 132), candidates(projs[0], 16, 2, 132)
+    assert {c.dot for c in one} == {False, True} and {c.dot for c in more} == {True}
+    assert all(-(-2560 // c.block_n) >= 66 and (c.dot or c.block_n * c.block_k <= 4 * 8192) for c in one + more)
+    assert all(min(c.block_n, c.block_k) >= 16 for c in more)

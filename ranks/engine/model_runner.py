@@ -268,8 +268,8 @@ class ModelRunner:
         window's presence (fixed), the 16-byte alignment of each pointer (the step metadata is
         16-byte aligned, `_upload`), and in the decode kernel whether it splits the context
         (SPLIT), which depends on the decode rows' count and the block tables' width; in the
-        small-batch linears (kernels/gemv.py), the row tile (a step's rows, and its sampled rows,
-        rounded up to a power of two up to 8). So: mixed steps and decode-only steps with one
+        small-batch linears (kernels/gemv.py), the row tile of a step's rows and of its sampled
+        rows (one row, or up to 8 padded to 16). So: mixed steps and decode-only steps with one
         decode row and with as many as a step can hold, at the narrowest and the widest table, a
         step of one whole prompt, prompt and decode steps of each row tile; then the handoff's pack
         and unpack of one block. Every read and write goes to the scratch block, which no
@@ -292,11 +292,11 @@ class ModelRunner:
             for n in sorted({1, max(most, 1), min(self.max_seqs, self.max_batch_tokens)}):
                 steps.append(decode(n, width))
             steps += [decode(n, width) + prompt(min(2, ctx)) for n in sorted({1, most}) if n >= 1]
-        # The small-batch linears' row tiles: steps of 1, 2, 4, 8 rows (prompts: a run's short
-        # prompts and chunks), and of as many sampled rows (decode steps: the LM head's rows).
-        tiles = [1 << i for i in range(gemv.MAX_ROWS.bit_length())]
-        steps += [prompt(q) for q in tiles if q <= longest]
-        steps += [decode(n, 1) for n in tiles if n <= min(self.max_seqs, self.max_batch_tokens)]
+        # The small-batch linears' row tiles, a row count of each: prompt steps of that many tokens
+        # (a run's short prompts and chunks) and decode steps of that many rows (the LM head's rows).
+        rows = {gemv.row_tile(r): r for r in range(1, gemv.MAX_ROWS + 1)}.values()
+        steps += [prompt(min(r, longest)) for r in rows]
+        steps += [decode(min(r, self.max_seqs, self.max_batch_tokens), 1) for r in rows]
         for items in steps:
             self._run(self._arrays(items), graphs=False).argmax(dim=-1)
         self.unpack_kv(self.pack_kv([scratch]), [scratch])  # the handoff's copy kernel, both ways

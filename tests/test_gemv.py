@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -171,3 +174,36 @@ def test_bench_projections_are_rank_0_slices():
     assert {c.dot for c in one} == {False, True} and {c.dot for c in more} == {True}
     assert all(-(-2560 // c.block_n) >= 66 and (c.dot or c.block_n * c.block_k <= 4 * 8192) for c in one + more)
     assert all(min(c.block_n, c.block_k) >= 16 for c in more)
+
+
+# Compiles the engine's configs for a SiLU gate/up product at the 8B shape, one row and 8 rows, for
+# sm_90 without a GPU (Triton's own ptxas), and prints the K loop of each TTGIR. In a process of its own: this one runs
+# Triton's interpreter, which wraps every jitted function, tl's own included.
+_COMPILE_FOR_H100 = """
+import sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kvrelay.kernels import gemv
+for rows in (1, 8):
+    c = gemv.heuristic(14336, 4096, gemv.row_tile(rows), True, 2, 132)
+    consts = dict(BLOCK_M=16 if c.dot else 1, BLOCK_N=c.block_n, BLOCK_K=c.block_k, HAS_BIAS=True, SILU=True, EVEN_K=True)
+    signature = {**dict.fromkeys(("x", "w", "bias", "out"), "*bf16"), **dict.fromkeys(("M", "N", "K", "stride_xm"), "i32"),
+                 **dict.fromkeys(consts, "constexpr")}
+    aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5, 6, 7)}  # the pointers, N, K, the row stride
+    src = ASTSource(gemv._kernel(False), signature, consts, aligned)
+    options = dict(num_warps=c.warps, num_stages=c.stages)
+    ttgir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ttgir"]
+    print(f"==== {rows} rows, {c}:", ttgir[ttgir.index("scf.for") : ttgir.index("scf.yield")])
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None, reason="no Triton CUDA backend")
+def test_the_k_loop_moves_no_tile_through_shared_memory_on_an_h100():
+    """In the loop over K each thread multiplies what it loaded: no layout conversion (a shuffle of a
+    tile through shared memory, with barriers, every step). The tensor-core path's W tiles reach
+    shared memory by cp.async, which is no conversion."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    loops = out.stdout.split("==== ")[1:]
+    assert len(loops) == 2 and all("scf.for" in loop and "ttg.convert_layout" not in loop for loop in loops), out.stdout

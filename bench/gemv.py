@@ -22,8 +22,8 @@ weight bytes at the copy bandwidth.
 of the kernels and prints the best per projection and row count beside the one picked today;
 --write-table merges the best per row tile (1 row; 2 to 16 rows: the least time summed over the
 swept row counts) into a table file that kernels/gemv.py reads at import (commit
-kernels/gemv_table.json for the engine to use it). A sweep compiles some 50-100 variants per row
-tile and kind: one row count per call keeps it inside a 10-minute limit.
+kernels/gemv_table.json for the engine to use it). A sweep compiles some 30-60 configs per row
+tile, each with and without SiLU: one row count per call keeps it inside a 10-minute limit.
 """
 
 from __future__ import annotations
@@ -48,13 +48,13 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 CALLS = 24  # calls per graph: one replay measures this many, cycling the weight's copies
 
 
-def projections(size: str, tp: int) -> tuple[ModelSpec, list[dict]]:
+def projections(size: str, tp: int) -> list[dict]:
     """Rank 0's products of one decode step: name, n (output features; with SiLU, of each half), k, calls per step."""
     with tempfile.TemporaryDirectory() as d:
         spec = ModelSpec.from_hf_config(write_model_files(Path(d), "llama", size, "bfloat16"))
     shard = TPShard.of(spec, 0, tp)
     q, layers, hidden = shard.num_heads * spec.head_dim, spec.num_layers, spec.hidden_size
-    return spec, [
+    return [
         dict(name="qkv", n=q + 2 * shard.num_kv_heads * spec.head_dim, k=hidden, silu=False, per_step=layers),
         dict(name="o_proj", n=hidden, k=q, silu=False, per_step=layers),
         dict(name="gate_up+silu", n=shard.ffn_size, k=hidden, silu=True, per_step=layers),
@@ -96,16 +96,16 @@ def candidates(p: dict, tile: int, elem_bytes: int, sms: int) -> list[gemv.Confi
     k_tile = 1 << (p["k"] - 1).bit_length()
     out = []
     if tile == 1:
-        for block_n in (1, 2, 4, 8, 16, 32):
+        for block_n in (2, 4, 8, 16, 32):
             for k_bytes in (512, 1024, 2048):
                 block_k = min(k_bytes // elem_bytes, k_tile)
                 if halves * block_n * block_k <= 4 * 8192 and -(-p["n"] // block_n) >= sms // 2:
                     out += [gemv.Config(block_n, block_k, warps) for warps in (4, 8)]
     for block_n in (16, 32, 64):
-        for k_bytes in (128, 256, 512, 1024):
+        for k_bytes in (256, 512, 1024):
             block_k = max(16, min(k_bytes // elem_bytes, k_tile))
             if -(-p["n"] // block_n) >= sms // 2:
-                out += [gemv.Config(block_n, block_k, warps, stages, dot=True) for warps in (4, 8) for stages in (2, 3, 4)]
+                out += [gemv.Config(block_n, block_k, 4, stages, dot=True) for stages in (2, 3, 4)]
     return sorted(set(out), key=astuple)
 
 
@@ -133,7 +133,7 @@ def main() -> None:
     totals: dict[tuple, dict[gemv.Config, list[float]]] = {}  # (n, k, row tile, silu) -> config -> its times at each M
     for model in args.models.split(","):
         size, tp = model.split(":")
-        spec, projs = projections(size, int(tp))
+        projs = projections(size, int(tp))
         step = {m: {"torch_ms": 0.0, "gemv_ms": 0.0} for m in ints(args.m)}
         step_bytes = 0
         for p in projs:

@@ -163,11 +163,11 @@ def test_bench_projections_are_rank_0_slices():
     """bench/gemv.py's shapes: Llama-3.1-70B at tp 4 is 16 q heads and 2 kv heads, a quarter of the FFN and vocab a rank."""
     from kvrelay.bench.gemv import candidates, projections
 
-    _, projs = projections("70b-shape", 4)
+    projs = projections("70b-shape", 4)
     got = {p["name"]: (p["n"], p["k"], p["per_step"]) for p in projs}
     assert got == {"qkv": (2560, 8192, 80), "o_proj": (8192, 2048, 80), "gate_up+silu": (7168, 8192, 80),
                    "down_proj": (8192, 7168, 80), "lm_head": (32064, 8192, 1)}  # fmt: skip
-    eight = {p["name"]: (p["n"], p["k"]) for p in projections("8b-shape", 1)[1]}
+    eight = {p["name"]: (p["n"], p["k"]) for p in projections("8b-shape", 1)}
     assert eight == {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up+silu": (14336, 4096),
                      "down_proj": (4096, 14336), "lm_head": (128256, 4096)}  # fmt: skip
     one, more = candidates(projs[0], 1, 2, 132), candidates(projs[0], 16, 2, 132)

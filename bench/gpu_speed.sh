@@ -12,8 +12,9 @@
 #   profile  per-step profile of mixed, decode and batch-1 steps                       (~1 min)
 #   gemv     the small-batch linears (kernels/gemv.py) against cuBLAS at M = 1, 2, 4, 8, per
 #            projection of the 8B and the 70B tp=4 shapes, and per decode step
-#   sweepN   (sweep1, sweep2, sweep4, sweep8) their candidate configs at M = N; the best go into
-#            OUTDIR/gemv_table.json (copy it to kernels/gemv_table.json and commit it to use them)
+#   sweep1   their candidate configs for one row, then sweep8 for the tile of 2-8 rows (each
+#            ~5 min); the best go into OUTDIR/gemv_table.json (copy it to kernels/gemv_table.json
+#            and commit it for the engine to use them); sweep2 and sweep4 also exist
 # JSON under OUTDIR. Default stages: tests b1 b5 profile.
 #   bash bench/gpu_speed.sh OUTDIR [STAGE...]
 set -euo pipefail

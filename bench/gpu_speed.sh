@@ -13,8 +13,9 @@
 #   gemv     the small-batch linears (kernels/gemv.py) against cuBLAS at M = 1, 2, 4, 8, per
 #            projection of the 8B and the 70B tp=4 shapes, and per decode step
 #   sweep1   their candidate configs for one row, then sweep8 for the tile of 2-8 rows (each
-#            sized for one 10-minute call, not yet timed); the best go into OUTDIR/gemv_table.json (copy it to kernels/gemv_table.json
-#            and commit it for the engine to use them); sweep2 and sweep4 also exist
+#            sized for one 10-minute call, not yet timed); the best go into
+#            OUTDIR/gemv_table.json (copy it to kernels/gemv_table.json and commit it for the
+#            engine to use them); sweep2 and sweep4 also exist
 # JSON under OUTDIR. Default stages: tests b1 b5 profile.
 #   bash bench/gpu_speed.sh OUTDIR [STAGE...]
 set -euo pipefail

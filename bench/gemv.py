@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from triton.runtime.errors import OutOfResources
+
 from kvrelay.bench.attention import copy_gbs, graph_ms, ints
 from kvrelay.kernels import fused, gemv
 from kvrelay.ranks.engine.checkpoint import write_model_files
@@ -91,7 +93,8 @@ def gemv_call(p: dict, config: gemv.Config | None = None):
 
 def candidates(p: dict, tile: int, elem_bytes: int, sms: int) -> list[gemv.Config]:
     """The sweep's configs that give at least half the SMs a program: for one row, on the CUDA cores
-    with tiles of up to 4x the heuristic's budget; for any rows, on the tensor cores."""
+    with tiles of up to 4x the heuristic's budget; for any rows, on the tensor cores, their stages
+    within 160 KB of shared memory (an H100 SM has 227 KB)."""
     halves = 2 if p["silu"] else 1
     k_tile = 1 << (p["k"] - 1).bit_length()
     out = []
@@ -104,8 +107,9 @@ def candidates(p: dict, tile: int, elem_bytes: int, sms: int) -> list[gemv.Confi
     for block_n in (16, 32, 64):
         for k_bytes in (256, 512, 1024):
             block_k = max(16, min(k_bytes // elem_bytes, k_tile))
+            step_bytes = (halves * block_n + 16) * block_k * elem_bytes  # W and x tiles a stage holds in shared memory
             if -(-p["n"] // block_n) >= sms // 2:
-                out += [gemv.Config(block_n, block_k, 4, stages, dot=True) for stages in (2, 3, 4)]
+                out += [gemv.Config(block_n, block_k, 4, s, dot=True) for s in (2, 3, 4) if s * step_bytes <= 160 * 1024]
     return sorted(set(out), key=astuple)
 
 
@@ -157,7 +161,11 @@ def main() -> None:
                 if args.sweep:
                     timed = totals.setdefault((p["n"], p["k"], gemv.row_tile(m), p["silu"]), {})
                     for c in candidates(p, gemv.row_tile(m), dtype.itemsize, sms):
-                        t = time_ms(gemv_call(p, c), ws, x, max(5, args.reps // 2))
+                        try:
+                            t = time_ms(gemv_call(p, c), ws, x, max(5, args.reps // 2))
+                        except OutOfResources as err:  # shared memory or registers past the SM's
+                            print(f"    {c}: {err}")
+                            continue
                         timed.setdefault(c, []).append(t)
                         sweep.append(dict(model=size, tp=int(tp), proj=p["name"], m=m, config=asdict(c), ms=t,
                                           tbs=nbytes / t / 1e9))  # fmt: skip

@@ -50,7 +50,9 @@ except ImportError:  # CPU-only installs: the model's F.linear serves
 
 MAX_ROWS = 8  # the model uses these kernels up to this many rows, F.linear above (cuBLAS's tensor-core tiles win there)
 TABLE_PATH = Path(__file__).with_name("gemv_table.json")
-_TILE_ELEMENTS = 8192  # W elements a CUDA-core program holds per step, and as many float32 partial sums: 64 registers a thread at 4 warps
+# W elements a CUDA-core program holds per step, and as many float32 partial sums: 64 registers a
+# thread each at 4 warps.
+_TILE_ELEMENTS = 8192
 _DOT_ROWS = 16  # the tensor cores' smallest tile of rows
 
 

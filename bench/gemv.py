@@ -171,8 +171,8 @@ def main() -> None:
                                           tbs=nbytes / t / 1e9))  # fmt: skip
                     c_best = min(timed, key=lambda c: timed[c][-1])
                     t_best = timed[c_best][-1]
-                    print(f"    sweep of {len(timed)}: best {c_best} {t_best * 1e3:7.1f} us {nbytes / t_best / 1e9:5.2f} TB/s "
-                          f"(picked today: x{t_gemv / t_best:4.2f} its time)")  # fmt: skip
+                    print(f"    sweep of {len(timed)}: best {c_best} {t_best * 1e3:7.1f} us "
+                          f"{nbytes / t_best / 1e9:5.2f} TB/s (picked today: x{t_gemv / t_best:4.2f} its time)")  # fmt: skip
             del ws
         floor_ms = step_bytes / (copy_tbs * 1e12) * 1e3
         for m, s in step.items():
@@ -186,7 +186,8 @@ def main() -> None:
         for (n, k, tile, silu), timed in totals.items():
             # A row tile serves several row counts: the config with the least time summed over those swept.
             swept = max(len(ts) for ts in timed.values())
-            table[(n, k, tile, silu, args.dtype)] = min((c for c in timed if len(timed[c]) == swept), key=lambda c: sum(timed[c]))
+            everywhere = [c for c in timed if len(timed[c]) == swept]
+            table[(n, k, tile, silu, args.dtype)] = min(everywhere, key=lambda c: sum(timed[c]))
         entries = [gemv.table_entry(n, k, tile, silu, DTYPES[dt], c) for (n, k, tile, silu, dt), c in sorted(table.items())]
         path.write_text(json.dumps({"device": name, "configs": entries}, indent=1) + "\n")
         print(f"wrote {len(entries)} configs to {path}")

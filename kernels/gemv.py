@@ -62,7 +62,8 @@ class Config:
     block_k: int  # elements of K per load step
     warps: int = 4
     stages: int = 1
-    dot: bool = False  # rows padded to 16 and multiplied on the tensor cores (block_n, block_k >= 16); more than one row needs it
+    # Rows padded to 16 and multiplied on the tensor cores (block_n, block_k >= 16); more than one row needs it.
+    dot: bool = False
 
 
 def linear(

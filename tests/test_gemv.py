@@ -113,7 +113,7 @@ def test_table_entries_take_precedence_and_bad_ones_are_refused(tmp_path, monkey
 
     one, more = gemv.Config(block_n=8, block_k=256, warps=8), gemv.Config(32, 128, 4, 4, dot=True)
     path = tmp_path / "table.json"
-    entries = [gemv.table_entry(4096, 4096, 1, False, torch.bfloat16, one), gemv.table_entry(4096, 4096, 16, False, torch.bfloat16, more)]
+    entries = [gemv.table_entry(4096, 4096, tile, False, torch.bfloat16, c) for tile, c in ((1, one), (16, more))]
     path.write_text(json.dumps({"configs": entries}))
     table = gemv.load_table(path)
     assert table == {(4096, 4096, 1, False, "bfloat16"): one, (4096, 4096, 16, False, "bfloat16"): more}

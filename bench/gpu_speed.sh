@@ -10,6 +10,12 @@
 #   b5peer   B5 with transformers on 128 of its 1,024 prompts (kvrelay runs the same 128 for the
 #            ratio; the peer's wall is also extrapolated to the whole workload)        (~6-8 min)
 #   profile  per-step profile of mixed, decode and batch-1 steps                       (~1 min)
+#   gemv     the small-batch linears (kernels/gemv.py) against cuBLAS at M = 1, 2, 4, 8, per
+#            projection of the 8B and the 70B tp=4 shapes, and per decode step
+#   sweep1   their candidate configs for one row, then sweep8 for the tile of 2-8 rows (each
+#            sized for one 10-minute call, not yet timed); the best go into
+#            OUTDIR/gemv_table.json (copy it to kernels/gemv_table.json and commit it for the
+#            engine to use them); sweep2 and sweep4 also exist
 # JSON under OUTDIR. Default stages: tests b1 b5 profile.
 #   bash bench/gpu_speed.sh OUTDIR [STAGE...]
 set -euo pipefail
@@ -23,7 +29,7 @@ for stage in $stages; do
   case $stage in
     tests)
       python3 -m pytest -q -m gpu tests/test_attention_backend.py tests/test_triton_attention.py tests/test_fused.py \
-        tests/test_gpu_engine.py tests/test_gpu_sampling.py 2>&1 | tail -5 ;;
+        tests/test_gpu_engine.py tests/test_gpu_sampling.py tests/test_gemv.py 2>&1 | tail -5 ;;
     b1)
       cache=$(mktemp -d)
       # Every compile goes to stderr (KVRELAY_LOG_COMPILES=1): those of the engine's build, tagged
@@ -41,8 +47,13 @@ for stage in $stages; do
     profile)
       # --skip 20: the profiled prefill/mixed steps carry a few hundred decode rows, as B1's later mixed steps do.
       python3 -m kvrelay.bench.profile_steps --size 8b-shape --steps 3 --skip 20 --json "$out/profile.json" 2>&1 | tail -45 ;;
+    gemv)
+      python3 -m kvrelay.bench.gemv --json "$out/gemv.json" 2>&1 | tail -60 ;;
+    sweep1|sweep2|sweep4|sweep8)
+      python3 -m kvrelay.bench.gemv --sweep --m "${stage#sweep}" --json "$out/gemv-$stage.json" \
+        --write-table "$out/gemv_table.json" 2>&1 | tail -80 ;;
     *)
-      echo "unknown stage $stage: use tests, b1, b5, b5peer or profile" >&2
+      echo "unknown stage $stage: use tests, b1, b5, b5peer, profile, gemv or sweep1/2/4/8" >&2
       exit 2 ;;
   esac
   echo "$stage: $((SECONDS - s)) s"

@@ -255,6 +255,7 @@ def engine_config(args, model_dir: Path, device: torch.device, prompts, output_l
     return load_config(**{
         "model.path": str(model_dir), "job.device": device.type, "model.dtype": args.dtype,
         "model.max_model_len": max(len(p) + n for p, n in zip(prompts, output_lens)), "model.enforce_eager": args.enforce_eager,
+        "model.small_batch_linear": not args.no_small_batch_linear,
         "scheduler.max_batch_tokens": args.max_batch_tokens, "scheduler.max_seqs": args.max_seqs,
         "cache.gpu_memory_fraction": args.gpu_memory_fraction,
         "cache.cpu_kv_gib": args.cpu_kv_gib, "job.progress": False,
@@ -486,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-memory-fraction", type=float, default=0.9)
     ap.add_argument("--cpu-kv-gib", type=float, default=1.0)
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (model.enforce_eager)")
+    ap.add_argument("--no-small-batch-linear", action="store_true",
+                    help="cuBLAS for decode-sized products too (model.small_batch_linear=false)")
     ap.add_argument("--batch1-tokens", type=int, default=32, help="decode steps timed at batch 1")
     ap.add_argument("--peer-max-batch-tokens", type=int, default=4096)
     ap.add_argument("--peer-memory-percent", type=float, default=0.6)

@@ -34,6 +34,10 @@ class ModelSection(_Section):
     max_model_len: int | None = Field(None, ge=2, description="context length; default: the model's")
     name: str | None = Field(None, description="model name written in output lines; default: the directory name")
     enforce_eager: bool = Field(False, description="run every step eagerly: no CUDA graphs for decode steps")
+    small_batch_linear: bool = Field(
+        True, description="on CUDA, products of at most 8 rows (decode steps) run the small-batch Triton kernels "
+        "(kernels/gemv.py) instead of cuBLAS, gate/up fused with its SiLU-mul; false: cuBLAS for every row count"
+    )
     random_weights: bool = Field(
         False, description="benchmarks only: draw random weights of config.json's shape on the device (seed 0, as "
         "`kvrelay make-model` draws them) instead of reading safetensors files, which then need not exist"

@@ -164,7 +164,7 @@ def _build_runner(cfg, spec, files, shard, device, weights, staging_bytes, tp, s
         weights = shard_weights(weights, shard) if tp.size > 1 else weights
     args = (spec, iter_weights(files, dtype, device, shard if tp.size > 1 else None) if weights is None else weights,
             dtype, device, cfg.cache.block_size, max_model_len, sched.max_seqs, sched.max_batch_tokens)
-    kwargs = dict(cuda_graphs=not cfg.model.enforce_eager, tp=tp)
+    kwargs = dict(cuda_graphs=not cfg.model.enforce_eager, tp=tp, small_batch_linear=cfg.model.small_batch_linear)
     runner = LeaderRunner(*args, sync=sync, **kwargs) if sync is not None and sync.is_leader else ModelRunner(*args, **kwargs)
     reserve = runner.profile()  # activation peaks, measured on the GPU; 0 on the CPU
     if device.type == "cuda":

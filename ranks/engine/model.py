@@ -9,7 +9,8 @@ Numerics follow Hugging Face transformers op by op (RMSNorm in float32 then cast
 from a float32 table, residual adds in the same places) so that float32 greedy outputs match
 `transformers` on the same checkpoint; on CUDA the norms (with the residual add), RoPE and SiLU-mul
 run as the fused Triton kernels of kernels/fused.py, which round the same way. q/k/v and gate/up
-are fused into one matmul each;
+are fused into one matmul each; on CUDA, products of a few rows (decode steps) run the small-batch
+kernels of kernels/gemv.py, gate/up with its SiLU-mul (`model.small_batch_linear`);
 `load_weights` maps the Hugging Face tensor names onto row ranges of the fused weights.
 
 Under tensor parallelism (a `TPGroup` of more than one rank) each rank holds the slices that its
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvrelay.kernels import fused
+from kvrelay.kernels import fused, gemv
 from kvrelay.ranks.engine.attention_backend import AttentionMetadata, attend
 from kvrelay.core.model_files import ModelConfigError
 from kvrelay.ranks.engine.parallel import TPGroup
@@ -139,16 +140,40 @@ class RMSNorm(nn.Module):
         return self(summed), summed
 
 
-def _linear(n_in: int, n_out: int, bias: bool, dtype: torch.dtype, device: torch.device) -> nn.Linear:
+class Linear(nn.Linear):
+    """nn.Linear whose products of at most `small_rows` rows of CUDA tensors run kernels/gemv.py's
+    kernel (W read once by programs that each own a few output features) instead of cuBLAS."""
+
+    small_rows = 0  # set by LlamaForCausalLM: gemv.MAX_ROWS, or 0 with model.small_batch_linear off
+
+    def small(self, x: torch.Tensor) -> bool:
+        return x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= self.small_rows and gemv.triton is not None
+
+    def forward(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:  # [T, in] -> [T, out]; bias=False: without it
+        b = self.bias if bias else None
+        return gemv.linear(x, self.weight, b) if self.small(x) else F.linear(x, self.weight, b)
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out / 2]
+        """silu(gate) * up of this gate/up projection's output (gate rows first), rounded as the separate ops round."""
+        if self.small(x):
+            return gemv.linear_silu_mul(x, self.weight, self.bias)
+        gate_up = self(x)
+        if use_fused(gate_up):
+            return fused.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+def _linear(n_in: int, n_out: int, bias: bool, dtype: torch.dtype, device: torch.device) -> Linear:
     # Every weight comes from the checkpoint, so skip the random init (minutes for an 8B model on CPU).
-    return nn.utils.skip_init(nn.Linear, n_in, n_out, bias=bias, dtype=dtype, device=device)
+    return nn.utils.skip_init(Linear, n_in, n_out, bias=bias, dtype=dtype, device=device)
 
 
-def row_parallel(linear: nn.Linear, x: torch.Tensor, tp: TPGroup) -> torch.Tensor:  # [T, in / tp] -> [T, out]
+def row_parallel(linear: Linear, x: torch.Tensor, tp: TPGroup) -> torch.Tensor:  # [T, in / tp] -> [T, out]
     """A row-parallel linear: each rank's partial product, summed over the group, then the bias once."""
     if tp.size == 1:
         return linear(x)
-    y = tp.all_reduce(F.linear(x, linear.weight))
+    y = tp.all_reduce(linear(x, bias=False))
     return y if linear.bias is None else y + linear.bias
 
 
@@ -200,11 +225,8 @@ class MLP(nn.Module):
         self.down_proj = _linear(shard.ffn_size, spec.hidden_size, spec.mlp_bias, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
-        gate_up = self.gate_up_proj(x)  # [T, 2 * ffn / tp]: this rank's gate rows, then its up rows
-        if use_fused(gate_up):
-            return row_parallel(self.down_proj, fused.silu_mul(gate_up), self.tp)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return row_parallel(self.down_proj, F.silu(gate) * up, self.tp)
+        # gate_up_proj's weight: this rank's gate rows, then its up rows ([2 * ffn / tp, hidden]).
+        return row_parallel(self.down_proj, self.gate_up_proj.silu_mul(x), self.tp)
 
 
 class DecoderLayer(nn.Module):
@@ -253,6 +275,7 @@ class LlamaForCausalLM(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         tp: TPGroup | None = None,
+        small_batch_linear: bool = True,
     ):
         super().__init__()
         # None means the current default device, so `with torch.device("cuda"):` places the model.
@@ -266,7 +289,7 @@ class LlamaForCausalLM(nn.Module):
         vocab_rows = self.model.embed_tokens.weight.shape[0]
         if spec.tie_word_embeddings:
             # Built on meta only to be handed the embedding's weight: no second vocab x hidden matrix.
-            self.lm_head = nn.Linear(spec.hidden_size, vocab_rows, bias=False, device="meta")
+            self.lm_head = Linear(spec.hidden_size, vocab_rows, bias=False, device="meta")
             self.lm_head.weight = self.model.embed_tokens.weight
         else:
             self.lm_head = _linear(spec.hidden_size, vocab_rows, False, dtype, device)
@@ -274,6 +297,9 @@ class LlamaForCausalLM(nn.Module):
         # that the gather cuts off.
         for param in {id(p): p for p in (self.model.embed_tokens.weight, self.lm_head.weight)}.values():
             param.data[self.shard.vocab[1] - self.shard.vocab[0] :].zero_()
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.small_rows = gemv.MAX_ROWS if small_batch_linear else 0
         inv_freq = rope_inv_freq(spec.rope, spec.head_dim).to(device)
         freqs = torch.arange(spec.max_position_embeddings, device=device).float()[:, None] * inv_freq
         self.register_buffer("rope_cos", freqs.cos(), persistent=False)  # [max_pos, head_dim // 2] f32

@@ -24,6 +24,7 @@ from itertools import chain
 import numpy as np
 import torch
 
+from kvrelay.kernels import gemv
 from kvrelay.kernels.kv_pack import pack_blocks, packed_shape, unpack_blocks
 from kvrelay.ranks.engine.attention_backend import AttentionMetadata
 from kvrelay.ranks.engine.disk_tier import DiskStore
@@ -100,6 +101,7 @@ class ModelRunner:
         max_batch_tokens: int,
         cuda_graphs: bool = True,
         tp: TPGroup | None = None,
+        small_batch_linear: bool = True,
     ) -> None:
         self.spec = spec
         self.dtype = dtype
@@ -116,7 +118,7 @@ class ModelRunner:
         # on a CPU runner the tests turn it on to run those kernels in Triton's interpreter.
         self.kernel_metadata = self.is_cuda
         with torch.device(device):
-            self.model = LlamaForCausalLM(spec, dtype=dtype, tp=tp)
+            self.model = LlamaForCausalLM(spec, dtype=dtype, tp=tp, small_batch_linear=small_batch_linear)
         self.model.load_weights(weights)
         self.model.eval()
         self.memory = MemoryReport()
@@ -265,10 +267,12 @@ class ModelRunner:
         What selects a variant, per kernel: the model's shapes and dtype (fixed), the sliding
         window's presence (fixed), the 16-byte alignment of each pointer (the step metadata is
         16-byte aligned, `_upload`), and in the decode kernel whether it splits the context
-        (SPLIT), which depends on the decode rows' count and the block tables' width. So: mixed
-        steps and decode-only steps with one decode row and with as many as a step can hold, at
-        the narrowest and the widest table, and a step of one whole prompt; then the handoff's
-        pack and unpack of one block. Every read and write goes to the scratch block, which no
+        (SPLIT), which depends on the decode rows' count and the block tables' width; in the
+        small-batch linears (kernels/gemv.py), the row tile of a step's rows and of its sampled
+        rows (one row, or up to 8 padded to 16). So: mixed steps and decode-only steps with one
+        decode row and with as many as a step can hold, at the narrowest and the widest table, a
+        step of one whole prompt, prompt and decode steps of each row tile; then the handoff's pack
+        and unpack of one block. Every read and write goes to the scratch block, which no
         sequence owns. Nothing to do where no kernel runs."""
         if not self.kernel_metadata:
             return
@@ -282,11 +286,17 @@ class ModelRunner:
         def prompt(q: int) -> list:
             return [([0] * q, 0, q, [scratch] * blocks_for(q, self.block_size), True)]
 
-        steps = [prompt(min(self.max_model_len, self.max_batch_tokens))]
+        longest = min(self.max_model_len, self.max_batch_tokens)
+        steps = [prompt(longest)]
         for width in sorted({1, self.max_blocks}):
             for n in sorted({1, max(most, 1), min(self.max_seqs, self.max_batch_tokens)}):
                 steps.append(decode(n, width))
             steps += [decode(n, width) + prompt(min(2, ctx)) for n in sorted({1, most}) if n >= 1]
+        # The small-batch linears' row tiles, a row count of each: prompt steps of that many tokens
+        # (a run's short prompts and chunks) and decode steps of that many rows (the LM head's rows).
+        rows = {gemv.row_tile(r): r for r in range(1, gemv.MAX_ROWS + 1)}.values()
+        steps += [prompt(min(r, longest)) for r in rows]
+        steps += [decode(min(r, self.max_seqs, self.max_batch_tokens), 1) for r in rows]
         for items in steps:
             self._run(self._arrays(items), graphs=False).argmax(dim=-1)
         self.unpack_kv(self.pack_kv([scratch]), [scratch])  # the handoff's copy kernel, both ways

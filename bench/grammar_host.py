@@ -1,0 +1,136 @@
+"""The host work of structured output per decode step, without a model: bench.batch_api's schema arm
+as the engine's grammar calls see it.
+
+    python -m kvrelay.bench.grammar_host --json runs/grammar-host.json             # CPU, 512 rows
+    python -m kvrelay.bench.grammar_host --device cuda --json runs/grammar-host-gpu.json
+
+It writes the files of the `--size` checkpoint (tokenizer and config, no weights: the 8B shape has
+128,256 ids over the 500-token test tokenizer), builds the engine's `Grammars` for that vocabulary,
+gives `--rows` sequences the `--fields`-field JSON schema of bench.batch_api, and runs `--steps`
+decode steps. Each step makes the engine's two calls, timed: `Grammars.accept_batch` (the tokens of
+the last step: in the engine, the deferred read of the next step) and `Grammars.fill_bitmask` (every
+row's mask, its copy to `--device`, the JSON safety masks). Inside the fill, xgrammar's threaded
+fill alone is timed by one more fill of the same matchers into a scratch buffer (a fill does not
+change a matcher). The tokens stand in for a random model's greedy draws: each row takes a token
+its mask allows, uniformly (seeded), so most rows spend most steps inside long strings, as B1's
+schema lines do. The first step (empty matchers) is reported apart.
+
+On a CPU device the mask's device ops (the JSON ANDs) run on the host and count in the fill; on
+CUDA they are queued. The thread count is xgrammar's: half the machine's hardware threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvrelay.bench.batch_api import schema
+from kvrelay.bench.throughput import Report, sync
+from kvrelay.core.request import StructuredOutput
+from kvrelay.ranks.engine.checkpoint import write_model_files
+from kvrelay.ranks.engine.structured import Grammars
+
+
+def allowed_draws(bitmask: torch.Tensor, vocab: int, rng: np.random.Generator) -> list[int]:
+    """One token per row of a [rows, words] int32 mask, uniformly among the first `vocab` ids' bits
+    that are set; no bit past those may be."""
+    words = bitmask.cpu().numpy()
+    assert not words[:, -(-vocab // 32):].any(), "a mask allows an id the tokenizer does not have"
+    bits = np.unpackbits(words[:, : -(-vocab // 32)].view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+    out = []
+    for row in bits:
+        allowed = np.flatnonzero(row)
+        assert allowed.size, "a row whose grammar allows no token"
+        out.append(int(rng.choice(allowed)))
+    return out
+
+
+def stats_ms(values: list[float]) -> dict:
+    ms = sorted(1e3 * v for v in values)
+    return {"mean": statistics.fmean(ms), "median": statistics.median(ms), "p90": ms[int(0.9 * (len(ms) - 1))],
+            "max": ms[-1]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="kvrelay bench grammar-host", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="8b-shape", choices=["tiny", "8b-shape"])
+    ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--fields", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    if args.rows < 1 or args.steps < 2:
+        ap.error("--rows must be at least 1 and --steps at least 2")
+    device = torch.device(args.device)
+    report = Report("args", args, device, args.json)
+    import xgrammar as xgr
+
+    with tempfile.TemporaryDirectory(prefix="kvrelay-grammar-") as tmp:
+        model_dir = Path(tmp) / f"llama-{args.size}"
+        cfg = write_model_files(model_dir, "llama", args.size, "float32")
+        eos = json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"]
+        g = Grammars(str(model_dir), cfg["vocab_size"], eos)
+        so = StructuredOutput("json", json.dumps(schema(args.fields)))
+        ids = [f"r{i}" for i in range(args.rows)]
+        rows = list(range(args.rows))
+        t0 = time.perf_counter()
+        g.matcher(ids[0], so, [])
+        t1 = time.perf_counter()
+        for r in ids[1:]:
+            g.matcher(r, so, [])
+        t2 = time.perf_counter()
+        threads = max(1, (os.cpu_count() or 2) // 2)  # xgrammar's "auto": hardware_concurrency() / 2
+        report.emit("setup", {"vocab": cfg["vocab_size"], "grammar_vocab": g.grammar_vocab_size, "compile_s": t1 - t0,
+                              "matchers_s": t2 - t1, "cpu_count": os.cpu_count(), "xgrammar_threads": threads})
+        scratch = torch.empty(args.rows, -(-g.grammar_vocab_size // 32), dtype=torch.int32)
+        batch = xgr.BatchGrammarMatcher()
+        rng = np.random.default_rng(args.seed)
+        accept, fill, xgr_fill, allowed = [], [], [], []
+        tokens = None
+        for step in range(args.steps):
+            if tokens is not None:
+                t0 = time.perf_counter()
+                g.accept_batch(ids, tokens)
+                accept.append(time.perf_counter() - t0)
+            sync(device)
+            t0 = time.perf_counter()
+            mask = g.fill_bitmask(ids, rows, args.rows, device)
+            fill.append(time.perf_counter() - t0)
+            sync(device)
+            t0 = time.perf_counter()
+            batch.batch_fill_next_token_bitmask([g.matchers[r] for r in ids], scratch, rows)
+            xgr_fill.append(time.perf_counter() - t0)
+            tokens = allowed_draws(mask.bitmask, g.grammar_vocab_size, rng)
+            allowed.append(int(np.unpackbits(scratch[0].numpy().view(np.uint8)).sum()))
+        first = {"fill_ms": 1e3 * fill[0], "xgrammar_fill_ms": 1e3 * xgr_fill[0]}
+        steady = {"accept_ms": stats_ms(accept), "fill_ms": stats_ms(fill[1:]), "xgrammar_fill_ms": stats_ms(xgr_fill[1:])}
+        total = [a + f for a, f in zip(accept, fill[1:])]
+        steady["accept_plus_fill_ms"] = stats_ms(total)
+        steady["per_row_us"] = 1e3 * steady["accept_plus_fill_ms"]["mean"] / args.rows
+        steady["row0_allowed_tokens"] = {"min": min(allowed), "median": statistics.median(allowed), "max": max(allowed)}
+        report.emit("first_step", first)
+        report.emit("steps", steady)
+    print(f"\n{args.rows} rows x {args.steps} steps, {args.fields}-field schema, vocab {cfg['vocab_size']:,} "
+          f"(xgrammar's {g.grammar_vocab_size:,}), {args.device}, {threads} xgrammar thread(s) of {os.cpu_count()} cpus")
+    print(f"{'ms per step':<28}{'mean':>9}{'median':>9}{'p90':>9}{'max':>9}")
+    for name, key in [("accept_batch", "accept_ms"), ("fill_bitmask", "fill_ms"), ("  xgrammar's fill in it", "xgrammar_fill_ms"),
+                      ("accept + fill", "accept_plus_fill_ms")]:
+        s = steady[key]
+        print(f"{name:<28}{s['mean']:>9.2f}{s['median']:>9.2f}{s['p90']:>9.2f}{s['max']:>9.2f}")
+    print(f"per row: {steady['per_row_us']:.1f} us; first step's fill {first['fill_ms']:.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,6 +3,7 @@ as the engine's grammar calls see it.
 
     python -m kvrelay.bench.grammar_host --json runs/grammar-host.json             # CPU, 512 rows
     python -m kvrelay.bench.grammar_host --device cuda --json runs/grammar-host-gpu.json
+    python -m kvrelay.bench.grammar_host --tokenizer /models/Llama-3.1-8B/tokenizer.json   # a real vocabulary
 
 It writes the files of the `--size` checkpoint (tokenizer and config, no weights: the 8B shape has
 128,256 ids over the 500-token test tokenizer), builds the engine's `Grammars` for that vocabulary,
@@ -13,7 +14,10 @@ row's mask, its copy to `--device`, the JSON safety masks). Inside the fill, xgr
 fill alone is timed by one more fill of the same matchers into a scratch buffer (a fill does not
 change a matcher). The tokens stand in for a random model's greedy draws: each row takes a token
 its mask allows, uniformly (seeded), so most rows spend most steps inside long strings, as B1's
-schema lines do. The first step (empty matchers) is reported apart.
+schema lines do. The first step (empty matchers) is reported apart. `--tokenizer` replaces the test
+tokenizer with a real one (the model's vocabulary then is its size rounded up to 64 ids, and
+xgrammar finds its stop tokens itself): the test tokenizer's 500 tokens make a fill far cheaper
+than a real 128k vocabulary's.
 
 On a CPU device the mask's device ops (the JSON ANDs) run on the host and count in the fill; on
 CUDA they are queued. The thread count is xgrammar's: half the machine's hardware threads.
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -68,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", type=Path, help="a tokenizer.json to use instead of the test tokenizer")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     if args.rows < 1 or args.steps < 2:
@@ -80,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = Path(tmp) / f"llama-{args.size}"
         cfg = write_model_files(model_dir, "llama", args.size, "float32")
         eos = json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"]
+        if args.tokenizer is not None:
+            import tokenizers
+
+            if not args.tokenizer.is_file():
+                ap.error(f"--tokenizer {args.tokenizer} is not a file; give a tokenizer.json")
+            size = tokenizers.Tokenizer.from_file(str(args.tokenizer)).get_vocab_size(with_added_tokens=True)
+            shutil.copyfile(args.tokenizer, model_dir / "tokenizer.json")
+            cfg["vocab_size"], eos = -(-size // 64) * 64, []
         g = Grammars(str(model_dir), cfg["vocab_size"], eos)
         so = StructuredOutput("json", json.dumps(schema(args.fields)))
         ids = [f"r{i}" for i in range(args.rows)]

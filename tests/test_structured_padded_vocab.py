@@ -128,3 +128,15 @@ def test_no_padding_id_is_drawn_where_the_model_favours_them(tmp_path):
                 assert re.fullmatch(REGEX, text), text
             else:
                 assert text in CHOICES
+
+
+def test_host_bench_at_the_8b_shape(tmp_path):
+    """bench/grammar_host.py on a few rows: xgrammar sees 512 of the 128,256 ids, and every draw
+    comes from a mask with no padding bit set (its own check)."""
+    from kvrelay.bench.grammar_host import main
+
+    out = tmp_path / "g.json"
+    assert main(["--rows", "16", "--steps", "6", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["setup"]["vocab"] == 128256 and report["setup"]["grammar_vocab"] == 512
+    assert report["steps"]["accept_ms"]["mean"] > 0 and report["steps"]["fill_ms"]["mean"] > 0

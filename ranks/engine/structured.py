@@ -1,9 +1,10 @@
 """Structured output on a worker: xgrammar matchers per sequence and the token bitmask of a step.
 
-Grammars are compiled against the model's vocabulary once per distinct spec and kept; each sequence
-with a spec gets a matcher that has accepted exactly its output tokens. A step fills the bitmask
-of its grammar rows on the host after launching its forward, so while the device runs it, copies it
-to the device once and masks the logits there (`GrammarMask.apply`).
+Grammars are compiled against the tokenizer's vocabulary once per distinct spec and kept; each
+sequence with a spec gets a matcher that has accepted exactly its output tokens. A step fills the
+bitmask of its grammar rows on the host after launching its forward, so while the device runs it,
+copies it to the device once and masks the logits there (`GrammarMask.apply`): the ids the model
+has past its tokenizer's stay masked (NOTE in Grammars._get_compiler).
 
 NOTE: the bitmask of step N needs only the tokens accepted through step N - 1, and a token that the
 grammar says cannot be a stop token cannot end the sequence. When no row's mask allows a stop

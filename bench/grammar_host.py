@@ -20,7 +20,8 @@ xgrammar finds its stop tokens itself): the test tokenizer's 500 tokens make a f
 than a real 128k vocabulary's.
 
 On a CPU device the mask's device ops (the JSON ANDs) run on the host and count in the fill; on
-CUDA they are queued. The thread count is xgrammar's: half the machine's hardware threads.
+CUDA they are queued. The engine's thread count is xgrammar's "auto": half the machine's hardware
+threads; xgrammar's fill alone is also timed at 1, 2, 4 ... threads, up to the machine's.
 """
 
 from __future__ import annotations
@@ -108,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         report.emit("setup", {"vocab": cfg["vocab_size"], "grammar_vocab": g.grammar_vocab_size, "compile_s": t1 - t0,
                               "matchers_s": t2 - t1, "cpu_count": os.cpu_count(), "xgrammar_threads": threads})
         scratch = torch.empty(args.rows, -(-g.grammar_vocab_size // 32), dtype=torch.int32)
-        batch = xgr.BatchGrammarMatcher()
+        sweep = sorted({threads} | {n for n in (1, 2, 4, 8, 16) if n <= (os.cpu_count() or 2)})
+        batches = {n: xgr.BatchGrammarMatcher(n) for n in sweep}
+        by_threads: dict[int, list[float]] = {n: [] for n in sweep}
         rng = np.random.default_rng(args.seed)
         accept, fill, xgr_fill, allowed = [], [], [], []
         tokens = None
@@ -123,8 +126,13 @@ def main(argv: list[str] | None = None) -> int:
             fill.append(time.perf_counter() - t0)
             sync(device)
             t0 = time.perf_counter()
-            batch.batch_fill_next_token_bitmask([g.matchers[r] for r in ids], scratch, rows)
+            matchers = [g.matchers[r] for r in ids]
+            batches[threads].batch_fill_next_token_bitmask(matchers, scratch, rows)
             xgr_fill.append(time.perf_counter() - t0)
+            for n, batch in batches.items():
+                t0 = time.perf_counter()
+                batch.batch_fill_next_token_bitmask(matchers, scratch, rows)
+                by_threads[n].append(time.perf_counter() - t0)
             tokens = allowed_draws(mask.bitmask, g.grammar_vocab_size, rng)
             allowed.append(int(np.unpackbits(scratch[0].numpy().view(np.uint8)).sum()))
         first = {"fill_ms": 1e3 * fill[0], "xgrammar_fill_ms": 1e3 * xgr_fill[0]}
@@ -132,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         total = [a + f for a, f in zip(accept, fill[1:])]
         steady["accept_plus_fill_ms"] = stats_ms(total)
         steady["per_row_us"] = 1e3 * steady["accept_plus_fill_ms"]["mean"] / args.rows
+        steady["xgrammar_fill_ms_by_threads"] = {n: stats_ms(v[1:]) for n, v in by_threads.items()}
         steady["row0_allowed_tokens"] = {"min": min(allowed), "median": statistics.median(allowed), "max": max(allowed)}
         report.emit("first_step", first)
         report.emit("steps", steady)
@@ -143,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         s = steady[key]
         print(f"{name:<28}{s['mean']:>9.2f}{s['median']:>9.2f}{s['p90']:>9.2f}{s['max']:>9.2f}")
     print(f"per row: {steady['per_row_us']:.1f} us; first step's fill {first['fill_ms']:.1f} ms")
+    print("xgrammar's fill alone, median ms by threads: "
+          + ", ".join(f"{n}: {s['median']:.2f}" for n, s in steady["xgrammar_fill_ms_by_threads"].items()))
     return 0
 
 

@@ -4,6 +4,7 @@ as the engine's grammar calls see it.
     python -m kvrelay.bench.grammar_host --json runs/grammar-host.json             # CPU, 512 rows
     python -m kvrelay.bench.grammar_host --device cuda --json runs/grammar-host-gpu.json
     python -m kvrelay.bench.grammar_host --tokenizer /models/Llama-3.1-8B/tokenizer.json   # a real vocabulary
+    python -m kvrelay.bench.grammar_host --train-bpe 128000     # a 128k vocabulary trained here (minutes)
 
 It writes the files of the `--size` checkpoint (tokenizer and config, no weights: the 8B shape has
 128,256 ids over the 500-token test tokenizer), builds the engine's `Grammars` for that vocabulary,
@@ -17,7 +18,10 @@ its mask allows, uniformly (seeded), so most rows spend most steps inside long s
 schema lines do. The first step (empty matchers) is reported apart. `--tokenizer` replaces the test
 tokenizer with a real one (the model's vocabulary then is its size rounded up to 64 ids, and
 xgrammar finds its stop tokens itself): the test tokenizer's 500 tokens make a fill far cheaper
-than a real 128k vocabulary's.
+than a real 128k vocabulary's. Where no real tokenizer is at hand, `--train-bpe N` trains a byte-level
+BPE of N tokens (Llama 3's pre-tokenizer) on the Python sources installed beside torch, which, like a
+real vocabulary, has thousands of tokens holding a quote or a backslash: the ones xgrammar checks
+one by one inside a JSON string.
 
 On a CPU device the mask's device ops (the JSON ANDs) run on the host and count in the fill; on
 CUDA they are queued. The engine's thread count is xgrammar's "auto": half the machine's hardware
@@ -60,6 +64,34 @@ def allowed_draws(bitmask: torch.Tensor, vocab: int, rng: np.random.Generator) -
     return out
 
 
+def train_bpe(size: int, out: str, max_bytes: int = 120_000_000) -> None:
+    """A byte-level BPE of `size` tokens, with the llama test tokenizer's pre-tokenizer and special
+    tokens, trained on up to `max_bytes` of the .py files under torch's site-packages directory."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from kvrelay.ranks.engine.checkpoint import _FAMILIES
+
+    family = _FAMILIES["llama"]
+
+    def lines():
+        read = 0
+        for path in sorted(Path(torch.__file__).parent.parent.rglob("*.py")):
+            text = path.read_text(encoding="utf-8", errors="ignore")
+            yield from text.splitlines(keepends=True)
+            read += len(text)
+            if read > max_bytes:
+                return
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(family.split), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(lines(), trainer=trainer)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in family.specials])
+    tok.save(out)
+
+
 def stats_ms(values: list[float]) -> dict:
     ms = sorted(1e3 * v for v in values)
     return {"mean": statistics.fmean(ms), "median": statistics.median(ms), "p90": ms[int(0.9 * (len(ms) - 1))],
@@ -74,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tokenizer", type=Path, help="a tokenizer.json to use instead of the test tokenizer")
+    ap.add_argument("--tokenizer", help="a tokenizer.json to use instead of the test tokenizer")
+    ap.add_argument("--train-bpe", type=int, metavar="N", help="train an N-token BPE on local sources and use it")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     if args.rows < 1 or args.steps < 2:
@@ -87,10 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = Path(tmp) / f"llama-{args.size}"
         cfg = write_model_files(model_dir, "llama", args.size, "float32")
         eos = json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"]
+        if args.train_bpe is not None:
+            args.tokenizer = str(Path(tmp) / "bpe.json")
+            train_bpe(args.train_bpe, args.tokenizer)
         if args.tokenizer is not None:
             import tokenizers
 
-            if not args.tokenizer.is_file():
+            if not Path(args.tokenizer).is_file():
                 ap.error(f"--tokenizer {args.tokenizer} is not a file; give a tokenizer.json")
             size = tokenizers.Tokenizer.from_file(str(args.tokenizer)).get_vocab_size(with_added_tokens=True)
             shutil.copyfile(args.tokenizer, model_dir / "tokenizer.json")

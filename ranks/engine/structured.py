@@ -72,7 +72,7 @@ class Grammars:
         self._batch = None  # xgrammar.BatchGrammarMatcher: fills many rows on several threads
         self._json_safe: torch.Tensor | None = None  # [fill words] int32 on the logits' device (NOTE in fill_bitmask)
         self._after_ed: torch.Tensor | None = None  # [fill words] int32 on the logits' device
-        self._ends_ed: np.ndarray | None = None  # [vocab] bool: the token's bytes end with 0xED
+        self._ends_ed: np.ndarray | None = None  # [fill words * 32] bool: the token's bytes end with 0xED
         self._stop_words: np.ndarray | None = None  # [S] int64: the bitmask word of each stop token
         self._stop_bits: np.ndarray | None = None  # [S] uint32: its bit in that word
 

@@ -57,8 +57,8 @@ def run(device: torch.device, model_dir, vocab: int, steps: int) -> list[list[in
     return outs
 
 
-def test_cuda_equals_cpu(tiny_models):
-    vocab = 512
+@pytest.mark.parametrize("vocab", [512, 2048])  # 2048: ids past the tokenizer's 500, as at the 8B shape
+def test_cuda_equals_cpu(tiny_models, vocab):
     cpu = run(torch.device("cpu"), tiny_models["llama"], vocab, 30)
     cuda = run(torch.device("cuda"), tiny_models["llama"], vocab, 30)
     assert cuda == cpu

@@ -1,9 +1,10 @@
 """Structured output on a worker: xgrammar matchers per sequence and the token bitmask of a step.
 
-Grammars are compiled against the model's vocabulary once per distinct spec and kept; each sequence
-with a spec gets a matcher that has accepted exactly its output tokens. A step fills the bitmask
-of its grammar rows on the host after launching its forward, so while the device runs it, copies it
-to the device once and masks the logits there (`GrammarMask.apply`).
+Grammars are compiled against the tokenizer's vocabulary once per distinct spec and kept; each
+sequence with a spec gets a matcher that has accepted exactly its output tokens. A step fills the
+bitmask of its grammar rows on the host after launching its forward, so while the device runs it,
+copies it to the device once and masks the logits there (`GrammarMask.apply`): the ids the model
+has past its tokenizer's stay masked (NOTE in Grammars._get_compiler).
 
 NOTE: the bitmask of step N needs only the tokens accepted through step N - 1, and a token that the
 grammar says cannot be a stop token cannot end the sequence. When no row's mask allows a stop
@@ -64,12 +65,14 @@ class Grammars:
         self.matchers: dict[str, object] = {}  # request id -> xgrammar.GrammarMatcher
         self.json: dict[str, bool] = {}  # request id -> follows a JSON schema
         self.last_token: dict[str, int] = {}  # request id -> its last output token (JSON rows)
-        self._bitmask: torch.Tensor | None = None  # [rows, ceil(vocab / 32)] int32 host (pinned on CUDA)
-        self._copied: torch.cuda.Event | None = None  # the last copy of it to the device is done
+        self.grammar_vocab_size = 0  # the ids xgrammar knows: the tokenizer's (NOTE in _get_compiler)
+        self._fill: torch.Tensor | None = None  # [rows, ceil(grammar_vocab_size / 32)] int32 host (pinned on CUDA)
+        self._mask: torch.Tensor | None = None  # [rows, ceil(vocab / 32)] int32 on the logits' device, 0 past _fill's words
+        self._copied: torch.cuda.Event | None = None  # the last copy of _fill to the device is done
         self._batch = None  # xgrammar.BatchGrammarMatcher: fills many rows on several threads
-        self._json_safe: torch.Tensor | None = None  # [ceil(vocab / 32)] int32 on the logits' device (NOTE in fill_bitmask)
-        self._after_ed: torch.Tensor | None = None  # [ceil(vocab / 32)] int32 on the logits' device
-        self._ends_ed: np.ndarray | None = None  # [vocab] bool: the token's bytes end with 0xED
+        self._json_safe: torch.Tensor | None = None  # [fill words] int32 on the logits' device (NOTE in fill_bitmask)
+        self._after_ed: torch.Tensor | None = None  # [fill words] int32 on the logits' device
+        self._ends_ed: np.ndarray | None = None  # [fill words * 32] bool: the token's bytes end with 0xED
         self._stop_words: np.ndarray | None = None  # [S] int64: the bitmask word of each stop token
         self._stop_bits: np.ndarray | None = None  # [S] uint32: its bit in that word
 
@@ -117,24 +120,20 @@ class Grammars:
         """Bit t of row rows[j] of the mask says whether the grammar of request_ids[j] allows token t
         now. The host fills it (xgrammar's threads) and copies it once, without a wait; what is left
         of the work is queued on `device`."""
-        import xgrammar as xgr
-
-        words = -(-self.vocab_size // 32)
+        self._get_compiler()
         if self._copied is not None:
-            self._copied.synchronize()  # the last step's copy has read the buffer
-        if self._bitmask is None or self._bitmask.shape[0] < num_rows:
-            self._bitmask = torch.empty(max(num_rows, 64), words, dtype=torch.int32, pin_memory=device.type == "cuda")
-            self._batch = xgr.BatchGrammarMatcher()
-        host = self._bitmask[:num_rows]
+            self._copied.synchronize()  # the last step's copy has read _fill
+        host, bitmask = self._buffers(num_rows, device)
         self._batch.batch_fill_next_token_bitmask([self.matchers[r] for r in request_ids], host, rows)
         may_stop = self._may_stop(host, rows)
-        bitmask = host
-        if device.type == "cuda":
-            # Asynchronous, so the host goes on while the step's forward runs; the event keeps the
-            # next step from writing the pinned buffer before this copy has read it.
-            bitmask = host.to(device, non_blocking=True)
-            self._copied = self._copied or torch.cuda.Event()
-            self._copied.record()
+        if self._mask is not self._fill:
+            # Asynchronous on CUDA, so the host goes on while the step's forward runs; the event keeps
+            # the next step from writing the pinned buffer before this copy has read it.
+            bitmask[:, : host.shape[1]].copy_(host, non_blocking=True)
+            if device.type == "cuda":
+                self._copied = self._copied or torch.cuda.Event()
+                self._copied.record()
+        words = bitmask[:, : host.shape[1]]  # the words xgrammar fills: the rest stay 0
         # NOTE: two holes in xgrammar 0.2.8's JSON strings, closed here for JSON rows. (1) A string
         # with minLength/maxLength may hold raw control characters (U+0000-U+001F but CR, LF), which
         # JSON forbids, so json.loads fails (mlc-ai/xgrammar issue #800, fixes unreleased); compact
@@ -150,20 +149,36 @@ class Grammars:
         if json_rows:
             safe, after_ed, ends_ed = self._json_masks(device)
             if len(json_rows) == num_rows:
-                bitmask &= safe
+                words &= safe
             else:
-                bitmask[to_device(json_rows, device)] &= safe
+                words[to_device(json_rows, device)] &= safe
             dangling = [i for i, r in zip(rows, request_ids) if self.json[r] and r in self.last_token and ends_ed[self.last_token[r]]]
             if dangling:
-                bitmask[to_device(dangling, device)] &= after_ed
+                words[to_device(dangling, device)] &= after_ed
         return GrammarMask(bitmask, rows, may_stop)
+
+    def _buffers(self, num_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The host buffer xgrammar fills and the mask on `device`, num_rows rows each; on the CPU
+        they are one tensor where the tokenizer's words span the model's vocabulary."""
+        import xgrammar as xgr
+
+        fill_words, words = -(-self.grammar_vocab_size // 32), -(-self.vocab_size // 32)
+        if self._fill is None or self._fill.shape[0] < num_rows:
+            rows = max(num_rows, 64)
+            self._fill = torch.empty(rows, fill_words, dtype=torch.int32, pin_memory=device.type == "cuda")
+            if device.type == "cpu" and fill_words == words:
+                self._mask = self._fill
+            else:
+                self._mask = torch.zeros(rows, words, dtype=torch.int32, device=device)
+            self._batch = xgr.BatchGrammarMatcher()
+        return self._fill[:num_rows], self._mask[:num_rows]
 
     def _may_stop(self, host: torch.Tensor, rows: list[int]) -> bool:
         """Whether any of `rows` of the host bitmask allows one of the grammars' stop tokens."""
         if not rows:
             return False
         if self._stop_words is None:
-            stops = [t for t in self._info.stop_token_ids if t < self.vocab_size]
+            stops = [t for t in self._info.stop_token_ids if t < self.grammar_vocab_size]
             self._stop_words = np.array([t // 32 for t in stops], dtype=np.int64)
             self._stop_bits = np.array([1 << (t % 32) for t in stops], dtype=np.uint32)
         bits = host.numpy().view(np.uint32)[np.asarray(rows, dtype=np.int64)[:, None], self._stop_words[None, :]]
@@ -172,10 +187,9 @@ class Grammars:
     def _json_masks(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         if self._json_safe is None:
             self._get_compiler()
-            vocab = self._info.decoded_vocab
-            n = -(-self.vocab_size // 32) * 32
+            n = -(-self.grammar_vocab_size // 32) * 32
             safe, after_ed, ends_ed = np.zeros(n, bool), np.ones(n, bool), np.zeros(n, bool)
-            for t, b in enumerate(vocab[: self.vocab_size]):
+            for t, b in enumerate(self._info.decoded_vocab):
                 safe[t] = not any(x < 0x20 for x in b) and not re.search(rb"\xed[\xa0-\xbf]", b)
                 after_ed[t] = not (b and 0xA0 <= b[0] <= 0xBF)
                 ends_ed[t] = b.endswith(b"\xed")
@@ -202,8 +216,17 @@ class Grammars:
             # xgrammar reads the vocabulary's encoding (byte-level, byte-fallback) from a transformers
             # tokenizer; this one wraps the same tokenizer.json that core/tokenizer.py reads.
             backend = tokenizers.Tokenizer.from_file(str(tokenizer_file(Path(self.model_dir))))
+            # NOTE: xgrammar learns the tokenizer's ids (rounded up to whole bitmask words), not the
+            # model's padded vocabulary: it takes every id it has no text for as a special token,
+            # which no grammar allows, and pays for each of them in every fill (clearing its bit)
+            # and every accept: at the 8B shape's 128,256 ids over a 500-token tokenizer, 95% of the
+            # host time of a step of 512 JSON rows (bench/grammar_host.py). The mask's words past
+            # these stay 0 on the device, so the padding ids are still never drawn. Whole words,
+            # because xgrammar leaves the bits past its vocabulary in its last word set.
+            tokens = max(backend.get_vocab_size(with_added_tokens=True), max(self.stop_token_ids, default=-1) + 1)
+            self.grammar_vocab_size = min(self.vocab_size, -(-tokens // 32) * 32)
             self._info = xgr.TokenizerInfo.from_huggingface(
-                PreTrainedTokenizerFast(tokenizer_object=backend), vocab_size=self.vocab_size,
+                PreTrainedTokenizerFast(tokenizer_object=backend), vocab_size=self.grammar_vocab_size,
                 stop_token_ids=self.stop_token_ids or None,
             )
             self._compiler = xgr.GrammarCompiler(self._info)

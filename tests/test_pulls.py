@@ -123,7 +123,8 @@ class CacheEngine:
         self.unpin(block_ids)
 
     def pack_blocks(self, block_ids):
-        return torch.tensor([self.kv[b] for b in block_ids], dtype=torch.uint8).repeat_interleave(BLOCK_BYTES)
+        # A block never written reads as 0 (memory that holds no KV: a pull's padding may read it).
+        return torch.tensor([self.kv.get(b, 0) for b in block_ids], dtype=torch.uint8).repeat_interleave(BLOCK_BYTES)
 
     def staging_buffer(self, n):
         return torch.empty(n * BLOCK_BYTES, dtype=torch.uint8)
@@ -203,13 +204,65 @@ def test_blocks_the_source_evicted_before_the_pull_are_left_to_compute():
     assert puller.admitted == [request(prefix)]
 
 
-def test_a_source_that_holds_none_of_them_sends_nothing():
+def test_a_source_that_holds_none_of_them_sends_only_the_first_chunk_s_padding():
     prefix = list(range(10, 16))
     source, puller, pair = fake_pair([], [])
     puller.pulls.start(request(prefix), SOURCE, len(prefix))
     run(source, puller, pair)
-    assert pair.sends == [] and puller.admitted == [request(prefix)] and len(puller.engine.free) == 100
-    assert puller.pulls.stats.pull_missing_blocks == 6 and not +puller.engine.refs
+    # The puller had posted the first chunk's receive (3 blocks): the source fills it, nothing more.
+    assert [buf.numel() for buf, _ in pair.sends] == [3 * BLOCK_BYTES] and puller.admitted == [request(prefix)]
+    assert len(puller.engine.free) == 100 and not puller.engine.cached and not +puller.engine.refs
+    s = puller.pulls.stats
+    assert (s.pull_missing_blocks, s.pull_padded_blocks, s.pulled_blocks) == (6, 3, 0)
+    assert source.pulls.stats.pulls_served == 0 and not +source.engine.refs
+
+
+def test_without_staging_room_for_the_first_chunk_the_pull_asks_first_then_sends_ready():
+    prefix = list(range(10, 20))
+    source, puller, pair = fake_pair(prefix, [])
+    puller.handoffs.staged = puller.handoffs.staging_budget  # another transfer fills the room
+    puller.pulls.start(request(prefix), SOURCE, len(prefix))
+    puller.turn(source)
+    [(pull, _)] = puller.outbox.sent
+    assert pull.first == 0 and pair.recvs == []
+    puller.handoffs.staged = 0
+    run(source, puller, pair)
+    assert holds(puller.engine, prefix) and puller.pulls.stats.pull_padded_blocks == 0
+    assert [type(m).__name__ for m, _ in puller.outbox.sent] == ["Pull", "Ready", "Ready", "Ready", "Ready"]
+
+
+def test_the_first_chunk_leaves_on_the_pull_with_no_ready():
+    prefix = list(range(10, 13))  # 3 blocks: one chunk
+    source, puller, pair = fake_pair(prefix, [])
+    puller.pulls.start(request(prefix), SOURCE, len(prefix))
+    puller.turn(source)  # receive posted, PULL sent
+    assert len(pair.recvs) == 1 and puller.outbox.sent[0][0].first == 3
+    source.turn(puller)  # PULL in: blocks pinned, their send posted, PULLED out
+    assert len(pair.sends) == 1 and [type(m).__name__ for m, _ in source.outbox.sent] == ["Pulled"]
+    pair.deliver()
+    puller.turn(source)
+    assert holds(puller.engine, prefix) and puller.admitted == [request(prefix)]
+    assert [type(m).__name__ for m, _ in puller.outbox.sent] == ["Pull"]  # one control round trip
+    source.turn(puller)
+    assert not +source.engine.refs and not source.busy() and not puller.busy()
+
+
+def test_padding_blocks_stay_reserved_until_their_chunk_lands_and_are_never_registered():
+    prefix = list(range(10, 20))
+    source, puller, pair = fake_pair(prefix, [])
+    puller.pulls.start(request(prefix), SOURCE, len(prefix))
+    puller.turn(source)  # the first chunk (3 blocks) posted, 10 blocks reserved
+    first = pair.recvs[0]
+    reserved = [b for b in range(100) if puller.engine.refs[b]]
+    source.engine.evict(prefix[1:])  # the source keeps 1 block of the 10
+    source.turn(puller)
+    puller.turn(source)  # PULLED(1): the 7 blocks past the chunk go back, the chunk's 2 padding ones not yet
+    assert not first[1].finished and sum(puller.engine.refs[b] for b in reserved) == 3
+    run(source, puller, pair)
+    assert holds(puller.engine, prefix[:1]) and not any(h in puller.engine.cached for h in prefix[1:])
+    assert not +puller.engine.refs and len(puller.engine.free) == 99 and puller.admitted == [request(prefix)]
+    s = puller.pulls.stats
+    assert (s.pulled_blocks, s.pull_padded_blocks, s.pull_missing_blocks) == (1, 2, 9)
 
 
 def test_a_puller_that_holds_the_prefix_already_asks_nothing():

@@ -73,6 +73,7 @@ class KVEngine(Protocol):
     def kv_bytes(self, num_tokens: int) -> int: ...
     def reserve(self, num_tokens: int) -> list[int] | None: ...
     def pack_kv(self, request_id: str, first: int, count: int) -> torch.Tensor: ...
+    def pack_served(self, block_ids: list[int], slots: list[int]) -> torch.Tensor: ...
     def staging_buffer(self, n: int) -> torch.Tensor: ...
     def unpack_kv(self, buf: torch.Tensor, block_ids: list[int], first_head: int = 0) -> None: ...
     def transfer_s(self, num_tokens: int) -> float: ...
@@ -85,6 +86,7 @@ class KVLink(Protocol):
 
     def send(self, request_id: str, first: int, count: int, dest: int) -> Pending: ...
     def send_blocks(self, block_ids: list[int], dest: int) -> Pending: ...
+    def send_packed(self, buf: torch.Tensor, dest: int) -> Pending: ...  # PairLink only
     def recv(self, count: int, src: int) -> Receiving: ...
 
 
@@ -173,13 +175,21 @@ class Handoffs:
                               partial(self._handed_off, state.request_id, num_blocks))
         self.outbox.send(Handoff(xfer, state), dest)
 
-    def serve(self, dest: int, block_ids: list[int], num_kv_tokens: int, release: Callable[[float], None]) -> int:
-        """Source of a pull: send `block_ids` (pinned by the caller, who unpins them in `release`)
-        to `dest` as it answers READY; returns the transfer number the caller tells `dest`."""
-        def send(first: int, count: int, dest: int) -> Pending:
-            return self.link.send_blocks(block_ids[first : first + count], dest)
+    def serve(self, dest: int, block_ids: list[int], num_kv_tokens: int, release: Callable[[float], None],
+              slots: list[int] = ()) -> int:
+        """Source of a pull: send `block_ids`, then host tier `slots` (all pinned by the caller,
+        who unpins them in `release`) to `dest` as it answers READY; returns the transfer number
+        the caller tells `dest`. A chunk with host slots leaves packed by the engine, in one buffer
+        (single ranks only: PairLink)."""
+        g = len(block_ids)
 
-        return self._outgoing(dest, num_kv_tokens, len(block_ids), send, release)
+        def send(first: int, count: int, dest: int) -> Pending:
+            ids, host = block_ids[first : first + count], slots[max(first - g, 0) : max(first + count - g, 0)]
+            if not host:
+                return self.link.send_blocks(ids, dest)
+            return self.link.send_packed(self.engine.pack_served(ids, list(host)), dest)
+
+        return self._outgoing(dest, num_kv_tokens, g + len(slots), send, release)
 
     def on_handoff(self, src: int, msg: Handoff) -> None:
         """Decode side: a prefill worker announced a transfer."""

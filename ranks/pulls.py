@@ -8,8 +8,11 @@ Protocol, per request (puller B, source A; the router's Assign says "A holds the
      B posts the receive of the transfer's first chunk (f blocks, into the first reserved ones)
      when its staging room allows, else f = 0.
   B -> A  PULL(pull, hashes[b:n], f)
-  A  pins the leading run of those hashes its cache still holds (k <= n - b blocks; pinned blocks
-     are referenced, so no eviction takes them while they leave) and offers them to B as a
+  A  pins the leading run of those hashes its cache still holds, continued (`from_host`) by the
+     run its host tier holds past them, copied out (k <= n - b blocks; pinned blocks are referenced
+     and pinned host slots are neither dropped nor refilled, so nothing takes them while they
+     leave; a chunk with host blocks is packed from host memory, ranks/engine/host_memory.py
+     `gather`, on the compute stream before its send) and offers them to B as a
      transfer of its Handoffs (`serve`) of t = max(k, f) blocks, the first chunk's send queued at
      once, as if its READY had come (past k it sends padding: any block's bytes).
   A -> B  PULLED(pull, k, xfer)
@@ -59,6 +62,8 @@ class PullEngine(Protocol):
     def prompt_hashes(self, token_ids: list[int]) -> list[int]: ...
     def pin_cached(self, hashes: list[int]) -> list[int]: ...
     def unpin(self, block_ids: list[int], cold: bool = False) -> None: ...
+    def pin_host(self, hashes: list[int]) -> list[int]: ...
+    def unpin_host(self, slots: list[int]) -> None: ...
     def reserve(self, num_tokens: int) -> list[int] | None: ...
     def adopt_blocks(self, hashes: list[int], block_ids: list[int]) -> None: ...
 
@@ -73,6 +78,7 @@ class PullStats:
     pull_seconds: float = 0.0  # PULL sent -> blocks registered, summed
     pulls_served: int = 0  # PULLs answered with at least one block
     served_blocks: int = 0
+    served_host_blocks: int = 0  # of those, sent from the host tier
 
 
 @dataclass
@@ -90,8 +96,10 @@ class _Pull:
 
 class Pulls:
     def __init__(self, engine: PullEngine, handoffs: Handoffs, outbox: Sender, block_size: int,
-                 admit: Callable[[Request], None], clock: Callable[[], float] = time.perf_counter) -> None:
+                 admit: Callable[[Request], None], clock: Callable[[], float] = time.perf_counter,
+                 from_host: bool = False) -> None:
         self.engine = engine
+        self.from_host = from_host  # serve blocks past the GPU cache's run from the host tier too
         self.handoffs = handoffs
         self.outbox = outbox
         self.block_size = block_size
@@ -201,20 +209,26 @@ class Pulls:
         """Another worker asks for blocks: pin those still held and offer them to it, the first
         chunk at once if its receive is posted (padded past what is held)."""
         blocks = self.engine.pin_cached(msg.hashes)
-        total = max(len(blocks), msg.first)
+        slots = self.engine.pin_host(msg.hashes[len(blocks) :]) if self.from_host else []
+        held = len(blocks) + len(slots)
+        total = max(held, msg.first)
         if not total:
             self.outbox.send(Pulled(msg.pull, 0), src)
             return
-        padded = blocks + [blocks[-1] if blocks else 0] * (total - len(blocks))  # padding: any block's bytes
-        xfer = self.handoffs.serve(src, padded, total * self.block_size, partial(self._served, blocks))
+        # Padding (any block's bytes) repeats the last item sent, or reads block 0 when none is held.
+        pad = [slots[-1] if slots else blocks[-1] if blocks else 0] * (total - held)
+        ids, host = (blocks, slots + pad) if slots else (blocks + pad, [])
+        xfer = self.handoffs.serve(src, ids, total * self.block_size, partial(self._served, blocks, slots), host)
         if msg.first:
             self.handoffs.on_ready(src, Ready(xfer, 0, msg.first))  # the PULL stands for the first READY
-        self.outbox.send(Pulled(msg.pull, len(blocks), xfer), src)
+        self.outbox.send(Pulled(msg.pull, held, xfer), src)
 
-    def _served(self, blocks: list[int], seconds: float) -> None:
+    def _served(self, blocks: list[int], slots: list[int], seconds: float) -> None:
         # NOTE: the source's copy goes to the cold end of its LRU: the request went to the puller,
         # whose copy its next turn (a conversation's longer prefix) will find, so keeping both warm
         # would spend two caches on one prefix. Blocks a running sequence still uses stay put.
         self.engine.unpin(blocks, cold=True)
-        self.stats.pulls_served += bool(blocks)
-        self.stats.served_blocks += len(blocks)
+        self.engine.unpin_host(slots)
+        self.stats.pulls_served += bool(blocks or slots)
+        self.stats.served_blocks += len(blocks) + len(slots)
+        self.stats.served_host_blocks += len(slots)

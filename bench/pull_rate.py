@@ -1,7 +1,8 @@
 """A pull's rate between two workers (issue 15's target on 2 GPUs: a pull against plain NCCL of the same bytes).
 
     mpirun -np 3 python3 bench/pull_rate.py --json runs/pull-rate.json                  # 2 GPUs: NCCL, the 8B shape
-    mpiexec -n 3 python bench/pull_rate.py --size tiny --blocks 4,16 --device cpu      # CPU smoke: MPI
+    mpirun -np 3 python3 bench/pull_rate.py --from-host --json runs/pull-rate-host.json     # from the source's host tier
+    mpiexec -n 3 python bench/pull_rate.py --size tiny --blocks 4,16 --block-size 8 --device cpu   # CPU smoke: MPI
 
 Rank 0 stands where the router stands in a job (it only waits); ranks 1 and 2 are two workers,
 each a real Engine (random weights of `--size`'s shape, drawn on the device) with the worker's own
@@ -11,6 +12,10 @@ blocks: rank 1 (the source) holds a prefix's n blocks in its prefix cache, regis
 filled with random KV; rank 2 (the puller) is told, as a router's Assign tells it, that rank 1 holds
 the request's first n blocks, and pulls them. Both run the worker's loop meanwhile (poll the control
 messages, move the pull and its transfer along), with no engine steps in between.
+
+With --from-host the source has a host KV tier (cache.host_kv_gib) and the prefix sits there
+alone: the source's GPU cache evicted it (copied out) before the pull, so every chunk is gathered
+from pinned host memory into the send buffer (ranks/engine/host_memory.py `gather`).
 
   pull  = from `Pulls.start` (the puller pins, reserves and sends PULL) until the request is handed
           to the engine with the blocks registered by hash, the device synchronized: what a
@@ -65,11 +70,11 @@ class Side:
     """One worker's pull machinery, driven as ranks/worker.py drives it (without engine steps)."""
 
     def __init__(self, engine: Engine, world: MPI.Comm, transport, budget: int, block_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, from_host: bool) -> None:
         self.engine, self.world, self.device = engine, world, device
         self.outbox = Outbox(world)
         self.handoffs = Handoffs(engine, transport, self.outbox, world.rank, budget)
-        self.pulls = Pulls(engine, self.handoffs, self.outbox, block_size, self._admit)
+        self.pulls = Pulls(engine, self.handoffs, self.outbox, block_size, self._admit, from_host=from_host)
         self.admitted: dict[str, float] = {}  # request id -> when its blocks were usable
         self.status = MPI.Status()
 
@@ -104,6 +109,7 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=64, help="tokens a block (64 x the 8B shape: 8 MiB of bf16)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 (8b-shape), float32 (tiny)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    ap.add_argument("--from-host", action="store_true", help="the prefix sits in the source's host tier, not its GPU cache")
     ap.add_argument("--staging-gib", type=float, default=CacheSection().handoff_buffer_gib,
                     help="each worker's staging budget for packed KV in transit")
     ap.add_argument("--iters", type=int, default=5, help="timed pulls per length (median reported)")
@@ -139,7 +145,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = write_model_files(Path(tmp), "llama", args.size, dtype_name)
         budget = int(args.staging_gib * (1 << 30))
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        block_bytes = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * dtype.itemsize * bs
+        host_gib = 2 * (max(sizes) + 8) * block_bytes / (1 << 30) if args.from_host and me == SOURCE else 0.0
         engine = Engine.from_config(load_config(**{
+            "cache.host_kv_gib": host_gib,
             "model.path": tmp, "model.name": f"pull-rate-{args.size}", "job.device": device.type, "model.dtype": dtype_name, "model.max_model_len": longest,
             "cache.block_size": bs, "cache.num_blocks": 2 * max(sizes) + 8, "job.progress": False,
             "scheduler.max_batch_tokens": 2048, "scheduler.max_seqs": 8,
@@ -147,8 +157,8 @@ def main() -> None:
     t0 = time.perf_counter()
     transport = make_transport(workers, device)  # collective over the two workers
     setup_s = workers.allreduce(time.perf_counter() - t0, op=MPI.MAX)
-    side = Side(engine, world, transport, budget, bs, device)
-    block_bytes = engine.kv_bytes(bs)
+    side = Side(engine, world, transport, budget, bs, device, args.from_host)
+    assert block_bytes == engine.kv_bytes(bs), (block_bytes, engine.kv_bytes(bs))
     peer = 1 - workers.rank  # the other worker's rank in the transport's group
     if device.type == "cuda":
         import torch.distributed as dist
@@ -174,6 +184,10 @@ def main() -> None:
                 blocks = engine.reserve(n * bs)
                 engine.unpack_kv(torch.randn(engine.staging_buffer(n).shape, dtype=dtype, device=device), blocks)
                 engine.adopt_blocks(hashes, blocks)
+                if args.from_host:  # take every free block: the cache evicts the prefix, copied out first
+                    rest = engine.reserve(engine.kv.num_free * bs)
+                    engine.unpack_kv(engine.staging_buffer(len(rest)).zero_(), rest)  # issues the copy-outs first
+                    engine.unpin(rest)
             sync(device)
             workers.Barrier()
             start = time.perf_counter()
@@ -190,17 +204,21 @@ def main() -> None:
                     fail(f"{n} blocks: the pull moved {moved} bytes, not {n * block_bytes} "
                                      f"(the source no longer held {side.pulls.stats.pull_missing_blocks} blocks)")
             else:
-                served = side.pulls.stats.pulls_served
+                served, from_host = side.pulls.stats.pulls_served, side.pulls.stats.served_host_blocks
                 while side.pulls.stats.pulls_served == served or side.busy():
                     side.turn()
                     if time.perf_counter() - start > args.timeout_s:
                         fail(f"{n} blocks: no pull was served in {args.timeout_s} s")
+                if side.pulls.stats.served_host_blocks - from_host != (n if args.from_host else 0):
+                    fail(f"{n} blocks: {side.pulls.stats.served_host_blocks - from_host} were sent from the host tier")
                 took = 0.0
             # The plain transfer: the source's packed blocks, preallocated, one send/recv.
             cached = engine.pin_cached(hashes)
-            if len(cached) != n:
-                fail(f"{n} blocks: {n - len(cached)} of the pulled prefix's blocks left the cache before the check")
-            buf = engine.pack_blocks(cached) if me == SOURCE else engine.staging_buffer(n)
+            slots = engine.pin_host(hashes[len(cached) :])
+            if len(cached) + len(slots) != n:
+                fail(f"{n} blocks: {n - len(cached) - len(slots)} of the pulled prefix's blocks left the source or "
+                     "the puller before the check")
+            buf = engine.pack_served(cached, slots) if me == SOURCE else engine.staging_buffer(n)
             sync(device)
             workers.Barrier()
             t = time.perf_counter()
@@ -210,6 +228,7 @@ def main() -> None:
             if me == PULLER and not torch.equal(engine.pack_blocks(cached), buf):
                 fail(f"{n} blocks: the pulled KV differs from the source's")
             engine.unpin(cached)
+            engine.unpin_host(slots)
             took = workers.allreduce(took, op=MPI.MAX)
             if it >= args.warmup:
                 pulls_s.append(took)
@@ -228,7 +247,7 @@ def main() -> None:
     if me == SOURCE:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu, " + " ".join(
             MPI.Get_library_version().split()[:3])
-        print(f"pull rate, {name}, {args.size} {dtype_name}, block {bs} tokens = {block_bytes / 2**20:.2f} MiB, "
+        print(f"pull rate{' from the host tier' if args.from_host else ''}, {name}, {args.size} {dtype_name}, block {bs} tokens = {block_bytes / 2**20:.2f} MiB, "
               f"staging {args.staging_gib} GiB, median of {args.iters}; transport set up in {setup_s:.2f} s")
         print(f"{'blocks':>7} {'MiB':>9} {'pull GB/s':>10} {'plain GB/s':>11} {'pull/plain':>10} {'pull ms':>9} {'plain ms':>9}")
         for r in rows:

@@ -356,7 +356,10 @@ class Engine:
         self.kv.unpin(block_ids, cold)
 
     def pin_host(self, hashes: list[int]) -> list[int]:
-        """The host tier's slots of the leading run of `hashes`, pinned until `unpin_host`."""
+        """The host tier's slots of the leading run of `hashes` whose copy-outs completed, pinned
+        until `unpin_host`."""
+        if self.host is not None:  # an idle worker takes no steps: see what the copy stream finished since the last
+            self.host.done(self.runner.host.completed())
         return self.kv.pin_host(hashes)
 
     def unpin_host(self, slots: list[int]) -> None:

@@ -26,8 +26,11 @@ python3 -m kvrelay.launch.cli run "${common[@]}" -o "$out/one.jsonl"
 $mpi -n 3 python3 -m kvrelay.launch.cli run "${common[@]}" "${pulls[@]}" -o "$out/two.jsonl" --set roles.aggregated=2
 $mpi -n 3 python3 -m kvrelay.launch.cli run "${common[@]}" "${pulls[@]}" -o "$out/two-chunked.jsonl" \
   --set roles.aggregated=2 --set cache.handoff_buffer_gib=0.00000762939453125
+# 16 blocks a worker (one system prompt and its question): the system prompts push each other into
+# the host tiers, and a pull finds one there (on the CPU, the same run: 1 pull, 2 of its 8 blocks
+# from the source's host tier, 240/240). The cache is below model.max_model_len: a warning, no error.
 $mpi -n 3 python3 -m kvrelay.launch.cli run "${common[@]}" "${pulls[@]}" -o "$out/two-host.jsonl" \
-  --set roles.aggregated=2 --set cache.num_blocks=64 --set cache.host_kv_gib=0.001
+  --set roles.aggregated=2 --set cache.num_blocks=16 --set cache.host_kv_gib=0.001
 if [ "$ngpu" -ge 4 ]; then
   $mpi -n 5 python3 -m kvrelay.launch.cli run "${common[@]}" "${pulls[@]}" -o "$out/four.jsonl" \
     --set roles.aggregated=0 --set roles.prefill=2 --set roles.decode=2
@@ -39,7 +42,7 @@ def load(name):
     return texts(f"{sys.argv[1]}/{name}.jsonl")
 one = load("one")
 for name, what in (("two", "2 GPUs (2 aggregated, pulls)"), ("two-chunked", "2 GPUs (pulls, 8 KiB staging)"),
-                   ("two-host", "2 GPUs (pulls, 64-block caches over a host tier)"), ("four", "4 GPUs (2P+2D, pulls)")):
+                   ("two-host", "2 GPUs (pulls, 16-block caches over a host tier)"), ("four", "4 GPUs (2P+2D, pulls)")):
     if os.path.exists(f"{sys.argv[1]}/{name}.jsonl"):
         got = load(name)
         b = json.load(open(f"{sys.argv[1]}/{name}.summary.json"))["backend"]

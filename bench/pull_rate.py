@@ -186,7 +186,7 @@ def main() -> None:
                 engine.adopt_blocks(hashes, blocks)
                 if args.from_host:  # take every free block: the cache evicts the prefix, copied out first
                     rest = engine.reserve(engine.kv.num_free * bs)
-                    engine.unpack_kv(engine.staging_buffer(len(rest)).zero_(), rest)  # issues the copy-outs first
+                    engine.unpack_kv(engine.staging_buffer(1).zero_(), rest[:1])  # issues the copy-outs first
                     engine.unpin(rest)
             sync(device)
             workers.Barrier()

@@ -141,8 +141,10 @@ class RouterSection(_Section):
     # worker's KV cache does fetches the difference from there when the timing model says moving it beats computing it.
     pulls: bool = Field(False, description="fetch cached prefix blocks from another worker instead of recomputing them")
     pull_min_blocks: int = Field(4, ge=1, description="pull only when the other worker holds at least this many more leading blocks")
-    # NOTE: a pull waits for its PULL, PULLED and READY messages to pass through both workers' loops, each turn of
-    # which may be behind an engine step; that wait, not the link, dominates a pull of a few hundred blocks.
+    # NOTE: a pull waits for its PULL to pass through the source's loop and its data through the puller's (a READY per
+    # chunk past the first: one more round trip beyond 128 blocks), each turn of which may be behind an engine step;
+    # that wait, not the link, dominated a pull of a few hundred blocks (100 ms was set when a pull took two round
+    # trips, PULL/PULLED then READY/data; BENCHMARKS "B2 at W=8 with pulls between workers").
     pull_overhead_ms: float = Field(100.0, ge=0.0, description="pulls: fixed cost of one pull beyond its transfer (control round trips), modeled ms")
 
 

@@ -39,6 +39,17 @@ class Layout:
         return getattr(self, f"{role}_tp")
 
     @property
+    def sharded(self) -> bool:
+        """Some worker is a tensor-parallel group: KV moves between workers shard by shard."""
+        return max(self.prefill_tp, self.decode_tp, self.aggregated_tp) > 1
+
+    def pulls_from_host(self, host_kv_gib: float, simulated: bool) -> bool:
+        """With router.pulls, a source also sends blocks of its host KV tier (ranks/pulls.py):
+        between single ranks, whose chunks leave as one packed buffer (a group's ranks each send
+        their shard of GPU blocks; they do not send from their host tiers), or simulated workers."""
+        return host_kv_gib > 0 and (simulated or not self.sharded)
+
+    @property
     def groups(self) -> list[tuple[str, int, int]]:
         """(role, leader rank, ranks) of every worker, in rank order."""
         out, rank = [], 1

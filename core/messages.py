@@ -189,24 +189,29 @@ class Ready:
 @dataclass
 class Pull:
     """Puller -> source: pin and send the leading run of `hashes` (block hashes, in prompt order)
-    that your prefix cache holds. `pull` numbers the puller's requests."""
+    that your prefix cache holds. `pull` numbers the puller's requests. `first` > 0: the receive of
+    the transfer's first `first` blocks (its first chunk) is posted already, as a READY would say:
+    send them now, padded past the blocks you hold (ranks/pulls.py)."""
 
     TAG: ClassVar[Tag] = Tag.PULL
     pull: int
     hashes: list[int]
+    first: int = 0
 
     def to_wire(self) -> dict:
-        return {"pull": self.pull, "hashes": self.hashes}
+        return {"pull": self.pull, "hashes": self.hashes, "first": self.first}
 
     @classmethod
     def from_wire(cls, d: dict) -> Pull:
-        return cls(d["pull"], list(d["hashes"]))
+        return cls(d["pull"], list(d["hashes"]), d["first"])
 
 
 @dataclass
 class Pulled:
     """Source -> puller: the first `count` blocks of pull `pull` are pinned here and leave as
-    transfer `xfer` (READY per chunk, as a handoff); count 0: none is held, nothing follows."""
+    transfer `xfer` (READY per chunk, as a handoff, past the PULL's `first` blocks, which left on
+    the PULL: max(count, first) blocks in all, those past `count` padding); nothing follows when
+    both are 0."""
 
     TAG: ClassVar[Tag] = Tag.PULLED
     pull: int

@@ -179,11 +179,15 @@ class TimingModel(_Strict):
         bring_in = self.host_copy_s(new) + self.disk_io_s(disk_blocks * block_size)
         return max(0.0, recompute - bring_in) / recompute * n if recompute else 0.0
 
-    def pull_credit(self, block_size: int, own_blocks: int, pulled_blocks: int, overhead_s: float = 0.0) -> float:
+    def pull_credit(self, block_size: int, own_blocks: int, pulled_blocks: int, overhead_s: float = 0.0,
+                    host_blocks: int = 0) -> float:
         """What `pulled_blocks` blocks pulled from another worker after `own_blocks` blocks of its
         own are worth to a worker, in blocks recomputed (as `tier_credit`): the pull goes over the
-        handoff link and waits `overhead_s` more for its control round trips."""
-        return self._credit(block_size, own_blocks, pulled_blocks, lambda n: self.handoff_s(n) + overhead_s)
+        handoff link and waits `overhead_s` more for its control round trips; the last
+        `host_blocks` of them come from the source's host tier, copied to its device first
+        (`host_copy_s`, one batch, not overlapped with the link: an upper bound)."""
+        host_s = self.host_copy_s(host_blocks * block_size) if host_blocks else 0.0
+        return self._credit(block_size, own_blocks, pulled_blocks, lambda n: self.handoff_s(n) + overhead_s + host_s)
 
     def _credit(self, block_size: int, have: int, blocks: int, bring_in_s) -> float:
         if blocks == 0:

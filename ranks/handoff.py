@@ -25,9 +25,12 @@ together never stage more than `staging_budget` bytes, except that a single bloc
 the whole budget still goes when nothing else is staged (alone).
 
 Pulls (ranks/pulls.py) use the same machinery for another kind of transfer: a worker's cached
-blocks, pinned, to a worker that asked for them (`serve` on the source, `expect` on the receiver);
-only what happens after the last chunk differs (the source unpins, the receiver registers the
-blocks by hash). They share the pair's READY order, tag and staging budget with handoffs.
+blocks, pinned, to a worker that asked for them (`serve` on the source, `receive_first` and
+`confirm`, or `expect`, on the receiver); only what happens after the last chunk differs (the
+source unpins, the receiver registers the blocks by hash). They share the pair's READY order, tag
+and staging budget with handoffs. A pull's first chunk needs no READY: the receiver posts its
+receive before it asks, and the PULL stands for the READY in the pair's order (MPI delivers one
+sender's control messages in order, whatever their tags).
 
 The engine's KV surface, the transport and the outbox are injected (tests/test_handoff.py drives
 this with fakes, without MPI). How a chunk's bytes move is the link's (ranks/kv_link.py): one
@@ -70,6 +73,7 @@ class KVEngine(Protocol):
     def kv_bytes(self, num_tokens: int) -> int: ...
     def reserve(self, num_tokens: int) -> list[int] | None: ...
     def pack_kv(self, request_id: str, first: int, count: int) -> torch.Tensor: ...
+    def pack_served(self, block_ids: list[int], slots: list[int]) -> torch.Tensor: ...
     def staging_buffer(self, n: int) -> torch.Tensor: ...
     def unpack_kv(self, buf: torch.Tensor, block_ids: list[int], first_head: int = 0) -> None: ...
     def transfer_s(self, num_tokens: int) -> float: ...
@@ -82,6 +86,7 @@ class KVLink(Protocol):
 
     def send(self, request_id: str, first: int, count: int, dest: int) -> Pending: ...
     def send_blocks(self, block_ids: list[int], dest: int) -> Pending: ...
+    def send_packed(self, buf: torch.Tensor, dest: int) -> Pending: ...  # PairLink only
     def recv(self, count: int, src: int) -> Receiving: ...
 
 
@@ -123,7 +128,7 @@ class _Outgoing:
 
 
 @dataclass
-class _Incoming:
+class Incoming:
     src: int
     xfer: int
     num_kv_tokens: int
@@ -153,8 +158,8 @@ class Handoffs:
         self.next_xfer: dict[int, int] = {}  # decode rank -> next transfer number
         self.outgoing: dict[tuple[int, int], _Outgoing] = {}  # (receiver's rank, xfer) -> transfer announced
         self.ready: deque[tuple[_Outgoing, _Chunk]] = deque()  # READY received, send waiting for staging room
-        self.announced: deque[_Incoming] = deque()  # HANDOFF (or a pull's PULLED) received, chunks still to post
-        self.incoming: list[_Incoming] = []  # blocks reserved, chunks in flight
+        self.announced: deque[Incoming] = deque()  # HANDOFF (or a pull's PULLED) received, chunks still to post
+        self.incoming: list[Incoming] = []  # blocks reserved, chunks in flight
         self.receives = 0  # chunk receives in flight
         self.staged = 0  # bytes of packed KV held in staging buffers (sends and receives)
 
@@ -170,13 +175,21 @@ class Handoffs:
                               partial(self._handed_off, state.request_id, num_blocks))
         self.outbox.send(Handoff(xfer, state), dest)
 
-    def serve(self, dest: int, block_ids: list[int], num_kv_tokens: int, release: Callable[[float], None]) -> int:
-        """Source of a pull: send `block_ids` (pinned by the caller, who unpins them in `release`)
-        to `dest` as it answers READY; returns the transfer number the caller tells `dest`."""
-        def send(first: int, count: int, dest: int) -> Pending:
-            return self.link.send_blocks(block_ids[first : first + count], dest)
+    def serve(self, dest: int, block_ids: list[int], num_kv_tokens: int, release: Callable[[float], None],
+              slots: list[int] = ()) -> int:
+        """Source of a pull: send `block_ids`, then host tier `slots` (all pinned by the caller,
+        who unpins them in `release`) to `dest` as it answers READY; returns the transfer number
+        the caller tells `dest`. A chunk with host slots leaves packed by the engine, in one buffer
+        (single ranks only: PairLink)."""
+        g = len(block_ids)
 
-        return self._outgoing(dest, num_kv_tokens, len(block_ids), send, release)
+        def send(first: int, count: int, dest: int) -> Pending:
+            ids, host = block_ids[first : first + count], slots[max(first - g, 0) : max(first + count - g, 0)]
+            if not host:
+                return self.link.send_blocks(ids, dest)
+            return self.link.send_packed(self.engine.pack_served(ids, list(host)), dest)
+
+        return self._outgoing(dest, num_kv_tokens, g + len(slots), send, release)
 
     def on_handoff(self, src: int, msg: Handoff) -> None:
         """Decode side: a prefill worker announced a transfer."""
@@ -188,7 +201,35 @@ class Handoffs:
         """Receiving side: transfer `xfer` of `num_blocks` blocks comes from `src`, into `blocks`
         (reserved by the caller) or blocks reserved here when the transfer's turn comes; once every
         chunk is unpacked, `land(block_ids)` takes them over."""
-        self.announced.append(_Incoming(src, xfer, num_kv_tokens, num_blocks, land, list(blocks or [])))
+        self.announced.append(Incoming(src, xfer, num_kv_tokens, num_blocks, land, list(blocks or [])))
+
+    def receive_first(self, src: int, blocks: list[int], num_kv_tokens: int,
+                      land: Callable[[list[int]], None]) -> Incoming | None:
+        """Receiving side of a pull: post the receive of a transfer's first chunk into `blocks`
+        (reserved by the caller) before the transfer exists, so that the request that announces
+        it (PULL) can say so instead of a READY; None (nothing posted) when the chunk must wait
+        for staging room. The rest follows once `confirm` names the transfer."""
+        if self.receives >= self.max_receiving:
+            return None
+        inc = Incoming(src, -1, num_kv_tokens, len(blocks), land, list(blocks))
+        count = min(self.chunk_blocks, inc.num_blocks)
+        if not self._fits(count * self.block_bytes):
+            return None
+        self.incoming.append(inc)
+        self._post(inc, _Chunk(0, count, count * self.block_bytes))
+        return inc
+
+    def confirm(self, inc: Incoming, xfer: int, num_blocks: int) -> None:
+        """The sender names the transfer whose first chunk `receive_first` posted, and its length
+        (at least that chunk: a sender that holds fewer blocks pads it); its other chunks follow
+        with READY, as a handoff's."""
+        assert inc.xfer == -1 and inc.next_block <= num_blocks <= inc.num_blocks, (inc.next_block, num_blocks)
+        inc.xfer = xfer
+        inc.num_kv_tokens = inc.num_kv_tokens * num_blocks // inc.num_blocks
+        inc.num_blocks = num_blocks
+        inc.blocks = inc.blocks[:num_blocks]
+        if inc.next_block < num_blocks:
+            self.announced.append(inc)
 
     def _outgoing(self, dest: int, num_kv_tokens: int, num_blocks: int, send: Callable[[int, int, int], Pending],
                   release: Callable[[float], None]) -> int:
@@ -236,7 +277,7 @@ class Handoffs:
         self.staged += nbytes
         self.stats.max_staged_bytes = max(self.stats.max_staged_bytes, self.staged)
 
-    def _sim_done(self, xfer: _Outgoing | _Incoming, num_kv_tokens: int, chunk: _Chunk) -> float:
+    def _sim_done(self, xfer: _Outgoing | Incoming, num_kv_tokens: int, chunk: _Chunk) -> float:
         """When a simulated chunk is done: its share of the whole transfer's modeled time, after
         the transfer's earlier chunks (one link: chunks in flight together do not go faster)."""
         share = self.engine.transfer_s(num_kv_tokens) * chunk.count / xfer.num_blocks
@@ -267,7 +308,7 @@ class Handoffs:
                 out.release(now - out.started)
         return moved
 
-    def _receive(self, inc: _Incoming) -> bool:
+    def _receive(self, inc: Incoming) -> bool:
         """Post the receive of the next chunk of the first announced transfer (reserving its
         blocks first); False if it must wait for room or blocks."""
         count = min(self.chunk_blocks, inc.num_blocks - inc.next_block)
@@ -282,16 +323,19 @@ class Handoffs:
                 inc.blocks = blocks
             assert len(inc.blocks) == inc.num_blocks
             self.incoming.append(inc)
-        self._stage(chunk.nbytes)
-        chunk.not_before = self._sim_done(inc, inc.num_kv_tokens, chunk)
-        chunk.pending = self.link.recv(count, inc.src)
+        self._post(inc, chunk)
         self.outbox.send(Ready(inc.xfer, chunk.first, count), inc.src)
-        inc.receiving.append(chunk)
-        inc.next_block += count
-        self.receives += 1
         if inc.next_block == inc.num_blocks:
             self.announced.popleft()
         return True
+
+    def _post(self, inc: Incoming, chunk: _Chunk) -> None:
+        self._stage(chunk.nbytes)
+        chunk.not_before = self._sim_done(inc, inc.num_kv_tokens, chunk)
+        chunk.pending = self.link.recv(chunk.count, inc.src)
+        inc.receiving.append(chunk)
+        inc.next_block += chunk.count
+        self.receives += 1
 
     def _finish_receives(self) -> bool:
         moved = False
@@ -305,7 +349,7 @@ class Handoffs:
                 inc.blocks_received += chunk.count
                 self.stats.chunks_received += 1
                 moved = True
-            if inc.blocks_received == inc.num_blocks:
+            if inc.blocks_received == inc.num_blocks and inc.xfer >= 0:  # (a pull's length is known)
                 self.incoming.remove(inc)
                 inc.land(inc.blocks)
         return moved

@@ -4,6 +4,7 @@
     link = GroupLink(engine, transport, rank, tp, tp_of, num_kv_heads, sync)   # tensor-parallel groups
     sending = link.send(request_id, first, count, dest)  # Pending: this rank's part has left
     sending = link.send_blocks(block_ids, dest)          # cache blocks by id: a pull's (ranks/pulls.py)
+    sending = link.send_packed(buf, dest)                # packed by the caller (PairLink: a pull from a host tier)
     receiving = link.recv(count, src)                    # Receiving: done(), then unpack(block_ids)
 
 Ranks are world ranks of the workers' leaders (the router is rank 0); the transport's communicator
@@ -46,6 +47,7 @@ class LinkEngine(Protocol):
 
     def pack_kv(self, request_id: str, first: int, count: int, heads: tuple[int, int] | None = None) -> torch.Tensor: ...
     def pack_blocks(self, block_ids: list[int], heads: tuple[int, int] | None = None) -> torch.Tensor: ...
+    def pack_served(self, block_ids: list[int], slots: list[int]) -> torch.Tensor: ...
     def handoff_blocks(self, request_id: str, first: int, count: int) -> list[int]: ...
     def staging_buffer(self, n: int, num_heads: int | None = None) -> torch.Tensor: ...
     def unpack_kv(self, buf: torch.Tensor, block_ids: list[int], first_head: int = 0) -> None: ...
@@ -97,6 +99,10 @@ class PairLink:
         """Cache blocks named by id (a pull's cached blocks, ranks/pulls.py)."""
         return self.transport.send(self.engine.pack_blocks(block_ids), dest - 1, dest)
 
+    def send_packed(self, buf: torch.Tensor, dest: int) -> Pending:
+        """A chunk packed by the caller (a pull's blocks from the source's host tier)."""
+        return self.transport.send(buf, dest - 1, dest)
+
     def recv(self, count: int, src: int) -> Receiving:
         buf = self.engine.staging_buffer(count)
         return _Received(self.engine, [(self.transport.recv(buf, src - 1, self.rank), buf, 0)])
@@ -125,6 +131,10 @@ class GroupLink:
             self.sync.publish(SendKV(block_ids, theirs))
         return AllOf([self.transport.send(self.engine.pack_blocks(block_ids, (p.first_head, p.num_heads)), p.peer, p.tag)
                       for p in pieces if p.rank == 0])
+
+    def send_packed(self, buf: torch.Tensor, dest: int) -> Pending:
+        raise RuntimeError("a chunk packed in one buffer (a pull from a host tier) moves between single ranks only; "
+                           "Layout.pulls_from_host is off where a worker is a tensor-parallel group")
 
     def recv(self, count: int, src: int) -> Receiving:
         pieces = [KVPiece(m.dst, src + m.src - 1, self.rank + m.dst, m.dst_offset, m.heads[1] - m.heads[0])

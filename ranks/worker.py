@@ -68,14 +68,15 @@ class Worker:
         self.transport = make_transport(workers, device)
         self.outbox = Outbox(world)
         link = None
-        if max(layout.prefill_tp, layout.decode_tp, layout.aggregated_tp) > 1 and not cfg.sim.enabled:
+        if layout.sharded and not cfg.sim.enabled:
             # A handoff or a pull between groups: each rank moves its own shard (ranks/kv_link.py).
             # A simulated transfer's payload is its block count, sent by the leaders alone.
             link = GroupLink(self.engine, self.transport, world.rank, tp.size, lambda r: layout.group_of(r)[2],
                              self.engine.runner.spec.num_kv_heads, sync)
         self.handoffs = Handoffs(self.engine, self.transport, self.outbox, world.rank, staging_budget, link=link)
         self.tp = sync.size if sync is not None else 1
-        self.pulls = Pulls(self.engine, self.handoffs, self.outbox, cfg.cache.block_size, self._add_request)
+        self.pulls = Pulls(self.engine, self.handoffs, self.outbox, cfg.cache.block_size, self._add_request,
+                           from_host=layout.pulls_from_host(cfg.cache.host_kv_gib, cfg.sim.enabled))
         self.decode_rank: dict[str, int] = {}  # request id -> where it decodes (prefill worker)
         self.step_wall_s = 0.0  # wall time inside engine steps
         self.shutdown = False

@@ -110,17 +110,21 @@ TierCredit = Callable[[int, int, int], float]  # (GPU blocks, host blocks after 
 
 
 def leading_blocks(snapshot: TableSnapshot, prefixes: InflightPrefixes, hashes: np.ndarray,
-                   hash_list: list[int], tier_credit: TierCredit | None = None
+                   hash_list: list[int], tier_credit: TierCredit | None = None,
+                   tiers: dict[int, tuple[int, int, int]] | None = None
                    ) -> tuple[dict[int, int], dict[int, int], dict[int, float]]:
     """Per worker, a prompt's leading blocks that its window shows (GPU, then host, then disk
     tier), those that it holds by the window or by the books, and what those are worth in GPU
     blocks (GPU hits and blocks in flight 1 each, a run of h host and d disk blocks after g GPU
     ones `tier_credit(g, h, d)`; 1 each without `tier_credit`). `hashes` as [n] uint64 and as a
-    list: the two probes want both."""
+    list: the two probes want both. `tiers`, if given, receives each worker's (g, h, d) (where
+    the windows have host tables)."""
     if snapshot.host_groups:  # a disk tier sits below a host tier: no host tables, no lower tiers
-        tiers = snapshot.tier_lengths(hashes)
-        window = {r: sum(t) for r, t in tiers.items()}
-        worth = {r: g + (tier_credit(g, h, d) if tier_credit else h + d) for r, (g, h, d) in tiers.items()}
+        per_tier = snapshot.tier_lengths(hashes)
+        if tiers is not None:
+            tiers.update(per_tier)
+        window = {r: sum(t) for r, t in per_tier.items()}
+        worth = {r: g + (tier_credit(g, h, d) if tier_credit else h + d) for r, (g, h, d) in per_tier.items()}
     else:
         window, worth = snapshot.prefix_lengths(hashes), None  # every held block is worth 1
     cached = dict(window)

@@ -67,6 +67,7 @@ class MPIBackend:
         self.decoders = layout.ranks("decode")
         pull_credit = partial(timing.pull_credit, self.block_size, overhead_s=cfg.router.pull_overhead_ms / 1e3)
         self.pulls = PullPlanner(pull_credit, self.entry, cfg.router.pull_min_blocks) if cfg.router.pulls else None
+        self.pulls_from_host = layout.pulls_from_host(cfg.cache.host_kv_gib, cfg.sim.enabled)  # as the workers decide
         self.books = Books(self.states)
         self.status = MPI.Status()
         self.max_age_s = cfg.router.window_max_age_ms / 1e3
@@ -121,11 +122,15 @@ class MPIBackend:
         # Per worker: leading blocks its window shows, those it holds (window or books), and their
         # worth in GPU blocks (host-tier hits count less): one numpy probe of the table copies and
         # one walk of the books for all workers, which every decision needs.
-        window, cached, worth = leading_blocks(self.snapshot, inflight, hashes, hash_list, self.tier_credit)
+        tiers: dict[int, tuple[int, int, int]] = {}
+        window, cached, worth = leading_blocks(self.snapshot, inflight, hashes, hash_list, self.tier_credit, tiers)
         gpu: dict[int, int] = {}  # leading blocks in each GPU cache (pull sources)
+        host: dict[int, int] | None = None  # and the host tier's run past them, where sources send from there
         if self.pulls is not None:  # a worker is also worth what it could pull from another
-            gpu = self.snapshot.prefix_lengths(hashes) if self.snapshot.host_groups else window
-            worth = {r: v + self.pulls.worth(r, cached[r], gpu) for r, v in worth.items()}
+            gpu = {r: t[0] for r, t in tiers.items()} if self.snapshot.host_groups else window
+            if self.pulls_from_host and self.snapshot.host_groups:
+                host = {r: t[1] for r, t in tiers.items()}
+            worth = {r: v + self.pulls.worth(r, cached[r], gpu, host) for r, v in worth.items()}
 
         def uncached_tokens(r: int) -> int:  # what worker r must compute: at least the last token
             return len(ids) - min(cached[r] * self.block_size, len(ids) - 1)
@@ -154,7 +159,7 @@ class MPIBackend:
         tokens = uncached_tokens(rank)
         pull = None
         if self.pulls is not None:
-            pull = self.pulls.source(rank, cached[rank], gpu)
+            pull = self.pulls.source(rank, cached[rank], gpu, host)
             if pull is not None:
                 tokens = len(ids) - min(pull[1] * self.block_size, len(ids) - 1)
                 self.pulls.place(request.request_id, pull[0], rank, pull[1])

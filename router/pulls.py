@@ -25,9 +25,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-PULL_KEYS = ("pulls", "pulled_blocks", "pulled_bytes", "pull_missing_blocks", "pull_seconds", "served_blocks")
+PULL_KEYS = ("pulls", "pulled_blocks", "pulled_bytes", "pull_missing_blocks", "pull_padded_blocks", "pull_seconds",
+             "served_blocks", "served_host_blocks")
 
-PullCredit = Callable[[int, int], float]  # (own blocks, pulled blocks) -> worth in recomputed blocks
+PullCredit = Callable[..., float]  # (own blocks, pulled blocks, host_blocks=of them from a host tier) -> worth in recomputed blocks
 
 
 class PullPlanner:
@@ -41,26 +42,33 @@ class PullPlanner:
         self.planned = 0
         self.planned_blocks = 0
 
-    def source(self, rank: int, own: int, gpu: dict[int, int]) -> tuple[int, int] | None:
-        """(source, n): the worker whose GPU cache holds the longest prefix (n leading blocks) that
-        `rank`, holding `own`, may pull from; None if none is `min_blocks` ahead, the pull saves
-        nothing, or only sources with a pull from `rank` in flight are (see the NOTE)."""
+    def source(self, rank: int, own: int, gpu: dict[int, int], host: dict[int, int] | None = None
+               ) -> tuple[int, int] | None:
+        """(source, n): the worker whose GPU cache, continued by its host tier's run past it
+        (`host`, where sources send from their host tiers), holds the longest prefix (n leading
+        blocks) that `rank`, holding `own`, may pull from; None if none is `min_blocks` ahead, the
+        pull saves nothing, or only sources with a pull from `rank` in flight are (see the NOTE)."""
         if rank not in self.ranks:
             return None
         best = None
-        for r, n in gpu.items():
+        for r, g in gpu.items():
+            n = g + (host.get(r, 0) if host else 0)
             if r == rank or r not in self.ranks or self.flows.get((rank, r)) or n - own < self.min_blocks:
                 continue
             if best is None or n > best[1]:
                 best = (r, n)
-        if best is None or self.credit(own, best[1] - own) <= 0:
+        if best is None or self._credit(own, best, gpu) <= 0:
             return None
         return best
 
-    def worth(self, rank: int, own: int, gpu: dict[int, int]) -> float:
+    def worth(self, rank: int, own: int, gpu: dict[int, int], host: dict[int, int] | None = None) -> float:
         """What `rank` could pull is worth, in recomputed blocks (0 without a source)."""
-        src = self.source(rank, own, gpu)
-        return self.credit(own, src[1] - own) if src is not None else 0.0
+        src = self.source(rank, own, gpu, host)
+        return self._credit(own, src, gpu) if src is not None else 0.0
+
+    def _credit(self, own: int, src: tuple[int, int], gpu: dict[int, int]) -> float:
+        r, n = src
+        return self.credit(own, n - own, host_blocks=n - max(own, gpu[r]))  # those past the source's GPU run
 
     def place(self, request_id: str, source: int, rank: int, num_blocks: int) -> None:
         """The request goes to `rank` and pulls its first `num_blocks` blocks from `source`."""

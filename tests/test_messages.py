@@ -18,6 +18,7 @@ RECORDS_TO_CHECK = [
     Assign(REQ),
     Assign(REQ, pull_from=4, pull_blocks=187),
     Pull(3, [0, 1, 2**64 - 1, 12345678901234567890]),  # block hashes use all 64 bits
+    Pull(5, [9], first=128),
     Pulled(3, 2, 17),
     Pulled(4, 0),
     Result(RequestResult("r1", [5, 6], "length", 12_000, 64, None, LPS, 1.0, 2.0)),

@@ -29,11 +29,11 @@ BLOCK_BYTES = 16
 class Worker:
     """One side: an engine with its Handoffs and Pulls units; requests it admits are collected."""
 
-    def __init__(self, engine, rank: int, end, block_size: int, budget: int) -> None:
+    def __init__(self, engine, rank: int, end, block_size: int, budget: int, from_host: bool = False) -> None:
         self.engine, self.rank, self.outbox = engine, rank, FakeOutbox()
         self.handoffs = Handoffs(engine, end, self.outbox, rank, budget)
         self.admitted: list[Request] = []
-        self.pulls = Pulls(engine, self.handoffs, self.outbox, block_size, self._admit)
+        self.pulls = Pulls(engine, self.handoffs, self.outbox, block_size, self._admit, from_host=from_host)
         self.seen = 0
 
     def _admit(self, request: Request) -> None:
@@ -83,7 +83,9 @@ class CacheEngine:
     """A prefix cache of `num_blocks` blocks of one token each: a prompt's block hashes are its
     tokens but the last. Packed KV is BLOCK_BYTES bytes per block, each the byte of its hash."""
 
-    def __init__(self, num_blocks: int, cached: list[int] = ()) -> None:
+    def __init__(self, num_blocks: int, cached: list[int] = (), host: list[int] = ()) -> None:
+        self.host = {h: s for s, h in enumerate(host)}  # a host tier: hash -> slot, whose byte is the hash's
+        self.host_refs: Counter[int] = Counter()
         self.free = list(range(num_blocks))
         self.cached: dict[int, int] = {}  # hash -> block
         self.refs: Counter[int] = Counter()
@@ -110,6 +112,24 @@ class CacheEngine:
         assert min(self.refs.values(), default=0) >= 0
         self.free += [b for b in block_ids if not self.refs[b] and b not in self.cached.values()]
 
+    def pin_host(self, hashes):
+        out = []
+        for h in hashes:
+            if h not in self.host:
+                break
+            out.append(self.host[h])
+        self.host_refs.update(out)
+        return out
+
+    def unpin_host(self, slots):
+        self.host_refs.subtract(slots)
+        assert min(self.host_refs.values(), default=0) >= 0
+
+    def pack_served(self, block_ids, slots):
+        of_slot = {s: h for h, s in self.host.items()}
+        return torch.cat([self.pack_blocks(block_ids),
+                          torch.tensor([byte_of(of_slot[s]) for s in slots], dtype=torch.uint8).repeat_interleave(BLOCK_BYTES)])
+
     def reserve(self, num_tokens):
         if num_tokens > len(self.free):
             return None
@@ -123,7 +143,8 @@ class CacheEngine:
         self.unpin(block_ids)
 
     def pack_blocks(self, block_ids):
-        return torch.tensor([self.kv[b] for b in block_ids], dtype=torch.uint8).repeat_interleave(BLOCK_BYTES)
+        # A block never written reads as 0 (memory that holds no KV: a pull's padding may read it).
+        return torch.tensor([self.kv.get(b, 0) for b in block_ids], dtype=torch.uint8).repeat_interleave(BLOCK_BYTES)
 
     def staging_buffer(self, n):
         return torch.empty(n * BLOCK_BYTES, dtype=torch.uint8)
@@ -151,9 +172,11 @@ class CacheEngine:
             self.free.append(b)
 
 
-def fake_pair(source_cached, puller_cached, puller_blocks: int = 100, budget_blocks: int = 3):
+def fake_pair(source_cached, puller_cached, puller_blocks: int = 100, budget_blocks: int = 3, source_host=(),
+              from_host: bool = False):
     pair = PairTransport()
-    source = Worker(CacheEngine(100, source_cached), SOURCE, pair.end(), 1, budget_blocks * BLOCK_BYTES)
+    source = Worker(CacheEngine(100, source_cached, source_host), SOURCE, pair.end(), 1, budget_blocks * BLOCK_BYTES,
+                    from_host)
     puller = Worker(CacheEngine(puller_blocks, puller_cached), PULLER, pair.end(), 1, budget_blocks * BLOCK_BYTES)
     return source, puller, pair
 
@@ -203,13 +226,97 @@ def test_blocks_the_source_evicted_before_the_pull_are_left_to_compute():
     assert puller.admitted == [request(prefix)]
 
 
-def test_a_source_that_holds_none_of_them_sends_nothing():
+def test_a_source_that_holds_none_of_them_sends_only_the_first_chunk_s_padding():
     prefix = list(range(10, 16))
     source, puller, pair = fake_pair([], [])
     puller.pulls.start(request(prefix), SOURCE, len(prefix))
     run(source, puller, pair)
-    assert pair.sends == [] and puller.admitted == [request(prefix)] and len(puller.engine.free) == 100
-    assert puller.pulls.stats.pull_missing_blocks == 6 and not +puller.engine.refs
+    # The puller had posted the first chunk's receive (3 blocks): the source fills it, nothing more.
+    assert [buf.numel() for buf, _ in pair.sends] == [3 * BLOCK_BYTES] and puller.admitted == [request(prefix)]
+    assert len(puller.engine.free) == 100 and not puller.engine.cached and not +puller.engine.refs
+    s = puller.pulls.stats
+    assert (s.pull_missing_blocks, s.pull_padded_blocks, s.pulled_blocks) == (6, 3, 0)
+    assert source.pulls.stats.pulls_served == 0 and not +source.engine.refs
+
+
+def test_without_staging_room_for_the_first_chunk_the_pull_asks_first_then_sends_ready():
+    prefix = list(range(10, 20))
+    source, puller, pair = fake_pair(prefix, [])
+    puller.handoffs.staged = puller.handoffs.staging_budget  # another transfer fills the room
+    puller.pulls.start(request(prefix), SOURCE, len(prefix))
+    puller.turn(source)
+    [(pull, _)] = puller.outbox.sent
+    assert pull.first == 0 and pair.recvs == []
+    puller.handoffs.staged = 0
+    run(source, puller, pair)
+    assert holds(puller.engine, prefix) and puller.pulls.stats.pull_padded_blocks == 0
+    assert [type(m).__name__ for m, _ in puller.outbox.sent] == ["Pull", "Ready", "Ready", "Ready", "Ready"]
+
+
+def test_the_first_chunk_leaves_on_the_pull_with_no_ready():
+    prefix = list(range(10, 13))  # 3 blocks: one chunk
+    source, puller, pair = fake_pair(prefix, [])
+    puller.pulls.start(request(prefix), SOURCE, len(prefix))
+    puller.turn(source)  # receive posted, PULL sent
+    assert len(pair.recvs) == 1 and puller.outbox.sent[0][0].first == 3
+    source.turn(puller)  # PULL in: blocks pinned, their send posted, PULLED out
+    assert len(pair.sends) == 1 and [type(m).__name__ for m, _ in source.outbox.sent] == ["Pulled"]
+    pair.deliver()
+    puller.turn(source)
+    assert holds(puller.engine, prefix) and puller.admitted == [request(prefix)]
+    assert [type(m).__name__ for m, _ in puller.outbox.sent] == ["Pull"]  # one control round trip
+    source.turn(puller)
+    assert not +source.engine.refs and not source.busy() and not puller.busy()
+
+
+def test_padding_blocks_stay_reserved_until_their_chunk_lands_and_are_never_registered():
+    prefix = list(range(10, 20))
+    source, puller, pair = fake_pair(prefix, [])
+    puller.pulls.start(request(prefix), SOURCE, len(prefix))
+    puller.turn(source)  # the first chunk (3 blocks) posted, 10 blocks reserved
+    first = pair.recvs[0]
+    reserved = [b for b in range(100) if puller.engine.refs[b]]
+    source.engine.evict(prefix[1:])  # the source keeps 1 block of the 10
+    source.turn(puller)
+    puller.turn(source)  # PULLED(1): the 7 blocks past the chunk go back, the chunk's 2 padding ones not yet
+    assert not first[1].finished and sum(puller.engine.refs[b] for b in reserved) == 3
+    run(source, puller, pair)
+    assert holds(puller.engine, prefix[:1]) and not any(h in puller.engine.cached for h in prefix[1:])
+    assert not +puller.engine.refs and len(puller.engine.free) == 99 and puller.admitted == [request(prefix)]
+    s = puller.pulls.stats
+    assert (s.pulled_blocks, s.pull_padded_blocks, s.pull_missing_blocks) == (1, 2, 9)
+
+
+def test_a_source_sends_the_run_its_host_tier_holds_past_its_gpu_cache_s():
+    prefix = list(range(10, 20))
+    for from_host in (True, False):
+        # GPU: 10..13; host tier: 12..17 (12 and 13 on both); 18, 19 nowhere.
+        source, puller, pair = fake_pair(prefix[:4], prefix[:1], source_host=prefix[2:8], from_host=from_host)
+        puller.pulls.start(request(prefix), SOURCE, len(prefix))
+        pinned = []
+
+        def check():
+            pinned.append(sum(source.engine.host_refs.values()))
+
+        run(source, puller, pair, check=check)
+        got = 8 if from_host else 4
+        assert holds(puller.engine, prefix[:got]) and not any(h in puller.engine.cached for h in prefix[got:])
+        assert puller.admitted == [request(prefix)] and not +puller.engine.refs
+        s, t = puller.pulls.stats, source.pulls.stats
+        assert (s.pulled_blocks, s.pull_missing_blocks) == (got - 1, 10 - got)
+        assert (t.served_blocks, t.served_host_blocks) == (got - 1, 4 if from_host else 0)
+        assert max(pinned) == (4 if from_host else 0) and not +source.engine.host_refs and not +source.engine.refs
+
+
+def test_a_source_with_the_prefix_on_its_host_tier_alone_sends_it_from_there_padding_from_host():
+    prefix = list(range(10, 20))
+    source, puller, pair = fake_pair([], [], source_host=prefix[:2], from_host=True)
+    puller.pulls.start(request(prefix), SOURCE, len(prefix))
+    run(source, puller, pair)
+    assert holds(puller.engine, prefix[:2]) and len(puller.engine.cached) == 2
+    s = puller.pulls.stats
+    assert (s.pulled_blocks, s.pull_padded_blocks, s.pull_missing_blocks) == (2, 1, 8)
+    assert source.pulls.stats.served_host_blocks == 2 and not +source.engine.host_refs
 
 
 def test_a_puller_that_holds_the_prefix_already_asks_nothing():
@@ -235,11 +342,11 @@ def test_a_puller_without_free_blocks_waits_before_asking_and_pins_nothing_meanw
 # --- real engines --------------------------------------------------------------------------------
 
 
-def make_engine(model_dir) -> Engine:
+def make_engine(model_dir, host_kv_gib: float = 0.0) -> Engine:
     return Engine.from_config(load_config(**{
         "model.path": str(model_dir), "job.device": "cpu", "model.dtype": "float32",
         "cache.block_size": 8, "cache.num_blocks": 20, "model.max_model_len": 128,
-        "scheduler.max_batch_tokens": 32, "scheduler.max_seqs": 2,
+        "scheduler.max_batch_tokens": 32, "scheduler.max_seqs": 2, "cache.host_kv_gib": host_kv_gib,
     }))
 
 
@@ -262,11 +369,12 @@ def test_a_pulled_prefix_gives_the_tokens_of_a_computed_one_even_when_the_source
     first, second = greedy("first", shared + [5, 6, 7]), greedy("second", shared + [9, 10, 11, 12])
     filler = greedy("filler", torch.randint(3, 200, (120,), generator=g).tolist())  # 16 blocks of the 20
     expected = drain(make_engine(tiny_models["llama"]), [second])
-    for evict in (False, True):
+    # With a host tier on the source (64 blocks), what its cache evicts is sent from there.
+    for evict, host in ((False, False), (True, False), (True, True)):
         pair = PairTransport()
-        a, b = make_engine(tiny_models["llama"]), make_engine(tiny_models["llama"])
+        a, b = make_engine(tiny_models["llama"], 64 * 4096 / (1 << 30) if host else 0.0), make_engine(tiny_models["llama"])
         budget = 2 * a.kv_bytes(1)  # chunks of two blocks
-        source = Worker(a, SOURCE, pair.end(), 8, budget)
+        source = Worker(a, SOURCE, pair.end(), 8, budget, from_host=host)
         puller = Worker(b, PULLER, pair.end(), 8, budget)
         drain(a, [first])  # the source caches the shared prefix
         puller.pulls.start(second, SOURCE, 6)  # the router's decision
@@ -276,8 +384,11 @@ def test_a_pulled_prefix_gives_the_tokens_of_a_computed_one_even_when_the_source
         run(source, puller, pair)
         got = drain(b, [])
         s = puller.pulls.stats
-        assert got == expected, f"evict={evict}"
-        if evict:
+        assert got == expected, f"evict={evict} host={host}"
+        if host:
+            assert s.pulled_blocks == 6 and source.pulls.stats.served_host_blocks > 0, vars(source.pulls.stats)
+            assert not a.host.pinned  # the source's host slots let go
+        elif evict:
             assert 0 < s.pulled_blocks < 6 and s.pull_missing_blocks == 6 - s.pulled_blocks, vars(s)
         else:
             assert s.pulled_blocks == 6 and s.pull_missing_blocks == 0
@@ -297,7 +408,7 @@ def test_pull_credit_is_the_recompute_saved_net_of_the_transfer():
 
 
 def test_planner_picks_the_longest_gpu_prefix_and_never_both_directions_of_a_pair():
-    planner = PullPlanner(lambda own, n: 0.9 * n, ranks=[1, 2, 3], min_blocks=4)
+    planner = PullPlanner(lambda own, n, host_blocks=0: 0.9 * n, ranks=[1, 2, 3], min_blocks=4)
     gpu = {1: 10, 2: 0, 3: 12, 4: 30}  # rank 4 is a decode worker: never a source
     assert planner.source(2, 0, gpu) == (3, 12)
     assert planner.source(2, 9, gpu) is None  # 3 blocks ahead: under min_blocks
@@ -307,7 +418,30 @@ def test_planner_picks_the_longest_gpu_prefix_and_never_both_directions_of_a_pai
     assert planner.source(3, 0, {2: 20, 1: 5}) == (1, 5)  # 2 -> 3 would cross 3 -> 2 in flight
     planner.done("r")
     assert planner.source(3, 0, {2: 20, 1: 5}) == (2, 20) and planner.planned_blocks == 12
-    assert PullPlanner(lambda own, n: 0.0, [1, 2], 1).source(1, 0, {2: 8}) is None  # no saving: no pull
+    assert PullPlanner(lambda own, n, host_blocks=0: 0.0, [1, 2], 1).source(1, 0, {2: 8}) is None  # no saving: no pull
+
+
+def test_a_pull_from_a_host_tier_is_credited_less_by_its_host_to_device_copy():
+    timing = load_timing(load_config())
+    gpu, host = timing.pull_credit(64, 0, 100), timing.pull_credit(64, 0, 100, host_blocks=60)
+    copy = timing.host_copy_s(60 * 64) / timing.prefill_s(100 * 64, 0) * 100
+    assert abs((gpu - host) - copy) < 1e-9 and 0 < host < gpu
+
+
+def test_planner_counts_a_source_s_host_run_past_its_gpu_cache_and_credits_those_blocks_as_host_ones():
+    calls = []
+
+    def credit(own, n, host_blocks=0):
+        calls.append((own, n, host_blocks))
+        return n - 0.5 * host_blocks
+
+    planner = PullPlanner(credit, ranks=[1, 2, 3], min_blocks=4)
+    gpu, host = {1: 10, 2: 6, 3: 0}, {1: 0, 2: 8, 3: 0}
+    assert planner.source(3, 0, gpu) == (1, 10)  # GPU caches alone
+    assert planner.source(3, 0, gpu, host) == (2, 14)  # 6 on rank 2's GPU + 8 on its host tier
+    assert calls[-1] == (0, 14, 8)
+    assert planner.worth(3, 9, gpu, host) == 5 - 0.5 * 5  # holds 9: pulls 5, all past rank 2's GPU run
+    assert planner.worth(3, 2, gpu, host) == 12 - 0.5 * 8
 
 
 def test_a_served_prefix_becomes_the_next_to_evict_on_its_source_tail_first_unless_in_use():

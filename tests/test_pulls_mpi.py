@@ -72,8 +72,11 @@ def single_rank(tiny_models, conversation_input, tmp_path_factory) -> dict:
         # 24 blocks a worker, prompts of 5-7 blocks in file order: the 8 system prompts take turns
         # and push each other out while pulls are decided and under way.
         (["--set", "roles.aggregated=3", "--set", "cache.num_blocks=24"], 4),
+        # The same with a host tier of 64 blocks a worker (4 KiB each): what a source's GPU cache
+        # evicted is pulled from its host tier.
+        (["--set", "roles.aggregated=3", "--set", "cache.num_blocks=24", "--set", f"cache.host_kv_gib={64 * 4096 / 2**30}"], 4),
     ],
-    ids=["3-aggregated", "2-prefill-2-decode", "3-aggregated-tiny-caches"],
+    ids=["3-aggregated", "2-prefill-2-decode", "3-aggregated-tiny-caches", "3-aggregated-tiny-caches-host-tier"],
 )
 def test_pulled_prefixes_change_no_output(layout, n, tiny_models, conversation_input, single_rank, tmp_path):
     out = tmp_path / "out.jsonl"
@@ -85,13 +88,17 @@ def test_pulled_prefixes_change_no_output(layout, n, tiny_models, conversation_i
     assert [k for k in got if got[k] != single_rank[k]] == []
     b = json.loads((tmp_path / "out.summary.json").read_text())["backend"]
     pullers = [w for w in b["workers"] if w["role"] != "decode"]
-    print({k: b[k] for k in ("pulls_planned", "pulls", "pulled_blocks", "pulled_bytes", "pull_missing_blocks")})
+    print({k: b[k] for k in ("pulls_planned", "pulls", "pulled_blocks", "pulled_bytes", "pull_missing_blocks",
+                             "pull_padded_blocks", "served_host_blocks")})
     assert b["pulls_planned"] > 0 and b["pulled_blocks"] > 0, b
     # Every block that left a source landed in a puller (the MPI transport checks each chunk's size).
     assert b["pulled_blocks"] == b["served_blocks"] == sum(w["served_blocks"] for w in pullers)
     assert b["pulled_bytes"] == b["pulled_blocks"] * 4096  # one block of the tiny llama at block size 8
     assert all(w["pulls"] == 0 and w["served_blocks"] == 0 for w in b["workers"] if w["role"] == "decode")
-    if "cache.num_blocks=24" in layout:
+    if any(s.startswith("cache.host_kv_gib") for s in layout):
+        assert b["served_host_blocks"] > 0 and b["served_host_blocks"] <= b["served_blocks"], b
+        assert b["host_hit_tokens"] > 0, b  # the workers' own host hits too
+    elif "cache.num_blocks=24" in layout:
         # Sources evicted blocks the router saw in their windows (12-39 blocks in three runs here):
         # those were computed, and the outputs above are still the single-rank ones. The same with
         # the eviction forced at a known moment: tests/test_pulls.py, real engines.

@@ -355,6 +355,21 @@ class Engine:
     def unpin(self, block_ids: list[int], cold: bool = False) -> None:
         self.kv.unpin(block_ids, cold)
 
+    def pin_host(self, hashes: list[int]) -> list[int]:
+        """The host tier's slots of the leading run of `hashes` whose copy-outs completed, pinned
+        until `unpin_host`."""
+        if self.host is not None:  # an idle worker takes no steps: see what the copy stream finished since the last
+            self.host.done(self.runner.host.completed())
+        return self.kv.pin_host(hashes)
+
+    def unpin_host(self, slots: list[int]) -> None:
+        self.kv.unpin_host(slots)
+
+    def pack_served(self, block_ids: list[int], slots: list[int]) -> torch.Tensor:  # packed KV on the runner's device
+        """Cache blocks, then host tier slots (all pinned), packed into one buffer to send (one
+        chunk of a pull from both tiers)."""
+        return self.runner.pack_mixed(block_ids, slots)
+
     def pack_blocks(self, block_ids: list[int], heads: tuple[int, int] | None = None) -> torch.Tensor:  # packed KV (kernels/kv_pack.py) on the runner's device
         """Cached blocks (pinned), packed into one contiguous buffer to send (one chunk of a pull);
         `heads` as in `pack_kv`."""

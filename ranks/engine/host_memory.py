@@ -125,6 +125,13 @@ class HostKVMemory:
                 buf[i:j].copy_(host, non_blocking=self.pin)
             unpack_blocks(buf, self.kv_caches, list(ids))
 
+    def gather(self, slots: list[int], out: torch.Tensor) -> None:
+        """Copy host `slots` into `out` ([n, layers, 2, block_size, kv_heads, head_dim], device) on
+        the current stream (a pull's chunk: the send that follows on the transport waits for it).
+        The slots must stay pinned until that send completes."""
+        for i, j, host in self._spans(tuple(slots)):
+            out[i:j].copy_(host, non_blocking=self.pin)
+
     def _spans(self, slots: tuple[int, ...]):
         """(i, j, host view of slots[i:j]) for each run of consecutive slots in one chunk: one copy
         per run, not per block (a prefix's blocks go out together and so mostly sit side by side)."""

@@ -115,6 +115,18 @@ class HostTier:
                 self.on_add(h)
         return out
 
+    def pin_settled(self, hashes: list[int]) -> list[int]:
+        """Slots of the leading `hashes` held here whose copy-outs completed, pinned (another
+        worker pulls them: ranks/pulls.py); `unpin` lets them go. Their LRU order stays."""
+        out = []
+        for h in hashes:
+            slot = self.lru.get(h)
+            if slot is None or self.filled[slot] > self.completed:
+                break
+            self.pin(slot)
+            out.append(slot)
+        return out
+
     def pin(self, slot: int) -> None:
         self.pinned[slot] = self.pinned.get(slot, 0) + 1
 

@@ -303,6 +303,15 @@ class KVCacheManager:
         self.pool.touch(blocks)
         return blocks
 
+    def pin_host(self, hashes: list[int]) -> list[int]:
+        """Host slots of the leading run of `hashes` that the host tier holds (copied out), pinned
+        for a pull that reads them; `unpin_host` lets them go. [] without a host tier."""
+        return self.host.pin_settled(hashes) if self.host is not None else []
+
+    def unpin_host(self, slots: list[int]) -> None:
+        if slots:
+            self.host.unpin(slots)
+
     def unpin(self, block_ids: list[int], cold: bool = False) -> None:
         """Drop the references of `pin_cached` (or of unused reserved blocks). With `cold`, those
         left unreferenced become the next to evict (a pulled prefix's copy that the puller now

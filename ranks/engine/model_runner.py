@@ -331,6 +331,16 @@ class ModelRunner:
         # The one-launch kernel packs whole blocks; the head range then costs one more copy of what is sent.
         return buf[..., heads[0] : heads[0] + heads[1], :].contiguous()
 
+    def pack_mixed(self, block_ids: list[int], slots: list[int]) -> torch.Tensor:
+        """The KV of cache `block_ids`, then of host tier `slots`, in one contiguous buffer (whole
+        blocks, all KV heads): a chunk of a pull that reaches into the source's host tier."""
+        buf = self.kv_buffer(len(block_ids) + len(slots))
+        if block_ids:
+            pack_blocks(self.kv_caches, block_ids, out=buf[: len(block_ids)])
+        if slots:
+            self.host.gather(slots, buf[len(block_ids) :])
+        return buf
+
     def kv_buffer(self, num_blocks: int, num_heads: int | None = None) -> torch.Tensor:
         """An empty buffer for the packed KV of `num_blocks` blocks (of `num_heads` KV heads), to receive into."""
         shape = packed_shape(self.kv_caches, num_blocks)

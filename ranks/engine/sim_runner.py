@@ -127,6 +127,9 @@ class SimRunner:
     def pack_kv(self, block_ids: list[int], heads: tuple[int, int] | None = None) -> torch.Tensor:  # [1] int64 cpu
         return torch.tensor([len(block_ids)], dtype=torch.int64)
 
+    def pack_mixed(self, block_ids: list[int], slots: list[int]) -> torch.Tensor:  # [1] int64 cpu
+        return torch.tensor([len(block_ids) + len(slots)], dtype=torch.int64)
+
     def kv_buffer(self, num_blocks: int, num_heads: int | None = None) -> torch.Tensor:  # [1] int64 cpu
         return torch.empty(1, dtype=torch.int64)
 

@@ -48,7 +48,13 @@ try:
 except ImportError:  # CPU-only installs: the model's F.linear serves
     triton = None
 
-MAX_ROWS = 8  # the model uses these kernels up to this many rows, F.linear above (cuBLAS's tensor-core tiles win there)
+# The model uses these kernels up to this many rows, F.linear above. One H100, 2026-11-28
+# (`python3 -m kvrelay.bench.gemv`, BENCHMARKS.md): at one row the CUDA-core path beat cuBLAS on the
+# 8B shape's step (5.34 ms against 5.73 ms of products); at 2-8 rows the tensor-core path with the
+# heuristic's config lost on every projection (0.53-0.94x), so those rows stay with cuBLAS.
+MAX_ROWS = 1
+# Rows the tensor-core path serves when asked directly (bench/gemv.py's sweep, the tests).
+DOT_MAX_ROWS = 8
 TABLE_PATH = Path(__file__).with_name("gemv_table.json")
 # W elements a CUDA-core program holds per step, and as many float32 partial sums: 64 registers a
 # thread each at 4 warps.

@@ -102,7 +102,7 @@ def test_heuristic_fills_an_h100_and_keeps_its_tile_budget():
         c = gemv.heuristic(n, k, 1, silu, 2, sms)
         assert c.block_k == 512 and not c.dot and (2 if silu else 1) * c.block_n * c.block_k <= 8192, (n, k, c)
         assert -(-n // c.block_n) >= 2 * sms, (n, k, c)
-        for rows in range(2, gemv.MAX_ROWS + 1):
+        for rows in range(2, gemv.DOT_MAX_ROWS + 1):
             assert gemv.heuristic(n, k, gemv.row_tile(rows), silu, 2, sms) == gemv.Config(16, 256, 4, 3, dot=True)
     assert gemv.heuristic(64, 24, 1, False, 4, sms).block_k == 32  # K under one tile: a tile of K rounded up
     assert gemv.heuristic(64, 24, 16, False, 4, sms).block_k == 16  # the tensor cores' smallest
@@ -150,7 +150,7 @@ def test_gpu_8b_shapes_equal_f_linear(dtype):
     for n, k, silu in shapes:  # n: rows of W (gate and up rows with SiLU)
         w = (_randn(n, k, device="cuda", seed=1) / k**0.5).to(dtype)
         b = _randn(n, device="cuda", seed=2).to(dtype)
-        for m in range(1, gemv.MAX_ROWS + 1):
+        for m in range(1, gemv.DOT_MAX_ROWS + 1):
             x = _randn(m, k, device="cuda", seed=m).to(dtype)
             if silu:
                 torch.testing.assert_close(gemv.linear_silu_mul(x, w, b), _silu_mul_reference(x, w, b), **tol)

@@ -247,13 +247,14 @@ def eos_arms(engine: Engine, prompts: list[list[int]], output_lens: list[int], f
     arms = {"stop_token_id": stop, "eos_token_ids": sorted(engine.eos_token_ids)}
     for name, overlap in (("overlap", True), ("sync", False)):
         engine.overlap, engine.stats = overlap, type(engine.stats)()
+        engine.reset_prefix_cache()  # prefilled like the first run's prompts, not served from its blocks
         phases: dict = {}
         out, wall = run_engine(engine, prompts, output_lens, name, phases, stop_ids=[stop])
         s = engine.stats
         lens = [len(out[f"{name}{i}"]) for i in range(len(prompts))]
         arms[name] = {
             "wall_s": wall, **phases, "steps": s.steps, "decode_steps": s.decode_steps, "deferred_steps": s.deferred_steps,
-            "dropped_rows": s.dropped_rows, "host_ms_per_step": 1e3 * s.host_s / max(s.steps, 1),
+            "dropped_rows": s.dropped_rows, "cached_prompt_tokens": s.cached_prompt_tokens, "host_ms_per_step": 1e3 * s.host_s / max(s.steps, 1),
             "output_tokens": sum(lens), "stopped": sum(n < m for n, m in zip(lens, output_lens)),
             "stopped_on_first_token": lens.count(1), "output_lens": lens,
             "equal_to_cut_free_run": sum(out[f"{name}{i}"] == cut_at_stop(free[str(i)], stops) for i in range(len(prompts))),

@@ -38,6 +38,7 @@ def test_throughput_smoke(tmp_path, capsys):
     overlap, sync = eos["overlap"], eos["sync"]
     assert overlap["stopped"] >= 1 and overlap["dropped_rows"] >= 1 and overlap["deferred_steps"] > 0
     assert sync["deferred_steps"] == 0 and sync["dropped_rows"] == 0
+    assert overlap["cached_prompt_tokens"] == sync["cached_prompt_tokens"] == 0, "the first run's blocks were let go"
     assert overlap["equal_to_cut_free_run"] == sync["equal_to_cut_free_run"] == eos["overlap_equals_sync"] == 5
     assert overlap["output_tokens"] == sync["output_tokens"] < 5 * 5 and 0 < overlap["floor_s"] < floor["floor_s"]
     table = capsys.readouterr().out

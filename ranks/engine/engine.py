@@ -471,6 +471,10 @@ class Engine:
         """Listeners of the disk tier: a block hash was written; one was removed."""
         self.disk.on_add, self.disk.on_drop = on_add, on_drop
 
+    def reset_prefix_cache(self) -> None:
+        """Forget the prefix cache's free blocks: a benchmark's next run of the same prompts computes them."""
+        self.kv.reset_prefix_cache()
+
     def drop_running(self) -> None:
         """Finish every running sequence now, without a result, freeing its blocks: how a benchmark
         that holds a decode batch at a fixed size (bench/calibrate.py) lets it go."""

@@ -7,6 +7,9 @@
 #            them inside the engine's build), then again with that cache warm; each prints
 #            "Triton compiles after the engine's warm-up: N in the timed run"          (~3 min)
 #   b5       B5 without a peer                                                         (~2 min)
+#   eos      B1, then its prompts again stopping at EOS and a stop id from the middle of its
+#            outputs, with the overlap (stops read a step late) and reading every step's ids
+#            (bench.throughput --eos)                                                  (~3 min)
 #   b5peer   B5 with transformers on 128 of its 1,024 prompts (kvrelay runs the same 128 for the
 #            ratio; the peer's wall is also extrapolated to the whole workload)        (~6-8 min)
 #   profile  per-step profile of mixed, decode and batch-1 steps                       (~1 min)
@@ -36,13 +39,15 @@ for stage in $stages; do
       TRITON_CACHE_DIR=$cache python3 -m kvrelay.bench.throughput --size 8b-shape --peer none --json "$out/b1-warm.json" 2>&1 | tail -10 ;;
     b5)
       python3 -m kvrelay.bench.throughput --workload b5 --size 8b-shape --peer none --json "$out/b5.json" 2>&1 | tail -10 ;;
+    eos)
+      python3 -m kvrelay.bench.throughput --size 8b-shape --peer none --eos --json "$out/b1-eos.json" 2>&1 | tail -16 ;;
     b5peer)
       python3 -m kvrelay.bench.throughput --workload b5 --size 8b-shape --peer defaults --json "$out/b5-peer.json" 2>&1 | tail -14 ;;
     profile)
       # --skip 20: the profiled prefill/mixed steps carry a few hundred decode rows, as B1's later mixed steps do.
       python3 -m kvrelay.bench.profile_steps --size 8b-shape --steps 3 --skip 20 --json "$out/profile.json" 2>&1 | tail -45 ;;
     *)
-      echo "unknown stage $stage: use tests, b1, b5, b5peer or profile" >&2
+      echo "unknown stage $stage: use tests, b1, b5, eos, b5peer or profile" >&2
       exit 2 ;;
   esac
   echo "$stage: $((SECONDS - s)) s"

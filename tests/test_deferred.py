@@ -225,3 +225,23 @@ def test_a_sequence_preempted_with_its_id_unread_still_stops_on_it(eos_model):
     assert {k: _fields(r) for k, r in got.items()} == {k: _fields(r) for k, r in want.items()}
     assert not engine.scheduler.waiting and not engine.scheduler.running
     assert engine.kv.num_free == engine.kv.num_blocks
+
+
+def test_drop_running_with_a_step_in_flight(eos_model):
+    """drop_running (how bench/calibrate.py lets a held batch go) while the last step's ids are
+    unread: the dropped sequences send nothing when the ids are read, and later requests run as on
+    a fresh engine."""
+    model, token_lists, free = eos_model
+    engine = make_engine(model)
+    for i, ids in enumerate(token_lists[4:]):
+        engine.add_request(Request(f"held{i}", ids, SamplingParams(max_tokens=16, temperature=0.0)))
+    while engine.pending is None or engine.scheduler.waiting or engine.stats.steps < 3:
+        engine.step()
+    dropped = len(engine.scheduler.running)
+    assert dropped > 0 and any(seq.token_ids[-1] < 0 for seq in engine.scheduler.running)
+    engine.drop_running()
+    later, _ = _run_stops(engine, token_lists[:4], free)
+    assert sorted(later) == ["r0", "r1", "r2", "r3"], "no result of a dropped sequence"
+    want, _ = _run_stops(make_engine(model), token_lists[:4], free)
+    assert {k: _fields(r) for k, r in later.items()} == {k: _fields(r) for k, r in want.items()}
+    assert engine.kv.num_free == engine.kv.num_blocks

@@ -7,6 +7,9 @@
 #            them inside the engine's build), then again with that cache warm; each prints
 #            "Triton compiles after the engine's warm-up: N in the timed run"          (~3 min)
 #   b5       B5 without a peer                                                         (~2 min)
+#   eos      B1, then its prompts again stopping at EOS and a stop id from the middle of its
+#            outputs, with the overlap (stops read a step late) and reading every step's ids
+#            (bench.throughput --eos)                                                  (~3 min)
 #   b5peer   B5 with transformers on 128 of its 1,024 prompts (kvrelay runs the same 128 for the
 #            ratio; the peer's wall is also extrapolated to the whole workload)        (~6-8 min)
 #   profile  per-step profile of mixed, decode and batch-1 steps                       (~1 min)
@@ -42,6 +45,8 @@ for stage in $stages; do
       TRITON_CACHE_DIR=$cache python3 -m kvrelay.bench.throughput --size 8b-shape --peer none --json "$out/b1-warm.json" 2>&1 | tail -10 ;;
     b5)
       python3 -m kvrelay.bench.throughput --workload b5 --size 8b-shape --peer none --json "$out/b5.json" 2>&1 | tail -10 ;;
+    eos)
+      python3 -m kvrelay.bench.throughput --size 8b-shape --peer none --eos --json "$out/b1-eos.json" 2>&1 | tail -16 ;;
     b5peer)
       python3 -m kvrelay.bench.throughput --workload b5 --size 8b-shape --peer defaults --json "$out/b5-peer.json" 2>&1 | tail -14 ;;
     profile)
@@ -53,7 +58,7 @@ for stage in $stages; do
       python3 -m kvrelay.bench.gemv --sweep --m "${stage#sweep}" --json "$out/gemv-$stage.json" \
         --write-table "$out/gemv_table.json" 2>&1 | tail -80 ;;
     *)
-      echo "unknown stage $stage: use tests, b1, b5, b5peer, profile, gemv or sweep1/2/4/8" >&2
+      echo "unknown stage $stage: use tests, b1, b5, eos, b5peer, profile, gemv or sweep1/2/4/8" >&2
       exit 2 ;;
   esac
   echo "$stage: $((SECONDS - s)) s"

@@ -8,6 +8,8 @@
         --peer defaults --json runs/smoke.json                                          # CPU smoke
     mpirun -np 2 python -m kvrelay.bench.throughput --size 70b-shape --tp 2 --peer none --json runs/b1-70b-tp2.json
                                                     # one worker of 2 GPUs (tensor parallel), one rank each
+    python -m kvrelay.bench.throughput --size 8b-shape --peer none --eos --json runs/b1-eos.json
+                                                    # and the workload again, stopping at EOS and a stop id
 
 With `--tp N` (under mpiexec/mpirun with N ranks on one node, one GPU each) the model is one
 tensor-parallel worker: every rank draws the whole random model tensor by tensor and keeps its shard
@@ -39,6 +41,13 @@ JSON line as it ends (so a run cut short keeps what it measured):
             beside its own bf16 logits, against its float32 forward (a deep random model amplifies
             rounding, so bf16 vs bf16 shows bf16's own error: the float32 reference tells whether
             ours is within it).
+  eos       (with --eos) the same prompts on the same engine with their EOS checked, and a stop token id
+            that the greedy run above produced in the middle of many outputs (a random model's EOS is
+            rare), so that sequences end at spread lengths: once with the overlap (each step launched
+            before the last one's ids are read, stop checks a step late, a stopped sequence's next row
+            dropped) and once reading every step's ids (`Engine.overlap` off); wall, floor of the
+            lengths they reached, deferred steps, dropped rows, and how many outputs equal the
+            EOS-ignored run's cut at its first stop (bf16 batches of other shapes may round apart).
 Then a table: wall s, total and output tok/s, x peer (its wall / ours), x floor (wall / floor).
 """
 
@@ -55,6 +64,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,15 +192,16 @@ def random_prompts(n: int, length: int | list[int], vocab: int, seed: int) -> li
 
 def run_engine(
     engine: Engine, prompts: list[list[int]], output_len: int | list[int], tag: str, phases: dict | None = None,
-    samples: int = 1,
+    samples: int = 1, stop_ids: list[int] | None = None,
 ) -> tuple[dict[str, list[int]], float]:
     """Greedy outputs by request id (sample i > 0 of a request with `samples` > 1: "<id>#<i>") and
-    the wall seconds (prompt i generates output_len tokens, or output_len[i], in each sample);
-    `phases` gets the seconds of the steps where every sequence ran one token ("decode_s") and of
-    the others ("prefill_mixed_s")."""
+    the wall seconds (prompt i generates output_len tokens, or output_len[i], in each sample, EOS
+    ignored; with `stop_ids`, up to its EOS or one of those ids); `phases` gets the seconds of the
+    steps where every sequence ran one token ("decode_s") and of the others ("prefill_mixed_s")."""
     lens = [output_len] * len(prompts) if isinstance(output_len, int) else output_len
+    stops = {"ignore_eos": True} if stop_ids is None else {"stop_token_ids": stop_ids}
     for i, (p, n) in enumerate(zip(prompts, lens, strict=True)):
-        sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, n=samples, best_of=samples)
+        sp = SamplingParams(max_tokens=n, temperature=0.0, n=samples, best_of=samples, **stops)
         engine.add_request(Request(f"{tag}{i}", p, sp))
     out = {}
     split = {"decode_s": 0.0, "prefill_mixed_s": 0.0}
@@ -205,6 +216,52 @@ def run_engine(
     if phases is not None:
         phases.update(split)
     return out, time.perf_counter() - t0
+
+
+def mid_output_id(outputs: list[list[int]], exclude: set[int]) -> int:
+    """The token id (not in `exclude`) that first occurs in the middle half of the most outputs: as
+    a stop id, it ends those sequences at spread lengths and leaves the others to run on."""
+    counts: Counter = Counter()
+    for out in outputs:
+        first: dict[int, int] = {}
+        for pos, t in enumerate(out):
+            first.setdefault(t, pos)
+        counts.update(t for t, pos in first.items() if len(out) // 4 <= pos < 3 * len(out) // 4 and t not in exclude)
+    if not counts:
+        counts.update(t for out in outputs for t in out if t not in exclude)
+    return counts.most_common(1)[0][0]
+
+
+def cut_at_stop(out: list[int], stops: set[int]) -> list[int]:
+    """An EOS-ignored output as it ends when `stops` end it (the stop token kept, as in a result)."""
+    return next((out[: i + 1] for i, t in enumerate(out) if t in stops), out)
+
+
+def eos_arms(engine: Engine, prompts: list[list[int]], output_lens: list[int], free: dict[str, list[int]]) -> dict:
+    """--eos: the workload again on the same engine, each request ending at its EOS or a stop id from
+    the middle of the EOS-ignored outputs `free` (by request id ""+i); with the overlap and without.
+    Per arm: wall, phases, steps deferred, rows dropped, host time, output lengths, and the outputs
+    equal to `free` cut at the first stop."""
+    stop = mid_output_id(list(free.values()), engine.eos_token_ids)
+    stops = engine.eos_token_ids | {stop}
+    arms = {"stop_token_id": stop, "eos_token_ids": sorted(engine.eos_token_ids)}
+    for name, overlap in (("overlap", True), ("sync", False)):
+        engine.overlap, engine.stats = overlap, type(engine.stats)()
+        engine.reset_prefix_cache()  # prefilled like the first run's prompts, not served from its blocks
+        phases: dict = {}
+        out, wall = run_engine(engine, prompts, output_lens, name, phases, stop_ids=[stop])
+        s = engine.stats
+        lens = [len(out[f"{name}{i}"]) for i in range(len(prompts))]
+        arms[name] = {
+            "wall_s": wall, **phases, "steps": s.steps, "decode_steps": s.decode_steps, "deferred_steps": s.deferred_steps,
+            "dropped_rows": s.dropped_rows, "cached_prompt_tokens": s.cached_prompt_tokens, "host_ms_per_step": 1e3 * s.host_s / max(s.steps, 1),
+            "output_tokens": sum(lens), "stopped": sum(n < m for n, m in zip(lens, output_lens)),
+            "stopped_on_first_token": lens.count(1), "output_lens": lens,
+            "equal_to_cut_free_run": sum(out[f"{name}{i}"] == cut_at_stop(free[str(i)], stops) for i in range(len(prompts))),
+        }
+    engine.overlap = True
+    arms["overlap_equals_sync"] = sum(a == b for a, b in zip(arms["overlap"]["output_lens"], arms["sync"]["output_lens"]))
+    return arms
 
 
 def batch1_decode(engine: Engine, prompt: list[int], tokens: int) -> float:
@@ -288,6 +345,7 @@ def ours(args, model_dir: Path, cfg: dict, dtype: torch.dtype, device: torch.dev
     s = copy.copy(engine.stats)  # the workload's alone: the runs below add to the engine's
     n_out = sum(len(v) for v in outputs.values())
     assert len(outputs) == args.n * len(prompts) and n_out == args.n * sum(output_lens), "every sample runs to its output length"
+    eos = eos_arms(engine, prompts, output_lens, outputs) if args.eos else None
     subset = peer_subset(len(prompts), args.peer_prompts) if args.peer != "none" else []
     subset_s = None
     if 0 < len(subset) < len(prompts):  # the peer's share of the workload, for a like-for-like ratio
@@ -312,6 +370,8 @@ def ours(args, model_dir: Path, cfg: dict, dtype: torch.dtype, device: torch.dev
                             "timed_run_s": sum(c.seconds for c in in_run),
                             "timed_run_kernels": [f"{c.kernel} {c.seconds:.2f} s: {c.signature}" for c in in_run]},
     }
+    if eos is not None:
+        result["eos"] = eos
     return result, {i: outputs[str(i)] for i in range(len(prompts))}, logits
 
 
@@ -502,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n", type=int, default=1, help="samples per prompt from one prefill (n = best_of; greedy, so "
                     "the samples are equal: the cost of n > 1, not its variety); with --peer none")
+    ap.add_argument("--eos", action="store_true", help="then the workload again, each request stopping at EOS or at "
+                    "a stop id the first run produced mid-output, with the overlap and without (see eos above)")
     ap.add_argument("--json", help="write all results here")
     args = ap.parse_args(argv)
     args.num_prompts = args.num_prompts or (1024 if args.workload == "b5" else 512)
@@ -520,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--tp > 1 measures kvrelay only: add --peer none")
     if args.n > 1 and args.peer != "none":
         ap.error("--n > 1 runs only kvrelay: add --peer none")
+    if args.eos and args.n > 1:
+        ap.error("--eos runs one sample per prompt: leave out --n")
     if args.workload == "b5" and not 0 < args.b5_min <= args.b5_max:
         ap.error(f"--b5-min and --b5-max must satisfy 0 < min <= max, got {args.b5_min} and {args.b5_max}")
 
@@ -555,6 +619,9 @@ def main(argv: list[str] | None = None) -> int:
         if group is not None:
             group.sync.stop()
             result["tp"] = args.tp
+        for arm in ("overlap", "sync") if args.eos else ():
+            lens = result["eos"][arm].pop("output_lens")
+            result["eos"][arm]["floor_s"] = floor(cfg, dtype.itemsize, input_lens, lens, report["ceilings"])["floor_s"]
         bound = report["ceilings"]["copy_gbps"] * 1e9 / report["floor"]["streamed_weight_bytes"]
         result["batch1_bound_tok_s"] = bound
         result["batch1_of_bound"] = result["batch1_decode_tok_s"] / bound
@@ -652,6 +719,18 @@ def print_table(report: dict, args, input_lens: list[int], output_lens: list[int
           f"({k['batch1_bound_tok_s']:.1f}); host per step {k['host_ms_per_step']:.2f} ms, per decode step "
           f"{k['host_ms_per_decode_step']:.2f} ms; {k['graph_steps']}/{k['decode_steps']} decode steps on CUDA graphs; "
           f"{k['deferred_steps']}/{k['steps']} steps read their sampled ids during the next step")
+    if "eos" in k:
+        e = k["eos"]
+        print(f"\nthe same prompts stopping at EOS {e['eos_token_ids']} or stop id {e['stop_token_id']}:")
+        print(f"{'arm':<10}{'wall s':>9}{'floor s':>9}{'x floor':>9}{'out tok':>9}{'stopped':>9}{'deferred':>12}"
+              f"{'dropped':>9}{'host ms':>9}{'= cut run':>11}")
+        for arm in ("overlap", "sync"):
+            a = e[arm]
+            print(f"{arm:<10}{a['wall_s']:>9.2f}{a['floor_s']:>9.2f}{a['wall_s'] / a['floor_s']:>9.2f}{a['output_tokens']:>9}"
+                  f"{a['stopped']:>9}{a['deferred_steps']:>6}/{a['steps']:<5}{a['dropped_rows']:>9}"
+                  f"{a['host_ms_per_step']:>9.2f}{a['equal_to_cut_free_run']:>6}/{n:<4}")
+        print(f"sync / overlap wall: {e['sync']['wall_s'] / e['overlap']['wall_s']:.3f}; output lengths equal in "
+              f"{e['overlap_equals_sync']}/{n}")
     compiles = k["triton_compiles"]
     print(f"Triton compiles after the engine's warm-up: {compiles['timed_run']} in the timed run "
           f"({compiles['timed_run_s']:.2f} s), {compiles['warm_up_run']} in the short run before it")

@@ -73,6 +73,9 @@ class SchedulerSection(_Section):
     max_batch_tokens: int = Field(2048, ge=1, description="tokens computed per engine step")
     max_seqs: int = Field(128, ge=1, description="sequences running at once per worker")
     chunked_prefill: bool = True
+    overlap: bool = Field(True, description="launch each step before the host reads the last step's sampled ids "
+                          "(stop checks then run one step late, and a finished sequence's extra row is dropped); "
+                          "false reads them at the end of every step")
 
 
 Role = Literal["prefill", "decode", "aggregated"]

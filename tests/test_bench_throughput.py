@@ -17,7 +17,7 @@ def test_throughput_smoke(tmp_path, capsys):
     rc = main([
         "bench", "throughput", "--size", "tiny", "--device", "cpu", "--num-prompts", "5", "--input-len", "20",
         "--output-len", "5", "--max-batch-tokens", "64", "--max-seqs", "4", "--batch1-tokens", "4",
-        "--peer", "none", "--json", str(out),
+        "--peer", "none", "--eos", "--json", str(out),
     ])
     assert rc == 0
     report = json.loads(out.read_text())
@@ -32,8 +32,17 @@ def test_throughput_smoke(tmp_path, capsys):
     logits = report["logits_vs_transformers"]
     assert logits["compared"] == 4 * 4 and logits["argmax_agree"] == logits["compared"]
     assert logits["max_rel_err"] < 1e-4
+    # --eos: the prompts again, stopping at a stop id from the middle of the outputs above; read a
+    # step late (each stop dropping one row) or at once, the outputs are those above cut at the stop.
+    eos = ours["eos"]
+    overlap, sync = eos["overlap"], eos["sync"]
+    assert overlap["stopped"] >= 1 and overlap["dropped_rows"] >= 1 and overlap["deferred_steps"] > 0
+    assert sync["deferred_steps"] == 0 and sync["dropped_rows"] == 0
+    assert overlap["cached_prompt_tokens"] == sync["cached_prompt_tokens"] == 0, "the first run's blocks were let go"
+    assert overlap["equal_to_cut_free_run"] == sync["equal_to_cut_free_run"] == eos["overlap_equals_sync"] == 5
+    assert overlap["output_tokens"] == sync["output_tokens"] < 5 * 5 and 0 < overlap["floor_s"] < floor["floor_s"]
     table = capsys.readouterr().out
-    assert "x floor" in table and "kvrelay" in table
+    assert "x floor" in table and "kvrelay" in table and "stop id" in table
 
 
 def test_b5_varied_lengths(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """GPU checks (run on a CUDA machine; skipped elsewhere): the engine's greedy ids on the GPU, with
-decode CUDA graphs and without, equal the CPU reference path's on small float32 models.
+decode CUDA graphs and without, equal the CPU reference path's on small float32 models, and so do
+its results where requests stop (EOS, stop ids, stop strings read a step late on the GPU).
 
     python -m pytest -q -m gpu tests/test_gpu_engine.py
 
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from kvrelay.ranks.engine.attention_backend import triton_available
+from kvrelay.core.request import Request, SamplingParams
 from kvrelay.ranks.engine.checkpoint import random_weights, write_model_files
 
 from .test_engine import generate, make_engine, prompts
@@ -97,3 +99,32 @@ def test_gpu_no_triton_compile_after_the_warm_up(tmp_path, dtype):
         generate(engine, prompts(500, n=24, seed=5))
         missed = [f"{c.kernel}: {c.signature}" for c in compile_log.compiles(built)]
         assert missed == [], f"graphs {'off' if eager else 'on'}: compiled after the warm-up: {missed}"
+
+
+@requires_cuda
+def test_gpu_stops_read_a_step_late_equal_cpu(wide_models):
+    """Requests that stop at EOS and a third of the token ids (most end within their 12 tokens, some
+    on the first), at a stop string, or at EOS alone: on CUDA with the overlap (every step launched
+    before the last one's ids are read, stops checked then, a stopped sequence's next row dropped),
+    graphs on and off, the results equal the CPU engine's that reads every step's ids."""
+    token_lists = prompts(500, n=24, seed=3)
+    settings = {"scheduler.max_batch_tokens": 64, "scheduler.max_seqs": 12}
+    stops = [{"stop_token_ids": list(range(3, 480, 3))}, {"stop": ["e"]}, {}]
+
+    def run(engine) -> dict[str, tuple]:
+        for i, ids in enumerate(token_lists):
+            engine.add_request(Request(f"r{i}", ids, SamplingParams(max_tokens=12, temperature=0.0, **stops[i % 3])))
+        out = {}
+        while engine.has_work():
+            out.update({r.request_id: (r.output_token_ids, r.finish_reason, r.stop_reason) for r in engine.step().finished})
+        return out
+
+    model_dir = wide_models["llama"]
+    want = run(make_engine(model_dir, **settings, **{"scheduler.overlap": False}))
+    assert sum(r[1] == "stop" for r in want.values()) >= 10 and any(len(r[0]) == 1 for r in want.values())
+    for eager in (False, True):
+        engine = make_engine(model_dir, **settings, **{"job.device": "cuda", "model.enforce_eager": eager})
+        got = run(engine)
+        same = sum(got[k] == want[k] for k in want)
+        assert same == len(want), f"graphs {'off' if eager else 'on'}: {same}/{len(want)} equal"
+        assert engine.stats.deferred_steps > engine.stats.steps // 2 and engine.stats.dropped_rows > 0

@@ -55,6 +55,21 @@ def test_cache_and_evict_go_through_the_listeners_with_the_block_still_named():
     assert kv.match_prefix(make_seq("c", list(range(9)))) == [blocks[0]]
 
 
+def test_reset_prefix_cache_evicts_free_cached_blocks_through_the_listener():
+    kv = KVCacheManager(6, 4, SEED)
+    evicted = []
+    kv.on_evict = lambda b, h: evicted.append(h)
+    a, held = make_seq("a", list(range(9))), make_seq("held", list(range(50, 59)))
+    for seq in (a, held):
+        assert kv.admit(seq, [], 9)
+        computed(kv, seq, 9)
+    kv.free(a)
+    kv.reset_prefix_cache()
+    assert sorted(evicted) == sorted(a.block_hashes) and kv.num_free == 3
+    assert kv.match_prefix(make_seq("again", list(range(9)))) == []
+    assert kv.match_prefix(make_seq("held too", list(range(50, 59)))) == held.block_ids[:2], "held blocks stay cached"
+
+
 def test_admit_takes_nothing_when_blocks_are_short_and_hits_count_as_free():
     kv = KVCacheManager(4, 4, SEED)
     a = make_seq("a", list(range(9)))

@@ -74,6 +74,9 @@ class EngineStats:
     decode_host_s: float = 0.0
     graph_steps: int = 0
     deferred_steps: int = 0  # steps whose sampled ids were read during the next step (`Engine._defers`)
+    # Rows computed for a sequence that had stopped on the last step's id, read during this step:
+    # dropped, and counted nowhere else (not in computed_tokens, not in output_tokens).
+    dropped_rows: int = 0
     # Host time of structured output: filling the grammar rows' bitmasks and accepting their tokens.
     grammar_s: float = 0.0
 
@@ -84,7 +87,8 @@ class StepOutput:
 
     finished: list[RequestResult] = field(default_factory=list)
     # Requests that sampled their first token here and decode on here: the router's books of
-    # queued prefill work drop them (a Prefilled message each).
+    # queued prefill work drop them (a Prefilled message each). A first token read late that turns
+    # out to end its request is announced too (its result follows a step later): the prompt is done.
     first_tokens: list[str] = field(default_factory=list)
     # Prefill worker: sequences that sampled their first token and stopped; their blocks stay
     # held until `free_kv(request_id)`, once their KV has been sent.
@@ -247,6 +251,7 @@ class Engine:
         self.sending: dict[str, Sequence] = {}
         # The last step's sampled ids, still on the device, and their sequences (`_defers`).
         self.pending: tuple[list[Sequence], PendingTokens] | None = None
+        self.overlap = cfg.scheduler.overlap
         # Sequences that finished on a deferred id (their length limit): their results go out once
         # the id is read, in the next step.
         self.unread_finished: list[Sequence] = []
@@ -481,6 +486,10 @@ class Engine:
         """Listeners of the disk tier: a block hash was written; one was removed."""
         self.disk.on_add, self.disk.on_drop = on_add, on_drop
 
+    def reset_prefix_cache(self) -> None:
+        """Forget the prefix cache's free blocks: a benchmark's next run of the same prompts computes them."""
+        self.kv.reset_prefix_cache()
+
     def drop_running(self) -> None:
         """Finish every running sequence now, without a result, freeing its blocks: how a benchmark
         that holds a decode batch at a fixed size (bench/calibrate.py) lets it go."""
@@ -598,15 +607,22 @@ class Engine:
             if self.scheduler.loading:
                 self._wait_loads()
             return out
-        sampling = [item.seq for item in batch if item.samples]
         if self.pending is None:
             logits = self.runner.execute(batch)
         else:
             logits = self.runner.execute(batch, fed=self.pending[1].tokens)
-        waited = self._read_pending(out)  # while this step runs on the device
+        sampled = [item.seq for item in batch if item.samples]  # the logits' rows
+        waited, ended = self._read_pending(out)  # while this step runs on the device
         for item in batch:
+            if item.seq in ended:
+                # NOTE: it stopped on the last step's id, read just now: this step's row of it (the
+                # stop token's KV, and the token drawn after it) is dropped. `_stopped` gave its
+                # blocks back before this registers any, so no cached block holds that KV.
+                self.stats.dropped_rows += 1
+                continue
             self.scheduler.on_computed(item)
             self.stats.computed_tokens += item.num_new_tokens
+        sampling = [seq for seq in sampled if seq not in ended] if ended else sampled
         # A request with best_of > 1 draws every sample's first token from its prompt's one logits
         # row; samples 1.. are forked from it here (sample 0 is the sequence that ran the prompt).
         forks: dict[Sequence, list[Sequence]] = {}
@@ -619,9 +635,12 @@ class Engine:
         t1 = time.perf_counter()
         if self.runner.simulated:
             tokens, logprobs = self.runner.sample(len(drawing)), [None] * len(drawing)
+        elif not drawing:
+            tokens, logprobs = [], []
         else:
-            if forks:
-                rows = [j for j, seq in enumerate(sampling) for _ in range(1 + len(forks.get(seq, ())))]
+            if forks or ended:
+                row = [j for j, seq in enumerate(sampled) if seq not in ended]  # logits row of sampling[i]
+                rows = [row[i] for i, seq in enumerate(sampling) for _ in range(1 + len(forks.get(seq, ())))]
                 logits = logits.index_select(0, to_device(rows, logits.device))
             rows = [self._sample_row(s) for s in drawing]
             structured = [j for j, r in enumerate(rows) if r.matcher is not None]
@@ -631,7 +650,7 @@ class Engine:
                 mask = self.grammars.fill_bitmask([rows[j].request_id for j in structured], structured, len(rows),
                                                   logits.device)
                 self.stats.grammar_s += time.perf_counter() - t_fill
-            if (drawing and self.runner.model.tp.size == 1 and all(self._defers(s) for s in drawing)
+            if (self.overlap and self.runner.model.tp.size == 1 and all(self._defers(s) for s in drawing)
                     and (mask is None or not mask.may_stop)):
                 # NOTE: the ids stay on the device; the next step feeds them to its forward and reads
                 # them once launched, so the host's work between two steps overlaps the device's.
@@ -689,30 +708,36 @@ class Engine:
         return out
 
     def _defers(self, seq: Sequence) -> bool:
-        """Whether the host can do without the sequence's sampled id until the next step is launched:
-        the id cannot stop it (no EOS or stop token or string to check: only the length limit, which
-        needs no id, and a sequence that reaches it has its result sent when the id is read), no
-        other sample forks from it and no handoff carries it, and no logprob or penalty count on the
-        host waits for it. The rest of a step's bookkeeping (first token time and news, counts)
-        needs no id value. A grammar row may end at EOS, but only where its grammar allows a stop
-        token, which `step` reads from the step's mask (GrammarMask.may_stop); its matcher accepts
-        the id when the next step reads it, so a grammar row at its length limit (whose matcher
-        goes with its result) reads at once. (`step` defers nothing under tensor parallelism: the
-        other ranks take their ids from the host, step_sync.py.)"""
+        """Whether the host can do without the sequence's sampled id until the next step is launched
+        (vLLM's async scheduling, SGLang's overlap scheduler). The checks that need the id (EOS, stop
+        ids and strings, a grammar's end) run when it is read, during the next step, which has a row
+        of the sequence already: `step` drops that row if the id stopped it. A sequence that reaches
+        its length limit stops without the id (its result goes out once the id is read); its row in
+        the next step is never scheduled. What still reads at once, and why:
+        - best_of > 1: the first token's step forks the other samples and hands them their tokens;
+        - a handoff: its first token travels in the SeqState that this step sends;
+        - penalties: the row's history is built on the host from its ids (TokenHistory.slot);
+        - logprobs (or a cumulative logprob, best_of > n): gathered with the id and kept on the host;
+        - a grammar row at its length limit: its matcher, which accepts the id when read, goes with
+          its result. A grammar row defers only while no row's mask allows a stop token
+          (GrammarMask.may_stop, decided in `step`).
+        `step` defers nothing under tensor parallelism: the group's other ranks take their ids from
+        the leader's host (step_sync.py). The rest of a step's bookkeeping (first token time and
+        news, counts) needs no id value."""
         sp = seq.sampling
         return (
             sp.best_of == 1 and not seq.handoff
-            and (sp.ignore_eos or sp.structured is not None) and not sp.stop_token_ids and not sp.stop
             and (sp.structured is None or seq.num_tokens + 1 < seq.max_total_tokens)
             and not sp.penalized and sp.logprobs is None and not sp.tracks_logprob
         )
 
-    def _read_pending(self, out: StepOutput) -> float:
+    def _read_pending(self, out: StepOutput) -> tuple[float, set[Sequence]]:
         """The last step's deferred ids into their sequences, in place of the placeholders, and into
-        their grammars; the results of those that finished on them go out with `out`. Returns the
-        seconds it waited for the device."""
+        their grammars; then the stop checks that needed them. The results of the sequences that
+        stopped on their length when the ids were drawn, and of those that stop now, go out with
+        `out`. Returns the seconds it waited for the device and the sequences that stop now."""
         if self.pending is None:
-            return 0.0
+            return 0.0, set()
         seqs, pending = self.pending
         self.pending = None
         t0 = time.perf_counter()
@@ -726,10 +751,12 @@ class Engine:
                 seq.first_token_time = now  # when the host has it, as for an id read at once
         out.finished += [seq.result() for seq in self.unread_finished]
         self.unread_finished = []
-        structured = [j for j, seq in enumerate(seqs) if seq.sampling.structured is not None]
+        # Finished already: on its length, or let go by `drop_running`.
+        live = [(seq, token) for seq, token in zip(seqs, tokens) if seq.status is not SeqStatus.FINISHED]
+        structured = [(seq, token) for seq, token in live if seq.sampling.structured is not None]
         if structured:
-            self._accept([seqs[j] for j in structured], [tokens[j] for j in structured])
-        return waited
+            self._accept([seq for seq, _ in structured], [token for _, token in structured])
+        return waited, {seq for seq, _ in live if self._stopped(seq, out)}
 
     def _accept(self, seqs: list[Sequence], tokens: list[int]) -> None:
         """The sequences' grammars take their sampled tokens."""
@@ -738,12 +765,11 @@ class Engine:
         self.stats.grammar_s += time.perf_counter() - t0
 
     def _stopped(self, seq: Sequence, out: StepOutput, free: bool = True) -> bool:
-        """If the sequence's last token ends it: its result goes out, and (with `free`) its blocks
-        go back; a fork that never joined the batch holds none."""
+        """If the sequence's last token ends it: it leaves the scheduler, its result goes out, and
+        (with `free`) its blocks go back; a fork that never joined the batch holds none."""
         if not self._check_stop(seq):
             return False
-        if seq.status is not SeqStatus.WAITING:
-            self.scheduler.detach(seq)
+        self.scheduler.remove(seq)
         if free:
             self.kv.free(seq)
         self._drop_sampler_state(seq.key)
@@ -790,6 +816,8 @@ class Engine:
         if seq.num_output_tokens < sp.min_tokens:
             return False
         token = seq.token_ids[-1]
+        if token < 0:  # still on the device (`_defers`): checked when it is read
+            return False
         if not sp.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason = "stop"
             return True

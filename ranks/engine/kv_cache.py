@@ -270,6 +270,11 @@ class KVCacheManager:
         for h in disk_hashes:
             self.disk.read_done(h, None)
 
+    def reset_prefix_cache(self) -> None:
+        """Evict every cached block that no sequence holds, through the usual eviction path (vLLM's
+        reset_prefix_cache): the next prompts are computed again."""
+        self.pool.unref(self.allocate(self.pool.num_free))
+
     def grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Blocks for the sequence's first `num_tokens` tokens; False if too few are free."""
         need = self.blocks_for(num_tokens) - len(seq.block_ids)

@@ -183,6 +183,16 @@ class Scheduler:
         self.detach(seq)
         self.kv.free(seq)
 
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence that ended out of the batch, or out of the waiting queue (preempted with
+        its last sampled id unread, which then ended it); a fork that never joined is in neither."""
+        if seq.status is SeqStatus.WAITING:
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            seq.status = SeqStatus.FINISHED
+            return
+        self.detach(seq)
+
     def detach(self, seq: Sequence) -> None:
         """Take a sequence out of the batch; it keeps its blocks (a handoff reads them later)."""
         self.running.remove(seq)

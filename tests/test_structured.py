@@ -264,18 +264,40 @@ def check_outputs(out: dict[str, dict]) -> None:
         assert isinstance(json.loads(obj["text"]), dict)
 
 
-@pytest.fixture(scope="module")
-def single_rank(tiny_models, tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("structured")
+def run_single_rank(model_dir: Path, tmp: Path, *settings: str) -> tuple[dict[str, dict], list[dict]]:
+    """The job's output lines by custom_id, and its workers' summaries."""
     out = tmp / "out.jsonl"
     proc = subprocess.run([*CLI, "run", "-i", str(job_input(tmp / "in.jsonl")), "-o", str(out),
-                           "--model", str(tiny_models["llama"]), *SETTINGS], capture_output=True, text=True, timeout=300)
+                           "--model", str(model_dir), *SETTINGS, *settings], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return read_outputs(out)
+    return read_outputs(out), json.loads((tmp / "out.summary.json").read_text())["backend"]["workers"]
+
+
+@pytest.fixture(scope="module")
+def single_rank_job(tiny_models, tmp_path_factory) -> tuple[dict[str, dict], list[dict]]:
+    return run_single_rank(tiny_models["llama"], tmp_path_factory.mktemp("structured"))
+
+
+@pytest.fixture(scope="module")
+def single_rank(single_rank_job) -> dict[str, dict]:
+    return single_rank_job[0]
 
 
 def test_job_single_rank(single_rank):
     check_outputs(single_rank)
+
+
+def test_job_reads_grammar_ends_a_step_late_with_the_outputs_of_no_overlap(tiny_models, single_rank_job, tmp_path):
+    # The file's lines through the whole job: every grammar end read a step late (a dropped row
+    # each) writes the lines that reading every id at once writes.
+    got, [worker] = single_rank_job
+    want, [sync] = run_single_rank(tiny_models["llama"], tmp_path, "--set", "scheduler.overlap=false")
+    body = lambda d: d["error"] if d["response"] is None else {k: d["response"]["body"][k] for k in ("choices", "usage")}  # noqa: E731
+    assert {k: body(d) for k, d in got.items()} == {k: body(d) for k, d in want.items()}
+    stops = sum(d["response"] is not None and d["response"]["body"]["choices"][0]["finish_reason"] == "stop"
+                for d in got.values())
+    assert worker["deferred_steps"] == worker["steps"] and worker["dropped_rows"] == stops >= 14
+    assert sync["deferred_steps"] == 0 and sync["dropped_rows"] == 0
 
 
 def test_mpi_split_layout_equals_single_rank(tiny_models, single_rank, tmp_path):

@@ -89,7 +89,7 @@ def run(engine: Engine, lines: list[tuple[str, list[int], SamplingParams]]) -> t
     s = engine.stats
     counters = {"steps": s.steps, "prompt_tokens": s.prompt_tokens, "computed_tokens": s.computed_tokens,
                 "cached_prompt_tokens": s.cached_prompt_tokens, "preemptions": s.preemptions,
-                "deferred_steps": s.deferred_steps, "host_ms_per_step": 1e3 * s.host_s / max(s.steps, 1),
+                "deferred_steps": s.deferred_steps, "dropped_rows": s.dropped_rows, "host_ms_per_step": 1e3 * s.host_s / max(s.steps, 1),
                 "grammar_ms_per_step": 1e3 * s.grammar_s / max(s.steps, 1)}
     return out, wall, counters
 

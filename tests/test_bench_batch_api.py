@@ -36,10 +36,12 @@ def test_structured_arm_follows_the_schema(tmp_path):
     check = report["check"]
     assert report["b"]["samples"] == 4 and check["completed"] >= 1 and check["completed_valid"] == check["completed"]
     assert set(report["b"]["finish_reasons"]) <= {"stop", "length"}
-    # The plain arm's ids are all read a step late, the last step's too (a line that reaches its
-    # length needs no id to stop); the schema arm's too, but in the steps where a line may close its
-    # object or reaches its length; only the schema arm spends host time on grammars.
+    # Both arms' ids are all read a step late, the last step's too (a line that reaches its length
+    # needs no id to stop), and so are the stop tokens that close the schema arm's objects: each
+    # line that closed its object had its row of the next step dropped. Only the schema arm spends
+    # host time on grammars.
     a, b = report["a"], report["b"]
-    assert a["deferred_steps"] == a["steps"] and 0 < b["deferred_steps"] < b["steps"]
+    assert a["deferred_steps"] == a["steps"] and b["deferred_steps"] == b["steps"]
+    assert a["dropped_rows"] == 0 and b["dropped_rows"] == b["finish_reasons"].get("stop", 0) >= 1
     assert a["grammar_ms_per_step"] == 0 < b["grammar_ms_per_step"]
     assert len(schema(10)["required"]) == 10

@@ -66,16 +66,20 @@ def test_cuda_equals_cpu(tiny_models, vocab):
 
 def test_deferred_grammar_rows_on_cuda_equal_cpu(tiny_models):
     """The engine's grammar rows on CUDA (mask filled into pinned memory after the forward's launch,
-    copied without a wait, JSON rules ANDed on the device, ids read a step late and accepted then)
-    give the CPU engine's outputs, and read at once they give the same."""
+    copied without a wait, JSON rules ANDed on the device, ids read a step late and accepted then,
+    the stop tokens that end the grammars included) give the CPU engine's outputs, and read at once
+    (`scheduler.overlap=false`) they give the same."""
     from .test_structured import CHOICES, PERSON, POINT, REGEX, json_spec, make_engine
     from .test_structured import run as run_engine
 
     specs = [json_spec(PERSON), json_spec(POINT), StructuredOutput("regex", REGEX),
              StructuredOutput("choice", json.dumps(CHOICES)), json_spec(PERSON)]
     outputs = []
-    for device, sampling in [("cpu", {}), ("cuda", {}), ("cuda", {"logprobs": 0})]:
-        engine = make_engine(tiny_models["llama"], **{"job.device": device})
-        outputs.append([(r.output_token_ids, r.finish_reason) for r in run_engine(engine, specs, temperature=0.0, **sampling)])
-        assert (engine.stats.deferred_steps > 0) == ("logprobs" not in sampling)
+    for device, overlap in [("cpu", True), ("cuda", True), ("cuda", False)]:
+        engine = make_engine(tiny_models["llama"], **{"job.device": device, "scheduler.overlap": overlap})
+        outputs.append([(r.output_token_ids, r.finish_reason) for r in run_engine(engine, specs, temperature=0.0)])
+        assert (engine.stats.deferred_steps > 0) == overlap
+        # Each grammar that ended on its stop token was found a step late, its row of that step dropped.
+        assert engine.stats.dropped_rows == (sum(reason == "stop" for _, reason in outputs[-1]) if overlap else 0)
     assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
+    assert all(reason == "stop" for _, reason in outputs[0])

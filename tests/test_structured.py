@@ -1,7 +1,8 @@
 """Structured output (xgrammar) end to end on the random tiny models: every JSON-schema output parses
 and validates against its schema, regex and choice outputs match; preemption and a prefill -> decode
 handoff change no output (the MPI job equals the single-rank run); a schema xgrammar cannot compile
-is an error line and the job goes on; max_tokens in the middle of the JSON says "length"."""
+is an error line and the job goes on; max_tokens in the middle of the JSON says "length"; grammar
+rows read their ids a step late, their ends included, with the outputs of `scheduler.overlap=false`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ import torch
 
 from kvrelay.configs.schema import load_config
 from kvrelay.core.grammar import JSON_OBJECT_SCHEMA
-from kvrelay.core.request import Request, SamplingParams, StructuredOutput
+from kvrelay.core.request import Request, RequestResult, SamplingParams, StructuredOutput
 from kvrelay.ranks.engine.engine import Engine
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -56,15 +58,20 @@ def json_spec(schema: dict) -> StructuredOutput:
     return StructuredOutput("json", json.dumps(schema, separators=(",", ":")))
 
 
-def run(engine: Engine, specs: list[StructuredOutput], **sampling) -> list:
-    for i, so in enumerate(specs):
-        params = SamplingParams(**{"max_tokens": 120, "temperature": 1.0, "seed": i, **sampling}, structured=so)
-        engine.add_request(Request(f"r{i}", [5 + i, 17, 33, 9, 100 + i], params))
+def run(engine: Engine, specs: list[StructuredOutput], max_tokens: int = 120, **sampling) -> list[RequestResult]:
+    return run_lines(engine, [(i, so, max_tokens) for i, so in enumerate(specs)], **sampling)
+
+
+def run_lines(engine: Engine, lines: list[tuple[int, StructuredOutput, int]], **sampling) -> list[RequestResult]:
+    """The results of `lines` in order; line (i, so, max_tokens) has the prompt and seed of index i."""
+    for n, (i, so, max_tokens) in enumerate(lines):
+        params = SamplingParams(**{"temperature": 1.0, "seed": i, **sampling}, max_tokens=max_tokens, structured=so)
+        engine.add_request(Request(f"r{n}", [5 + i, 17, 33, 9, 100 + i], params))
     out = {}
     while engine.has_work():
         out.update({r.request_id: r for r in engine.step().finished})
     assert not engine.grammars.matchers, "finished sequences let go of their matchers"
-    return [out[f"r{i}"] for i in range(len(specs))]
+    return [out[f"r{n}"] for n in range(len(lines))]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -113,42 +120,64 @@ def test_matcher_replays_a_handed_off_sequence(tiny_models):
 
 
 
-@pytest.mark.parametrize("settings", [{}, {"cache.num_blocks": 14, "scheduler.max_batch_tokens": 16,
-                                           "model.max_model_len": 96}])
-def test_grammar_rows_defer_their_reads_and_give_the_same_outputs(tiny_models, settings):
-    # Rows whose mask allows no stop token leave their ids on the device, and the next step's
-    # matchers accept them once its forward is launched; a step whose mask allows one reads at
-    # once. Seeded, and through preemptions with an id still on the device, the outputs equal those
-    # read at every step (a logprob asked for keeps every read immediate).
-    specs = [json_spec(PERSON), json_spec(POINT), StructuredOutput("regex", REGEX),
-             StructuredOutput("choice", json.dumps(CHOICES)), json_spec(PERSON)]
+SETTINGS_PREEMPT = {"cache.num_blocks": 14, "scheduler.max_batch_tokens": 16, "model.max_model_len": 96}
+
+
+@pytest.mark.parametrize("settings", [{}, SETTINGS_PREEMPT], ids=["default", "preemption"])
+def test_grammar_rows_read_one_step_late_equal_the_synchronous_path(tiny_models, settings, monkeypatch):
+    """Grammar rows leave their ids on the device in every step, those that may stop included: the
+    next step's matchers accept them once its forward is launched, and a stop token that ends a
+    grammar is found then, its sequence's row of that step dropped. Lines of every kind (JSON
+    schemas, json_object, regex, choice), each to its grammar's end and cut by its length in the
+    middle and exactly where its stop token comes ("length" both), seeded and through preemptions
+    with an id still on the device: results and counts equal `scheduler.overlap=false`'s."""
+    from kvrelay.ranks.engine import engine as engine_module
+
+    specs = [json_spec(PERSON), json_spec(POINT), StructuredOutput("json", JSON_OBJECT_SCHEMA),
+             StructuredOutput("regex", REGEX), StructuredOutput("choice", json.dumps(CHOICES)), json_spec(PERSON)]
+    sync_settings = {**settings, "scheduler.overlap": False}
+    ends = run(make_engine(tiny_models["llama"], **sync_settings), specs)
+    assert all(r.finish_reason == "stop" for r in ends), [(r.finish_reason, len(r.output_token_ids)) for r in ends]
+    lines = ([(i, so, 120) for i, so in enumerate(specs)]
+             + [(i, so, len(r.output_token_ids) // 2) for i, (so, r) in enumerate(zip(specs, ends))]
+             + [(i, so, len(r.output_token_ids)) for i, (so, r) in enumerate(zip(specs, ends))])
+    reads_at_once = Counter()
+    sample = engine_module.sample
+
+    def counting(*args, **kwargs):
+        reads_at_once[overlap] += 1
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "sample", counting)
+    overlap = True
     engine = make_engine(tiny_models["llama"], **settings)
-    got = run(engine, specs)
-    immediate = make_engine(tiny_models["llama"], **settings)
-    want = run(immediate, specs, logprobs=0)
-    assert immediate.stats.deferred_steps == 0
-    assert 0 < engine.stats.deferred_steps < engine.stats.steps, "mid-grammar steps defer, the ones that may stop do not"
+    got = run_lines(engine, lines)
+    overlap = False
+    sync = make_engine(tiny_models["llama"], **sync_settings)
+    want = run_lines(sync, lines)
+
+    assert [(r.output_token_ids, r.finish_reason, r.stop_reason) for r in got] == [
+        (r.output_token_ids, r.finish_reason, r.stop_reason) for r in want]
+    n = len(specs)
+    assert [r.output_token_ids for r in want[:n]] == [r.output_token_ids for r in ends]
+    for (_, _, max_tokens), r in zip(lines[n:], want[n:]):
+        assert r.finish_reason == "length" and len(r.output_token_ids) == max_tokens
+    assert all(r.output_token_ids[-1] in sync.eos_token_ids for r in want[2 * n:]), "the stop token drawn at the limit"
+    # Every draw of the overlapped engine was read a step late, and each grammar end cost a dropped
+    # row (a sequence preempted with its last id unread had no row to drop).
+    assert reads_at_once[True] == 0 and engine.stats.deferred_steps > 0
+    assert reads_at_once[False] > 0 and sync.stats.deferred_steps == 0 and sync.stats.dropped_rows == 0
+    stops = sum(r.finish_reason == "stop" for r in got)
+    for key in ("output_tokens", "prompt_tokens", "cached_prompt_tokens", "requests"):
+        assert getattr(engine.stats, key) == getattr(sync.stats, key), key
     if settings:
-        assert engine.stats.preemptions > 0
-    assert [(r.output_token_ids, r.finish_reason) for r in got] == [(r.output_token_ids, r.finish_reason) for r in want]
-    assert all(r.finish_reason == "stop" for r in got)
+        assert engine.stats.preemptions > 0 and 0 < engine.stats.dropped_rows <= stops
+    else:
+        assert engine.stats.dropped_rows == stops
+        assert engine.stats.computed_tokens == sync.stats.computed_tokens
+        assert engine.kv.pool.cached_hashes() == sync.kv.pool.cached_hashes()
+    assert engine.kv.num_free == engine.kv.num_blocks
     assert engine.stats.grammar_s > 0
-
-
-def test_mask_may_stop_only_where_a_grammar_allows_a_stop_token(tiny_models):
-    engine = make_engine(tiny_models["llama"])
-    [r] = run(engine, [StructuredOutput("choice", json.dumps(CHOICES))], temperature=0.0)
-    assert r.output_token_ids[-1] in engine.eos_token_ids
-    g = engine.grammars
-    so = StructuredOutput("choice", json.dumps(CHOICES))
-    g.matcher("start", so, [])
-    g.matcher("end", so, r.output_token_ids[:-1])  # the whole choice, before its EOS
-    cpu = torch.device("cpu")
-    assert not g.fill_bitmask(["start"], [1], 3, cpu).may_stop
-    assert g.fill_bitmask(["end"], [0], 3, cpu).may_stop
-    assert g.fill_bitmask(["start", "end"], [2, 0], 3, cpu).may_stop
-    # A step whose grammars have all ended has no grammar rows (tests/test_gpu_sampling.py's loop).
-    assert not g.fill_bitmask([], [], 3, cpu).may_stop
 
 
 def test_json_rows_mask_control_bytes_and_surrogates(tiny_models):
@@ -235,18 +264,40 @@ def check_outputs(out: dict[str, dict]) -> None:
         assert isinstance(json.loads(obj["text"]), dict)
 
 
-@pytest.fixture(scope="module")
-def single_rank(tiny_models, tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("structured")
+def run_single_rank(model_dir: Path, tmp: Path, *settings: str) -> tuple[dict[str, dict], list[dict]]:
+    """The job's output lines by custom_id, and its workers' summaries."""
     out = tmp / "out.jsonl"
     proc = subprocess.run([*CLI, "run", "-i", str(job_input(tmp / "in.jsonl")), "-o", str(out),
-                           "--model", str(tiny_models["llama"]), *SETTINGS], capture_output=True, text=True, timeout=300)
+                           "--model", str(model_dir), *SETTINGS, *settings], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return read_outputs(out)
+    return read_outputs(out), json.loads((tmp / "out.summary.json").read_text())["backend"]["workers"]
+
+
+@pytest.fixture(scope="module")
+def single_rank_job(tiny_models, tmp_path_factory) -> tuple[dict[str, dict], list[dict]]:
+    return run_single_rank(tiny_models["llama"], tmp_path_factory.mktemp("structured"))
+
+
+@pytest.fixture(scope="module")
+def single_rank(single_rank_job) -> dict[str, dict]:
+    return single_rank_job[0]
 
 
 def test_job_single_rank(single_rank):
     check_outputs(single_rank)
+
+
+def test_job_reads_grammar_ends_a_step_late_with_the_outputs_of_no_overlap(tiny_models, single_rank_job, tmp_path):
+    # The file's lines through the whole job: every grammar end read a step late (a dropped row
+    # each) writes the lines that reading every id at once writes.
+    got, [worker] = single_rank_job
+    want, [sync] = run_single_rank(tiny_models["llama"], tmp_path, "--set", "scheduler.overlap=false")
+    body = lambda d: d["error"] if d["response"] is None else {k: d["response"]["body"][k] for k in ("choices", "usage")}  # noqa: E731
+    assert {k: body(d) for k, d in got.items()} == {k: body(d) for k, d in want.items()}
+    stops = sum(d["response"] is not None and d["response"]["body"]["choices"][0]["finish_reason"] == "stop"
+                for d in got.values())
+    assert worker["deferred_steps"] == worker["steps"] and worker["dropped_rows"] == stops >= 14
+    assert sync["deferred_steps"] == 0 and sync["dropped_rows"] == 0
 
 
 def test_mpi_split_layout_equals_single_rank(tiny_models, single_rank, tmp_path):

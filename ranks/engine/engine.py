@@ -650,8 +650,7 @@ class Engine:
                 mask = self.grammars.fill_bitmask([rows[j].request_id for j in structured], structured, len(rows),
                                                   logits.device)
                 self.stats.grammar_s += time.perf_counter() - t_fill
-            if (self.overlap and self.runner.model.tp.size == 1 and all(self._defers(s) for s in drawing)
-                    and (mask is None or not mask.may_stop)):
+            if self.overlap and self.runner.model.tp.size == 1 and all(self._defers(s) for s in drawing):
                 # NOTE: the ids stay on the device; the next step feeds them to its forward and reads
                 # them once launched, so the host's work between two steps overlaps the device's.
                 # Placeholders -1 - j stand for them (ModelRunner.execute's `fed`) until then.
@@ -717,17 +716,16 @@ class Engine:
         - best_of > 1: the first token's step forks the other samples and hands them their tokens;
         - a handoff: its first token travels in the SeqState that this step sends;
         - penalties: the row's history is built on the host from its ids (TokenHistory.slot);
-        - logprobs (or a cumulative logprob, best_of > n): gathered with the id and kept on the host;
-        - a grammar row at its length limit: its matcher, which accepts the id when read, goes with
-          its result. A grammar row defers only while no row's mask allows a stop token
-          (GrammarMask.may_stop, decided in `step`).
-        `step` defers nothing under tensor parallelism: the group's other ranks take their ids from
-        the leader's host (step_sync.py). The rest of a step's bookkeeping (first token time and
-        news, counts) needs no id value."""
+        - logprobs (or a cumulative logprob, best_of > n): gathered with the id and kept on the host.
+        A grammar row defers like any other: the next step's mask is filled after its matcher has
+        accepted the id, and only for rows the id did not end (a stop token that the grammar allowed
+        terminates its matcher, `_check_stop`); a row that reaches its length limit lets go of its
+        matcher before the id is read, which no later mask needs. `step` defers nothing under tensor
+        parallelism: the group's other ranks take their ids from the leader's host (step_sync.py).
+        The rest of a step's bookkeeping (first token time and news, counts) needs no id value."""
         sp = seq.sampling
         return (
             sp.best_of == 1 and not seq.handoff
-            and (sp.structured is None or seq.num_tokens + 1 < seq.max_total_tokens)
             and not sp.penalized and sp.logprobs is None and not sp.tracks_logprob
         )
 

@@ -6,12 +6,12 @@ bitmask of its grammar rows on the host after launching its forward, so while th
 copies it to the device once and masks the logits there (`GrammarMask.apply`): the ids the model
 has past its tokenizer's stay masked (NOTE in Grammars._get_compiler).
 
-NOTE: the bitmask of step N needs only the tokens accepted through step N - 1, and a token that the
-grammar says cannot be a stop token cannot end the sequence. When no row's mask allows a stop
-token (`GrammarMask.may_stop` false), the engine leaves the step's ids on the device like those of
-rows without a grammar (Engine._defers), and the next step accepts them once its own forward is
-launched: the accepts and the fill both run beside a forward instead of between two (vLLM and
-SGLang overlap the same way).
+NOTE: the bitmask of step N needs only the tokens accepted through step N - 1, so the engine leaves
+the grammar rows' ids on the device like those of rows without a grammar (Engine._defers), and the
+next step accepts them once its own forward is launched: the accepts and the fill both run beside
+a forward instead of between two (vLLM and SGLang overlap the same way). An id that ends its
+grammar (a stop token it allowed) terminates the matcher when accepted; the engine then drops the
+sequence's row of that next step, which gets no mask.
 
 State across preemption and handoff: a matcher advances only when the engine reads a token the
 sampler drew (at once, or in the next step for a deferred read, even if the sequence was preempted
@@ -44,7 +44,6 @@ class GrammarMask:
 
     bitmask: torch.Tensor  # [N, ceil(vocab / 32)] int32 on the logits' device; rows not in `rows` are stale
     rows: list[int]  # the batch rows with a grammar
-    may_stop: bool  # some row's grammar allows a stop token now, so its draw may end its sequence
 
     def apply(self, logits: torch.Tensor) -> None:
         # The rows as a tensor from pinned memory: given a list, xgrammar's CUDA path copies it
@@ -73,8 +72,6 @@ class Grammars:
         self._json_safe: torch.Tensor | None = None  # [fill words] int32 on the logits' device (NOTE in fill_bitmask)
         self._after_ed: torch.Tensor | None = None  # [fill words] int32 on the logits' device
         self._ends_ed: np.ndarray | None = None  # [fill words * 32] bool: the token's bytes end with 0xED
-        self._stop_words: np.ndarray | None = None  # [S] int64: the bitmask word of each stop token
-        self._stop_bits: np.ndarray | None = None  # [S] uint32: its bit in that word
 
     def matcher(self, request_id: str, so: StructuredOutput, output_token_ids: list[int]):
         """The matcher of a sequence; a new one has accepted `output_token_ids` (see NOTE above)."""
@@ -125,7 +122,6 @@ class Grammars:
             self._copied.synchronize()  # the last step's copy has read _fill
         host, bitmask = self._buffers(num_rows, device)
         self._batch.batch_fill_next_token_bitmask([self.matchers[r] for r in request_ids], host, rows)
-        may_stop = self._may_stop(host, rows)
         if self._mask is not self._fill:
             # Asynchronous on CUDA, so the host goes on while the step's forward runs; the event keeps
             # the next step from writing the pinned buffer before this copy has read it.
@@ -143,8 +139,7 @@ class Grammars:
         # characters where the grammar counted one. No token with ED A0-BF inside is taken, nor a
         # token starting with A0-BF right after a token that ended with ED. Both masks are ANDed on
         # the device: on the host, a gather and a scatter of every JSON row (8 MB a step at 512 rows
-        # of a 128k vocabulary) cost more than xgrammar's fill. Neither can clear a stop token's
-        # bit that `may_stop` read (special tokens are not JSON text).
+        # of a 128k vocabulary) cost more than xgrammar's fill.
         json_rows = [i for i, r in zip(rows, request_ids) if self.json[r]]
         if json_rows:
             safe, after_ed, ends_ed = self._json_masks(device)
@@ -155,7 +150,7 @@ class Grammars:
             dangling = [i for i, r in zip(rows, request_ids) if self.json[r] and r in self.last_token and ends_ed[self.last_token[r]]]
             if dangling:
                 words[to_device(dangling, device)] &= after_ed
-        return GrammarMask(bitmask, rows, may_stop)
+        return GrammarMask(bitmask, rows)
 
     def _buffers(self, num_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The host buffer xgrammar fills and the mask on `device`, num_rows rows each; on the CPU
@@ -172,17 +167,6 @@ class Grammars:
                 self._mask = torch.zeros(rows, words, dtype=torch.int32, device=device)
             self._batch = xgr.BatchGrammarMatcher()
         return self._fill[:num_rows], self._mask[:num_rows]
-
-    def _may_stop(self, host: torch.Tensor, rows: list[int]) -> bool:
-        """Whether any of `rows` of the host bitmask allows one of the grammars' stop tokens."""
-        if not rows:
-            return False
-        if self._stop_words is None:
-            stops = [t for t in self._info.stop_token_ids if t < self.grammar_vocab_size]
-            self._stop_words = np.array([t // 32 for t in stops], dtype=np.int64)
-            self._stop_bits = np.array([1 << (t % 32) for t in stops], dtype=np.uint32)
-        bits = host.numpy().view(np.uint32)[np.asarray(rows, dtype=np.int64)[:, None], self._stop_words[None, :]]
-        return bool((bits & self._stop_bits).any())
 
     def _json_masks(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         if self._json_safe is None:

@@ -105,7 +105,10 @@ def test_calibrate_fits_the_real_engine_on_a_tiny_model(tmp_path):
     model, quality = calibrate.calibrate("tiny", torch.device("cpu"), torch.float32, 0.05, DEFAULT_TIMING, grid)
     t = TimingModel.model_validate(model)
     assert model["source"].startswith("calibrated:")
-    assert t.prefill.per_token_s > 0 and t.decode.base_s + t.decode.per_seq_s > 0
+    # Coefficients the fit would make negative are dropped to 0 (calibrate.py): on the tiny model the
+    # per-token and attention-pair costs are both small, and either may carry the growth alone.
+    assert min(t.prefill.per_token_s, t.prefill.per_attn_pair_s) >= 0
+    assert t.prefill.per_token_s + t.prefill.per_attn_pair_s > 0 and t.decode.base_s + t.decode.per_seq_s > 0
     # Bigger prefills and bigger batches take longer, in the model as on the engine.
     assert t.step_s([(96, 0)], []) > t.step_s([(16, 0)], []) and t.step_s([], [32] * 8) > t.step_s([], [32])
     assert quality["prefill_r2"] > 0.5 and quality["decode_r2"] > 0.5, quality

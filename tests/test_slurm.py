@@ -83,6 +83,18 @@ def wait_lines(path: Path, n: int, timeout: float = 180) -> int:
     raise AssertionError(f"{path} did not reach {n} lines in {timeout} s")
 
 
+def wait_lines_unless_mpi_init_failed(path: Path, n: int, log: Path, timeout: float = 180) -> bool:
+    """wait_lines, but False as soon as the job's Slurm log shows its ranks failing in MPI_Init."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_bytes().count(b"\n") >= n:
+            return True
+        if log.exists() and "MPI_Init_thread(" in log.read_text(errors="replace"):
+            return False
+        time.sleep(0.1)
+    raise AssertionError(f"{path} did not reach {n} lines in {timeout} s")
+
+
 def _rounded(x):
     if isinstance(x, float):
         return round(x, 4)
@@ -295,11 +307,19 @@ def test_two_node_job_hands_off_across_nodes_requeues_and_matches_the_single_pro
     NOTE: n1 and n2 are one host (slurm/ci_cluster.sh): Slurm, srun and the host file treat them as
     two nodes, but MPICH may still move their messages through shared memory, not a network."""
     out, ref_out = tmp_path / "two.jsonl", tmp_path / "single.jsonl"
-    proc = kvrelay("sbatch", DEMO, "-i", str(long_input), "-o", str(out), "--model", model, *SLOW, "--set", "slurm.nodes=2")
-    job_id = submitted(proc, jobs)
     placed = {0: "n1", 1: "n1", 2: "n2", 3: "n2"}
-    assert rank_nodes(job_id, 4) == placed
-    wait_lines(out, 8)
+    for attempt in (1, 2):
+        proc = kvrelay("sbatch", DEMO, "-i", str(long_input), "-o", str(out), "--model", model, *SLOW, "--set", "slurm.nodes=2")
+        job_id = submitted(proc, jobs)
+        assert rank_nodes(job_id, 4) == placed
+        if wait_lines_unless_mpi_init_failed(out, 8, tmp_path / f"two.slurm-{job_id}.log"):
+            break
+        # NOTE: once in a CI run (2026-11-28) every rank of this job failed in MPI_Init: Slurm's pmi2
+        # plugin on n2 read a corrupt client request ("value not properly terminated") during
+        # MPICH's UCX address exchange, before any rank of ours ran. n1 and n2 are one host here.
+        # That is the launcher's failure, not the job's, so the test submits the job once more.
+        assert attempt == 1, f"job {job_id}: MPI_Init failed on both submissions"
+        assert wait_job(job_id) in DONE and not out.exists()
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     deadline = time.monotonic() + 90
     while job_field(job_id, "Restarts") != "1" and time.monotonic() < deadline:
